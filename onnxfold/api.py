@@ -1,0 +1,235 @@
+"""The Python API: ``optimize`` and ``inspect``.
+
+Both take a path or a ModelProto and return plain objects; nothing here
+prints (the CLI does). The pipeline is:
+
+    load → calibrate/split data → passes (find, measure, decide, rewrite)
+         → verify on samples the decisions never saw → report
+
+Data splits: with an explicit evaluation set, the calibration data is split
+into a *fit* part (statistics, refits) and a *select* part (held-out choices:
+ridge strength, budget candidates); the evaluation set only reports. Without
+one, a third part of the calibration data is held back for the final report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from .errors import CalibrationDataError, UsageError
+from .find import find_dense_graph
+from .passes.base import LayerReport, PassContext
+from .report import build_report, summarize_model
+
+ProgressFn = Callable[[str, int, int], None]
+
+# fractions of the calibration data: (fit, select[, final check])
+SPLIT_WITH_EVAL = (0.75, 0.25)
+SPLIT_WITHOUT_EVAL = (0.6, 0.2, 0.2)
+MIN_SAMPLES_TO_SPLIT = 10
+
+
+@dataclass
+class OptimizeResult:
+    """What ``optimize`` returns: the optimized model and its report."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    changed: bool
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def save(self, path: str | Path, *, external_data: bool | None = None) -> Path:
+        from .io import save_model
+
+        return save_model(self.model, path, external_data=external_data)
+
+
+class _Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[stage] = timer.times.get(stage, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def _load(model_or_path) -> tuple[onnx.ModelProto, str | None]:
+    from .io import clamp_versions, load_model
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        m = onnx.ModelProto()
+        m.CopyFrom(model_or_path)  # never touch the caller's object
+        return clamp_versions(m), None
+    if isinstance(model_or_path, (str, Path)):
+        return clamp_versions(load_model(model_or_path)), str(model_or_path)
+    raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+
+
+def _split(calib, eval_set, seed: int):
+    """(fit, select, final) sets; see the module docstring."""
+    if calib is None:
+        return None, None, eval_set
+    n = calib.num_samples
+    if eval_set is not None:
+        if n < MIN_SAMPLES_TO_SPLIT:
+            return calib, calib, eval_set
+        fit, select = calib.split(SPLIT_WITH_EVAL, seed)
+        return fit, select, eval_set
+    if n < MIN_SAMPLES_TO_SPLIT:
+        raise CalibrationDataError(
+            f"calibration data has {n} samples; give at least {MIN_SAMPLES_TO_SPLIT} (part is held out to verify)"
+            " or pass a separate evaluation set")
+    fit, select, final = calib.split(SPLIT_WITHOUT_EVAL, seed)
+    return fit, select, final
+
+
+def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
+                 linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int) -> list:
+    """The pass list for explicit settings (the budget search builds its own)."""
+    passes = []
+    if linear:
+        from .passes.linearity import LinearityPass
+
+        t = 1.0 if linear_threshold is None else float(linear_threshold)
+        passes.append(LinearityPass(threshold=t, mode=linear_mode, path_form=linear_path))
+    if fold_ratio is not None:
+        from .passes.folding import FoldingPass
+
+        passes.append(FoldingPass(ratio=fold_ratio, select=fold_select, repair=fold_repair, seed=seed,
+                                  drop_constant=has_data and not linear))
+    return passes
+
+
+def optimize(model, calibration=None, *, eval_data=None, linear: bool = True, linear_threshold: float | None = None,
+             linear_mode: str = "extended", linear_path: str = "auto", fold_ratio=None, fold_select: str = "kmeans",
+             fold_repair: str = "auto", provider: str = "auto", batch_size: int = 256, seed: int = 0,
+             positive_threshold: float | None = None, progress: ProgressFn | None = None) -> OptimizeResult:
+    """Compress ``model`` (path or ModelProto) and verify the result.
+
+    calibration / eval_data: an .npz path, a directory of .npy files, a dict of
+    arrays, or an iterable of feed dicts (e.g. an onnxruntime
+    CalibrationDataReader). Without calibration data only rewrites that are
+    exact for every input run (provably dead/linear neurons), plus data-free
+    folding when ``fold_ratio`` is given.
+    """
+    from .measure.data import load_calibration
+    from .runtime import resolve_provider
+    from .verify import compare_models
+
+    timer = _Timer()
+    notes: list[str] = []
+    with timer("load"):
+        original, input_path = _load(model)
+    providers, notice = resolve_provider(provider)
+    if notice:
+        notes.append(notice)
+    with timer("load_data"):
+        calib = load_calibration(calibration, original) if calibration is not None else None
+        evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
+        fit, select, final = _split(calib, evalset, seed)
+    ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
+                      progress=progress)
+    passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
+                          linear_mode=linear_mode, linear_path=linear_path, fold_ratio=fold_ratio,
+                          fold_select=fold_select, fold_repair=fold_repair, seed=seed)
+    current, changed, layers = original, False, []
+    with timer("passes"):
+        for p in passes:
+            res = p(current, ctx)
+            current, changed = res.model, changed or res.changed
+            layers = _merge_layer_reports(layers, res.layers)
+            notes.extend(res.notes)
+    verification = None
+    if final is not None and changed:
+        with timer("verify"):
+            comp = compare_models(original, current, final, providers=providers, batch_size=batch_size,
+                                  positive_threshold=positive_threshold)
+            verification = comp.to_dict()
+            verification["split"] = "evaluation set" if evalset is not None else "held-out part of calibration data"
+            notes.extend(comp.notes)
+    elif not changed:
+        notes.append("no rewrite applied; the output equals the input")
+    view = find_dense_graph(original)
+    report = build_report(
+        input_path=input_path, output_path=None, status="optimized" if changed else "unchanged",
+        provider=providers[0], settings=dict(linear=linear, linear_threshold=linear_threshold, linear_mode=linear_mode,
+                                             linear_path=linear_path, fold_ratio=fold_ratio, fold_select=fold_select,
+                                             fold_repair=fold_repair, seed=seed, batch_size=batch_size,
+                                             calibration_samples=None if calib is None else calib.num_samples,
+                                             evaluation_samples=None if evalset is None else evalset.num_samples),
+        before=summarize_model(original), after=summarize_model(current), layers=layers, skipped=view.skipped,
+        verification=verification, timings={k: round(v, 4) for k, v in timer.times.items()}, notes=notes)
+    return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
+
+
+def _merge_layer_reports(old: list[LayerReport], new: list[LayerReport]) -> list[LayerReport]:
+    """Combine per-layer reports of consecutive passes into one row per layer."""
+    by = {lr.layer: lr for lr in old}
+    for lr in new:
+        if lr.layer not in by:
+            by[lr.layer] = lr
+            continue
+        o = by[lr.layer]
+        o.width_after = lr.width_after
+        for k in ("linear", "constant", "merged", "pruned"):
+            setattr(o, k, getattr(o, k) + getattr(lr, k))
+        o.path_form = lr.path_form or o.path_form
+        o.path_rank = lr.path_rank if lr.path_rank is not None else o.path_rank
+        o.params_after = lr.params_after
+        o.note = "; ".join(x for x in (o.note, lr.note) if x)
+    return list(by.values())
+
+
+def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,
+            progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Dense chains of ``model`` and, with calibration data, per-layer neuron
+    statistics: how many neurons are always on / never on / mixed."""
+    from .measure.data import load_calibration
+    from .measure.stats import collect_neuron_stats
+    from .runtime import resolve_provider
+
+    m, path = _load(model)
+    view = find_dense_graph(m)
+    out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in view.skipped], "notes": []}
+    stats = {}
+    if calibration is not None:
+        providers, notice = resolve_provider(provider)
+        if notice:
+            out["notes"].append(notice)
+        data = load_calibration(calibration, m)
+        out["calibration_samples"] = data.num_samples
+        specs = {c.producer.output: c.activation for c in view.chains}
+        cb = (lambda d, t: progress("calibration", d, t)) if progress else None
+        stats = collect_neuron_stats(m, specs, data, batch_size=batch_size, providers=providers, progress=cb)
+    for c in view.chains:
+        row = {"layer": c.name, "producer": c.producer.name, "consumer": c.consumer.name,
+               "activation": c.activation.describe(), "in": c.producer.in_features, "neurons": c.width,
+               "out": c.consumer.out_features, "form": c.producer.form, "linear_paths": len(c.consumer.paths)}
+        st = stats.get(c.producer.output)
+        if st is not None:
+            piece, rate = st.on_one_piece_rate() if c.activation.is_piecewise_linear else (None, None)
+            if c.activation.is_piecewise_linear:
+                pieces = c.activation.pieces(c.width)
+                one = rate >= 1.0
+                const = one & [pieces[p].is_constant for p in piece]
+                row["always_one_linear_piece"] = int((one & ~const).sum())
+                row["always_constant"] = int(const.sum())
+                row["mixed"] = int(c.width - one.sum())
+                if c.activation.kind == "relu":
+                    row["always_on"] = int(st.always_on().sum())
+                    row["never_on"] = int(st.never_on().sum())
+        out["chains"].append(row)
+    return out

@@ -1,0 +1,280 @@
+"""Command line: ``onnxfold optimize`` and ``onnxfold inspect``.
+
+Options are grouped by concern (input/output, data, runtime, linearity
+folding, neuron folding, checks). Every expected failure is an
+``OnnxFoldError``: one line on stderr and a non-zero exit code
+(``--verbose`` adds the traceback). Exit codes: 0 success, 1 a check failed
+(``--check``), 2 bad input or usage, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import OnnxFoldError, UsageError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _ratio_arg(text: str):
+    """``0.5`` for every layer, or ``layer0=0.5,layer2=0.3`` per layer."""
+    if "=" not in text:
+        r = float(text)
+        if not 0.0 <= r < 1.0:
+            raise argparse.ArgumentTypeError(f"fold ratio must be in [0, 1), got {r}")
+        return r
+    out = {}
+    for part in text.split(","):
+        name, _, val = part.partition("=")
+        r = float(val)
+        if not 0.0 <= r < 1.0:
+            raise argparse.ArgumentTypeError(f"fold ratio for {name} must be in [0, 1), got {r}")
+        out[name.strip()] = r
+    return out
+
+
+def _threshold_arg(text: str) -> float:
+    t = float(text)
+    if not 0.5 < t <= 1.0:
+        raise argparse.ArgumentTypeError(f"linear threshold must be in (0.5, 1], got {t}")
+    return t
+
+
+def _add_data_options(p: argparse.ArgumentParser, *, eval_too: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--calib", metavar="DATA", help="calibration data: .npz (keys = input names, optional 'labels') "
+                   "or a directory of .npy files; default: <model stem>.calib.npz next to the model, if present")
+    if eval_too:
+        g.add_argument("--eval", metavar="DATA", help="separate evaluation data for the final report (never used "
+                       "to decide); default: <model stem>.test.npz or .eval.npz next to the model, if present")
+    g.add_argument("--no-auto-data", action="store_true", help="do not look for calibration/evaluation files "
+                   "next to the model")
+    g.add_argument("--batch-size", type=int, default=256, metavar="N", help="inference batch size (default 256)")
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="onnxruntime execution provider (auto: CUDA when it really works, else CPU)")
+    g.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+    g.add_argument("--quiet", action="store_true", help="print only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxfold", description="Structural compression of exported ONNX models "
+                                     "(linearity folding and neuron folding), verified with onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"onnxfold {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", help="compress a model and verify it")
+    g = opt.add_argument_group("input/output")
+    g.add_argument("model", help="input .onnx model (never modified)")
+    g.add_argument("-o", "--output", help="output path (default: <stem>.fold.onnx next to the input)")
+    g.add_argument("--report", metavar="JSON", help="write the machine-readable report here")
+    g.add_argument("--external-data", action="store_true",
+                   help="store the output's weights in a .data file beside it (automatic above 2 GB)")
+    _add_data_options(opt, eval_too=True)
+    _add_runtime_options(opt)
+    g = opt.add_argument_group("linearity folding")
+    g.add_argument("--no-linear", action="store_true", help="skip linearity folding")
+    g.add_argument("--linear-threshold", type=_threshold_arg, default=None, metavar="T",
+                   help="a neuron on one linear piece for at least this share of calibration rows is linear "
+                   "(1.0 = never left its piece; default 1.0)")
+    g.add_argument("--linear-mode", choices=("extended", "paper"), default="extended",
+                   help="extended (default): constant neurons too, bias correction, cheapest path form; "
+                   "paper: the published method")
+    g.add_argument("--linear-path", choices=("auto", "dense", "factored", "svd"), default="auto",
+                   help="how linear paths are stored (extended mode)")
+    g = opt.add_argument_group("neuron folding")
+    g.add_argument("--fold-ratio", type=_ratio_arg, default=None, metavar="R",
+                   help="share of neurons removed per hidden layer, e.g. 0.5, or layer0=0.5,layer1=0.3")
+    g.add_argument("--fold-select", choices=("kmeans", "magnitude"), default="kmeans",
+                   help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
+    g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
+                   help="auto: ls with calibration data, ar without")
+    g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
+    g = opt.add_argument_group("checks")
+    g.add_argument("--positive-threshold", type=float, default=None, metavar="P",
+                   help="detector outputs: compare binary decisions score > P, also on the original's positives")
+
+    ins = sub.add_parser("inspect", help="list dense chains and, with data, per-layer neuron statistics")
+    ins.add_argument("model", help="input .onnx model")
+    ins.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    _add_data_options(ins, eval_too=False)
+    _add_runtime_options(ins)
+    return parser
+
+
+def _auto_data(model: Path, given: str | None, suffixes: tuple[str, ...], disabled: bool) -> str | None:
+    if given is not None or disabled:
+        return given
+    stem = model.name[:-5] if model.name.endswith(".onnx") else model.stem
+    for suf in suffixes:
+        cand = model.with_name(stem + suf)
+        if cand.exists():
+            return str(cand)
+    return None
+
+
+def _write_json_atomic(obj, path: str) -> None:
+    target = Path(path)
+    if not target.parent.exists():
+        raise UsageError(f"report directory does not exist: {target.parent}")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+class _ProgressSink:
+    """Adapts the library's progress callbacks to one rich progress bar per task."""
+
+    def __init__(self, console, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True,
+                                 disable=not enabled)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.progress.add_task(task, total=total)
+        self.progress.update(self.tasks[task], completed=done, total=total)
+
+
+def _cmd_optimize(args, console) -> int:
+    from .api import optimize
+    from .io import default_output_path, model_has_external_data
+
+    model = Path(args.model)
+    out = Path(args.output) if args.output else default_output_path(model)
+    if out.resolve() == model.resolve():
+        raise UsageError(f"output path equals the input path ({model}); choose another -o/--output")
+    calib = _auto_data(model, args.calib, (".calib.npz", ".calib"), args.no_auto_data)
+    evald = _auto_data(model, args.eval, (".eval.npz", ".test.npz"), args.no_auto_data)
+    if not args.quiet:
+        if calib and not args.calib:
+            console.print(f"using calibration data {calib}")
+        if evald and not args.eval:
+            console.print(f"using evaluation data {evald}")
+    with _ProgressSink(console, enabled=not args.quiet) as progress:
+        result = optimize(model, calib, eval_data=evald, linear=not args.no_linear,
+                          linear_threshold=args.linear_threshold, linear_mode=args.linear_mode,
+                          linear_path=args.linear_path, fold_ratio=args.fold_ratio, fold_select=args.fold_select,
+                          fold_repair=args.fold_repair, provider=args.provider, batch_size=args.batch_size,
+                          seed=args.seed, positive_threshold=args.positive_threshold, progress=progress)
+    external = True if (args.external_data or model_has_external_data(model)) else None
+    saved = result.save(out, external_data=external)
+    result.report["output"] = str(saved)
+    if args.report:
+        _write_json_atomic(result.report, args.report)
+    if not args.quiet:
+        from .report import render_report
+
+        render_report(result.report, console)
+        console.print(f"wrote {saved}" + (f" and {args.report}" if args.report else ""))
+    return EXIT_OK
+
+
+def _cmd_inspect(args, console) -> int:
+    from rich.table import Table
+
+    from .api import inspect
+
+    model = Path(args.model)
+    calib = _auto_data(model, args.calib, (".calib.npz", ".calib"), args.no_auto_data)
+    if calib and not args.calib and not args.quiet:
+        console.print(f"using calibration data {calib}")
+    with _ProgressSink(console, enabled=not args.quiet) as progress:
+        info = inspect(model, calib, provider=args.provider, batch_size=args.batch_size, progress=progress)
+    if args.json:
+        _write_json_atomic(info, args.json)
+    t = Table(title=f"Dense chains in {model.name}", title_justify="left")
+    cols = ["layer", "producer", "activation", "in", "neurons", "out"]
+    stats = any("mixed" in c for c in info["chains"])
+    if stats:
+        cols += ["always on", "never on", "mixed"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("layer", "producer", "activation") else "right")
+    for c in info["chains"]:
+        row = [c["layer"], c["producer"], c["activation"], str(c["in"]), str(c["neurons"]), str(c["out"])]
+        if stats:
+            on = c.get("always_on", c.get("always_one_linear_piece"))
+            off = c.get("never_on", c.get("always_constant"))
+            row += [str(on) if on is not None else "-", str(off) if off is not None else "-", str(c.get("mixed", "-"))]
+        t.add_row(*row)
+    console.print(t)
+    if stats:
+        console.print(f"statistics over {info['calibration_samples']} calibration samples "
+                      "(always on: one linear piece on every row; never on: constant on every row)")
+    for s in info["skipped"]:
+        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
+    for n in info["notes"]:
+        console.print(f"note: {n}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=False, quiet=getattr(args, "quiet", False))
+    err = Console(stderr=True)
+    try:
+        if args.command == "optimize":
+            return _cmd_optimize(args, console)
+        return _cmd_inspect(args, console)
+    except OnnxFoldError as e:
+        if args.verbose:
+            traceback.print_exc()
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written", markup=False)
+        return 130
+    except Exception as e:  # a bug: say so, keep it to one line unless asked
+        if args.verbose:
+            traceback.print_exc()
+        err.print(f"internal error: {type(e).__name__}: {e} (rerun with --verbose and report it)",
+                  markup=False, highlight=False, soft_wrap=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Neuron folding decisions in plain numpy / scikit-learn (no ONNX here).
+
+One hidden layer of n neurons has incoming rows ``w_in`` (n × in), bias
+``b_in`` (n) and outgoing columns ``w_out`` (out × n). Folding turns it into k
+neurons, expressed as the two maps of :class:`onnxfold.rewrite.HiddenEdit`:
+
+- ``row_map`` (k × n): new incoming rows/biases are ``row_map @ old`` (cluster
+  means, or a selection when pruning);
+- ``col_map`` (n × k): new outgoing columns are ``old @ col_map`` (cluster
+  membership: a cluster's columns are summed).
+
+Repairs then adjust the merged pre-activations (``row_scale``/``row_shift``) or
+refit the consumer (:func:`refit_consumer`). Method and notation:
+``shared/METHODS.md`` section 2 (Wang et al., ICLR 2025).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..measure.stats import DEFAULT_RIDGE_LAMS, GramAccumulator, ridge_path
+
+#: k-means restarts; fixed so that a seed fully determines the clustering.
+KMEANS_N_INIT = 3
+
+#: Relative ridge strengths tried by the consumer refit. The refit shrinks
+#: towards the plain fold (see :func:`refit_consumer`), so strong values are
+#: meaningful too: they interpolate between "refit" and "no refit".
+REFIT_RIDGE_LAMS: tuple[float, ...] = (*DEFAULT_RIDGE_LAMS, 1.0, 10.0)
+
+
+def target_width(n: int, ratio: float) -> int:
+    """Neurons left when a share ``ratio`` of ``n`` is removed: round(n·(1−r)), at least 1."""
+    return max(1, min(n, int(round(n * (1.0 - ratio)))))
+
+
+def neuron_features(w_in: np.ndarray, b_in: np.ndarray | None, w_out: np.ndarray) -> np.ndarray:
+    """Per-neuron clustering features ``[w_in[j,:], b_in[j], w_out[:,j]ᵀ]`` (n × (in+1+out))."""
+    n = w_in.shape[0]
+    b = np.zeros(n) if b_in is None else np.asarray(b_in, dtype=np.float64).reshape(n, 1)[:, 0]
+    return np.hstack([np.asarray(w_in, dtype=np.float64), b[:, None], np.asarray(w_out, dtype=np.float64).T])
+
+
+def _canonical(labels: np.ndarray) -> np.ndarray:
+    """Relabel clusters 0..k-1 in order of their first member, so that the
+    folded layer's neuron order does not depend on k-means' label numbering."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+    return order[inverse].astype(np.int64)
+
+
+def kmeans_labels(features: np.ndarray, k: int, seed: int = 0, n_init: int = KMEANS_N_INIT) -> np.ndarray:
+    """Cluster index (0..k'-1, k' ≤ k) of every row of ``features``.
+
+    Exact duplicate rows are collapsed first and clustered once, weighted by
+    their count: duplicates always land in one cluster (so folding a layer of
+    duplicated neurons is exact), and when there are at most k distinct rows no
+    k-means is needed at all. Deterministic for a given ``seed``.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    n = features.shape[0]
+    if not 1 <= k:
+        raise ValueError("k must be at least 1")
+    distinct, first, inverse, counts = np.unique(features, axis=0, return_index=True, return_inverse=True,
+                                                 return_counts=True)
+    inverse = inverse.reshape(-1)
+    if distinct.shape[0] <= k:
+        return _canonical(inverse)
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    # np.unique sorts rows; restore first-occurrence order so the result does
+    # not depend on how rows happen to sort.
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    # One thread: these problems are small, and OpenMP/BLAS threads fighting
+    # over busy cores made k-means several times slower in our measurements.
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on near-duplicate rows: labels stay valid
+        distinct_labels = km.fit(distinct[order], sample_weight=counts[order]).labels_
+    return _canonical(distinct_labels[rank][inverse])
+
+
+def magnitude_keep(w_in: np.ndarray, k: int) -> np.ndarray:
+    """Indices (ascending) of the k neurons with the largest incoming-row L2 norm
+    (ties: lower index first) - the structured magnitude-pruning baseline."""
+    norms = np.linalg.norm(np.asarray(w_in, dtype=np.float64), axis=1)
+    order = np.argsort(-norms, kind="stable")
+    return np.sort(order[:k])
+
+
+def cluster_maps(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row_map k×n of cluster means, col_map n×k of cluster membership).
+
+    ``labels[j]`` is neuron j's cluster in 0..k-1, or -1 for a neuron that is
+    removed outright (zero row in ``col_map``, no weight in ``row_map``)."""
+    labels = np.asarray(labels)
+    k = int(labels.max()) + 1
+    inside = labels >= 0
+    member = np.zeros((labels.size, k))
+    member[np.flatnonzero(inside), labels[inside]] = 1.0
+    sizes = member.sum(axis=0)
+    if np.any(sizes == 0):
+        raise ValueError("cluster labels must be 0..k-1 with no empty cluster")
+    return member.T / sizes[:, None], member
+
+
+def fold_ar_scale(w_in: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Fold-AR's data-free variance repair, one factor per cluster:
+    ``sqrt(N_c / (1 + (N_c − 1)·E_c))``, E_c = mean pairwise cosine similarity
+    of the members' incoming rows (1 for singletons). Labels as in
+    :func:`cluster_maps` (-1: removed neuron, ignored).
+
+    Why: averaging N inputs-correlated-as-E pre-activations divides their
+    variance by N / (1 + (N−1)E) (Wang et al., assuming uncorrelated inputs).
+    E_c is floored at 0: anti-aligned members would make the factor explode,
+    and we never amplify beyond the uncorrelated case (factor ≤ sqrt(N_c)).
+    Zero rows take part with cosine 0.
+    """
+    labels = np.asarray(labels)
+    w = np.asarray(w_in, dtype=np.float64)[labels >= 0]
+    labels = labels[labels >= 0]
+    norms = np.linalg.norm(w, axis=1)
+    unit = np.divide(w, norms[:, None], out=np.zeros_like(w), where=norms[:, None] > 0)
+    k = int(labels.max()) + 1
+    sizes = np.bincount(labels, minlength=k).astype(np.float64)
+    sums = np.zeros((k, w.shape[1]))
+    np.add.at(sums, labels, unit)
+    self_terms = np.bincount(labels, weights=(norms > 0).astype(np.float64), minlength=k)
+    # sum over ordered pairs i≠j of cos_ij = ||Σ u_i||² − Σ ||u_i||²
+    pair_sum = np.einsum("ij,ij->i", sums, sums) - self_terms
+    pairs = sizes * (sizes - 1)
+    mean_cos = np.divide(pair_sum, pairs, out=np.ones(k), where=pairs > 0)
+    mean_cos = np.clip(mean_cos, 0.0, 1.0)
+    return np.sqrt(sizes / (1.0 + (sizes - 1.0) * mean_cos))
+
+
+def merged_moments(row_map: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of ``row_map @ z`` given z's mean and covariance."""
+    m = np.asarray(row_map, dtype=np.float64)
+    var = np.einsum("ij,jk,ik->i", m, cov, m)
+    return m @ mean, np.sqrt(np.clip(var, 0.0, None))
+
+
+def repair_affine(target_mean: np.ndarray, target_std: np.ndarray, merged_mean: np.ndarray,
+                  merged_std: np.ndarray, eps: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """REPAIR (Jordan et al.): (scale, shift) with ``scale·z + shift`` having the
+    target mean and std. A merged neuron that is constant on the data keeps
+    scale 1 (there is no spread to stretch) and only gets its mean moved."""
+    merged_std = np.asarray(merged_std, dtype=np.float64)
+    ok = merged_std > eps * np.maximum(1.0, np.abs(merged_mean))
+    scale = np.where(ok, np.asarray(target_std, dtype=np.float64) / np.where(ok, merged_std, 1.0), 1.0)
+    shift = np.asarray(target_mean, dtype=np.float64) - scale * merged_mean
+    return scale, shift
+
+
+@dataclass
+class Refit:
+    """Outcome of :func:`refit_consumer`: the consumer's new weight and bias."""
+
+    weight: np.ndarray  # out × k
+    bias: np.ndarray  # out
+    lam: float | None  # chosen relative ridge strength; None: keeping the fold won
+    heldout_error: float  # relative squared error on the held-out rows (1 = predicting the mean)
+    kept_error: float  # the same for the plain fold, for comparison
+
+
+def refit_consumer(fit: GramAccumulator, heldout: GramAccumulator | None, w_prior: np.ndarray,
+                   b_prior: np.ndarray, *, final: GramAccumulator | None = None, lams=REFIT_RIDGE_LAMS,
+                   default_lam: float = 1e-2) -> Refit:
+    """Ridge least-squares refit of the consumer, shrunk towards the plain fold.
+
+    The accumulators hold X = the folded hidden activations and
+    Y = target − (current consumer output − b_prior), i.e. what the consumer's
+    main product must add on top of the plain fold ``w_prior`` (out × k). So a
+    ridge solution Δ, b gives ``w_prior + Δ, b``: minimising
+    ``‖y − (w_prior+Δ)x − b‖² + λ‖Δ‖²``. Shrinking towards the fold rather than
+    towards 0 means a strong λ falls back to plain folding instead of to a
+    dead layer, which matters with few calibration rows.
+
+    ``lams`` are relative (see ``GramAccumulator.solve_ridge``); the one with the
+    smallest residual on ``heldout`` (solving on ``fit``) is chosen, unless
+    keeping the plain fold is better there; the returned weights are solved
+    with it on ``final`` (default ``fit``; e.g. fit and held-out rows merged
+    when the held-out rows were split off the calibration data). Without
+    ``heldout``, ``default_lam``.
+    """
+    w_prior = np.asarray(w_prior, dtype=np.float64)
+    b_prior = np.asarray(b_prior, dtype=np.float64)
+    zeros = np.zeros_like(w_prior)
+    if heldout is None or heldout.count == 0:
+        lam = default_lam
+        kept_error = held_error = float("nan")
+    else:
+        lam, residuals = ridge_path(fit, heldout, lams, return_residuals=True)
+        total = heldout.total_ss()
+        kept = heldout.residual(zeros, b_prior)
+        kept_error = kept / total if total > 0 else 0.0
+        held_error = min(residuals) / total if total > 0 else 0.0
+        if kept <= min(residuals):
+            return Refit(w_prior.copy(), b_prior.copy(), None, kept_error, kept_error)
+    delta, b = (fit if final is None else final).solve_ridge(lam)
+    return Refit(w_prior + delta, b, lam, held_error, kept_error)

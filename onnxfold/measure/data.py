@@ -1,0 +1,573 @@
+"""Calibration and evaluation data: loading, validation, batching, splitting.
+
+A :class:`CalibrationSet` holds in-memory arrays ``{input_name: array}`` whose
+first axis is the sample axis (all inputs the same length), plus optional
+``labels`` (first axis = samples as well). User data sets are materialised in
+memory; what must never be materialised are the hidden tensors the model
+produces from them (see :mod:`onnxfold.measure.stream`).
+
+Conventions
+-----------
+* The key ``labels`` (in an ``.npz``, a directory as ``labels.npy``, a dict or
+  a feed dict) holds labels, unless the model itself has an input named
+  ``labels``: then it is that input and the data carries no labels.
+* Labels are never fed to the model; :meth:`CalibrationSet.batches` yields feed
+  dicts only, :meth:`CalibrationSet.labeled_batches` yields ``(feed, labels)``
+  pairs (labels ``None`` when the set has none).
+* A model whose batch axis is a fixed 1 (common in exported detectors) accepts
+  data with any number of samples; the set records ``fixed_batch_one = True``
+  and its batches then hold one sample each, whatever batch size is asked for.
+  A batch axis fixed to some other K > 1 is honoured the same way (batches of
+  exactly K; the sample count must then be a multiple of K).
+* Every problem with the data raises :class:`~onnxfold.errors.CalibrationDataError`
+  with one line naming the problem and the fix, before any work is done.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxfold.errors import CalibrationDataError, UnsupportedModelError, UsageError
+
+LABELS_KEY = "labels"
+
+__all__ = ["CalibrationSet", "load_calibration", "model_inputs", "LABELS_KEY"]
+
+
+def _q(names: Iterable[str]) -> str:
+    names = list(names)
+    return ", ".join(f"'{n}'" for n in names) if names else "nothing"
+
+
+class CalibrationSet:
+    """In-memory samples ``{input_name: array}`` (+ optional labels).
+
+    ``arrays`` maps input names to arrays whose first axis is the sample axis;
+    ``labels`` (optional) has the same first-axis length. ``fixed_batch`` is the
+    model's fixed batch size (``None`` when the batch axis is dynamic):
+    :meth:`batches` then ignores the requested batch size.
+
+    Construct with :func:`load_calibration` to get validation against a model;
+    the constructor itself only checks that the sample counts agree.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        labels: np.ndarray | None = None,
+        *,
+        fixed_batch: int | None = None,
+        what: str = "calibration",
+    ):
+        self.what = what
+        self.arrays: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in arrays.items()}
+        if not self.arrays:
+            raise CalibrationDataError(f"{what} data has no inputs; give one array per model input")
+        counts = {}
+        for name, arr in self.arrays.items():
+            if arr.ndim == 0:
+                raise CalibrationDataError(
+                    f"{what} input '{name}' is a scalar; its first axis must be the sample axis"
+                )
+            counts[name] = arr.shape[0]
+        if len(set(counts.values())) > 1:
+            desc = ", ".join(f"'{k}' has {v}" for k, v in counts.items())
+            raise CalibrationDataError(
+                f"{what} inputs have different numbers of samples ({desc}); give every input the same first-axis length"
+            )
+        self._n = next(iter(counts.values()))
+        if self._n == 0:
+            raise CalibrationDataError(f"{what} data has zero samples; give at least one sample")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim == 0 or labels.shape[0] != self._n:
+                got = "a scalar" if labels.ndim == 0 else f"{labels.shape[0]} entries"
+                raise CalibrationDataError(
+                    f"{what} labels have {got} but the data has {self._n} samples; give one label per sample"
+                )
+        self.labels: np.ndarray | None = labels
+        if fixed_batch is not None and fixed_batch < 1:
+            raise ValueError("fixed_batch must be >= 1 or None")
+        self.fixed_batch: int | None = fixed_batch
+
+    # -- basic facts ---------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.arrays)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def fixed_batch_one(self) -> bool:
+        """True when the model's batch axis is a fixed 1: batches hold one sample."""
+        return self.fixed_batch == 1
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self.arrays.items())
+        lab = "" if self.labels is None else f", labels {list(self.labels.shape)}"
+        fb = "" if self.fixed_batch is None else f", fixed_batch={self.fixed_batch}"
+        return f"CalibrationSet({self._n} samples; {shapes}{lab}{fb})"
+
+    # -- batching ------------------------------------------------------------
+    def effective_batch_size(self, batch_size: int) -> int:
+        """The batch size :meth:`batches` really uses (the model's fixed one if any)."""
+        if self.fixed_batch is not None:
+            return self.fixed_batch
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+        return int(batch_size)
+
+    def _ranges(self, batch_size: int) -> Iterator[tuple[int, int]]:
+        bs = self.effective_batch_size(batch_size)
+        if self.fixed_batch is not None and self._n % bs:
+            raise CalibrationDataError(
+                f"the model's batch axis is fixed to {bs} but the {self.what} data has {self._n} samples;"
+                f" give a multiple of {bs} samples"
+            )
+        for start in range(0, self._n, bs):
+            yield start, min(start + bs, self._n)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of consecutive samples (views, not copies); labels excluded.
+
+        With a fixed batch axis in the model (``fixed_batch``), batches hold
+        exactly that many samples regardless of ``batch_size``.
+        """
+        for a, b in self._ranges(batch_size):
+            yield {k: v[a:b] for k, v in self.arrays.items()}
+
+    def labeled_batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Like :meth:`batches` but yields ``(feed, labels_batch)``; labels ``None`` without labels."""
+        for a, b in self._ranges(batch_size):
+            feed = {k: v[a:b] for k, v in self.arrays.items()}
+            yield feed, (None if self.labels is None else self.labels[a:b])
+
+    # -- subsets -------------------------------------------------------------
+    def subset(self, indices: Sequence[int] | np.ndarray | slice) -> "CalibrationSet":
+        """A new set with the samples at ``indices`` (ints, boolean mask or slice); copies."""
+        if isinstance(indices, slice):
+            idx = np.arange(self._n)[indices]
+        else:
+            idx = np.asarray(indices)
+            if idx.dtype == bool:
+                if idx.shape != (self._n,):
+                    raise ValueError(f"boolean mask has shape {idx.shape}, expected ({self._n},)")
+                idx = np.flatnonzero(idx)
+            elif idx.size == 0:
+                idx = idx.astype(np.intp)
+            elif not np.issubdtype(idx.dtype, np.integer):
+                raise ValueError("subset indices must be integers, a boolean mask or a slice")
+        if idx.size == 0:
+            raise CalibrationDataError(f"a subset of the {self.what} data would have zero samples")
+        arrays = {k: np.take(v, idx, axis=0) for k, v in self.arrays.items()}
+        labels = None if self.labels is None else np.take(self.labels, idx, axis=0)
+        return CalibrationSet(arrays, labels, fixed_batch=self.fixed_batch, what=self.what)
+
+    def split(self, fractions: Sequence[float], seed: int) -> list["CalibrationSet"]:
+        """Split into parts of the given fractions (sum 1) after a seeded random permutation.
+
+        Deterministic for a given ``seed``. Part sizes are ``floor(f * N)`` with
+        the remainder handed out by largest fractional part (ties: earlier part).
+        Within a part samples keep their original order. Every part must get at
+        least one sample, else :class:`CalibrationDataError` says how many
+        samples are needed.
+        """
+        fr = np.asarray(list(fractions), dtype=np.float64)
+        if fr.ndim != 1 or fr.size == 0 or not np.all(np.isfinite(fr)) or np.any(fr <= 0):
+            raise UsageError(f"split fractions must be positive numbers, got {list(fractions)}")
+        if abs(fr.sum() - 1.0) > 1e-6:
+            raise UsageError(f"split fractions must sum to 1, got {list(fractions)} (sum {fr.sum():g})")
+        sizes = _part_sizes(fr, self._n)
+        if sizes.min() < 1:
+            need = len(fr)
+            while _part_sizes(fr, need).min() < 1:
+                need += 1
+            parts = ", ".join(f"{f:g}" for f in fr)
+            raise CalibrationDataError(
+                f"{self.what} data has {self._n} samples, too few to split into fractions ({parts});"
+                f" give at least {need} samples"
+            )
+        perm = np.random.default_rng(seed).permutation(self._n)
+        out, start = [], 0
+        for s in sizes:
+            out.append(self.subset(np.sort(perm[start:start + s])))
+            start += s
+        return out
+
+
+def _part_sizes(fr: np.ndarray, n: int) -> np.ndarray:
+    raw = fr / fr.sum() * n
+    sizes = np.floor(raw).astype(np.int64)
+    rest = n - int(sizes.sum())
+    if rest > 0:
+        order = np.argsort(-(raw - sizes), kind="stable")
+        sizes[order[:rest]] += 1
+    return sizes
+
+
+# ---------------------------------------------------------------------------
+# model inputs
+
+
+class _InputSpec:
+    __slots__ = ("name", "elem_type", "dims", "optional")
+
+    def __init__(self, name: str, elem_type: int, dims: list | None, optional: bool):
+        self.name = name
+        self.elem_type = elem_type  # 0 when unknown / not a tensor
+        self.dims = dims  # None: rank unknown; else list of int (fixed) or None (dynamic)
+        self.optional = optional  # has an initializer default
+
+    @property
+    def np_dtype(self) -> np.dtype | None:
+        if not self.elem_type:
+            return None
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+        except Exception:
+            return None
+
+    def shape_str(self) -> str:
+        if self.dims is None:
+            return "unknown"
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
+
+
+def _input_specs(model: onnx.ModelProto) -> dict[str, _InputSpec]:
+    inits = {t.name for t in model.graph.initializer}
+    out: dict[str, _InputSpec] = {}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        elem = tt.elem_type if tt is not None else 0
+        dims = None
+        if tt is not None and tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        out[vi.name] = _InputSpec(vi.name, elem, dims, vi.name in inits)
+    return out
+
+
+def model_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the inputs a feed must provide (graph inputs minus initializers)."""
+    return [s.name for s in _input_specs(model).values() if not s.optional]
+
+
+# ---------------------------------------------------------------------------
+# reading sources
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any failure is a user data problem
+        raise CalibrationDataError(f"cannot read {what} file '{path}': {type(e).__name__}: {e}") from None
+
+
+def _read_path(path: Path, specs: dict[str, _InputSpec], what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise CalibrationDataError(
+            f"{what} data '{path}' does not exist; give an .npz file or a directory of <input>.npy files"
+        )
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        if not files:
+            raise CalibrationDataError(
+                f"{what} directory '{path}' has no .npy files; save one <input_name>.npy per model input"
+            )
+        by_sanitized = {_sanitize(n): n for n in specs}
+        out: dict[str, Any] = {}
+        for f in files:
+            stem = f.name[:-4]
+            key = stem if stem in specs or stem == LABELS_KEY else by_sanitized.get(stem, stem)
+            out[key] = _read_npy(f, what)
+        return out
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = _read_npy(path, what)
+        required = [s.name for s in specs.values() if not s.optional]
+        if len(required) != 1:
+            raise CalibrationDataError(
+                f"{what} data '{path}' is a single array but the model has {len(required)} inputs"
+                f" ({_q(required)}); use an .npz with one key per input"
+            )
+        return {required[0]: arr}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):  # pragma: no cover - np.load returned an array
+                raise ValueError("not an npz archive")
+            return {k: z[k] for k in z.files}
+    except CalibrationDataError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CalibrationDataError(
+            f"cannot read {what} data '{path}' as an .npz archive ({type(e).__name__}: {e});"
+            " save it with numpy.savez"
+        ) from None
+
+
+def _as_array(value: Any, key: str, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # noqa: BLE001
+        raise CalibrationDataError(f"{what} value for '{key}' is not an array ({type(e).__name__}: {e})") from None
+    if arr.dtype == object:
+        raise CalibrationDataError(
+            f"{what} value for '{key}' is not a numeric array (ragged or object data); give equal-shaped samples"
+        )
+    return arr
+
+
+def _read_feeds(source: Any, what: str) -> dict[str, Any]:
+    """Concatenate an iterable of feed dicts (or a CalibrationDataReader) along axis 0."""
+    if hasattr(source, "get_next") and callable(source.get_next):
+        def _reader_iter():
+            while True:
+                item = source.get_next()
+                if item is None:
+                    return
+                yield item
+        it: Iterable = _reader_iter()
+    else:
+        it = source
+    parts: dict[str, list[np.ndarray]] = {}
+    first_keys: list[str] | None = None
+    count = 0
+    try:
+        for i, feed in enumerate(it):
+            if not isinstance(feed, Mapping):
+                raise CalibrationDataError(
+                    f"{what} item {i} is a {type(feed).__name__}, not a feed dict; yield {{input_name: array}} dicts"
+                )
+            keys = list(feed)
+            if first_keys is None:
+                first_keys = keys
+                parts = {k: [] for k in keys}
+            elif set(keys) != set(first_keys):
+                raise CalibrationDataError(
+                    f"{what} feed dict {i} has keys {_q(keys)} but the first had {_q(first_keys)}; give every feed the same keys"
+                )
+            for k in keys:
+                arr = _as_array(feed[k], k, what)
+                if arr.ndim == 0:
+                    raise CalibrationDataError(
+                        f"{what} feed dict {i} has a scalar for '{k}'; its first axis must be the sample axis"
+                    )
+                if parts[k] and parts[k][0].shape[1:] != arr.shape[1:]:
+                    raise CalibrationDataError(
+                        f"{what} feed dicts give '{k}' different per-sample shapes {list(parts[k][0].shape[1:])}"
+                        f" and {list(arr.shape[1:])} (feed {i}); pad them to one shape"
+                    )
+                parts[k].append(arr)
+            count += 1
+    except CalibrationDataError:
+        raise
+    except TypeError as e:
+        raise CalibrationDataError(
+            f"{what} data of type {type(source).__name__} is not supported ({e}); give an .npz path, a directory"
+            " of .npy files, a dict of arrays or an iterable of feed dicts"
+        ) from None
+    if count == 0:
+        raise CalibrationDataError(f"{what} data has zero samples (the iterable yielded no feed dicts); give at least one")
+    out = {}
+    for k, arrs in parts.items():
+        try:
+            out[k] = arrs[0] if len(arrs) == 1 else np.concatenate(arrs, axis=0)
+        except Exception as e:  # noqa: BLE001 - dtype mixes numpy refuses
+            raise CalibrationDataError(f"{what} feed dicts for '{k}' cannot be concatenated ({e})") from None
+    return out
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _kind(dt: np.dtype) -> str:
+    if dt.kind == "f":
+        return "float"
+    if dt.kind in "iu":
+        return "integer"
+    if dt.kind == "b":
+        return "bool"
+    if dt.kind in "USO":
+        return "string"
+    return dt.kind
+
+
+def _validate_input(name: str, arr: np.ndarray, spec: _InputSpec, what: str) -> np.ndarray:
+    want = spec.np_dtype
+    if want is not None and want.kind not in "USO":
+        have_k, want_k = _kind(arr.dtype), _kind(want)
+        if have_k != want_k:
+            raise CalibrationDataError(
+                f"{what} input '{name}' has {arr.dtype} ({have_k}) data but the model expects {want} ({want_k});"
+                f" convert it with .astype('{want.name}') (after any preprocessing the model expects)"
+            )
+        if arr.dtype != want:
+            if want_k == "integer" and arr.size:
+                info = np.iinfo(want)
+                lo, hi = arr.min(), arr.max()
+                if lo < info.min or hi > info.max:
+                    raise CalibrationDataError(
+                        f"{what} input '{name}' has values in [{lo}, {hi}] that do not fit the model's {want};"
+                        " fix the data range"
+                    )
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as Inf below
+                arr = arr.astype(want)
+    if spec.dims is not None:
+        if arr.ndim != len(spec.dims):
+            raise CalibrationDataError(
+                f"{what} input '{name}' has rank {arr.ndim} (shape {list(arr.shape)}) but the model expects rank"
+                f" {len(spec.dims)} (shape {spec.shape_str()}); the first axis must be the sample axis"
+            )
+        for ax in range(1, arr.ndim):
+            d = spec.dims[ax]
+            if d is not None and arr.shape[ax] != d:
+                raise CalibrationDataError(
+                    f"{what} input '{name}' has size {arr.shape[ax]} on axis {ax} (shape {list(arr.shape)}) but the"
+                    f" model expects {d} (shape {spec.shape_str()}); reshape or preprocess the data to match"
+                )
+    if arr.dtype.kind == "f" and arr.size:
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            nan = int(np.count_nonzero(np.isnan(arr)))
+            raise CalibrationDataError(
+                f"{what} input '{name}' has {bad} non-finite values ({nan} NaN, {bad - nan} Inf"
+                f"{' after casting to ' + str(arr.dtype) if spec.np_dtype is not None else ''}); clean or drop those samples"
+            )
+    return arr
+
+
+def _fixed_batch(arrays: Mapping[str, np.ndarray], specs: dict[str, _InputSpec]) -> int | None:
+    fixed: dict[str, int] = {}
+    for name in arrays:
+        spec = specs.get(name)
+        if spec is not None and spec.dims and spec.dims[0] is not None:
+            fixed[name] = spec.dims[0]
+    if not fixed:
+        return None
+    vals = set(fixed.values())
+    if len(vals) > 1:
+        desc = ", ".join(f"'{k}' {v}" for k, v in fixed.items())
+        raise UnsupportedModelError(
+            f"the model's inputs fix different batch sizes ({desc}); onnxfold cannot batch them together"
+        )
+    return vals.pop()
+
+
+def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibration") -> CalibrationSet:
+    """Read and validate data for ``model``'s inputs into a :class:`CalibrationSet`.
+
+    ``source`` may be:
+
+    * a path (str / PathLike) to an ``.npz`` archive (keys = model input names,
+      optional ``labels``), to a directory of ``<input_name>.npy`` files (plus
+      optional ``labels.npy``; names with characters not allowed in file names
+      may use ``_`` in their place), or to a single ``.npy`` for a one-input model;
+    * a ``dict`` ``{input_name: array}`` (optional ``labels`` key);
+    * a numpy array, for a one-input model;
+    * an existing :class:`CalibrationSet` (validated again against ``model``);
+    * any iterable of feed dicts (list, generator, ...) or an object with
+      onnxruntime's ``CalibrationDataReader`` protocol (``get_next()`` returning
+      a feed dict until ``None``); feeds may carry a ``labels`` key and are
+      concatenated along the first axis (so their per-sample shapes must agree).
+
+    Validation (graph inputs minus initializers; inputs with an initializer
+    default may be given but need not be): missing and unknown names, rank,
+    fixed non-batch dims, dtype kind (float vs integer vs bool is an error;
+    width differences such as float64 -> float32 or int32 -> int64 are cast
+    silently), NaN/Inf, zero samples, sample-count mismatches, label length.
+    ``what`` names the data in messages ("calibration", "evaluation").
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError("load_calibration needs an onnx.ModelProto")
+    specs = _input_specs(model)
+    required = [s.name for s in specs.values() if not s.optional]
+    labels_is_input = LABELS_KEY in specs
+
+    if isinstance(source, CalibrationSet):
+        raw: dict[str, Any] = dict(source.arrays)
+        if source.labels is not None and not labels_is_input:
+            raw[LABELS_KEY] = source.labels
+    elif isinstance(source, (str, os.PathLike)):
+        raw = _read_path(Path(source), specs, what)
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    elif isinstance(source, np.ndarray):
+        if len(required) != 1:
+            raise CalibrationDataError(
+                f"{what} data is a single array but the model has {len(required)} inputs ({_q(required)});"
+                " give a dict {input_name: array}"
+            )
+        raw = {required[0]: source}
+    elif source is None:
+        raise CalibrationDataError(f"no {what} data given; pass an .npz file, a directory of .npy files or a dict of arrays")
+    else:
+        raw = _read_feeds(source, what)
+
+    labels = None
+    if not labels_is_input and LABELS_KEY in raw:
+        labels = _as_array(raw.pop(LABELS_KEY), LABELS_KEY, what)
+
+    have = list(raw)
+    for name in required:
+        if name not in raw:
+            raise CalibrationDataError(
+                f"{what} data is missing input '{name}' (has: {_q(have)}); the model's inputs are {_q(required)}"
+            )
+    extra = [k for k in have if k not in specs]
+    if extra:
+        raise CalibrationDataError(
+            f"{what} data has {_q(extra)} which {'is not a model input' if len(extra) == 1 else 'are not model inputs'}"
+            f" (inputs: {_q(required)}; labels go under '{LABELS_KEY}'); remove or rename {'it' if len(extra) == 1 else 'them'}"
+        )
+
+    arrays: dict[str, np.ndarray] = {}
+    # model input order first, then optional inputs in model order
+    for name in specs:
+        if name not in raw:
+            continue
+        arr = _as_array(raw[name], name, what)
+        if arr.ndim == 0:
+            raise CalibrationDataError(
+                f"{what} input '{name}' is a scalar; its first axis must be the sample axis (shape {specs[name].shape_str()})"
+            )
+        if arr.shape[0] == 0:
+            raise CalibrationDataError(f"{what} data has zero samples for input '{name}'; give at least one sample")
+        arrays[name] = arr
+    counts = {k: v.shape[0] for k, v in arrays.items()}
+    if len(set(counts.values())) > 1:
+        desc = ", ".join(f"'{k}' has {v}" for k, v in counts.items())
+        raise CalibrationDataError(
+            f"{what} inputs have different numbers of samples ({desc}); give every input the same first-axis length"
+        )
+    n = next(iter(counts.values()))
+    if labels is not None and (labels.ndim == 0 or labels.shape[0] != n):
+        got = "a scalar" if labels.ndim == 0 else f"{labels.shape[0]} entries"
+        raise CalibrationDataError(f"{what} labels have {got} but the data has {n} samples; give one label per sample")
+    for name in list(arrays):
+        arrays[name] = _validate_input(name, arrays[name], specs[name], what)
+    fixed = _fixed_batch(arrays, specs)
+    if fixed is not None and fixed > 1 and n % fixed:
+        raise CalibrationDataError(
+            f"the model's batch axis is fixed to {fixed} but the {what} data has {n} samples; give a multiple of {fixed}"
+        )
+    return CalibrationSet(arrays, labels, fixed_batch=fixed, what=what)

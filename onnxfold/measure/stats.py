@@ -1,0 +1,483 @@
+"""Streamed statistics: per-neuron activation statistics and least-squares Grams.
+
+Rows: a hidden tensor of shape (batch, n) or (batch, seq, n) - in general
+(..., n), the last axis being the neurons - is flattened to (m, n) rows, each
+row (a sample, or a token position) one observation.
+
+Everything accumulates in float64 and merges exactly (Chan et al.'s pairwise
+update for centred second moments), so streaming in batches of any size gives
+the same numbers as one pass over all rows, up to float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxfold.find.activations import ActivationSpec
+from onnxfold.measure.data import CalibrationSet
+
+__all__ = [
+    "NeuronStats",
+    "GramAccumulator",
+    "ridge_path",
+    "collect_neuron_stats",
+    "DEFAULT_RIDGE_LAMS",
+]
+
+#: Default ridge grid, relative to trace(Gram)/p (see GramAccumulator.solve_ridge).
+DEFAULT_RIDGE_LAMS: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _rows(x: np.ndarray, width: int | None, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"{what} must have at least one axis")
+    if x.ndim == 1:  # a column of m rows when the width is 1 or free, else one row
+        x = x.reshape(-1, 1) if width in (None, 1) else x.reshape(1, -1)
+    if width is not None and x.shape[-1] != width:
+        raise ValueError(f"{what} has {x.shape[-1]} columns on its last axis, expected {width}")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _batch_moments(x64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums and centred sums of squares of one batch (m, n) float64."""
+    s = x64.sum(axis=0)
+    c = x64 - s / x64.shape[0]
+    return s, np.einsum("ij,ij->j", c, c)
+
+
+def _merge_moments(n1, s1, m1, n2, s2, m2):
+    """Chan's merge of (count, sum, centred M2) pairs."""
+    if n1 == 0:
+        return n2, s2.copy(), m2.copy()
+    if n2 == 0:
+        return n1, s1, m1
+    n = n1 + n2
+    d = s2 / n2 - s1 / n1
+    return n, s1 + s2, m1 + m2 + d * d * (n1 * n2 / n)
+
+
+class NeuronStats:
+    """Per-neuron statistics of a pre-activation z and its activation a = f(z).
+
+    Accumulated (float64): ``count`` rows, ``sum_z``, centred ``m2_z``,
+    ``min_z``, ``max_z``, ``sum_a``, centred ``m2_a``, ``active_count`` (rows
+    with z > 0) and, for piecewise-linear kinds, ``piece_counts`` of shape
+    (n_pieces, n) indexed like ``activation.pieces(n)``. ``sum_z2`` / ``sum_a2``
+    are derived. ``f`` is evaluated in the tensor's own dtype (as onnxruntime
+    does), then promoted.
+    """
+
+    def __init__(self, activation: ActivationSpec, n: int):
+        self.activation = activation
+        self.n = int(n)
+        self.count = 0
+        self.sum_z = np.zeros(self.n)
+        self.m2_z = np.zeros(self.n)
+        self.min_z = np.full(self.n, np.inf)
+        self.max_z = np.full(self.n, -np.inf)
+        self.sum_a = np.zeros(self.n)
+        self.m2_a = np.zeros(self.n)
+        self.active_count = np.zeros(self.n, dtype=np.int64)
+        if activation.is_piecewise_linear:
+            self._pieces = activation.pieces(self.n)
+            self.piece_counts: np.ndarray | None = np.zeros((len(self._pieces), self.n), dtype=np.int64)
+        else:
+            self._pieces = None
+            self.piece_counts = None
+
+    # -- accumulation --------------------------------------------------------
+    def update(self, z: np.ndarray) -> None:
+        """Add the rows of pre-activations ``z`` (shape (..., n))."""
+        rows = _rows(z, self.n, "pre-activation")
+        m = rows.shape[0]
+        if m == 0:
+            return
+        a = np.asarray(self.activation.apply(rows))
+        z64 = rows.astype(np.float64, copy=False)
+        a64 = a.astype(np.float64, copy=False)
+        sz, mz = _batch_moments(z64)
+        sa, ma = _batch_moments(a64)
+        n0 = self.count
+        _, self.sum_z, self.m2_z = _merge_moments(n0, self.sum_z, self.m2_z, m, sz, mz)
+        self.count, self.sum_a, self.m2_a = _merge_moments(n0, self.sum_a, self.m2_a, m, sa, ma)
+        np.minimum(self.min_z, z64.min(axis=0), out=self.min_z)
+        np.maximum(self.max_z, z64.max(axis=0), out=self.max_z)
+        self.active_count += np.count_nonzero(rows > 0, axis=0)
+        if self.piece_counts is not None:
+            idx = self.activation.piece_index(rows)
+            for p in range(self.piece_counts.shape[0]):
+                self.piece_counts[p] += np.count_nonzero(idx == p, axis=0)
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Add ``other``'s rows into this accumulator (in place; returns self)."""
+        if other.n != self.n or other.activation.kind != self.activation.kind:
+            raise ValueError("can only merge NeuronStats of the same activation kind and width")
+        n0 = self.count
+        _, self.sum_z, self.m2_z = _merge_moments(n0, self.sum_z, self.m2_z, other.count, other.sum_z, other.m2_z)
+        self.count, self.sum_a, self.m2_a = _merge_moments(n0, self.sum_a, self.m2_a, other.count, other.sum_a, other.m2_a)
+        np.minimum(self.min_z, other.min_z, out=self.min_z)
+        np.maximum(self.max_z, other.max_z, out=self.max_z)
+        self.active_count += other.active_count
+        if self.piece_counts is not None:
+            self.piece_counts += other.piece_counts
+        return self
+
+    # -- derived -------------------------------------------------------------
+    def _div(self, x: np.ndarray) -> np.ndarray:
+        if self.count == 0:
+            return np.full(self.n, np.nan)
+        return x / self.count
+
+    @property
+    def sum_z2(self) -> np.ndarray:
+        return self.m2_z + (self.sum_z**2 / self.count if self.count else 0.0)
+
+    @property
+    def sum_a2(self) -> np.ndarray:
+        return self.m2_a + (self.sum_a**2 / self.count if self.count else 0.0)
+
+    @property
+    def mean_z(self) -> np.ndarray:
+        return self._div(self.sum_z)
+
+    @property
+    def var_z(self) -> np.ndarray:
+        """Population variance (ddof=0) of z per neuron."""
+        return self._div(self.m2_z)
+
+    @property
+    def std_z(self) -> np.ndarray:
+        return np.sqrt(self.var_z)
+
+    @property
+    def mean_a(self) -> np.ndarray:
+        return self._div(self.sum_a)
+
+    @property
+    def var_a(self) -> np.ndarray:
+        return self._div(self.m2_a)
+
+    @property
+    def std_a(self) -> np.ndarray:
+        return np.sqrt(self.var_a)
+
+    # -- on/off (z > 0), any kind ---------------------------------------------
+    @property
+    def active_rate(self) -> np.ndarray:
+        """Fraction of rows with z > 0, per neuron."""
+        return self._div(self.active_count.astype(np.float64))
+
+    def always_on(self) -> np.ndarray:
+        """Boolean mask: neurons with z > 0 on every row seen."""
+        return (self.active_count == self.count) & (self.count > 0)
+
+    def never_on(self) -> np.ndarray:
+        """Boolean mask: neurons with z > 0 on no row seen."""
+        return (self.active_count == 0) & (self.count > 0)
+
+    # -- pieces (piecewise-linear kinds) ------------------------------------
+    def _need_pieces(self) -> np.ndarray:
+        if self.piece_counts is None:
+            raise ValueError(f"{self.activation.kind} is not piecewise linear: no pieces")
+        return self.piece_counts
+
+    @property
+    def n_pieces(self) -> int:
+        return int(self._need_pieces().shape[0])
+
+    def piece_rate(self, p: int) -> np.ndarray:
+        """Fraction of rows on piece ``p`` (index into ``activation.pieces(n)``), per neuron."""
+        return self._div(self._need_pieces()[p].astype(np.float64))
+
+    def on_one_piece_rate(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index of each neuron's most frequent piece, fraction of rows on it)."""
+        pc = self._need_pieces()
+        best = np.argmax(pc, axis=0)
+        return best, self._div(pc[best, np.arange(self.n)].astype(np.float64))
+
+    def mean_error_vs_piece(self, p: int) -> np.ndarray:
+        """E[f(z) - (slope_p z + intercept_p)] per neuron, exactly, from the sums.
+
+        Adding ``W_next[:, j] * mean_error_vs_piece(p)[j]`` to the consumer's
+        bias corrects the mean when neuron j is replaced by piece p.
+        """
+        self._need_pieces()
+        piece = self._pieces[p]
+        slope = np.broadcast_to(np.asarray(piece.slope, dtype=np.float64), (self.n,))
+        return self.mean_a - slope * self.mean_z - float(piece.intercept)
+
+    def __repr__(self) -> str:
+        return f"NeuronStats({self.activation.kind}, n={self.n}, rows={self.count})"
+
+
+class GramAccumulator:
+    """Streamed least-squares sufficient statistics, float64.
+
+    Accumulates, for rows X (m, p) and optional targets Y (m, q), the count,
+    means and centred cross-products (``sxx`` p×p, ``sxy`` p×q, ``syy`` = the
+    diagonal of the centred YᵀY, q). The raw ones are available as ``XtX``,
+    ``XtY``, ``sum_x``, ``sum_y``, ``YtY_diag``. Inputs of shape (..., p) are
+    flattened to rows like hidden tensors.
+
+    ``with_bias=True``: solutions include an unpenalised intercept (solved
+    from the centred statistics); ``False``: no intercept (b = 0).
+    """
+
+    def __init__(self, p: int | None = None, q: int | None = None, *, with_bias: bool = True):
+        self.with_bias = with_bias
+        self.p = p
+        self.q = q
+        self.count = 0
+        self._has_y: bool | None = None
+        self.mean_x: np.ndarray | None = None
+        self.mean_y: np.ndarray | None = None
+        self.sxx: np.ndarray | None = None
+        self.sxy: np.ndarray | None = None
+        self.syy: np.ndarray | None = None
+        self._eig = None  # cached eigendecomposition of the regularised matrix
+
+    def _init(self, p: int, q: int | None):
+        self.p, self.q = p, q
+        self.mean_x = np.zeros(p)
+        self.sxx = np.zeros((p, p))
+        if q is not None:
+            self.mean_y = np.zeros(q)
+            self.sxy = np.zeros((p, q))
+            self.syy = np.zeros(q)
+
+    def update(self, X: np.ndarray, Y: np.ndarray | None = None) -> None:
+        """Add rows X (..., p) with targets Y (..., q) (same leading shape) or None."""
+        X = np.asarray(X)
+        Xr = _rows(X, self.p, "X")
+        if Y is not None:
+            Y = np.asarray(Y)
+            Yr = _rows(Y, self.q, "Y")
+            if Yr.shape[0] != Xr.shape[0]:
+                raise ValueError(f"X has {Xr.shape[0]} rows but Y has {Yr.shape[0]}")
+        else:
+            Yr = None
+        has_y = Yr is not None
+        if self._has_y is None:
+            self._has_y = has_y
+        elif self._has_y != has_y:
+            raise ValueError("either every update gives Y or none does")
+        if self.mean_x is None:
+            self._init(Xr.shape[1], Yr.shape[1] if has_y else None)
+        m = Xr.shape[0]
+        if m == 0:
+            return
+        self._eig = None
+        x64 = Xr.astype(np.float64, copy=False)
+        bx = x64.mean(axis=0)
+        xc = x64 - bx
+        n1, n = self.count, self.count + m
+        w = n1 * m / n
+        dx = bx - self.mean_x
+        self.sxx += xc.T @ xc
+        if n1:
+            self.sxx += w * np.outer(dx, dx)
+        if has_y:
+            y64 = Yr.astype(np.float64, copy=False)
+            by = y64.mean(axis=0)
+            yc = y64 - by
+            dy = by - self.mean_y
+            self.sxy += xc.T @ yc
+            self.syy += np.einsum("ij,ij->j", yc, yc)
+            if n1:
+                self.sxy += w * np.outer(dx, dy)
+                self.syy += w * dy * dy
+            self.mean_y = self.mean_y + dy * (m / n)
+        self.mean_x = self.mean_x + dx * (m / n)
+        self.count = n
+
+    def merge(self, other: "GramAccumulator") -> "GramAccumulator":
+        """Add ``other``'s rows into this accumulator (in place; returns self)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.p, self.q, self._has_y, self.count = other.p, other.q, other._has_y, other.count
+            for k in ("mean_x", "mean_y", "sxx", "sxy", "syy"):
+                v = getattr(other, k)
+                setattr(self, k, None if v is None else v.copy())
+            self._eig = None
+            return self
+        if (self.p, self.q, self._has_y) != (other.p, other.q, other._has_y):
+            raise ValueError("can only merge GramAccumulators of the same shapes")
+        n1, n2 = self.count, other.count
+        n = n1 + n2
+        w = n1 * n2 / n
+        dx = other.mean_x - self.mean_x
+        self.sxx = self.sxx + other.sxx + w * np.outer(dx, dx)
+        if self._has_y:
+            dy = other.mean_y - self.mean_y
+            self.sxy = self.sxy + other.sxy + w * np.outer(dx, dy)
+            self.syy = self.syy + other.syy + w * dy * dy
+            self.mean_y = self.mean_y + dy * (n2 / n)
+        self.mean_x = self.mean_x + dx * (n2 / n)
+        self.count = n
+        self._eig = None
+        return self
+
+    # -- raw statistics --------------------------------------------------------
+    @property
+    def sum_x(self) -> np.ndarray:
+        return self.mean_x * self.count
+
+    @property
+    def sum_y(self) -> np.ndarray:
+        self._need_y()
+        return self.mean_y * self.count
+
+    @property
+    def XtX(self) -> np.ndarray:
+        return self.sxx + self.count * np.outer(self.mean_x, self.mean_x)
+
+    @property
+    def XtY(self) -> np.ndarray:
+        self._need_y()
+        return self.sxy + self.count * np.outer(self.mean_x, self.mean_y)
+
+    @property
+    def YtY_diag(self) -> np.ndarray:
+        self._need_y()
+        return self.syy + self.count * self.mean_y**2
+
+    def total_ss(self, per_output: bool = False) -> np.ndarray | float:
+        """Sum of squares of Y about its mean (with_bias) or about 0 (without): the R² baseline."""
+        t = self.syy if self.with_bias else self.YtY_diag
+        return t.copy() if per_output else float(t.sum())
+
+    def _need_y(self):
+        if self.count == 0 or not self._has_y:
+            raise ValueError("no targets Y accumulated")
+
+    # -- solving -------------------------------------------------------------
+    def _system(self) -> tuple[np.ndarray, np.ndarray]:
+        self._need_y()
+        return (self.sxx, self.sxy) if self.with_bias else (self.XtX, self.XtY)
+
+    def lam_scale(self) -> float:
+        """trace(A)/p of the regularised matrix A (centred XᵀX with bias, XᵀX without)."""
+        A = self.sxx if self.with_bias else self.XtX
+        s = float(np.trace(A)) / max(self.p, 1)
+        return s if s > 0 else 1.0
+
+    def _eigh(self):
+        if self._eig is None:
+            A, B = self._system()
+            d, V = np.linalg.eigh(A)
+            d = np.clip(d, 0.0, None)
+            self._eig = (d, V, V.T @ B)
+        return self._eig
+
+    def solve_ridge(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """(W (q×p), b (q,)) minimising ||X Wᵀ + b - Y||² + λ||W||², b unpenalised.
+
+        ``lam`` is relative: λ = lam · trace(A)/p, A being the centred XᵀX
+        (with_bias) or XᵀX, i.e. lam=1e-2 adds 1 % of the average feature
+        energy to every diagonal entry - invariant to the scale of X, so the
+        grid ``DEFAULT_RIDGE_LAMS`` is meaningful for any layer. lam=0 gives
+        the minimum-norm least-squares solution (pseudo-inverse).
+        """
+        return self.solve_ridge_path([lam])[0]
+
+    def solve_ridge_path(self, lams: Iterable[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`solve_ridge` for several lams, sharing one eigendecomposition."""
+        d, V, VtB = self._eigh()
+        scale = self.lam_scale()
+        dmax = float(d.max()) if d.size else 0.0
+        cutoff = dmax * max(self.p, 1) * np.finfo(np.float64).eps
+        out = []
+        for lam in lams:
+            if lam < 0:
+                raise ValueError("ridge lam must be >= 0")
+            denom = d + lam * scale
+            inv = np.where(denom > cutoff, 1.0 / np.where(denom > cutoff, denom, 1.0), 0.0)
+            Wt = V @ (inv[:, None] * VtB)  # p×q
+            W = Wt.T.copy()
+            if self.with_bias:
+                b = self.mean_y - W @ self.mean_x
+            else:
+                b = np.zeros(self.q)
+            out.append((W, b))
+        return out
+
+    def residual(self, W: np.ndarray, b: np.ndarray | None = None, *, per_output: bool = False):
+        """Sum over rows of ||y - W x - b||², from the statistics (clipped at 0)."""
+        self._need_y()
+        W = np.asarray(W, dtype=np.float64).reshape(self.q, self.p)
+        b = np.zeros(self.q) if b is None else np.asarray(b, dtype=np.float64).reshape(self.q)
+        d = self.mean_y - W @ self.mean_x - b
+        r = (
+            self.syy
+            - 2.0 * np.einsum("jk,kj->j", W, self.sxy)
+            + np.einsum("jk,jk->j", W @ self.sxx, W)
+            + self.count * d * d
+        )
+        r = np.clip(r, 0.0, None)
+        return r if per_output else float(r.sum())
+
+    def r2(self, W: np.ndarray, b: np.ndarray | None = None) -> float:
+        """1 - residual / total_ss (total_ss about the mean when with_bias)."""
+        t = self.total_ss()
+        return 1.0 - self.residual(W, b) / t if t > 0 else float("nan")
+
+    def __repr__(self) -> str:
+        return f"GramAccumulator(p={self.p}, q={self.q}, rows={self.count}, with_bias={self.with_bias})"
+
+
+def ridge_path(
+    train: GramAccumulator,
+    heldout: GramAccumulator,
+    lams: Sequence[float] = DEFAULT_RIDGE_LAMS,
+    *,
+    return_residuals: bool = False,
+):
+    """The lam (relative, see :meth:`GramAccumulator.solve_ridge`) whose solution on
+    ``train`` has the smallest residual on ``heldout``; ties go to the larger lam.
+
+    With ``return_residuals=True`` returns ``(best_lam, [heldout residual per lam])``.
+    """
+    lams = list(lams)
+    if not lams:
+        raise ValueError("ridge_path needs at least one lam")
+    sols = train.solve_ridge_path(lams)
+    res = [heldout.residual(W, b) for W, b in sols]
+    best = min(range(len(lams)), key=lambda i: (res[i], -lams[i]))
+    return (lams[best], res) if return_residuals else lams[best]
+
+
+def collect_neuron_stats(
+    model: onnx.ModelProto,
+    layers: Mapping[str, ActivationSpec],
+    data: CalibrationSet,
+    *,
+    batch_size: int = 256,
+    providers: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, NeuronStats]:
+    """Stream ``data`` through ``model`` once; NeuronStats per pre-activation tensor.
+
+    ``layers`` maps pre-activation tensor names to their activation specs; the
+    last axis of each tensor is the neuron axis (n taken from the tensor).
+    """
+    from onnxfold.measure.stream import stream_tensors
+
+    stats: dict[str, NeuronStats] = {}
+    names = list(layers)
+    for _feed, _labels, tensors in stream_tensors(
+        model, names, data, batch_size=batch_size, providers=providers, progress=progress
+    ):
+        for name in names:
+            z = np.asarray(tensors[name])
+            if z.ndim == 0:
+                raise ValueError(f"tensor '{name}' is a scalar, not a layer's pre-activation")
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = NeuronStats(layers[name], z.shape[-1])
+            st.update(z)
+    return stats

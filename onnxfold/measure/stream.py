@@ -1,0 +1,229 @@
+"""Run a model batch by batch and expose intermediate tensors.
+
+Nothing here accumulates across batches: :func:`stream_tensors` yields each
+batch's tensors and forgets them, so memory stays bounded by one batch whatever
+the number of samples. Accumulate statistics on top of it (see
+:mod:`onnxfold.measure.stats`). :func:`run_model` is the exception: it
+concatenates the model outputs and is meant for verification on small sets.
+
+The library never prints; pass ``progress=callable(done_samples, total_samples)``
+to follow long runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxfold.errors import CalibrationDataError
+from onnxfold.measure.data import CalibrationSet
+
+__all__ = ["expose_outputs", "stream_tensors", "run_model"]
+
+# Above this size shape inference (a full serialize/parse round trip) is not
+# worth it just to learn output element types: exposed outputs stay untyped.
+_INFER_LIMIT_BYTES = 256 * 1024 * 1024
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _known_types(model: onnx.ModelProto) -> dict[str, int]:
+    g = model.graph
+    types: dict[str, int] = {}
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _produced(model: onnx.ModelProto) -> set[str]:
+    return {o for node in model.graph.node for o in node.output if o}
+
+
+def _check_names(model: onnx.ModelProto, tensor_names: Sequence[str]) -> None:
+    g = model.graph
+    known = _produced(model) | {vi.name for vi in g.input} | {t.name for t in g.initializer}
+    missing = [n for n in tensor_names if n not in known]
+    if missing:
+        raise ValueError(f"tensor(s) {missing} are not produced by any top-level node of the graph")
+
+
+def expose_outputs(model: onnx.ModelProto, tensor_names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensor_names``.
+
+    Original outputs come first, then the new names in the given order (names
+    that already are graph outputs are not repeated). Each new output gets the
+    element type recorded in the model's value_info / inputs / outputs /
+    initializers, else the one found by ONNX shape inference (models up to
+    256 MiB), else no type at all: onnxruntime infers it, whereas a wrong
+    guess such as FLOAT would make session creation fail on float16 models.
+    Shapes are left unspecified.
+
+    Cost: the copy is a protobuf ``CopyFrom`` of the whole model (one extra
+    copy of every initializer held in the proto, done in C, about as fast as
+    memcpy). For models over 2 GB, whose weights live in external data and are
+    not loaded into the proto, the copy only covers the graph structure.
+    The caller's model is never modified.
+    """
+    names = list(dict.fromkeys(tensor_names))
+    _check_names(model, names)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    new = [n for n in names if n not in existing]
+    if not new:
+        return out
+    types = _known_types(model)
+    if any(n not in types for n in new):
+        types.update({k: v for k, v in _inferred_types(model).items() if k not in types})
+    for n in new:
+        elem = types.get(n)
+        if elem:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None))
+        else:
+            out.graph.output.append(onnx.ValueInfoProto(name=n))
+    return out
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        if model.ByteSize() > _INFER_LIMIT_BYTES:
+            return {}
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - custom ops, odd models: fall back to untyped outputs
+        return {}
+    return {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in inferred.graph.value_info
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+    }
+
+
+def _make_session(model: onnx.ModelProto, providers: list[str] | None):
+    from onnxfold.runtime import create_session, resolve_provider
+
+    if providers is None:
+        providers, _notice = resolve_provider("auto")
+    return create_session(model, providers)
+
+
+def _run_error_types() -> tuple:
+    """onnxruntime's errors for inputs it rejects or a node that fails on them."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+
+        return (InvalidArgument, Fail)
+    except Exception:  # noqa: BLE001
+        return ()
+
+
+def _quiet_run_options():
+    """RunOptions that keep onnxruntime from logging node failures to stderr (we raise instead)."""
+    import onnxruntime
+
+    ro = onnxruntime.RunOptions()
+    ro.log_severity_level = 4  # fatal only
+    return ro
+
+
+def _short(e: Exception) -> str:
+    from onnxfold.runtime import ort_message
+
+    text = ort_message(e)
+    # node failures read "Non-zero status code returned while running X node. Name:'n' Status Message: ..."
+    if "Status Message:" in text:
+        head, _, tail = text.partition("Status Message:")
+        node = head[head.find("running"):].strip() if "running" in head else ""
+        tail = tail.strip()
+        if " was false. " in tail:  # drop the failed C++ condition, keep the explanation
+            tail = tail.split(" was false. ", 1)[1]
+        text = f"{node} {tail}".strip()
+    return text
+
+
+def stream_tensors(
+    model: onnx.ModelProto,
+    tensor_names: Sequence[str],
+    data: CalibrationSet,
+    *,
+    batch_size: int = 256,
+    providers: list[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray]]]:
+    """Run ``model`` on ``data`` batch by batch, yielding ``(feed, labels, tensors)``.
+
+    ``tensors`` maps every original graph output and every name in
+    ``tensor_names`` to that batch's value (names that are graph inputs are
+    taken from the feed, initializers are returned as constants). ``labels``
+    is the batch's labels or ``None``. One onnxruntime session is built for
+    the whole run on the model with the tensors exposed; ``providers=None``
+    means ``onnxfold.runtime.resolve_provider("auto")`` (its notice is
+    dropped - resolve providers yourself to show it). Batches follow
+    :meth:`CalibrationSet.labeled_batches`, so a model with a fixed batch axis
+    of 1 is run one sample at a time. Nothing is kept between batches.
+    ``progress(done_samples, total_samples)`` is called after every batch.
+    """
+    if not isinstance(data, CalibrationSet):
+        raise TypeError("stream_tensors needs a CalibrationSet (use load_calibration)")
+    names = list(dict.fromkeys(tensor_names))
+    _check_names(model, names)
+    g = model.graph
+    input_names = {vi.name for vi in g.input}
+    inits = {t.name: t for t in g.initializer}
+    from_feed = [n for n in names if n in input_names and (n not in inits or n in data.arrays)]
+    constants = {n: numpy_helper.to_array(inits[n]) for n in names if n in inits and n not in from_feed}
+    run_names = [n for n in names if n not in from_feed and n not in constants]
+
+    existing = [o.name for o in g.output]
+    exposed_model = model if all(n in existing for n in run_names) else expose_outputs(model, run_names)
+    session = _make_session(exposed_model, providers)
+    del exposed_model  # the session holds its own copy
+    sess_inputs = {i.name for i in session.get_inputs()}
+    output_names = list(dict.fromkeys(existing + run_names))
+    run_errors = _run_error_types()
+    run_options = _quiet_run_options()
+
+    total, done = data.num_samples, 0
+    for feed, labels in data.labeled_batches(batch_size):
+        run_feed = {k: v for k, v in feed.items() if k in sess_inputs}
+        try:
+            values = session.run(output_names, run_feed, run_options)
+        except run_errors as e:  # inputs rejected, or a node failing on them: the data does not fit
+            raise CalibrationDataError(
+                f"onnxruntime failed on the {data.what} data ({_short(e)}); make the data match what the model expects"
+            ) from None
+        tensors = dict(zip(output_names, values))
+        for n in from_feed:
+            tensors[n] = feed[n]
+        tensors.update(constants)
+        done += next(iter(feed.values())).shape[0]
+        if progress is not None:
+            progress(done, total)
+        yield feed, labels, tensors
+
+
+def run_model(
+    model: onnx.ModelProto,
+    data: CalibrationSet,
+    *,
+    batch_size: int = 256,
+    providers: list[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, np.ndarray]:
+    """All graph outputs of ``model`` on ``data``, concatenated along axis 0.
+
+    Memory grows with the number of samples: meant for verification on small
+    sets (and for outputs whose first axis is the batch axis).
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    for _feed, _labels, tensors in stream_tensors(
+        model, [], data, batch_size=batch_size, providers=providers, progress=progress
+    ):
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: (v[0] if len(v) == 1 else np.concatenate(v, axis=0)) for k, v in parts.items()}

@@ -1,0 +1,137 @@
+"""Report: what a run did, as a JSON-ready dict and as console tables.
+
+The JSON keys are a public interface (CI jobs read them); they are documented
+in the README ("Report schema") and ``SCHEMA_VERSION`` changes when a key
+changes meaning. The library builds the dict; only the CLI prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from .find import find_dense_graph
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelSummary:
+    parameters: int  # elements of all float initializers / Constant tensors
+    bytes: int  # serialized size (weights included, estimated above 2 GB)
+    dense_flops_per_row: int  # 2·in·out over dense ops and linear paths, per sample (per token for 3-D inputs)
+    hidden_widths: dict[str, int] = field(default_factory=dict)  # chain name -> neurons
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize_model(model: onnx.ModelProto) -> ModelSummary:
+    from .io import count_parameters, model_bytes
+
+    view = find_dense_graph(model)
+    flops = 0
+    for op in view.ops.values():
+        flops += 2 * op.weight.size + sum(2 * f.size for p in op.paths for f in p.factors)
+    return ModelSummary(parameters=count_parameters(model), bytes=model_bytes(model), dense_flops_per_row=int(flops),
+                        hidden_widths={c.name: c.width for c in view.chains})
+
+
+def ratio(after: float, before: float) -> float | None:
+    return None if not before else after / before
+
+
+def build_report(*, input_path: str | None, output_path: str | None, status: str, provider: str,
+                 settings: dict, before: ModelSummary, after: ModelSummary, layers: list, skipped: list,
+                 verification: dict | None, timings: dict, notes: list[str], budget: dict | None = None,
+                 latency: dict | None = None) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "onnxfold_version": __version__,
+        "input": input_path,
+        "output": output_path,
+        "status": status,
+        "provider": provider,
+        "settings": settings,
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "ratios": {
+            "parameters": ratio(after.parameters, before.parameters),
+            "bytes": ratio(after.bytes, before.bytes),
+            "dense_flops": ratio(after.dense_flops_per_row, before.dense_flops_per_row),
+        },
+        "layers": [lr.to_dict() if hasattr(lr, "to_dict") else dict(lr) for lr in layers],
+        "skipped": [{"where": s.where, "reason": s.reason} for s in skipped],
+        "verification": verification,
+        "budget": budget,
+        "latency": latency,
+        "timings_s": timings,
+        "notes": list(notes),
+    }
+
+
+# ---------------------------------------------------------------------------
+# console rendering (rich); used by the CLI only
+
+
+def _fmt_int(n) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _fmt_pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def render_report(report: dict, console) -> None:
+    from rich.table import Table
+
+    layers = report.get("layers") or []
+    if layers:
+        t = Table(title="Hidden layers", title_justify="left")
+        for col in ("layer", "producer", "activation", "neurons", "linear", "constant", "merged", "pruned",
+                    "path", "params"):
+            t.add_column(col, justify="left" if col in ("layer", "producer", "activation", "path") else "right")
+        for lr in layers:
+            path = "-" if not lr.get("path_form") else f"{lr['path_form']} r={lr.get('path_rank')}"
+            t.add_row(lr["layer"], lr["producer"], lr["activation"],
+                      f"{lr['width_before']} → {lr['width_after']}", str(lr.get("linear", 0)),
+                      str(lr.get("constant", 0)), str(lr.get("merged", 0)), str(lr.get("pruned", 0)), path,
+                      f"{_fmt_int(lr.get('params_before'))} → {_fmt_int(lr.get('params_after'))}")
+        console.print(t)
+    b, a, r = report["before"], report["after"], report["ratios"]
+    t = Table(title="Model", title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row("parameters", _fmt_int(b["parameters"]), _fmt_int(a["parameters"]), _ratio(r["parameters"]))
+    t.add_row("bytes", _fmt_int(b["bytes"]), _fmt_int(a["bytes"]), _ratio(r["bytes"]))
+    t.add_row("dense FLOPs / sample", _fmt_int(b["dense_flops_per_row"]), _fmt_int(a["dense_flops_per_row"]),
+              _ratio(r["dense_flops"]))
+    lat = report.get("latency") or {}
+    for key, row in lat.items():
+        t.add_row(f"latency {key} (ms)", f"{row['before_ms']:.3f}", f"{row['after_ms']:.3f}", _ratio(row["ratio"]))
+    console.print(t)
+    v = report.get("verification")
+    if v:
+        t = Table(title=f"Verification on {v['samples']} held-out samples ({v.get('split', 'held-out')})",
+                  title_justify="left")
+        for col in ("output", "kind", "max abs err", "mean abs err", "agreement", "accuracy before", "accuracy after",
+                    "positives kept"):
+            t.add_column(col, justify="left" if col in ("output", "kind") else "right")
+        for name, o in v["outputs"].items():
+            pos = "-" if o.get("positive_agreement") is None else _fmt_pct(o["positive_agreement"])
+            t.add_row(name, o["kind"], f"{o['max_abs_error']:.3g}", f"{o['mean_abs_error']:.3g}",
+                      _fmt_pct(o.get("agreement")), _fmt_pct(o.get("accuracy_original")),
+                      _fmt_pct(o.get("accuracy_candidate")), pos)
+        console.print(t)
+    for s in report.get("skipped") or []:
+        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
+    for n in report.get("notes") or []:
+        console.print(f"note: {n}")
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,111 @@
+"""Neuron-level edits of one hidden layer, applied to the numpy view.
+
+Every compression decision - drop a neuron, move it to a linear path, merge a
+cluster, rescale, refit the consumer - is expressed as one ``HiddenEdit`` on a
+``Chain``. Edits only touch the ``DenseOp`` arrays; nothing is written into the
+ONNX graph until ``materialize``. Rows (producer side) and columns (consumer
+side) of one op are independent, so the edits of consecutive chains compose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..find.chains import Chain
+from ..find.dense import LinearPath
+
+
+@dataclass
+class HiddenEdit:
+    """How the n neurons of a hidden layer become k.
+
+    row_map (k×n): new producer rows (and bias, path outputs, per-channel
+        activation parameters) are ``row_map @ old`` - a selection, or cluster means.
+    row_scale, row_shift (k): then ``z' = row_scale * z + row_shift`` (repairs).
+    col_map (n×k): new consumer columns are ``old @ col_map`` - a selection, or
+        cluster sums; also applied to linear paths that read the hidden layer.
+    consumer_weight (out×k): replaces the consumer's columns outright (refit).
+    consumer_bias (out): replaces the consumer's bias (refit);
+    consumer_bias_delta (out): added to it (removed constant neurons, mean corrections).
+    new_paths: linear paths added to the consumer's pre-activation.
+    """
+
+    row_map: np.ndarray
+    col_map: np.ndarray
+    row_scale: np.ndarray | None = None
+    row_shift: np.ndarray | None = None
+    consumer_weight: np.ndarray | None = None
+    consumer_bias: np.ndarray | None = None
+    consumer_bias_delta: np.ndarray | None = None
+    new_paths: list[LinearPath] = field(default_factory=list)
+
+    @classmethod
+    def keep(cls, n: int, keep: np.ndarray, **kw) -> "HiddenEdit":
+        """Keep neurons ``keep`` (indices, in order), drop the others."""
+        sel = np.zeros((len(keep), n))
+        sel[np.arange(len(keep)), keep] = 1.0
+        return cls(row_map=sel, col_map=sel.T.copy(), **kw)
+
+    @property
+    def width(self) -> int:
+        return self.row_map.shape[0]
+
+
+def selection(n: int, keep: np.ndarray) -> np.ndarray:
+    sel = np.zeros((len(keep), n))
+    sel[np.arange(len(keep)), keep] = 1.0
+    return sel
+
+
+def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
+    """Apply ``edit`` to the chain's producer, activation and consumer in place."""
+    prod, cons, act = chain.producer, chain.consumer, chain.activation
+    n = prod.out_features
+    M, C = np.asarray(edit.row_map, dtype=np.float64), np.asarray(edit.col_map, dtype=np.float64)
+    k = M.shape[0]
+    if M.shape != (k, n) or C.shape != (n, k):
+        raise ValueError(f"edit of {chain.name}: row_map {M.shape} / col_map {C.shape} do not fit width {n}")
+    if k < 1:
+        raise ValueError(f"edit of {chain.name} would leave no neuron")
+
+    # producer rows
+    prod.weight = M @ prod.weight
+    bias = M @ prod.bias if prod.bias is not None else None
+    for p in prod.paths:
+        p.factors[-1] = p.factors[-1] @ M.T
+    if edit.row_scale is not None:
+        s = np.asarray(edit.row_scale, dtype=np.float64)
+        prod.weight *= s[:, None]
+        bias = None if bias is None else bias * s
+        for p in prod.paths:
+            p.factors[-1] = p.factors[-1] * s[None, :]
+    if edit.row_shift is not None:
+        bias = (np.zeros(k) if bias is None else bias) + edit.row_shift
+    prod.bias = bias
+    prod.changed = True
+    if act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1:
+        act.slope = M @ np.asarray(act.slope, dtype=np.float64) / np.maximum(M.sum(axis=1), 1e-300) \
+            if not np.allclose(M.sum(axis=1), 1.0) else M @ np.asarray(act.slope, dtype=np.float64)
+
+    # consumer columns
+    if edit.consumer_weight is not None:
+        cw = np.asarray(edit.consumer_weight, dtype=np.float64)
+        if cw.shape != (cons.out_features, k):
+            raise ValueError(f"edit of {chain.name}: consumer_weight {cw.shape} != {(cons.out_features, k)}")
+        cons.weight = cw
+    else:
+        cons.weight = cons.weight @ C
+    for op, idx in chain.path_readers:
+        op.paths[idx].factors[0] = C.T @ op.paths[idx].factors[0]
+        op.changed = True
+    if edit.consumer_bias is not None:
+        cons.bias = np.asarray(edit.consumer_bias, dtype=np.float64).copy()
+    if edit.consumer_bias_delta is not None:
+        cons.bias = cons.bias_or_zero() + edit.consumer_bias_delta
+    for p in edit.new_paths:
+        if p.factors[-1].shape[1] != cons.out_features:
+            raise ValueError(f"edit of {chain.name}: new path does not end in {cons.out_features} outputs")
+        cons.paths.append(p)
+    cons.changed = True

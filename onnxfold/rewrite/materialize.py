@@ -1,0 +1,192 @@
+"""Write the edited numpy view back into an ONNX graph.
+
+Only ops marked ``changed`` are rewritten; their old nodes are removed and a
+canonical form is emitted under the same output tensor name, so everything
+downstream (and the graph's inputs/outputs) is untouched:
+
+    gemm form:    Gemm(x, W, b, transB=1)                      (2-D input)
+    matmul form:  MatMul(x, Wᵀ) [+ Add(b)]                     (any rank)
+    paths:        … + MatMul(x_k, F0)[·MatMul(F1)…] per path
+
+The main product keeps the original node name, so layer names are stable
+across passes. Initializers and Constant nodes nothing reads any more are
+dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..find.chains import DenseGraph
+from ..find.dense import DenseOp
+from ..find.graph_index import node_key
+
+
+class _Names:
+    """Fresh tensor/node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {n.name for n in graph.node}
+        for n in graph.node:
+            self.used.update(n.input)
+            self.used.update(n.output)
+        self.used.update(t.name for t in graph.initializer)
+        self.used.update(i.name for i in graph.input)
+        self.used.update(o.name for o in graph.output)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _emit_op(op: DenseOp, names: _Names, inits: list) -> list[onnx.NodeProto]:
+    dt = op.dtype
+    base = op.name.replace("/", "_")
+
+    def const(suffix: str, arr: np.ndarray) -> str:
+        name = names(f"{base}.onnxfold.{suffix}")
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dt)), name))
+        return name
+
+    nodes = []
+    has_tail = bool(op.paths)
+    main_out = names(f"{base}.onnxfold.main") if has_tail else op.output
+    if op.form == "gemm":
+        ins = [op.input, const("weight", op.weight)]
+        if op.bias is not None:
+            ins.append(const("bias", op.bias))
+        nodes.append(helper.make_node("Gemm", ins, [main_out], name=op.name, transB=1))
+    else:
+        mm_out = names(f"{base}.onnxfold.mm") if (op.bias is not None) else main_out
+        nodes.append(helper.make_node("MatMul", [op.input, const("weight", op.weight.T)], [mm_out], name=op.name))
+        if op.bias is not None:
+            nodes.append(helper.make_node("Add", [mm_out, const("bias", op.bias)], [main_out],
+                                          name=names(f"{op.name}/onnxfold_bias")))
+    acc = main_out
+    for i, p in enumerate(op.paths):
+        t = p.input
+        for j, f in enumerate(p.factors):
+            out = names(f"{base}.onnxfold.path{i}.{j}")
+            nodes.append(helper.make_node("MatMul", [t, const(f"path{i}.f{j}", f)], [out],
+                                          name=names(f"{op.name}/onnxfold_path{i}_mm{j}")))
+            t = out
+        last = i == len(op.paths) - 1
+        out = op.output if last else names(f"{base}.onnxfold.sum{i}")
+        nodes.append(helper.make_node("Add", [acc, t], [out], name=names(f"{op.name}/onnxfold_path{i}_add")))
+        acc = out
+    return nodes
+
+
+def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Stable topological order (keeps the given order where it is valid)."""
+    produced_by = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            produced_by[o] = i
+    done, order, avail = set(), [], set(available)
+    pending = list(range(len(nodes)))
+    while pending:
+        progressed, rest = False, []
+        for i in pending:
+            n = nodes[i]
+            if all((not t) or t in avail or t not in produced_by for t in n.input):
+                order.append(n)
+                avail.update(n.output)
+                done.add(i)
+                progressed = True
+            else:
+                rest.append(i)
+        if not progressed:
+            raise RuntimeError("graph has a cycle after rewrite")
+        pending = rest
+    return order
+
+
+def materialize(model: onnx.ModelProto, view: DenseGraph) -> onnx.ModelProto:
+    """A new ModelProto with every changed op of ``view`` written back.
+
+    The input ``model`` is not modified (the graph is rebuilt; untouched
+    initializers are shared by reference into a fresh proto).
+    """
+    changed = [op for op in view.ops.values() if op.changed]
+    changed_chains = [c for c in view.chains if c.producer.changed]
+    changed_acts = [c.activation for c in changed_chains]
+    out = onnx.ModelProto()
+    # Rebuild rather than CopyFrom: a full copy of a large model doubles memory.
+    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, fld, getattr(model, fld))
+    out.opset_import.extend(model.opset_import)
+    out.metadata_props.extend(model.metadata_props)
+    out.functions.extend(model.functions)
+    g, src = out.graph, model.graph
+    g.name = src.name
+    g.doc_string = src.doc_string
+    g.output.extend(src.output)
+    g.sparse_initializer.extend(src.sparse_initializer)
+
+    names = _Names(src)
+    removed = {n for op in changed for n in op.nodes}
+    new_inits: list = []
+    emitted: dict[str, list] = {op.name: _emit_op(op, names, new_inits) for op in changed}
+    # PRelu slopes of edited layers
+    slope_nodes: dict[str, str] = {}
+    for c in changed_chains:
+        act = c.activation
+        if act.kind == "prelu" and act.nodes:
+            s = np.asarray(act.slope, dtype=c.producer.dtype)
+            name = names(f"{act.nodes[0]}.onnxfold.slope")
+            new_inits.append(numpy_helper.from_array(s.reshape(-1) if s.size > 1 else s.reshape(1), name))
+            slope_nodes[act.nodes[0]] = name
+
+    nodes = []
+    for i, n in enumerate(src.node):
+        key = node_key(n, i)  # the name find knew this node by
+        if key in emitted:
+            nodes.extend(emitted.pop(key))
+        if key in removed:
+            continue
+        if key in slope_nodes or not n.name:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.name = key  # keep find's names stable across passes
+            if key in slope_nodes:
+                m.input[1] = slope_nodes[key]
+            n = m
+        nodes.append(n)
+    for rest in emitted.values():  # main node was unnamed/absent: append
+        nodes.extend(rest)
+
+    # drop constants that nothing reads any more
+    read = {t for n in nodes for t in n.input} | {o.name for o in src.output}
+    for n in list(nodes):
+        if n.op_type == "Constant" and not any(o in read for o in n.output):
+            nodes.remove(n)
+    avail = {i.name for i in src.input} | {t.name for t in src.initializer} | {t.name for t in new_inits}
+    g.node.extend(_toposort(nodes, avail))
+    g.initializer.extend(t for t in src.initializer if t.name in read)
+    g.initializer.extend(t for t in new_inits if t.name in read)
+    # initializers also listed as graph inputs (old exporters) leave the inputs with them
+    dropped = {t.name for t in src.initializer if t.name not in read}
+    g.input.extend(i for i in src.input if i.name not in dropped)
+
+    # shape hints of tensors whose width may have changed are no longer true
+    stale = set()
+    for op in changed:
+        stale.add(op.output)
+    for act in changed_acts:
+        stale.add(act.input)
+        stale.add(act.output)
+    removed_outputs = set()
+    act_nodes = {x for a in changed_acts for x in a.nodes}
+    for i, n in enumerate(src.node):
+        if node_key(n, i) in removed or node_key(n, i) in act_nodes:
+            removed_outputs.update(n.output)
+    stale |= removed_outputs
+    g.value_info.extend(v for v in src.value_info if v.name not in stale)
+    return out

@@ -1,0 +1,323 @@
+"""onnxruntime sessions: provider choice, session creation, input specs.
+
+``resolve_provider`` decides between CUDA and CPU once per process by
+really running a tiny model on CUDA (an installed ``onnxruntime-gpu`` lists
+the CUDA provider even on machines where it cannot load). The probe is
+silent: onnxruntime's C++ logger writes straight to file descriptor 2, so
+fd 2 is pointed at a temporary file during the probe and what was written
+there becomes the one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+
+from onnxfold.errors import ModelLoadError, UnsupportedModelError, UsageError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+# ModelProtos above this go to onnxruntime through a file, not as bytes
+SESSION_BYTES_LIMIT = 512 * 2**20
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+")
+_LOG_PREFIX = re.compile(r"^\S+ \S+ \[[EWIVF]:onnxruntime:[^\]]*\]\s*(?:\S+\.(?:cc|cpp|h):\d+ \S+\]\s*)?")
+
+
+def _strip_signature(text: str) -> str:
+    """Drop a leading C++ function signature (``ns::f(args) const``)."""
+    paren = text.find("(")
+    if paren <= 0 or "::" not in text[:paren]:
+        return text
+    depth = 0
+    for i in range(paren, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                rest = text[i + 1 :].lstrip()
+                if rest.startswith("const "):
+                    rest = rest[len("const ") :]
+                return rest or text
+    return text
+
+
+def ort_message(exc: BaseException | str, limit: int = 300) -> str:
+    """The useful part of onnxruntime's error: its first line, without the
+    ``[ONNXRuntimeError] : 1 : FAIL :`` code, source location and C++
+    signature noise."""
+    text = _ANSI.sub("", str(exc)).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        return type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
+    line = _ORT_PREFIX.sub("", line)
+    line = re.sub(r"^Load model from .*? failed:\s*", "", line)  # the caller knows which model
+    # "Load model from X failed:/src/...cc:12 sig(...) message"
+    m = re.search(r"(?:^|:\s*)(/\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+.*)$", line)
+    if m:
+        head = line[: m.start(1)]
+        tail = _strip_signature(_SOURCE_LOCATION.sub("", m.group(1)))
+        line = f"{head.rstrip()} {tail}".strip() if head.strip() else tail
+    elif _SOURCE_LOCATION.match(line):
+        line = _strip_signature(_SOURCE_LOCATION.sub("", line))
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line
+
+
+# --------------------------------------------------------------------------
+# providers
+
+
+@contextlib.contextmanager
+def _capture_fd2():
+    """Point file descriptor 2 at a temp file; yields a list that receives
+    the captured text once the block ends (fd 2 restored)."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile(mode="w+b") as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                try:
+                    sys.stderr.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                captured.append(tmp.read(64 * 1024).decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
+
+
+def _probe_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "cuda_probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model.SerializeToString()
+
+
+def _reason_from_log(log: str) -> str | None:
+    lines = [_ANSI.sub("", ln).strip() for ln in log.splitlines()]
+    lines = [ln for ln in lines if ln]
+    for ln in lines:
+        m = re.search(r"Failed to load library (\S+) with error: (.*)$", ln)
+        if m:
+            return f"cannot load {os.path.basename(m.group(1))}: {m.group(2).strip()}"
+    errors = [ln for ln in lines if "[E:" in ln or "[F:" in ln] or [ln for ln in lines if "[W:" in ln] or lines
+    if not errors:
+        return None
+    msg = _LOG_PREFIX.sub("", errors[0])
+    return ort_message(msg, limit=200)
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_probe() -> tuple[bool, str]:
+    """(usable, reason when not). Runs once per process."""
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ok, reason = False, None
+    ort.set_default_logger_severity(3)
+    try:
+        with _capture_fd2() as log, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                session = ort.InferenceSession(_probe_model(), so, providers=[CUDA])
+                if session.get_providers()[0] == CUDA:
+                    x = np.arange(4, dtype=np.float32)
+                    (y,) = session.run(None, {"x": x})
+                    ok = bool(np.array_equal(y, 2 * x))
+                    if not ok:
+                        reason = "a test run on CUDA gave wrong results"
+                del session
+            except Exception as e:  # noqa: BLE001
+                reason = ort_message(e, limit=200)
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
+    if ok:
+        return True, ""
+    logged = _reason_from_log(log[0] if log else "")
+    if logged and logged.startswith("cannot load "):  # a missing CUDA/cuDNN library says it best
+        return False, logged
+    return False, reason or logged or "onnxruntime fell back to CPU without saying why"
+
+
+def resolve_provider(provider: str = "auto") -> tuple[list[str], str | None]:
+    """Execution providers for sessions, and an optional one-line notice.
+
+    "cpu": CPU only. "cuda": CUDA (CPU as fallback for ops CUDA lacks); a
+    UsageError if CUDA does not really work here. "auto": CUDA when a probe
+    model really runs on it, else CPU plus a notice saying why.
+    """
+    choice = str(provider).strip().lower()
+    if choice not in PROVIDER_CHOICES:
+        raise UsageError(f"unknown provider '{provider}'; use one of: auto, cpu, cuda")
+    if choice == "cpu":
+        return [CPU], None
+    ok, reason = _cuda_probe()
+    if ok:
+        return [CUDA, CPU], None
+    if choice == "cuda":
+        raise UsageError(f"CUDA execution provider requested but not usable here: {reason}; use --provider cpu")
+    return [CPU], f"CUDA not available ({reason}); running on CPU"
+
+
+# --------------------------------------------------------------------------
+# sessions
+
+
+def _session_options(intra_op_threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if intra_op_threads is not None:
+        if intra_op_threads < 0:
+            raise UsageError(f"thread count must be >= 0, got {intra_op_threads}")
+        so.intra_op_num_threads = int(intra_op_threads)
+    return so
+
+
+def create_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    providers: list[str],
+    *,
+    intra_op_threads: int | None = None,
+    scratch_dir: str | os.PathLike | None = None,
+):
+    """An onnxruntime InferenceSession for ``model`` (a ModelProto or a path).
+
+    A ModelProto up to ``SESSION_BYTES_LIMIT`` (512 MiB) is passed as bytes
+    (serializing holds it twice more for a moment); a bigger one is written
+    with its weights in an aligned external-data file to a temporary directory
+    in ``scratch_dir`` (default: the system temp dir - pick a disk, not a
+    tmpfs, for huge models), which onnxruntime memory-maps; the files are
+    deleted as soon as the session exists. Raises ModelLoadError with
+    onnxruntime's message when the session cannot be built.
+    """
+    import onnxruntime as ort
+
+    from onnxfold import io as fio
+
+    so = _session_options(intra_op_threads)
+    providers = list(providers)
+
+    def build(source):
+        try:
+            return ort.InferenceSession(source, so, providers=providers)
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"onnxruntime cannot create a session for the model: {ort_message(e)}") from None
+
+    if not isinstance(model, onnx.ModelProto):
+        p = Path(model)
+        if not p.is_file():
+            raise ModelLoadError(f"model file not found: {p}")
+        return build(str(p))
+    if fio.model_has_external_data(model):
+        raise ModelLoadError(
+            "the model still references external data that was never loaded; "
+            "load it with onnxfold.io.load_model or pass the model's path"
+        )
+    if fio._estimate_serialized_size(model) <= min(SESSION_BYTES_LIMIT, fio.EXTERNAL_THRESHOLD):
+        data = model.SerializeToString()
+        try:
+            return build(data)
+        finally:
+            del data
+    tmp = Path(tempfile.mkdtemp(prefix="onnxfold-session-", dir=scratch_dir))
+    try:
+        path = tmp / "model.onnx"
+        try:
+            fio.write_external(model, path, "model.onnx.data", durable=False)
+        except OSError as e:
+            raise ModelLoadError(
+                f"cannot write the model to {tmp} for onnxruntime: {e.strerror or e}; "
+                "free space or choose another scratch directory"
+            ) from None
+        return build(str(path))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class InputSpec(NamedTuple):
+    name: str
+    shape: list | None  # ints, str (symbolic) or None (unknown) per dim; None = unknown rank
+    dtype: np.dtype
+
+
+def _ort_type_to_dtype(type_str: str, name: str) -> np.dtype:
+    m = re.fullmatch(r"tensor\((\w+)\)", type_str)
+    if not m:
+        raise UnsupportedModelError(
+            f"graph input '{name}' has type {type_str}; onnxfold supports tensor inputs only"
+        )
+    enum = getattr(onnx.TensorProto, m.group(1).upper(), None)
+    if enum is None:
+        raise UnsupportedModelError(f"graph input '{name}' has unknown element type {m.group(1)}")
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(enum))
+
+
+def input_specs(session_or_model) -> list[InputSpec]:
+    """``(name, shape, dtype)`` of every real graph input (initializers
+    excluded), from an InferenceSession or a ModelProto. Dynamic dims are the
+    symbolic name (str) or None. Non-tensor inputs raise UnsupportedModelError."""
+    if isinstance(session_or_model, onnx.ModelProto):
+        g = session_or_model.graph
+        inits = {t.name for t in g.initializer}
+        specs = []
+        for vi in g.input:
+            if vi.name in inits:
+                continue
+            if not vi.type.HasField("tensor_type"):
+                kind = vi.type.WhichOneof("value") or "unknown"
+                raise UnsupportedModelError(
+                    f"graph input '{vi.name}' has type {kind}; onnxfold supports tensor inputs only"
+                )
+            tt = vi.type.tensor_type
+            shape = None
+            if tt.HasField("shape"):
+                shape = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param if d.dim_param else None)
+                    for d in tt.shape.dim
+                ]
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            except Exception:  # noqa: BLE001 - elem_type 0 (undefined) or unknown
+                raise UnsupportedModelError(
+                    f"graph input '{vi.name}' has no usable element type ({tt.elem_type})"
+                ) from None
+            specs.append(InputSpec(vi.name, shape, dtype))
+        return specs
+    if hasattr(session_or_model, "get_inputs"):
+        return [
+            InputSpec(i.name, [d if isinstance(d, (int, str)) else None for d in i.shape],
+                      _ort_type_to_dtype(i.type, i.name))
+            for i in session_or_model.get_inputs()
+        ]  # fmt: skip
+    raise TypeError(f"input_specs needs an InferenceSession or a ModelProto, not {type(session_or_model).__name__}")

@@ -1,0 +1,205 @@
+"""Verify: compare a rewritten model with the original on held-out samples.
+
+One comparison engine serves every command (optimize's final check, the
+budget search's candidate judging, the benchmarks): both models run on the
+same batches side by side and per-output error statistics are accumulated in
+a streaming fashion, so evaluation sets of any size fit in memory.
+
+Output kinds:
+- classifier-like: float output whose last axis has ≥ 2 entries → top-1
+  agreement (and accuracy against labels when the data has labels);
+- label output: integer output (e.g. skl2onnx's label) → exact agreement;
+- anything else: max / mean absolute error only (regressors, embeddings).
+Non-tensor outputs (e.g. ZipMap's sequence of maps) are skipped with a note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    kind: str  # "classifier" | "label" | "values"
+    count: int = 0  # compared samples
+    max_abs_error: float = 0.0
+    mean_abs_error: float = 0.0
+    max_abs_reference: float = 0.0  # scale for relative errors
+    agreement: float | None = None  # top-1 / label agreement in [0, 1]
+    accuracy_original: float | None = None
+    accuracy_candidate: float | None = None
+    positive_count: int | None = None  # samples the original calls positive
+    positive_agreement: float | None = None  # agreement of decisions on those
+    decision_agreement: float | None = None  # agreement of binary decisions overall
+
+    @property
+    def relative_max_error(self) -> float:
+        return self.max_abs_error / max(self.max_abs_reference, 1e-12)
+
+    @property
+    def accuracy_drop_pp(self) -> float | None:
+        if self.accuracy_original is None or self.accuracy_candidate is None:
+            return None
+        return 100.0 * (self.accuracy_original - self.accuracy_candidate)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["relative_max_error"] = self.relative_max_error
+        d["accuracy_drop_pp"] = self.accuracy_drop_pp
+        return d
+
+
+@dataclass
+class Comparison:
+    samples: int
+    outputs: dict[str, OutputComparison] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def primary(self) -> OutputComparison | None:
+        """The output that carries the model's decision: a label output if
+        there is one, else the first classifier output, else the first output."""
+        for kind in ("label", "classifier", "values"):
+            for o in self.outputs.values():
+                if o.kind == kind:
+                    return o
+        return None
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+                "notes": list(self.notes)}
+
+
+class _Acc:
+    """Streaming accumulator for one output."""
+
+    def __init__(self, name: str, positive_threshold: float | None):
+        self.name, self.thr = name, positive_threshold
+        self.kind = None
+        self.n = 0
+        self.max_err = 0.0
+        self.sum_err = 0.0
+        self.n_elems = 0
+        self.max_ref = 0.0
+        self.agree = 0
+        self.correct_ref = 0
+        self.correct_cand = 0
+        self.n_labeled = 0
+        self.dec_agree = 0
+        self.pos = 0
+        self.pos_agree = 0
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
+        ref, cand = np.asarray(ref), np.asarray(cand)
+        if ref.shape != cand.shape:
+            raise ValueError(f"output '{self.name}' changed shape: {ref.shape} -> {cand.shape}")
+        if self.kind is None:
+            if np.issubdtype(ref.dtype, np.integer) or ref.dtype == bool:
+                self.kind = "label"
+            elif ref.ndim >= 2 and ref.shape[-1] >= 2:
+                self.kind = "classifier"
+            else:
+                self.kind = "values"
+        b = ref.shape[0] if ref.ndim else 1
+        self.n += b
+        r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
+        err = np.abs(r64 - c64)
+        if err.size:
+            self.max_err = max(self.max_err, float(np.nanmax(err)) if not np.isnan(err).all() else np.inf)
+            if np.isnan(err).any():
+                self.max_err = np.inf
+            self.sum_err += float(np.nansum(err))
+            self.n_elems += err.size
+            self.max_ref = max(self.max_ref, float(np.abs(r64).max()))
+        if self.kind == "label":
+            pr, pc = ref.reshape(b, -1), cand.reshape(b, -1)
+            self.agree += int(np.all(pr == pc, axis=1).sum())
+            pred_r, pred_c = pr[:, 0], pc[:, 0]
+        elif self.kind == "classifier":
+            pred_r, pred_c = ref.argmax(-1), cand.argmax(-1)
+            self.agree += int((pred_r == pred_c).reshape(b, -1).all(axis=1).sum())
+        else:
+            pred_r = pred_c = None
+        if labels is not None and pred_r is not None:
+            lab = np.asarray(labels)
+            if lab.shape == pred_r.shape:
+                self.correct_ref += int((pred_r == lab).sum())
+                self.correct_cand += int((pred_c == lab).sum())
+                self.n_labeled += lab.size
+        if self.thr is not None and self.kind in ("classifier", "values"):
+            dr, dc = _decisions(r64, self.thr), _decisions(c64, self.thr)
+            self.dec_agree += int((dr == dc).sum())
+            self.pos += int(dr.sum())
+            self.pos_agree += int((dc[dr]).sum())
+
+    def result(self) -> OutputComparison:
+        o = OutputComparison(self.name, self.kind or "values", self.n, self.max_err,
+                             self.sum_err / max(self.n_elems, 1), self.max_ref)
+        if self.kind in ("label", "classifier"):
+            o.agreement = self.agree / max(self.n, 1)
+        if self.n_labeled:
+            o.accuracy_original = self.correct_ref / self.n_labeled
+            o.accuracy_candidate = self.correct_cand / self.n_labeled
+        if self.thr is not None and self.kind in ("classifier", "values"):
+            o.decision_agreement = self.dec_agree / max(self.n, 1)
+            o.positive_count = self.pos
+            o.positive_agreement = self.pos_agree / self.pos if self.pos else None
+        return o
+
+
+def _decisions(out: np.ndarray, thr: float) -> np.ndarray:
+    """Binary detector decisions per sample: score > thr for a single score;
+    for a softmax over several classes, any non-first class above thr."""
+    b = out.shape[0]
+    flat = out.reshape(b, -1) if out.ndim > 1 else out.reshape(b, 1)
+    if flat.shape[1] == 1:
+        return flat[:, 0] > thr
+    return (flat[:, 1:] > thr).any(axis=1)
+
+
+def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, *, providers=None,
+                   batch_size: int = 256, positive_threshold: float | None = None,
+                   original_outputs: dict[str, np.ndarray] | None = None) -> Comparison:
+    """Run both models on ``data`` (a CalibrationSet) and compare every output.
+
+    ``original_outputs`` may hold the original model's outputs on ``data``
+    already (the budget search judges many candidates against one reference).
+    """
+    from .runtime import create_session
+
+    providers = providers or ["CPUExecutionProvider"]
+    cand_sess = create_session(candidate, providers)
+    ref_sess = None if original_outputs is not None else create_session(original, providers)
+    tensor_outs = [o.name for o in cand_sess.get_outputs() if o.type.startswith("tensor")]
+    notes = [f"output '{o.name}' is not a tensor ({o.type}); not compared"
+             for o in cand_sess.get_outputs() if not o.type.startswith("tensor")]
+    accs = {n: _Acc(n, positive_threshold) for n in tensor_outs}
+    start = 0
+    for feed, labels in data.labeled_batches(batch_size):
+        b = next(iter(feed.values())).shape[0]
+        got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed)))
+        if ref_sess is not None:
+            ref = dict(zip(tensor_outs, ref_sess.run(tensor_outs, feed)))
+        else:
+            ref = {n: original_outputs[n][start:start + b] for n in tensor_outs}
+        for n in tensor_outs:
+            accs[n].update(ref[n], got[n], labels)
+        start += b
+    return Comparison(samples=start, outputs={n: a.result() for n, a in accs.items()}, notes=notes)
+
+
+def reference_outputs(model: onnx.ModelProto, data, *, providers=None, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The model's tensor outputs on ``data``, concatenated (for repeated comparisons)."""
+    from .runtime import create_session
+
+    sess = create_session(model, providers or ["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs() if o.type.startswith("tensor")]
+    parts: dict[str, list] = {n: [] for n in names}
+    for feed in data.batches(batch_size):
+        for n, v in zip(names, sess.run(names, feed)):
+            parts[n].append(v)
+    return {n: np.concatenate(v, axis=0) for n, v in parts.items()}

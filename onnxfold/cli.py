@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .decide.budget import Budget, parse_max_error
 from .errors import OnnxFoldError, UsageError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -100,9 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
                    help="auto: ls with calibration data, ar without")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
-    g = opt.add_argument_group("checks")
+    g = opt.add_argument_group("budget and checks",
+                               "With calibration data and no explicit --fold-ratio/--linear-threshold, onnxfold "
+                               "searches for the smallest model meeting the budget (default: top-1 agreement >= "
+                               "99.5%%, or max error <= 1e-3 relative for non-classifier outputs).")
+    g.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",
+                   help="allowed accuracy loss in percentage points (needs labels in the data)")
+    g.add_argument("--min-agreement", type=float, default=None, metavar="PCT",
+                   help="minimum top-1 agreement with the original model, in percent")
+    g.add_argument("--max-error", type=parse_max_error, default=None, metavar="X",
+                   help="maximum absolute output deviation, for all outputs (0.01) or per output (scores=0.01,boxes=0.5)")
+    g.add_argument("--error-metric", choices=("max", "mean"), default="max",
+                   help="--max-error bounds the max (default) or the mean absolute deviation")
+    g.add_argument("--target-ratio", type=float, default=None, metavar="R",
+                   help="reach this parameter ratio (after/before) with the least error")
     g.add_argument("--positive-threshold", type=float, default=None, metavar="P",
-                   help="detector outputs: compare binary decisions score > P, also on the original's positives")
+                   help="detector outputs: compare binary decisions (score > P; softmax: any non-first class > P); "
+                   "--min-agreement must then hold overall and on the original's positives")
+    g.add_argument("--max-evaluations", type=int, default=30, metavar="N",
+                   help="at most N candidate models in the budget search (default 30)")
+    g.add_argument("--check", action="store_true",
+                   help="exit 1 when the budget is not met (CI use); the output is then the unchanged model")
+    g.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
 
     ins = sub.add_parser("inspect", help="list dense chains and, with data, per-layer neuron statistics")
     ins.add_argument("model", help="input .onnx model")
@@ -192,12 +212,18 @@ def _cmd_optimize(args, console) -> int:
             console.print(f"using calibration data {calib}")
         if evald and not args.eval:
             console.print(f"using evaluation data {evald}")
+    budget = None
+    if any(x is not None for x in (args.max_accuracy_drop, args.min_agreement, args.max_error, args.target_ratio)):
+        budget = Budget(max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement,
+                        max_error=args.max_error, error_metric=args.error_metric, target_ratio=args.target_ratio,
+                        positive_threshold=args.positive_threshold)
     with _ProgressSink(console, enabled=not args.quiet) as progress:
-        result = optimize(model, calib, eval_data=evald, linear=not args.no_linear,
+        result = optimize(model, calib, eval_data=evald, budget=budget, linear=not args.no_linear,
                           linear_threshold=args.linear_threshold, linear_mode=args.linear_mode,
                           linear_path=args.linear_path, fold_ratio=args.fold_ratio, fold_select=args.fold_select,
                           fold_repair=args.fold_repair, provider=args.provider, batch_size=args.batch_size,
-                          seed=args.seed, positive_threshold=args.positive_threshold, progress=progress)
+                          seed=args.seed, positive_threshold=args.positive_threshold,
+                          max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress)
     external = True if (args.external_data or model_has_external_data(model)) else None
     saved = result.save(out, external_data=external)
     result.report["output"] = str(saved)
@@ -208,6 +234,13 @@ def _cmd_optimize(args, console) -> int:
 
         render_report(result.report, console)
         console.print(f"wrote {saved}" + (f" and {args.report}" if args.report else ""))
+    status = result.report["status"]
+    if status.startswith("budget_not_met"):
+        failures = "; ".join((result.report.get("budget") or {}).get("failures") or []) or "see the report"
+        Console = type(console)
+        Console(stderr=True).print(f"budget not met: {failures}", markup=False, highlight=False, soft_wrap=True)
+        if args.check:
+            return EXIT_CHECK_FAILED
     return EXIT_OK
 
 

@@ -46,7 +46,7 @@ def ratio(after: float, before: float) -> float | None:
 def build_report(*, input_path: str | None, output_path: str | None, status: str, provider: str,
                  settings: dict, before: ModelSummary, after: ModelSummary, layers: list, skipped: list,
                  verification: dict | None, timings: dict, notes: list[str], budget: dict | None = None,
-                 latency: dict | None = None) -> dict[str, Any]:
+                 latency: dict | None = None, search: dict | None = None) -> dict[str, Any]:
     from . import __version__
 
     return {
@@ -69,6 +69,7 @@ def build_report(*, input_path: str | None, output_path: str | None, status: str
         "verification": verification,
         "budget": budget,
         "latency": latency,
+        "search": search,
         "timings_s": timings,
         "notes": list(notes),
     }

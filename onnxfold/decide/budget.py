@@ -85,6 +85,10 @@ class Budget:
                 elif o.agreement is not None:
                     use(100 * (1 - o.agreement), allowed,
                         f"{name}: top-1 agreement {100 * o.agreement:.2f}% < {self.min_agreement}%")
+                    predicted = (comp.predicted_disagreement or {}).get(name)
+                    if predicted is not None:
+                        use(100 * predicted, allowed, f"{name}: predicted top-1 agreement "
+                            f"{100 * (1 - predicted):.2f}% < {self.min_agreement}%")
             if self.max_accuracy_drop is not None and o.accuracy_drop_pp is not None and o is comp.primary:
                 use(max(o.accuracy_drop_pp, 0.0), self.max_accuracy_drop,
                     f"{name}: accuracy drop {o.accuracy_drop_pp:.2f} pp > {self.max_accuracy_drop} pp")

@@ -16,15 +16,24 @@ refit the consumer (:func:`refit_consumer`). Method and notation:
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..measure.stats import DEFAULT_RIDGE_LAMS, GramAccumulator, ridge_path
 
-#: k-means restarts; fixed so that a seed fully determines the clustering.
-KMEANS_N_INIT = 3
+#: k-means restarts (scikit-learn's own default for k-means++ init); fixed
+#: so that a seed fully determines the clustering.
+KMEANS_N_INIT = 1
+
+#: Clusterings kept by :func:`kmeans_labels`, newest last. Trying several
+#: repairs (or budgets) on one model clusters the same layers again with the
+#: same k; k-means is the slowest step of data-free folding.
+_KMEANS_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_KMEANS_CACHE_SIZE = 64
 
 #: Relative ridge strengths tried by the consumer refit. The refit shrinks
 #: towards the plain fold (see :func:`refit_consumer`), so strong values are
@@ -58,9 +67,22 @@ def kmeans_labels(features: np.ndarray, k: int, seed: int = 0, n_init: int = KME
     Exact duplicate rows are collapsed first and clustered once, weighted by
     their count: duplicates always land in one cluster (so folding a layer of
     duplicated neurons is exact), and when there are at most k distinct rows no
-    k-means is needed at all. Deterministic for a given ``seed``.
+    k-means is needed at all. Deterministic for a given ``seed``; results are
+    memoised by the features' bytes.
     """
-    features = np.asarray(features, dtype=np.float64)
+    features = np.ascontiguousarray(features, dtype=np.float64)
+    key = (hashlib.sha1(features.data).hexdigest(), features.shape, int(k), int(seed), int(n_init))
+    if key in _KMEANS_CACHE:
+        _KMEANS_CACHE.move_to_end(key)
+        return _KMEANS_CACHE[key].copy()
+    labels = _kmeans_labels(features, k, seed, n_init)
+    _KMEANS_CACHE[key] = labels
+    while len(_KMEANS_CACHE) > _KMEANS_CACHE_SIZE:
+        _KMEANS_CACHE.popitem(last=False)
+    return labels.copy()
+
+
+def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
     n = features.shape[0]
     if not 1 <= k:
         raise ValueError("k must be at least 1")

@@ -190,7 +190,7 @@ class _FoldRun:
                 task: str) -> Iterator[dict[str, np.ndarray]]:
         ctx = self.ctx
         for _feed, _labels, tensors in stream_tensors(
-                model, names, data, batch_size=ctx.batch_size, providers=ctx.providers,
+                _needed_part(model, names), names, data, batch_size=ctx.batch_size, providers=ctx.providers,
                 progress=lambda done, total: ctx.report_progress(task, done, total)):
             yield tensors
 
@@ -335,6 +335,33 @@ class _FoldRun:
             return f"ls: ridge {refit.lam:g} (too few samples to hold any out)"
         return (f"ls: ridge {refit.lam:g}, held-out rel. error {refit.heldout_error:.3g}"
                 f" (plain fold {refit.kept_error:.3g})")
+
+
+def _needed_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``names`` (no graph outputs of its
+    own; ``stream_tensors`` exposes ``names``). Layer i of a deep model is
+    measured without running the layers after it - about half the work over
+    a whole pass. Graphs with subgraphs (If, Loop, Scan: they read outer
+    names implicitly) are returned whole."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return model
+    need, keep = set(names), []
+    for node in reversed(g.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    out = onnx.ModelProto()
+    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, fld, getattr(model, fld))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = g.name
+    out.graph.input.extend(i for i in g.input if i.name in need)
+    out.graph.initializer.extend(t for t in g.initializer if t.name in need)
+    out.graph.node.extend(reversed(keep))
+    out.graph.value_info.extend(v for v in g.value_info if v.name in need)
+    return out
 
 
 def _constant_neurons(stats: NeuronStats) -> np.ndarray:

@@ -1,0 +1,315 @@
+"""Budget-driven search: the smallest model that meets the user's budget.
+
+Candidates are *settings* - a linearity threshold and a fold ratio per hidden
+layer, plus one selection method - turned into a model by running the passes
+on the original, and judged on the *select* split against the budget. The
+search never looks at the final evaluation data.
+
+1. Lossless first: linearity folding at T = 1.0 (constant and exactly linear
+   neurons). If even that fails on held-out data, start from the original.
+2. Uniform settings (one T, or one ratio and method, for every layer),
+   ascending until the budget breaks. The best of these is the baseline the
+   per-layer search must beat, and its starting point.
+3. Per-layer greedy: from the best uniform setting, try one step further for
+   each layer (next fold ratio, next lower threshold); take the step that
+   saves the most parameters per unit of budget spent; repeat until no step
+   meets the budget (or, for a target ratio, until the ratio is reached).
+
+Every evaluated setting is cached, so the result is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import onnx
+
+from .decide.budget import Budget
+from .passes.base import LayerReport, PassContext
+import numpy as np
+
+from .verify import compare_models, predicted_disagreement, reference_outputs, top1_margins
+
+RATIO_STEPS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLD_STEPS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9)
+SELECTS = ("kmeans", "magnitude")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One candidate. ``ratios``/``thresholds`` map layer names to a step
+    index into RATIO_STEPS / THRESHOLD_STEPS (0 = untouched / T = 1)."""
+
+    ratios: tuple[tuple[str, int], ...] = ()
+    thresholds: tuple[tuple[str, int], ...] = ()
+    select: str = "kmeans"
+    lossless: bool = True  # run linearity folding at T = 1.0 first
+
+    def ratio_of(self, layer: str) -> int:
+        return dict(self.ratios).get(layer, 0)
+
+    def threshold_of(self, layer: str) -> int:
+        return dict(self.thresholds).get(layer, 0)
+
+    def with_ratio(self, layer: str, step: int) -> "Setting":
+        d = dict(self.ratios)
+        d[layer] = step
+        return replace(self, ratios=tuple(sorted((k, v) for k, v in d.items() if v)))
+
+    def with_threshold(self, layer: str, step: int) -> "Setting":
+        d = dict(self.thresholds)
+        d[layer] = step
+        return replace(self, thresholds=tuple(sorted((k, v) for k, v in d.items() if v)))
+
+    def describe(self) -> dict:
+        return {
+            "lossless_linearity": self.lossless,
+            "linear_thresholds": {k: THRESHOLD_STEPS[v] for k, v in self.thresholds},
+            "fold_ratios": {k: RATIO_STEPS[v] for k, v in self.ratios},
+            "fold_select": self.select,
+        }
+
+
+@dataclass
+class Candidate:
+    setting: Setting
+    model: onnx.ModelProto
+    parameters: int
+    met: bool
+    spent: float
+    failures: list[str]
+    layers: list[LayerReport]
+    notes: list[str]
+    comparison: dict
+
+
+@dataclass
+class SearchResult:
+    best: Candidate | None  # None: nothing met the budget
+    baseline_uniform: Candidate | None  # best single fixed setting found
+    evaluated: list[dict] = field(default_factory=list)  # (setting, params, spent, met) for the report/plot
+    notes: list[str] = field(default_factory=list)
+
+
+def passes_for(setting: Setting, *, seed: int) -> list:
+    from .passes.folding import FoldingPass
+    from .passes.linearity import LinearityPass
+
+    passes = []
+    if setting.lossless:
+        passes.append(LinearityPass(threshold=1.0))
+    by_t: dict[int, set[str]] = {}
+    for layer, step in setting.thresholds:
+        by_t.setdefault(step, set()).add(layer)
+    for step in sorted(by_t):
+        passes.append(LinearityPass(threshold=THRESHOLD_STEPS[step], layers=by_t[step]))
+    if setting.ratios:
+        passes.append(FoldingPass(ratio={k: RATIO_STEPS[v] for k, v in setting.ratios}, select=setting.select,
+                                  repair="ls", seed=seed))
+    return passes
+
+
+def merge_layer_reports(old: list[LayerReport], new: list[LayerReport]) -> list[LayerReport]:
+    """Combine per-layer reports of consecutive passes into one row per layer."""
+    by = {lr.layer: lr for lr in old}
+    for lr in new:
+        if lr.layer not in by:
+            by[lr.layer] = replace(lr)
+            continue
+        o = by[lr.layer]
+        o.width_after = lr.width_after
+        for k in ("linear", "constant", "merged", "pruned"):
+            setattr(o, k, getattr(o, k) + getattr(lr, k))
+        o.path_form = lr.path_form or o.path_form
+        o.path_rank = lr.path_rank if lr.path_rank is not None else o.path_rank
+        o.params_after = lr.params_after
+        o.note = "; ".join(x for x in (o.note, lr.note) if x)
+    return list(by.values())
+
+
+def run_passes(model: onnx.ModelProto, passes: list, ctx: PassContext):
+    current, changed, layers, notes = model, False, [], []
+    for p in passes:
+        res = p(current, ctx)
+        current, changed = res.model, changed or res.changed
+        layers = merge_layer_reports(layers, res.layers)
+        notes.extend(res.notes)
+    return current, changed, layers, notes
+
+
+class BudgetSearch:
+    def __init__(self, original: onnx.ModelProto, budget: Budget, ctx: PassContext, *, max_evaluations: int = 60,
+                 progress: Callable[[str, int, int], None] | None = None):
+        from .io import count_parameters
+
+        self.original, self.budget, self.ctx = original, budget, ctx
+        self.max_evaluations = max_evaluations
+        self.progress = progress
+        self.cache: dict[Setting, Candidate] = {}
+        self._lossless = None  # (model, layer reports, notes) after linearity folding at T = 1.0
+        self.original_params = count_parameters(original)
+        self._count_parameters = count_parameters
+        self.reference = reference_outputs(original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
+        # the original's top-1 margins on all calibration samples, for the
+        # predicted disagreement of classifier outputs (see verify.predicted_disagreement)
+        fit_ref = reference_outputs(original, ctx.calibration, providers=ctx.providers, batch_size=ctx.batch_size)
+        self.margins = {n: np.concatenate([top1_margins(fit_ref[n]), top1_margins(v)])
+                        for n, v in self.reference.items()
+                        if v.dtype.kind == "f" and v.ndim >= 2 and v.shape[-1] >= 2}
+
+    # ------------------------------------------------------------------
+    def evaluate(self, setting: Setting) -> Candidate:
+        if setting in self.cache:
+            return self.cache[setting]
+        passes = passes_for(setting, seed=self.ctx.seed)
+        if setting.lossless and self._lossless is not None:
+            # every candidate starts with the same lossless step: reuse it
+            start, prefix_layers, prefix_notes = self._lossless
+            model, _, layers, notes = run_passes(start, passes[1:], self.ctx)
+            layers = merge_layer_reports([replace(lr) for lr in prefix_layers], layers)
+            notes = prefix_notes + notes
+        else:
+            model, _, layers, notes = run_passes(self.original, passes, self.ctx)
+            if setting == Setting():
+                self._lossless = (model, [replace(lr) for lr in layers], list(notes))
+        comp = compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
+                              batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
+                              original_outputs=self.reference, keep_outputs=True)
+        comp.predicted_disagreement = {
+            n: predicted_disagreement(m, self.reference[n], comp.outputs_of_candidate[n])
+            for n, m in self.margins.items()}
+        comp.outputs_of_candidate = None
+        met, spent, failures = self.budget.check(comp)
+        params = self._count_parameters(model)
+        if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
+            # a pure target-ratio budget is judged on size at the end; the error
+            # it minimises is measured against the default limits
+            _, spent, _ = Budget.default(self.budget.positive_threshold).check(comp)
+            met, failures = True, []
+        cand = Candidate(setting, model, params, met, spent, failures, layers, notes, comp.to_dict())
+        self.cache[setting] = cand
+        if self.progress:
+            self.progress("budget search", len(self.cache), self.max_evaluations)
+        return cand
+
+    def _ratio_ok(self, c: Candidate) -> bool:
+        return self.budget.target_ratio is None or c.parameters <= self.budget.target_ratio * self.original_params
+
+    def _better(self, a: Candidate | None, b: Candidate) -> bool:
+        """Is b a better final answer than a?"""
+        if a is None:
+            return True
+        if self.budget.target_ratio is not None:
+            ra, rb = self._ratio_ok(a), self._ratio_ok(b)
+            if ra != rb:
+                return rb
+            if ra and rb:  # both reach the target: least error wins
+                return (b.spent, b.parameters) < (a.spent, a.parameters)
+        return (b.parameters, b.spent) < (a.parameters, a.spent)
+
+    def _extend(self, before: Candidate, step: Candidate) -> Candidate:
+        """``step`` moved one layer one notch and met the budget: push that
+        same layer further by bisection while the budget still holds."""
+        changed = [(k, v) for k, v in step.setting.ratios if before.setting.ratio_of(k) != v]
+        kind = "ratio"
+        if not changed:
+            changed = [(k, v) for k, v in step.setting.thresholds if before.setting.threshold_of(k) != v]
+            kind = "threshold"
+        if not changed:
+            return step
+        layer, lo = changed[0]
+        top = len(RATIO_STEPS) if kind == "ratio" else len(THRESHOLD_STEPS)
+        hi, good = top, step
+        while hi - lo > 1 and self._budget_left():
+            mid = (lo + hi) // 2
+            s = good.setting.with_ratio(layer, mid) if kind == "ratio" else good.setting.with_threshold(layer, mid)
+            c = self.evaluate(s)
+            if c.met and c.parameters < good.parameters:
+                lo, good = mid, c
+            else:
+                hi = mid
+        return good
+
+    def _budget_left(self) -> bool:
+        return len(self.cache) < self.max_evaluations
+
+    # ------------------------------------------------------------------
+    def run(self, layer_names: list[str]) -> SearchResult:
+        notes: list[str] = []
+        base = self.evaluate(Setting())
+        best = base if base.met else None
+        if not base.met:
+            # the untouched original is no answer (it is what a failed search
+            # returns anyway); only search the lossy settings without the lossless step
+            notes.append("lossless linearity folding did not meet the budget on held-out data; "
+                         "searching without it")
+
+        # uniform settings: one value for every layer; the largest step that
+        # meets the budget is found by bisection (quality falls with the step)
+        uniform_best = best
+        lossless = base.met
+        layers = sorted(layer_names)
+
+        def uniform(kind: str, step: int, select: str = "kmeans") -> Setting:
+            if kind == "ratio":
+                return Setting(ratios=tuple((n, step) for n in layers), select=select, lossless=lossless)
+            return Setting(thresholds=tuple((n, step) for n in layers), lossless=lossless)
+
+        threshold_pays = False
+        best_threshold_step = 0
+        for kind, select, steps in (("ratio", "kmeans", RATIO_STEPS), ("ratio", "magnitude", RATIO_STEPS),
+                                    ("threshold", "kmeans", THRESHOLD_STEPS)):
+            lo, hi = 0, len(steps)  # lo: largest step known to meet (0 = untouched), hi: smallest known to fail
+            while hi - lo > 1 and self._budget_left():
+                mid = (lo + hi) // 2
+                c = self.evaluate(uniform(kind, mid, select))
+                if c.met:
+                    lo = mid
+                    if kind == "threshold" and c.parameters < base.parameters:
+                        threshold_pays, best_threshold_step = True, mid
+                    if self._better(uniform_best, c):
+                        uniform_best = c
+                else:
+                    hi = mid
+        best = uniform_best
+
+        # per-layer greedy from the best uniform point
+        current = best
+        while current is not None and self._budget_left():
+            if self.budget.target_ratio is not None and self._ratio_ok(current) and not self.budget.has_quality_limit:
+                break
+            moves = []
+            for layer in sorted(layer_names):
+                r = current.setting.ratio_of(layer)
+                if r + 1 < len(RATIO_STEPS):
+                    moves.append(current.setting.with_ratio(layer, r + 1))
+                # thresholds: one move per layer, straight to the lowest uniform
+                # threshold that met the budget (small steps rarely change anything)
+                if threshold_pays and current.setting.threshold_of(layer) < best_threshold_step:
+                    moves.append(current.setting.with_threshold(layer, best_threshold_step))
+            scored = []
+            for s in moves:
+                if not self._budget_left():
+                    break
+                c = self.evaluate(s)
+                saved = current.parameters - c.parameters
+                if not c.met or saved <= 0:
+                    continue
+                cost = max(c.spent - current.spent, 1e-3)
+                scored.append((saved / cost, -c.parameters, c))
+            if not scored:
+                break
+            scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+            current = self._extend(current, scored[0][2])
+            if self._better(best, current):
+                best = current
+
+        if best is not None and self.budget.target_ratio is not None and not self._ratio_ok(best):
+            notes.append(f"target ratio {self.budget.target_ratio} not reached within the budget "
+                         f"(best {best.parameters / self.original_params:.3f})")
+            best = None
+        evaluated = [dict(setting=c.setting.describe(), parameters=c.parameters,
+                          parameter_ratio=c.parameters / self.original_params, spent=c.spent, met=c.met)
+                     for c in self.cache.values()]
+        return SearchResult(best=best, baseline_uniform=uniform_best, evaluated=evaluated, notes=notes)

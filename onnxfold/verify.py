@@ -72,8 +72,11 @@ class Comparison:
         return None
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
-                "notes": list(self.notes)}
+        d = {"samples": self.samples, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+             "notes": list(self.notes)}
+        if self.predicted_disagreement is not None:
+            d["predicted_disagreement"] = dict(self.predicted_disagreement)
+        return d
 
 
 class _Acc:

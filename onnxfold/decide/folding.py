@@ -167,7 +167,7 @@ def fold_ar_scale(w_in: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def merged_moments(row_map: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of ``row_map @ z`` given z's mean and covariance."""
     m = np.asarray(row_map, dtype=np.float64)
-    var = np.einsum("ij,jk,ik->i", m, cov, m)
+    var = np.einsum("ij,ij->i", m @ cov, m)  # diag(M Σ Mᵀ) without forming k×k
     return m @ mean, np.sqrt(np.clip(var, 0.0, None))
 
 

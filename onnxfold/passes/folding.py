@@ -25,6 +25,7 @@ from functools import reduce
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from ..decide import folding as decide
 from ..errors import UsageError
@@ -173,7 +174,6 @@ class _FoldRun:
         self.edited = False
         self.notes: list[str] = []
         self._current: onnx.ModelProto | None = model
-        self._ls_sets: tuple[CalibrationSet, CalibrationSet | None, bool] | None = None
 
     # -- model state ---------------------------------------------------------
     def current_model(self) -> onnx.ModelProto:
@@ -186,13 +186,28 @@ class _FoldRun:
         self.edited = True
         self._current = None
 
-    def _stream(self, model: onnx.ModelProto, names: list[str], data: CalibrationSet,
+    def _stream(self, model: onnx.ModelProto, tensors: Mapping[str, np.dtype], data: CalibrationSet,
                 task: str) -> Iterator[dict[str, np.ndarray]]:
+        """``tensors`` (name → dtype) of ``model`` batch by batch; only the part
+        of the model that computes them is run."""
         ctx = self.ctx
-        for _feed, _labels, tensors in stream_tensors(
-                _needed_part(model, names), names, data, batch_size=ctx.batch_size, providers=ctx.providers,
-                progress=lambda done, total: ctx.report_progress(task, done, total)):
-            yield tensors
+        for _feed, _labels, values in stream_tensors(
+                _needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
+                providers=ctx.providers, progress=lambda done, total: ctx.report_progress(task, done, total)):
+            yield values
+
+    def _stream_both(self, data: CalibrationSet, current: Mapping[str, np.dtype], original: Mapping[str, np.dtype],
+                     task: str) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(current model's tensors, original model's tensors) per batch, the
+        two models in lockstep over the same batches; a single run while
+        nothing has been edited (then both are the same model)."""
+        if not self.edited or not original:
+            for values in self._stream(self.current_model(), {**current, **original}, data, task):
+                yield values, values
+            return
+        orig = self._stream(self.original, original, data, task)
+        for values in self._stream(self.current_model(), current, data, task):
+            yield values, next(orig)
 
     # -- one chain -----------------------------------------------------------
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
@@ -255,98 +270,99 @@ class _FoldRun:
 
     # -- measuring ---------------------------------------------------------
     def _measure(self, chain: Chain, *, constants: bool, repair: bool) -> dict:
-        """One streamed run over the calibration data (two models in lockstep
-        when REPAIR needs the original's moments and earlier layers changed).
+        """One streamed run over the calibration data.
 
         constant: NeuronStats of the current pre-activation;
         current: GramAccumulator (no targets) of it - mean and covariance, so the
             moments of any merge ``row_map @ z`` follow without another run;
         target: NeuronStats of the original model's pre-activation."""
-        pre, act, n = chain.producer.output, chain.activation, chain.width
-        data = self.ctx.calibration
-        out: dict = {}
-        cur_stats = NeuronStats(act, n)
-        if constants:
-            out["constant"] = cur_stats
+        prod, act, n = chain.producer, chain.activation, chain.width
+        pre = {prod.output: prod.dtype}
+        out: dict = {"constant": NeuronStats(act, n)} if constants else {}
         if repair:
-            out["current"] = GramAccumulator(with_bias=True)
-            out["target"] = cur_stats if not self.edited else NeuronStats(act, n)
-        task = f"folding {chain.name}: measuring"
-        current = self._stream(self.current_model(), [pre], data, task)
-        original = self._stream(self.original, [pre], data, task) if repair and self.edited else None
-        for tensors in current:
-            z = _rows(tensors[pre])
-            cur_stats.update(z)
+            out["current"], out["target"] = GramAccumulator(with_bias=True), NeuronStats(act, n)
+        for cur, orig in self._stream_both(self.ctx.calibration, pre, pre if repair else {},
+                                           f"folding {chain.name}: measuring"):
+            z = _rows(cur[prod.output])
+            if constants:
+                out["constant"].update(z)
             if repair:
                 out["current"].update(z)
-                if original is not None:
-                    out["target"].update(_rows(next(original)[pre]))
+                out["target"].update(_rows(orig[prod.output]))
         return out
 
     # -- least-squares refit -------------------------------------------------
-    def _refit_sets(self) -> tuple[CalibrationSet, CalibrationSet | None, bool]:
-        """(fit, held-out, merge-for-final): the context's held-out set, else a
-        seeded split of the calibration data whose parts are merged again for
-        the final solve once the ridge strength is chosen."""
-        if self._ls_sets is None:
-            calib, held = self.ctx.calibration, self.ctx.heldout
-            if held is not None:
-                self._ls_sets = (calib, held, False)
-            elif calib.num_samples >= MIN_SAMPLES_TO_SPLIT:
-                fit, held = calib.split([1 - HELDOUT_SHARE, HELDOUT_SHARE], self.seed)
-                self._ls_sets = (fit, held, True)
-            else:
-                self._ls_sets = (calib, None, False)
-        return self._ls_sets
+    def _heldout_samples(self) -> np.ndarray | None:
+        """Which calibration samples the refit holds out to choose its ridge
+        strength (seeded), when the context brings no held-out set."""
+        n = self.ctx.calibration.num_samples
+        if n < MIN_SAMPLES_TO_SPLIT:
+            return None
+        held = np.zeros(n, dtype=bool)
+        held[np.random.default_rng(self.seed).permutation(n)[:max(1, round(n * HELDOUT_SHARE))]] = True
+        return held
 
-    def _refit_gram(self, chain: Chain, model: onnx.ModelProto, data: CalibrationSet,
-                    b_prior: np.ndarray) -> GramAccumulator:
-        """X = folded hidden activations; Y = what the consumer's main product
+    def _refit_grams(self, chain: Chain, data: CalibrationSet, b_prior: np.ndarray,
+                     held_samples: np.ndarray | None = None) -> tuple[GramAccumulator, GramAccumulator]:
+        """Least-squares statistics of the consumer over ``data`` (rows of the
+        ``held_samples`` go to the second accumulator).
+
+        X = folded hidden activations; Y = what the consumer's main product
         must add to the plain fold to reproduce the original pre-activation:
         original − (current consumer output − b_prior). Using the current
         consumer output (not just W x) keeps linear paths the consumer also
         sums (from other tensors) out of the fit without modelling them."""
-        pre, post, act = chain.producer.output, chain.consumer.output, chain.activation
-        gram = GramAccumulator(with_bias=True)
-        task = f"folding {chain.name}: refit"
-        original = self._stream(self.original, [post], data, task)
-        for tensors in self._stream(model, [pre, post], data, task):
-            target = _rows(next(original)[post]).astype(np.float64)
-            x = act.apply(_rows(tensors[pre]))
-            gram.update(x, target - _rows(tensors[post]) + b_prior)
-        return gram
+        prod, cons, act = chain.producer, chain.consumer, chain.activation
+        fit, held = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
+        start = 0
+        for cur, orig in self._stream_both(data, {prod.output: prod.dtype, cons.output: cons.dtype},
+                                           {cons.output: cons.dtype}, f"folding {chain.name}: refit"):
+            z, current, target = cur[prod.output], cur[cons.output], orig[cons.output]
+            # first axis = samples, whatever the rank: route whole samples
+            out = np.zeros(z.shape[0], dtype=bool) if held_samples is None \
+                else held_samples[start:start + z.shape[0]]
+            start += z.shape[0]
+            for acc, rows in ((fit, ~out), (held, out)):
+                if rows.any():
+                    y = target[rows].astype(np.float64) - current[rows] + b_prior
+                    acc.update(act.apply(z[rows]), y)
+        return fit, held
 
     def _refit(self, chain: Chain) -> str:
         cons = chain.consumer
         if any(op is cons for op, _ in chain.path_readers):
             return "ls: the consumer also reads this layer through a linear path; kept the plain fold"
-        fit_set, held_set, merge = self._refit_sets()
-        model = self.current_model()
         w_prior, b_prior = cons.weight.copy(), cons.bias_or_zero().copy()
-        fit = self._refit_gram(chain, model, fit_set, b_prior)
-        held = self._refit_gram(chain, model, held_set, b_prior) if held_set is not None else None
-        final = GramAccumulator(with_bias=True).merge(fit).merge(held) if merge else fit
-        refit = decide.refit_consumer(fit, held, w_prior, b_prior, final=final)
+        if self.ctx.heldout is not None:
+            fit, _ = self._refit_grams(chain, self.ctx.calibration, b_prior)
+            held, _ = self._refit_grams(chain, self.ctx.heldout, b_prior)
+            final = fit
+        else:
+            fit, held = self._refit_grams(chain, self.ctx.calibration, b_prior, self._heldout_samples())
+            # the ridge strength is chosen on the held-out rows; the weights are then fit on all rows
+            final = GramAccumulator(with_bias=True).merge(fit).merge(held)
+        refit = decide.refit_consumer(fit, held if held.count else None, w_prior, b_prior, final=final)
         if refit.lam is None:
             return f"ls: plain fold kept (held-out rel. error {refit.kept_error:.3g})"
         k = chain.width
         self._apply(chain, HiddenEdit.keep(k, np.arange(k), consumer_weight=refit.weight, consumer_bias=refit.bias))
-        if held is None:
+        if not held.count:
             return f"ls: ridge {refit.lam:g} (too few samples to hold any out)"
         return (f"ls: ridge {refit.lam:g}, held-out rel. error {refit.heldout_error:.3g}"
                 f" (plain fold {refit.kept_error:.3g})")
 
 
-def _needed_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``names`` (no graph outputs of its
-    own; ``stream_tensors`` exposes ``names``). Layer i of a deep model is
-    measured without running the layers after it - about half the work over
-    a whole pass. Graphs with subgraphs (If, Loop, Scan: they read outer
-    names implicitly) are returned whole."""
+def _needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` (name → dtype), with
+    exactly those as its typed graph outputs. Layer i of a deep model is then
+    measured without running the layers after it (about half the work over a
+    whole pass), and ``stream_tensors`` needs neither a copy to expose them
+    nor shape inference to type them. Graphs with subgraphs (If, Loop, Scan:
+    they read outer names implicitly) are returned whole."""
     g = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         return model
-    need, keep = set(names), []
+    need, keep = set(outputs), []
     for node in reversed(g.node):
         if any(o in need for o in node.output):
             keep.append(node)
@@ -360,7 +376,9 @@ def _needed_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     out.graph.input.extend(i for i in g.input if i.name in need)
     out.graph.initializer.extend(t for t in g.initializer if t.name in need)
     out.graph.node.extend(reversed(keep))
-    out.graph.value_info.extend(v for v in g.value_info if v.name in need)
+    out.graph.value_info.extend(v for v in g.value_info if v.name in need and v.name not in outputs)
+    out.graph.output.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
+                            for name, dt in outputs.items())
     return out
 
 

@@ -404,3 +404,12 @@ def test_consumer_reading_the_hidden_layer_by_a_path_falls_back_to_plain_fold():
     res = FoldingPass({"layer0": 0.5}, repair="ls")(model, _ctx(x))
     assert "kept the plain fold" in res.layers[0].note
     np.testing.assert_allclose(ort_run(res.model, x)[0], ort_run(model, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_held_out_rows_follow_samples_even_when_the_first_axis_is_not_the_batch():
+    from onnxfold.passes.folding import _held_rows
+
+    held = np.array([True, False, True])
+    assert np.array_equal(_held_rows(held, 3), held)
+    assert _held_rows(np.ones(3, bool), 7).all() and not _held_rows(np.zeros(3, bool), 7).any()
+    assert _held_rows(held, 10).sum() == 2

@@ -103,7 +103,8 @@ def render(results: list[dict], checks: list[str], when: str, where: str) -> str
            " mean/std of every merged pre-activation matched on calibration data), *ls* (ridge least-squares"
            " refit of each consumer, layer by layer, ridge chosen on a held-out fifth of the calibration data)."
            f" Seed {SEED}; calibration split only for fitting. Times: wall-clock seconds of the pass on a"
-           " shared machine, indicative only.", ""]
+           " shared machine, indicative only; k-means results are memoised, so kmeans+none includes the"
+           " clustering and the other kmeans rows at the same r reuse it.", ""]
     for res in results:
         configs = [label(c) for c in CONFIGS]
         out += [f"## {res['model']}", "",

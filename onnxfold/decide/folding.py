@@ -49,7 +49,7 @@ def target_width(n: int, ratio: float) -> int:
 def neuron_features(w_in: np.ndarray, b_in: np.ndarray | None, w_out: np.ndarray) -> np.ndarray:
     """Per-neuron clustering features ``[w_in[j,:], b_in[j], w_out[:,j]ᵀ]`` (n × (in+1+out))."""
     n = w_in.shape[0]
-    b = np.zeros(n) if b_in is None else np.asarray(b_in, dtype=np.float64).reshape(n, 1)[:, 0]
+    b = np.zeros(n) if b_in is None else np.asarray(b_in, dtype=np.float64).reshape(n)
     return np.hstack([np.asarray(w_in, dtype=np.float64), b[:, None], np.asarray(w_out, dtype=np.float64).T])
 
 
@@ -190,13 +190,13 @@ class Refit:
     weight: np.ndarray  # out × k
     bias: np.ndarray  # out
     lam: float | None  # chosen relative ridge strength; None: keeping the fold won
-    heldout_error: float  # relative squared error on the held-out rows (1 = predicting the mean)
+    heldout_error: float  # squared error on the held-out rows / the target's spread there (nan: none held out)
     kept_error: float  # the same for the plain fold, for comparison
 
 
 def refit_consumer(fit: GramAccumulator, heldout: GramAccumulator | None, w_prior: np.ndarray,
-                   b_prior: np.ndarray, *, final: GramAccumulator | None = None, lams=REFIT_RIDGE_LAMS,
-                   default_lam: float = 1e-2) -> Refit:
+                   b_prior: np.ndarray, *, final: GramAccumulator | None = None, target_ss: float | None = None,
+                   lams=REFIT_RIDGE_LAMS, default_lam: float = 1e-2) -> Refit:
     """Ridge least-squares refit of the consumer, shrunk towards the plain fold.
 
     The accumulators hold X = the folded hidden activations and
@@ -212,7 +212,9 @@ def refit_consumer(fit: GramAccumulator, heldout: GramAccumulator | None, w_prio
     keeping the plain fold is better there; the returned weights are solved
     with it on ``final`` (default ``fit``; e.g. fit and held-out rows merged
     when the held-out rows were split off the calibration data). Without
-    ``heldout``, ``default_lam``.
+    ``heldout``, ``default_lam``. Errors are reported relative to
+    ``target_ss``, the held-out target's sum of squares about its mean
+    (default: that of the accumulated Y).
     """
     w_prior = np.asarray(w_prior, dtype=np.float64)
     b_prior = np.asarray(b_prior, dtype=np.float64)
@@ -222,7 +224,7 @@ def refit_consumer(fit: GramAccumulator, heldout: GramAccumulator | None, w_prio
         kept_error = held_error = float("nan")
     else:
         lam, residuals = ridge_path(fit, heldout, lams, return_residuals=True)
-        total = heldout.total_ss()
+        total = heldout.total_ss() if target_ss is None else target_ss
         kept = heldout.residual(zeros, b_prior)
         kept_error = kept / total if total > 0 else 0.0
         held_error = min(residuals) / total if total > 0 else 0.0

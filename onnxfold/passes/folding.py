@@ -29,6 +29,7 @@ from onnx import helper
 
 from ..decide import folding as decide
 from ..errors import UsageError
+from ..find.activations import ActivationSpec
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
@@ -70,7 +71,9 @@ class FoldingPass:
     repair: ``"none"``; ``"ar"`` (Fold-AR, data-free); ``"repair"`` (REPAIR,
         mean/std matching on calibration data); ``"ls"`` (ridge refit of the
         consumer on calibration data); ``"auto"``: ``ls`` with calibration
-        data, ``ar`` without.
+        data, ``ar`` without. With ``select="magnitude"`` nothing is merged,
+        so ``ar`` changes nothing and ``repair`` only re-centres the kept
+        neurons after earlier layers changed.
     seed: k-means seed and the seed of the internal held-out split.
     layers: only fold these chains (names as ``find`` gives them: layer0, ...).
     drop_constant: first remove neurons whose output is constant on the
@@ -119,9 +122,12 @@ class FoldingPass:
     # ------------------------------------------------------------------ run
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         repair = self._repair_mode(ctx)
-        if ctx.calibration is None and (repair in DATA_REPAIRS or self.drop_constant):
-            what = f"fold repair {repair!r}" if repair in DATA_REPAIRS else "dropping constant neurons"
-            raise UsageError(f"{what} needs calibration data; give calibration data or use repair 'ar' or 'none'")
+        if ctx.calibration is None and repair in DATA_REPAIRS:
+            raise UsageError(f"fold repair {repair!r} needs calibration data; give calibration data or use"
+                             " repair 'ar' or 'none'")
+        if ctx.calibration is None and self.drop_constant:
+            raise UsageError("dropping constant neurons needs calibration data; give calibration data or do not"
+                             " ask for drop_constant")
         view = find_dense_graph(model)
         ratios = self._ratios(view)
         if not view.chains:
@@ -140,7 +146,11 @@ class FoldingPass:
         for rep, chain in zip(reports, view.chains):
             rep.params_before, rep.params_after = before[chain.name], _chain_params(chain)
         out = run.current_model() if run.edited else model
-        return PassResult(out, run.edited, reports, run.notes)
+        notes = []
+        if self.repair == "auto":
+            data = "with" if ctx.calibration is not None else "no"
+            notes.append(f"folding: repair {repair!r} chosen automatically ({data} calibration data)")
+        return PassResult(out, run.edited, reports, notes)
 
 
 def _chain_params(chain: Chain) -> int:
@@ -172,7 +182,6 @@ class _FoldRun:
         self.seed = seed
         self.drop_constant = drop_constant
         self.edited = False
-        self.notes: list[str] = []
         self._current: onnx.ModelProto | None = model
 
     # -- model state ---------------------------------------------------------
@@ -187,27 +196,27 @@ class _FoldRun:
         self._current = None
 
     def _stream(self, model: onnx.ModelProto, tensors: Mapping[str, np.dtype], data: CalibrationSet,
-                task: str) -> Iterator[dict[str, np.ndarray]]:
-        """``tensors`` (name → dtype) of ``model`` batch by batch; only the part
-        of the model that computes them is run."""
+                task: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(samples in the batch, ``tensors`` (name → dtype) of ``model``) batch
+        by batch; only the part of the model that computes them is run."""
         ctx = self.ctx
-        for _feed, _labels, values in stream_tensors(
+        for feed, _labels, values in stream_tensors(
                 _needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
                 providers=ctx.providers, progress=lambda done, total: ctx.report_progress(task, done, total)):
-            yield values
+            yield next(iter(feed.values())).shape[0], values
 
     def _stream_both(self, data: CalibrationSet, current: Mapping[str, np.dtype], original: Mapping[str, np.dtype],
-                     task: str) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """(current model's tensors, original model's tensors) per batch, the
-        two models in lockstep over the same batches; a single run while
-        nothing has been edited (then both are the same model)."""
+                     task: str) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(samples in the batch, current model's tensors, original model's
+        tensors) per batch, the two models in lockstep over the same batches;
+        a single run while nothing has been edited (then both are the same)."""
         if not self.edited or not original:
-            for values in self._stream(self.current_model(), {**current, **original}, data, task):
-                yield values, values
+            for count, values in self._stream(self.current_model(), {**current, **original}, data, task):
+                yield count, values, values
             return
         orig = self._stream(self.original, original, data, task)
-        for values in self._stream(self.current_model(), current, data, task):
-            yield values, next(orig)
+        for count, values in self._stream(self.current_model(), current, data, task):
+            yield count, values, next(orig)[1]
 
     # -- one chain -----------------------------------------------------------
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
@@ -221,7 +230,6 @@ class _FoldRun:
             return _report(chain, n, note="nothing to fold")
         row_map, col_map = decide.cluster_maps(plan.labels)
         edit = HiddenEdit(row_map=row_map, col_map=col_map)
-        notes = []
         if plan.constant.size:
             self._move_constants_to_biases(chain, plan.constant, stats["constant"].mean_a, edit)
         if self.repair == "ar" and self.select == "kmeans":
@@ -232,10 +240,8 @@ class _FoldRun:
             edit.row_scale, edit.row_shift = decide.repair_affine(
                 row_map @ target.mean_z, row_map @ target.std_z, merged_mean, merged_std)
         self._apply(chain, edit)
-        if self.repair == "ls":
-            notes.append(self._refit(chain))
-        return _report(chain, n, constant=int(plan.constant.size), merged=plan.merged, pruned=plan.pruned,
-                       note="; ".join(x for x in notes if x))
+        note = self._refit(chain) if self.repair == "ls" else ""
+        return _report(chain, n, constant=int(plan.constant.size), merged=plan.merged, pruned=plan.pruned, note=note)
 
     def _plan(self, chain: Chain, k: int, constant_stats: NeuronStats | None) -> _Plan:
         n = chain.width
@@ -281,8 +287,8 @@ class _FoldRun:
         out: dict = {"constant": NeuronStats(act, n)} if constants else {}
         if repair:
             out["current"], out["target"] = GramAccumulator(with_bias=True), NeuronStats(act, n)
-        for cur, orig in self._stream_both(self.ctx.calibration, pre, pre if repair else {},
-                                           f"folding {chain.name}: measuring"):
+        for _, cur, orig in self._stream_both(self.ctx.calibration, pre, pre if repair else {},
+                                              f"folding {chain.name}: measuring"):
             z = _rows(cur[prod.output])
             if constants:
                 out["constant"].update(z)
@@ -303,9 +309,10 @@ class _FoldRun:
         return held
 
     def _refit_grams(self, chain: Chain, data: CalibrationSet, b_prior: np.ndarray,
-                     held_samples: np.ndarray | None = None) -> tuple[GramAccumulator, GramAccumulator]:
-        """Least-squares statistics of the consumer over ``data`` (rows of the
-        ``held_samples`` go to the second accumulator).
+                     held_samples: np.ndarray | None = None) -> tuple[GramAccumulator, GramAccumulator, float]:
+        """Least-squares statistics of the consumer over ``data``: (fit rows,
+        rows of the ``held_samples``, spread of the original pre-activation on
+        the latter - what reported errors are relative to).
 
         X = folded hidden activations; Y = what the consumer's main product
         must add to the plain fold to reproduce the original pre-activation:
@@ -314,42 +321,66 @@ class _FoldRun:
         sums (from other tensors) out of the fit without modelling them."""
         prod, cons, act = chain.producer, chain.consumer, chain.activation
         fit, held = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
+        held_target = NeuronStats(ActivationSpec("identity"), cons.out_features)
         start = 0
-        for cur, orig in self._stream_both(data, {prod.output: prod.dtype, cons.output: cons.dtype},
-                                           {cons.output: cons.dtype}, f"folding {chain.name}: refit"):
+        for count, cur, orig in self._stream_both(data, {prod.output: prod.dtype, cons.output: cons.dtype},
+                                                  {cons.output: cons.dtype}, f"folding {chain.name}: refit"):
             z, current, target = cur[prod.output], cur[cons.output], orig[cons.output]
-            # first axis = samples, whatever the rank: route whole samples
             out = np.zeros(z.shape[0], dtype=bool) if held_samples is None \
-                else held_samples[start:start + z.shape[0]]
-            start += z.shape[0]
+                else _held_rows(held_samples[start:start + count], z.shape[0])
+            start += count
             for acc, rows in ((fit, ~out), (held, out)):
                 if rows.any():
                     y = target[rows].astype(np.float64) - current[rows] + b_prior
                     acc.update(act.apply(z[rows]), y)
-        return fit, held
+            if out.any():
+                held_target.update(target[out])
+        return fit, held, float(held_target.m2_z.sum())
 
     def _refit(self, chain: Chain) -> str:
+        """Refit the consumer's main weight and bias; returns the report note.
+
+        Other ops that read this layer through linear paths keep the plain
+        fold (their path rows were summed by the edit); only the consumer is
+        refit. If the consumer itself also reads the layer through a path, the
+        path's contribution would change with the refit rows, so it is left
+        as folded."""
         cons = chain.consumer
         if any(op is cons for op, _ in chain.path_readers):
             return "ls: the consumer also reads this layer through a linear path; kept the plain fold"
         w_prior, b_prior = cons.weight.copy(), cons.bias_or_zero().copy()
         if self.ctx.heldout is not None:
-            fit, _ = self._refit_grams(chain, self.ctx.calibration, b_prior)
-            held, _ = self._refit_grams(chain, self.ctx.heldout, b_prior)
+            fit, _, _ = self._refit_grams(chain, self.ctx.calibration, b_prior)
+            _, held, spread = self._refit_grams(chain, self.ctx.heldout, b_prior,
+                                                np.ones(self.ctx.heldout.num_samples, dtype=bool))
             final = fit
         else:
-            fit, held = self._refit_grams(chain, self.ctx.calibration, b_prior, self._heldout_samples())
+            fit, held, spread = self._refit_grams(chain, self.ctx.calibration, b_prior, self._heldout_samples())
             # the ridge strength is chosen on the held-out rows; the weights are then fit on all rows
             final = GramAccumulator(with_bias=True).merge(fit).merge(held)
-        refit = decide.refit_consumer(fit, held if held.count else None, w_prior, b_prior, final=final)
+        refit = decide.refit_consumer(fit, held if held.count else None, w_prior, b_prior, final=final,
+                                      target_ss=spread)
         if refit.lam is None:
-            return f"ls: plain fold kept (held-out rel. error {refit.kept_error:.3g})"
+            return f"ls: plain fold kept (held-out relative error {refit.kept_error:.3g})"
         k = chain.width
         self._apply(chain, HiddenEdit.keep(k, np.arange(k), consumer_weight=refit.weight, consumer_bias=refit.bias))
         if not held.count:
             return f"ls: ridge {refit.lam:g} (too few samples to hold any out)"
-        return (f"ls: ridge {refit.lam:g}, held-out rel. error {refit.heldout_error:.3g}"
+        return (f"ls: ridge {refit.lam:g}, held-out relative error {refit.heldout_error:.3g}"
                 f" (plain fold {refit.kept_error:.3g})")
+
+
+def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:
+    """Which slices of a batch's tensors (along their first axis) are held
+    out, given which of the batch's samples are. The first axis is the sample
+    axis in practice; where it is not (time-major tensors), a batch that is
+    all held out (or all not) stays so, and a mixed one holds out every 5th
+    slice."""
+    if held_samples.size == first_axis:
+        return held_samples
+    if held_samples.all() or not held_samples.any():
+        return np.full(first_axis, bool(held_samples.all()))
+    return np.arange(first_axis) % round(1 / HELDOUT_SHARE) == 0
 
 
 def _needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:

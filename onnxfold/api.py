@@ -48,8 +48,12 @@ class OptimizeResult:
     layers: list[LayerReport] = field(default_factory=list)
 
     def save(self, path: str | Path, *, external_data: bool | None = None) -> Path:
+        from .errors import ModelSaveError
         from .io import save_model
 
+        src = self.report.get("input") if isinstance(self.report, dict) else None
+        if src and Path(src).exists() and Path(path).resolve() == Path(src).resolve():
+            raise ModelSaveError(f"output path equals the input path ({src}); choose another output path")
         return save_model(self.model, path, external_data=external_data)
 
 
@@ -180,14 +184,21 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
                       progress=progress)
     view = find_dense_graph(original)
+    # only names and skips are needed here: drop the float64 weight view before the passes make their own
+    chain_names, skipped = [c.name for c in view.chains], view.skipped
+    before = summarize_model(original, view)
+    del view
     search_info = None
     status = "optimized"
     with timer("passes"):
-        if mode == "search":
+        if not chain_names:  # nothing any pass could touch: no search, no candidates
+            current, changed, layers = original, False, []
+            notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
+        elif mode == "search":
             from .search import BudgetSearch
 
             searcher = BudgetSearch(original, budget, ctx, max_evaluations=max_evaluations, progress=progress)
-            res = searcher.run([c.name for c in view.chains])
+            res = searcher.run(chain_names)
             notes.extend(res.notes)
             search_info = {"evaluated": res.evaluated,
                            "chosen": None if res.best is None else res.best.setting.describe(),
@@ -197,8 +208,9 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
                 current, changed, layers, status = original, False, [], "budget_not_met"
                 notes.append("no candidate met the budget on held-out data; the original model is returned unchanged")
             else:
-                current, layers = res.best.model, res.best.layers
-                changed = res.best.parameters < count_parameters(original) or bool(layers)
+                # a candidate that saves nothing is no reason to hand back a rewritten graph
+                changed = res.best.parameters < count_parameters(original)
+                current, layers = (res.best.model, res.best.layers) if changed else (original, [])
                 notes.extend(res.best.notes)
         else:
             passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
@@ -245,8 +257,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
                       split={"fit": None if fit is None else fit.num_samples,
                              "select": None if select is None else select.num_samples,
                              "final": None if final is None else final.num_samples}),
-        before=summarize_model(original), after=summarize_model(current if changed else original), layers=layers,
-        skipped=view.skipped, verification=verification, budget=budget_info, latency=latency_info,
+        before=before, after=summarize_model(current) if changed else before, layers=layers,
+        skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
         timings={k: round(v, 4) for k, v in timer.times.items()}, notes=notes, search=search_info)
     return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
 

@@ -55,6 +55,9 @@ def _add_data_options(p: argparse.ArgumentParser, *, eval_too: bool) -> None:
     if eval_too:
         g.add_argument("--eval", metavar="DATA", help="separate evaluation data for the final report (never used "
                        "to decide); default: <model stem>.test.npz or .eval.npz next to the model, if present")
+    g.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
+                   help="calibration data from a Python function (default name load_data) returning an iterable "
+                   "of feed dicts {input_name: array}, as in Polygraphy; instead of --calib")
     g.add_argument("--no-auto-data", action="store_true", help="do not look for calibration/evaluation files "
                    "next to the model")
     g.add_argument("--batch-size", type=int, default=256, metavar="N", help="inference batch size (default 256)")
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = opt.add_argument_group("neuron folding")
     g.add_argument("--fold-ratio", type=_ratio_arg, default=None, metavar="R",
                    help="share of neurons removed per hidden layer, e.g. 0.5, or layer0=0.5,layer1=0.3")
-    g.add_argument("--fold-select", choices=("kmeans", "magnitude"), default="kmeans",
+    g.add_argument("--fold-select", "--select", dest="fold_select", choices=("kmeans", "magnitude"), default="kmeans",
                    help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
     g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
                    help="auto: ls with calibration data, ar without")
@@ -123,10 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true",
                    help="exit 1 when the budget is not met (CI use); the output is then the unchanged model")
     g.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
+    g.add_argument("--plot", metavar="PNG", help="draw the budget search (parameter ratio vs budget spent of every "
+                   "candidate, chosen one marked); needs matplotlib (pip install 'onnxfold[plot]')")
 
     ins = sub.add_parser("inspect", help="list dense chains and, with data, per-layer neuron statistics")
     ins.add_argument("model", help="input .onnx model")
     ins.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    ins.add_argument("--plot", metavar="PNG", help="with calibration data: per layer, a histogram of neuron "
+                     "activation rates (linear and constant regions marked) and neuron counts by class; "
+                     "needs matplotlib (pip install 'onnxfold[plot]')")
     _add_data_options(ins, eval_too=False)
     _add_runtime_options(ins)
     return parser
@@ -141,6 +149,49 @@ def _auto_data(model: Path, given: str | None, suffixes: tuple[str, ...], disabl
         if cand.exists():
             return str(cand)
     return None
+
+
+def _load_data_loader(spec: str):
+    """``file.py[:func]`` → the feed dicts ``func()`` returns (Polygraphy's convention;
+    ``func`` defaults to ``load_data``). Any failure is a one-line UsageError."""
+    import importlib.util
+
+    path, sep, func = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):  # no ":func" (a ":" may be part of a Windows path)
+        path, func = spec, "load_data"
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--data-loader-script: no such file {file}")
+    try:
+        mod_spec = importlib.util.spec_from_file_location(f"_onnxfold_data_loader_{abs(hash(str(file)))}", file)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's script failed
+        raise UsageError(f"--data-loader-script: importing {file} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UsageError(f"--data-loader-script: {file} has no function {func!r}; give FILE.py:FUNC")
+    try:
+        feeds = fn()
+        if hasattr(feeds, "get_next") and callable(feeds.get_next):  # a CalibrationDataReader
+            feeds = iter(feeds.get_next, None)
+        # materialise: read once (inspect --plot reads twice) and the script's errors surface here
+        return list(feeds)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--data-loader-script: {file}:{func}() failed: {type(e).__name__}: {e}") from None
+
+
+def _calibration_source(args, model: Path, console):
+    """The calibration argument for the API: a path, feed dicts from a data loader script, or None."""
+    script = getattr(args, "data_loader_script", None)
+    if script:
+        if args.calib:
+            raise UsageError("give either --calib or --data-loader-script, not both")
+        return _load_data_loader(script)
+    calib = _auto_data(model, args.calib, (".calib.npz", ".calib"), args.no_auto_data)
+    if calib and not args.calib and not args.quiet:
+        console.print(f"using calibration data {calib}")
+    return calib
 
 
 def _write_json_atomic(obj, path: str) -> None:
@@ -205,11 +256,23 @@ def _cmd_optimize(args, console) -> int:
     out = Path(args.output) if args.output else default_output_path(model)
     if out.resolve() == model.resolve():
         raise UsageError(f"output path equals the input path ({model}); choose another -o/--output")
-    calib = _auto_data(model, args.calib, (".calib.npz", ".calib"), args.no_auto_data)
+    # paths are checked before the (possibly long) run, so a bad path fails
+    # fast and nothing is written
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise UsageError(f"report directory does not exist: {Path(args.report).resolve().parent}; create it first")
+    for what, path in (("report", args.report), ("plot", args.plot)):  # fail before any work is written
+        if path and not Path(path).parent.exists():
+            raise UsageError(f"{what} directory does not exist: {Path(path).parent}")
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()  # before any work
+        if args.fold_ratio is not None or args.linear_threshold is not None or args.linear_mode == "paper":
+            raise UsageError("--plot draws the budget search; explicit --fold-ratio/--linear-threshold/"
+                             "--linear-mode paper settings do not search")
+    calib = _calibration_source(args, model, console)
     evald = _auto_data(model, args.eval, (".eval.npz", ".test.npz"), args.no_auto_data)
     if not args.quiet:
-        if calib and not args.calib:
-            console.print(f"using calibration data {calib}")
         if evald and not args.eval:
             console.print(f"using evaluation data {evald}")
     budget = None
@@ -229,6 +292,12 @@ def _cmd_optimize(args, console) -> int:
     result.report["output"] = str(saved)
     if args.report:
         _write_json_atomic(result.report, args.report)
+    if args.plot:
+        from .plot import plot_search
+
+        plot_search(result.report, args.plot)
+        if not args.quiet:
+            console.print(f"wrote {args.plot}")
     if not args.quiet:
         from .report import render_report
 
@@ -250,13 +319,28 @@ def _cmd_inspect(args, console) -> int:
     from .api import inspect
 
     model = Path(args.model)
-    calib = _auto_data(model, args.calib, (".calib.npz", ".calib"), args.no_auto_data)
-    if calib and not args.calib and not args.quiet:
-        console.print(f"using calibration data {calib}")
+    for what, path in (("JSON", args.json), ("plot", args.plot)):  # fail before any work
+        if path and not Path(path).parent.exists():
+            raise UsageError(f"{what} directory does not exist: {Path(path).parent}")
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()  # before any work
+    calib = _calibration_source(args, model, console)
+    if args.plot and calib is None:
+        raise UsageError("--plot draws neuron statistics and needs calibration data: pass --calib")
     with _ProgressSink(console, enabled=not args.quiet) as progress:
         info = inspect(model, calib, provider=args.provider, batch_size=args.batch_size, progress=progress)
     if args.json:
         _write_json_atomic(info, args.json)
+    if args.plot:
+        from .plot import neuron_rates, plot_inspect
+
+        plot_inspect(neuron_rates(model, calib, provider=args.provider, batch_size=args.batch_size), args.plot,
+                     title=f"{model.name}: neuron activation rates per layer "
+                     f"({info.get('calibration_samples')} calibration samples)")
+        if not args.quiet:
+            console.print(f"wrote {args.plot}")
     t = Table(title=f"Dense chains in {model.name}", title_justify="left")
     cols = ["layer", "producer", "activation", "in", "neurons", "out"]
     stats = any("mixed" in c for c in info["chains"])
@@ -288,8 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(stderr=False, quiet=getattr(args, "quiet", False))
+    if not console.is_terminal:  # CI logs and pipes: no 80-column squeeze of the tables
+        console.width = max(console.width, 140)
     err = Console(stderr=True)
     try:
+        if getattr(args, "provider", None) and not getattr(args, "quiet", False):
+            from .runtime import resolve_provider
+
+            _, notice = resolve_provider(args.provider)  # probed once, cached for the run
+            if notice:
+                console.print(notice, markup=False, highlight=False, soft_wrap=True)
         if args.command == "optimize":
             return _cmd_optimize(args, console)
         return _cmd_inspect(args, console)

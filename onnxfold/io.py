@@ -361,7 +361,7 @@ def _sniff(head: bytes) -> str:
 def _check_input_file(p: Path) -> int:
     """The file's size; ModelLoadError for anything that is not a readable, non-empty file."""
     if not p.exists():
-        raise ModelLoadError(f"model file not found: {p}")
+        raise ModelLoadError(f"model file not found: {p}; check the path")
     if p.is_dir():
         raise ModelLoadError(f"model path is a directory, not a file: {p}; give the path of the .onnx file")
     if not p.is_file():
@@ -395,7 +395,7 @@ def _read_proto(p: Path, skip_fields_over: int | None = None) -> onnx.ModelProto
     except Exception:  # noqa: BLE001 - DecodeError, _WireError: a corrupt or foreign file
         hint = _sniff(head)
         if hint:
-            raise ModelLoadError(f"{p} is not an ONNX model file{hint}") from None
+            raise ModelLoadError(f"{p} is not an ONNX model file{hint}; give the exported .onnx model") from None
         raise ModelLoadError(
             f"{p} is not a valid ONNX model (protobuf parse failed: the file is truncated, corrupt "
             "or not ONNX); re-export or re-download it"
@@ -403,7 +403,8 @@ def _read_proto(p: Path, skip_fields_over: int | None = None) -> onnx.ModelProto
     if not model.HasField("graph") or model.ir_version <= 0 or len(model.opset_import) == 0:
         hint = _sniff(head)
         raise ModelLoadError(
-            f"{p} is not an ONNX model{hint or ' (no graph, IR version or opset found: truncated or not ONNX)'}"
+            f"{p} is not an ONNX model{hint or ' (no graph, IR version or opset found: truncated or not ONNX)'};"
+            " give the exported .onnx model"
         )
     return model
 
@@ -457,7 +458,8 @@ def _run_checker(p: Path, what: str, error: type) -> None:
     try:
         onnx.checker.check_model(str(p))
     except Exception as e:  # noqa: BLE001 - ValidationError, or a C++ parse error
-        raise error(f"{what} fails the ONNX checker: {_checker_message(e)}") from None
+        fix = "; repair or re-export the model" if error is ModelLoadError else ""
+        raise error(f"{what} fails the ONNX checker: {_checker_message(e)}{fix}") from None
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -817,7 +819,12 @@ def check_with_runtime(path: Path, error: type = ModelSaveError, what: str = "th
     try:
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise error(f"onnxruntime cannot load {what}: {ort_message(e)}") from None
+        msg = ort_message(e)
+        hint = ""
+        if "is not a registered function/op" in msg:
+            hint = ("; onnxfold only writes models that load in onnxruntime: to skip that check, save from Python"
+                    " with onnxfold.io.save_model(result.model, path, check=False)")
+        raise error(f"onnxruntime cannot load {what}: {msg}{hint}") from None
     del session
 
 
@@ -886,7 +893,9 @@ def save_model(
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-{os.getpid()}-", dir=p.parent))
     except OSError as e:
-        raise ModelSaveError(f"cannot write to output directory {p.parent}: {e.strerror or e}") from None
+        raise ModelSaveError(
+            f"cannot write to output directory {p.parent}: {e.strerror or e}; choose a writable directory"
+        ) from None
     try:
         tmp_model = tmp_dir / p.name
         if external_data:

@@ -28,10 +28,11 @@ class ModelSummary:
         return dict(self.__dict__)
 
 
-def summarize_model(model: onnx.ModelProto) -> ModelSummary:
+def summarize_model(model: onnx.ModelProto, view=None) -> ModelSummary:
+    """``view``: ``find_dense_graph(model)`` when the caller has it already."""
     from .io import count_parameters, model_bytes
 
-    view = find_dense_graph(model)
+    view = find_dense_graph(model) if view is None else view
     flops = 0
     for op in view.ops.values():
         flops += 2 * op.weight.size + sum(2 * f.size for p in op.paths for f in p.factors)
@@ -131,7 +132,9 @@ def render_report(report: dict, console) -> None:
     for s in report.get("skipped") or []:
         console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
     for n in report.get("notes") or []:
-        console.print(f"note: {n}")
+        if n.startswith("CUDA not available"):
+            continue  # the CLI printed the provider line before the run
+        console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _ratio(x) -> str:

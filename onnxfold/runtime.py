@@ -232,7 +232,12 @@ def create_session(
         try:
             return ort.InferenceSession(source, so, providers=providers)
         except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"onnxruntime cannot create a session for the model: {ort_message(e)}") from None
+            msg = ort_message(e)
+            hint = ("; onnxfold must run the model in onnxruntime to measure it: replace the op with standard ONNX "
+                    "ops, or run without calibration data (exact rewrites only) and save from Python with "
+                    "onnxfold.io.save_model(result.model, path, check=False)"
+                    if "is not a registered function/op" in msg else "")
+            raise ModelLoadError(f"onnxruntime cannot create a session for the model: {msg}{hint}") from None
 
     if not isinstance(model, onnx.ModelProto):
         p = Path(model)

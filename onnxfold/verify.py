@@ -190,10 +190,10 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     start = 0
     for feed, labels in data.labeled_batches(batch_size):
         b = next(iter(feed.values())).shape[0]
-        got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed)))
-        if ref_sess is not None:
-            ref = dict(zip(tensor_outs, ref_sess.run(tensor_outs, feed)))
-        else:
+        if ref_sess is not None:  # the original first: data that does not fit fails there, as a data error
+            ref = dict(zip(tensor_outs, _run_on_data(ref_sess, tensor_outs, feed, data)))
+        got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed, _quiet())))
+        if ref_sess is None:
             ref = {n: original_outputs[n][start:start + b] for n in tensor_outs}
         for n in tensor_outs:
             accs[n].update(ref[n], got[n], labels)
@@ -242,6 +242,28 @@ def reference_outputs(model: onnx.ModelProto, data, *, providers=None, batch_siz
     names = [o.name for o in sess.get_outputs() if o.type.startswith("tensor")]
     parts: dict[str, list] = {n: [] for n in names}
     for feed in data.batches(batch_size):
-        for n, v in zip(names, sess.run(names, feed)):
+        for n, v in zip(names, _run_on_data(sess, names, feed, data)):
             parts[n].append(v)
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
+
+
+def _quiet():
+    from .measure.stream import _quiet_run_options
+
+    return _quiet_run_options()
+
+
+def _run_on_data(sess, names, feed, data):
+    """``sess.run`` of the *original* model on user data: onnxruntime failing
+    there means the data does not fit the model (a CalibrationDataError, one
+    line), not a bug."""
+    from .errors import CalibrationDataError
+    from .measure.stream import _run_error_types, _short
+
+    try:
+        return sess.run(names, feed, _quiet())
+    except _run_error_types() as e:
+        raise CalibrationDataError(
+            f"onnxruntime failed on the {getattr(data, 'what', 'calibration')} data ({_short(e)});"
+            " make the data match what the model expects"
+        ) from None

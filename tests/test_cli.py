@@ -86,3 +86,26 @@ def test_inspect_counts_match_numpy(digits, capsys, tmp_path):
         x = np.maximum(z, 0)
     assert len(info["chains"]) == 3
     assert "never on" in capsys.readouterr().out
+
+
+def test_per_layer_fold_ratio_data_free(digits, tmp_path):
+    rep = tmp_path / "r.json"
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(digits), "-o", str(out), "--no-auto-data", "--fold-ratio", "layer0=0.5,layer2=0.25",
+                 "--select", "magnitude", "--report", str(rep), "--quiet", "--provider", "cpu"]) == 0
+    r = json.loads(rep.read_text())
+    assert r["settings"]["mode"] == "exact"
+    assert r["after"]["hidden_widths"] == {"layer0": 128, "layer1": 256, "layer2": 192}
+    layers = {lr["layer"]: lr for lr in r["layers"]}
+    assert layers["layer0"]["pruned"] == 128 and layers["layer1"]["pruned"] == 0
+    # the pruned model still runs on the test data and keeps most predictions
+    test = np.load(digits.with_name("digits_mlp.test.npz"))
+    a = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": test["input"]})[0]
+    assert a.shape == (len(test["input"]), 10)
+
+
+def test_bad_fold_ratio_is_a_usage_error(digits, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["optimize", str(digits), "--fold-ratio", "1.5"])
+    assert e.value.code == 2
+    assert "fold ratio must be in [0, 1)" in capsys.readouterr().err

@@ -31,7 +31,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_linearity import PROVIDERS, dense_params, logits, machine, wait_for  # noqa: E402
+from _bench import PROVIDERS, dense_params, logits, machine, wait_for  # noqa: E402
 
 from onnxfold.measure.data import load_calibration  # noqa: E402
 from onnxfold.passes.base import PassContext  # noqa: E402

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 from onnxfold.find import find_dense_graph  # noqa: E402
 from onnxfold.measure.data import load_calibration  # noqa: E402
 from onnxfold.measure.stats import collect_neuron_stats  # noqa: E402
-from onnxfold.measure.stream import run_model  # noqa: E402
 from onnxfold.passes.base import PassContext  # noqa: E402
 from onnxfold.passes.linearity import LinearityPass  # noqa: E402
+
+from _bench import PROVIDERS, dense_params, logits, machine, wait_for  # noqa: E402
 
 MODELS = ("mnist_mlp", "digits_mlp", "digits_seq_mlp", "cancer_mlp_paper")
 THRESHOLDS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9)
@@ -52,53 +51,6 @@ LOSS_BUDGET_PP = 0.5
 #: anywhere) the paper's "lossless down to 1/4" shows up.
 CLAIM_THRESHOLDS = (0.8, 0.7, 0.6, 0.5)
 CLAIM_MODEL = "cancer_mlp_paper"
-PROVIDERS = ["CPUExecutionProvider"]
-
-
-def dense_params(model: onnx.ModelProto) -> tuple[int, int]:
-    """(all dense parameters incl. paths, those of the input layer)."""
-    g = model.graph
-    inputs = {i.name for i in g.input} - {t.name for t in g.initializer}
-    total = input_layer = 0
-    for op in find_dense_graph(model).ops.values():
-        total += op.num_params
-        if op.input in inputs:
-            input_layer += op.weight.size + (0 if op.bias is None else op.bias.size)
-    return total, input_layer
-
-
-def logits(model, data) -> np.ndarray:
-    out = run_model(model, data, providers=PROVIDERS)
-    name = model.graph.output[0].name
-    return out[name]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return (f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, onnx {onnx.__version__},"
-            f" onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)")
-
-
-def wait_for(models_dir: Path, names, timeout_s: float) -> list[str]:
-    deadline = time.time() + timeout_s
-    while True:
-        ready = [n for n in names
-                 if all((models_dir / f"{n}{s}").exists() for s in (".onnx", ".calib.npz", ".test.npz"))]
-        if len(ready) == len(names) or time.time() > deadline:
-            return ready
-        print(f"waiting for models in {models_dir} ({len(ready)}/{len(names)} ready)", flush=True)
-        time.sleep(15)
-
-
 def bench_model(models_dir: Path, name: str, thresholds=THRESHOLDS) -> dict:
     model = onnx.load(models_dir / f"{name}.onnx")
     calib = load_calibration(models_dir / f"{name}.calib.npz", model)

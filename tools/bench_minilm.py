@@ -47,7 +47,7 @@ import onnx  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_linearity import machine  # noqa: E402
+from _bench import machine  # noqa: E402
 
 from onnxfold.find import find_dense_graph  # noqa: E402
 from onnxfold.io import count_parameters  # noqa: E402

@@ -15,6 +15,7 @@ from ..verify import Comparison
 
 DEFAULT_MIN_AGREEMENT = 99.5  # percent, classifier-like outputs
 DEFAULT_MAX_RELATIVE_ERROR = 1e-3  # non-classifier outputs, relative to max |reference|
+PREDICTION_SAFETY = 2.0  # the search's predicted disagreement is doubled before it is compared
 SIGNIFICANCE = 0.05  # observed flips veto a candidate when P(that many | allowed rate) < this
 
 
@@ -100,8 +101,13 @@ class Budget:
                         # in 75 samples says 1.3 %); the margin-based estimate is the
                         # criterion, and observed flips veto only when they are
                         # significantly above the allowed rate.
-                        use(100 * predicted, allowed, f"{name}: predicted top-1 agreement "
-                            f"{100 * (1 - predicted):.2f}% < {self.min_agreement}%")
+                        # The estimate assumes margin losses are independent of margins; hard
+                        # samples (small margins) tend to lose more, and picking the smallest
+                        # passing candidate favours lucky noise. Measured on the shipped models
+                        # the estimate ran up to ~1.6x low, hence the safety factor.
+                        safe = PREDICTION_SAFETY * predicted
+                        use(100 * safe, allowed, f"{name}: predicted top-1 agreement "
+                            f"{100 * (1 - predicted):.2f}% (x{PREDICTION_SAFETY:g} safety) < {self.min_agreement}%")
                         flips = int(round((1 - o.agreement) * o.count))
                         if flips and _binomial_tail(flips, o.count, allowed / 100) < SIGNIFICANCE:
                             failures.append(f"{name}: {flips} of {o.count} held-out samples flipped, significantly "

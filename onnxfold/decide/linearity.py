@@ -124,6 +124,11 @@ def interval_matmul(lo, hi, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     lo = np.broadcast_to(np.asarray(lo, dtype=np.float64).reshape(-1), (d,))
     hi = np.broadcast_to(np.asarray(hi, dtype=np.float64).reshape(-1), (d,))
     lo_unbounded, hi_unbounded = ~np.isfinite(lo), ~np.isfinite(hi)
+    if lo_unbounded.all() and hi_unbounded.all():  # no bounds at all (a graph input): same result, no copies of M
+        nonzero = np.zeros(M.shape[1], dtype=bool)
+        for start in range(0, d, 1024):
+            nonzero |= (M[start:start + 1024] != 0).any(axis=0)
+        return np.where(nonzero, -np.inf, 0.0), np.where(nonzero, np.inf, 0.0)
     lo_f, hi_f = np.where(lo_unbounded, 0.0, lo), np.where(hi_unbounded, 0.0, hi)
     pos, neg = np.maximum(M, 0.0), np.minimum(M, 0.0)
     low = lo_f @ pos + hi_f @ neg

@@ -103,7 +103,9 @@ class _OpFinder:
                 return None
             alpha = float(ix.attr(node, "alpha", 1.0))
             beta = float(ix.attr(node, "beta", 1.0))
-            W = (B if ix.attr(node, "transB", 0) else B.T).astype(np.float64) * alpha
+            W = (B if ix.attr(node, "transB", 0) else B.T).astype(np.float64)
+            if alpha != 1.0:  # in place: no second copy of a possibly huge weight
+                W *= alpha
             bias = None
             if len(node.input) > 2 and node.input[2]:
                 if not ix.is_const(node.input[2]):
@@ -239,7 +241,7 @@ def _float_attr(ix: GraphIndex, node, name, default):
 def _match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
     """The activation reading pre-activation ``pre``; (None, reason) if none."""
     if pre in ix.graph_outputs:
-        return None, "pre-activation is a graph output"
+        return None, "output layer: its result is a graph output (nothing after it to fold into)"
     cs = ix.consumers.get(pre, [])
     if not cs:
         return None, "pre-activation has no consumer"

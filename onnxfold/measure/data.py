@@ -130,7 +130,7 @@ class CalibrationSet:
         if self.fixed_batch is not None:
             return self.fixed_batch
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}; give 1 or more")
         return int(batch_size)
 
     def _ranges(self, batch_size: int) -> Iterator[tuple[int, int]]:
@@ -310,6 +310,16 @@ def _read_path(path: Path, specs: dict[str, _InputSpec], what: str) -> dict[str,
                 f" ({_q(required)}); use an .npz with one key per input"
             )
         return {required[0]: arr}
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CalibrationDataError(f"cannot read {what} data '{path}': {e.strerror or e}") from None
+    if magic != b"PK\x03\x04" and magic[:4] != b"PK\x05\x06":
+        raise CalibrationDataError(
+            f"cannot read {what} data '{path}': it is not an .npz archive; save it with numpy.savez(path, input_name=array, ...)"
+            " or give a directory of <input>.npy files"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):  # pragma: no cover - np.load returned an array

@@ -40,16 +40,30 @@ class HiddenEdit:
     consumer_bias: np.ndarray | None = None
     consumer_bias_delta: np.ndarray | None = None
     new_paths: list[LinearPath] = field(default_factory=list)
+    # a pure keep-edit stores the kept indices instead of two k×n selection
+    # matrices (row_map/col_map are then None): gigabytes for a 16k-wide layer
+    keep_index: np.ndarray | None = None
+    keep_from: int | None = None
 
     @classmethod
     def keep(cls, n: int, keep: np.ndarray, **kw) -> "HiddenEdit":
         """Keep neurons ``keep`` (indices, in order), drop the others."""
-        sel = np.zeros((len(keep), n))
-        sel[np.arange(len(keep)), keep] = 1.0
-        return cls(row_map=sel, col_map=sel.T.copy(), **kw)
+        idx = np.asarray(keep, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"keep indices must be in [0, {n})")
+        return cls(row_map=None, col_map=None, keep_index=idx, keep_from=int(n), **kw)
+
+    def maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row_map, col_map) as matrices (built for a keep-edit)."""
+        if self.keep_index is not None and self.row_map is None:
+            sel = selection(self.keep_from, self.keep_index)
+            return sel, sel.T
+        return self.row_map, self.col_map
 
     @property
     def width(self) -> int:
+        if self.keep_index is not None and self.row_map is None:
+            return int(self.keep_index.size)
         return self.row_map.shape[0]
 
 
@@ -59,22 +73,50 @@ def selection(n: int, keep: np.ndarray) -> np.ndarray:
     return sel
 
 
+def _selection_rows(M: np.ndarray) -> np.ndarray | None:
+    """``idx`` with ``M == selection(n, idx)`` (each row a single 1), else None.
+    Lets a keep-edit index rows instead of multiplying by a k × n matrix
+    (the product is cubic in the width: minutes for a 16k-wide layer)."""
+    k = M.shape[0]
+    if k == 0 or M.ndim != 2:
+        return None
+    idx = M.argmax(axis=1)
+    if not np.all(M[np.arange(k), idx] == 1.0) or np.count_nonzero(M) != k:
+        return None
+    return idx
+
+
 def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
     """Apply ``edit`` to the chain's producer, activation and consumer in place."""
     prod, cons, act = chain.producer, chain.consumer, chain.activation
     n = prod.out_features
-    M, C = np.asarray(edit.row_map, dtype=np.float64), np.asarray(edit.col_map, dtype=np.float64)
-    k = M.shape[0]
-    if M.shape != (k, n) or C.shape != (n, k):
-        raise ValueError(f"edit of {chain.name}: row_map {M.shape} / col_map {C.shape} do not fit width {n}")
+    if edit.keep_index is not None and edit.row_map is None:
+        if edit.keep_from != n:
+            raise ValueError(f"edit of {chain.name}: keeps neurons of a width-{edit.keep_from} layer, not {n}")
+        rows = cols = edit.keep_index
+        k = rows.size
+        M = C = None
+    else:
+        M, C = np.asarray(edit.row_map, dtype=np.float64), np.asarray(edit.col_map, dtype=np.float64)
+        k = M.shape[0]
+        if M.shape != (k, n) or C.shape != (n, k):
+            raise ValueError(f"edit of {chain.name}: row_map {M.shape} / col_map {C.shape} do not fit width {n}")
+        rows = _selection_rows(M)  # a pure selection: index instead of multiplying (same numbers)
+        cols = _selection_rows(C.T)
     if k < 1:
         raise ValueError(f"edit of {chain.name} would leave no neuron")
 
     # producer rows
-    prod.weight = M @ prod.weight
-    bias = M @ prod.bias if prod.bias is not None else None
-    for p in prod.paths:
-        p.factors[-1] = p.factors[-1] @ M.T
+    if rows is not None:
+        prod.weight = prod.weight[rows]
+        bias = prod.bias[rows] if prod.bias is not None else None
+        for p in prod.paths:
+            p.factors[-1] = p.factors[-1][:, rows]
+    else:
+        prod.weight = M @ prod.weight
+        bias = M @ prod.bias if prod.bias is not None else None
+        for p in prod.paths:
+            p.factors[-1] = p.factors[-1] @ M.T
     if edit.row_scale is not None:
         s = np.asarray(edit.row_scale, dtype=np.float64)
         prod.weight *= s[:, None]
@@ -85,7 +127,9 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         bias = (np.zeros(k) if bias is None else bias) + edit.row_shift
     prod.bias = bias
     prod.changed = True
-    if act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1:
+    if act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1 and rows is not None:
+        act.slope = np.asarray(act.slope, dtype=np.float64).reshape(-1)[rows]
+    elif act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1:
         act.slope = M @ np.asarray(act.slope, dtype=np.float64) / np.maximum(M.sum(axis=1), 1e-300) \
             if not np.allclose(M.sum(axis=1), 1.0) else M @ np.asarray(act.slope, dtype=np.float64)
 
@@ -95,10 +139,13 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         if cw.shape != (cons.out_features, k):
             raise ValueError(f"edit of {chain.name}: consumer_weight {cw.shape} != {(cons.out_features, k)}")
         cons.weight = cw
+    elif cols is not None:
+        cons.weight = cons.weight[:, cols]
     else:
         cons.weight = cons.weight @ C
     for op, idx in chain.path_readers:
-        op.paths[idx].factors[0] = C.T @ op.paths[idx].factors[0]
+        f0 = op.paths[idx].factors[0]
+        op.paths[idx].factors[0] = f0[cols] if cols is not None else C.T @ f0
         op.changed = True
     if edit.consumer_bias is not None:
         cons.bias = np.asarray(edit.consumer_bias, dtype=np.float64).copy()

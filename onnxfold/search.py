@@ -179,6 +179,7 @@ class BudgetSearch:
         comp.predicted_disagreement = {
             n: predicted_disagreement(m, self.reference[n], comp.outputs_of_candidate[n])
             for n, m in self.margins.items()}
+        comp.margin_samples = {n: int(m.size) for n, m in self.margins.items()}
         comp.outputs_of_candidate = None
         met, spent, failures = self.budget.check(comp)
         params = self._count_parameters(model)
@@ -236,7 +237,18 @@ class BudgetSearch:
 
     # ------------------------------------------------------------------
     def run(self, layer_names: list[str]) -> SearchResult:
+        from .decide.budget import MIN_RESOLVED_FLIPS
+
         notes: list[str] = []
+        if self.budget.min_agreement is not None and self.budget.positive_threshold is None:
+            allowed = (100.0 - self.budget.min_agreement) / 100.0
+            for name, m in self.margins.items():
+                if m.size * allowed < MIN_RESOLVED_FLIPS:
+                    need = int(np.ceil(MIN_RESOLVED_FLIPS / allowed)) if allowed > 0 else None
+                    notes.append(f"{m.size} calibration samples cannot resolve a {100 * allowed:g}% disagreement "
+                                 f"budget on '{name}': only candidates with no sign of flip risk were accepted; "
+                                 + (f"give at least {need} calibration samples or relax --min-agreement "
+                                    "for more compression" if need else "relax --min-agreement for more compression"))
         base = self.evaluate(Setting())
         best = base if base.met else None
         if not base.met:

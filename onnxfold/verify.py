@@ -60,6 +60,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     outputs_of_candidate: dict[str, np.ndarray] | None = None
     predicted_disagreement: dict[str, float] | None = None  # set by the budget search
+    margin_samples: dict[str, int] | None = None  # reference margins behind each prediction
 
     @property
     def primary(self) -> OutputComparison | None:

@@ -193,3 +193,17 @@ def test_search_is_deterministic_for_a_seed(digits):
                      "--no-latency", "--quiet", "--provider", "cpu"]) == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_unresolvable_budget_demands_no_flip_risk():
+    b = Budget(min_agreement=99.5)
+    c = _comp(agreement=1.0, count=30)
+    # 114 calibration margins cannot resolve 0.5 % (0.57 expected flips): any predicted risk fails
+    c.predicted_disagreement, c.margin_samples = {"y": 0.001}, {"y": 114}
+    met, spent, fail = b.check(c)
+    assert not met and spent == 1000.0 and "cannot resolve" in fail[0]
+    c.predicted_disagreement = {"y": 0.0}
+    assert b.check(c)[0]
+    # with 1,000 margins (5 expected flips) the estimate itself is trusted
+    c.predicted_disagreement, c.margin_samples = {"y": 0.001}, {"y": 1000}
+    assert b.check(c)[0]

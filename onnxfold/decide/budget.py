@@ -16,6 +16,8 @@ from ..verify import Comparison
 DEFAULT_MIN_AGREEMENT = 99.5  # percent, classifier-like outputs
 DEFAULT_MAX_RELATIVE_ERROR = 1e-3  # non-classifier outputs, relative to max |reference|
 PREDICTION_SAFETY = 2.0  # the search's predicted disagreement is doubled before it is compared
+UNRESOLVED_SPENT = 1000.0  # 'far over budget' (finite: the JSON report must stay standard JSON)
+MIN_RESOLVED_FLIPS = 2.0  # calibration samples x allowed rate needed to trust the estimate's size
 SIGNIFICANCE = 0.05  # observed flips veto a candidate when P(that many | allowed rate) < this
 
 
@@ -106,8 +108,16 @@ class Budget:
                         # passing candidate favours lucky noise. Measured on the shipped models
                         # the estimate ran up to ~1.6x low, hence the safety factor.
                         safe = PREDICTION_SAFETY * predicted
-                        use(100 * safe, allowed, f"{name}: predicted top-1 agreement "
-                            f"{100 * (1 - predicted):.2f}% (x{PREDICTION_SAFETY:g} safety) < {self.min_agreement}%")
+                        resolution = (comp.margin_samples or {}).get(name)
+                        if resolution is not None and resolution * allowed / 100 < MIN_RESOLVED_FLIPS and predicted > 0:
+                            # too few calibration samples to resolve the allowed rate (e.g. 0.5 % of
+                            # 114 samples is 0.6 flips): then any sign of flip risk fails
+                            use(UNRESOLVED_SPENT * allowed, allowed, f"{name}: some held-out sample lost more margin than "
+                                f"the smallest calibration margin, and {resolution} calibration samples cannot "
+                                f"resolve a {allowed:g}% disagreement budget")
+                        else:
+                            use(100 * safe, allowed, f"{name}: predicted top-1 agreement {100 * (1 - predicted):.2f}% "
+                                f"(x{PREDICTION_SAFETY:g} safety) < {self.min_agreement}%")
                         flips = int(round((1 - o.agreement) * o.count))
                         if flips and _binomial_tail(flips, o.count, allowed / 100) < SIGNIFICANCE:
                             failures.append(f"{name}: {flips} of {o.count} held-out samples flipped, significantly "

@@ -62,7 +62,8 @@ def run_model(name: str) -> dict:
                 "accuracy_before": rep["verification"]["outputs"]["logits"]["accuracy_original"] if rep["verification"] else None,
                 "accuracy_after": rep["verification"]["outputs"]["logits"]["accuracy_candidate"] if rep["verification"] else None,
                 "status": rep["status"], "chosen": (rep.get("search") or {}).get("chosen"),
-                "evaluations": len((rep.get("search") or {}).get("evaluated") or []), "seconds": search_s}
+                "evaluations": len((rep.get("search") or {}).get("evaluated") or []), "seconds": search_s,
+                "notes": [n for n in rep["notes"] if "calibration samples cannot resolve" in n]}
     # judge fixed settings exactly as the search judges candidates, on the same splits
     original = load_model(model)
     calib_set = load_calibration(str(calib), original)
@@ -131,6 +132,12 @@ def main() -> int:
     lines += ["", "Chosen per-layer settings:", ""]
     for r in results:
         lines.append(f"- {r['model']}: `{json.dumps(r['search']['chosen'])}`")
+    strict = [(r["model"], n) for r in results for n in r["search"]["notes"]]
+    if strict:
+        lines += ["", "Where the calibration set is too small to resolve the budget (fewer than 2 expected flips' "
+                  "worth of samples), the search only accepts candidates with no sign of flip risk, and the fixed "
+                  "settings are judged by the same rule; onnxfold says so in its report:", ""]
+        lines += [f"- {m}: {n}" for m, n in strict]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
-import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from unittest import mock
@@ -35,16 +33,16 @@ from unittest import mock
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import IR_VERSION, OPSET, build_mlp, make_model, ort_run, tensor_info  # noqa: E402
+from helpers import build_mlp, make_model, ort_run, tensor_info  # noqa: E402
 
 import onnxfold  # noqa: E402
 from onnxfold import io as fio  # noqa: E402
 from onnxfold.cli import main  # noqa: E402
 from onnxfold.errors import (BudgetNotMetError, CalibrationDataError, ModelLoadError, ModelSaveError,  # noqa: E402
-                             OnnxFoldError, UnsupportedModelError, UsageError)
+                             OnnxFoldError, UsageError)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "errors.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -63,3 +64,24 @@ def wait_for(models_dir: Path, names, timeout_s: float) -> list[str]:
             return ready
         print(f"waiting for models in {models_dir} ({len(ready)}/{len(names)} ready)", flush=True)
         time.sleep(15)
+
+
+def model_arguments(description: str, models, wait_s: float = 0.0) -> argparse.ArgumentParser:
+    """The options every per-model benchmark takes: where the models are, where
+    results go, which models, how long to wait for them to appear."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+    ap.add_argument("--only", action="append", choices=models)
+    ap.add_argument("--wait", type=float, default=wait_s, help="seconds to wait for the models to appear")
+    return ap
+
+
+def ready_models(args, models) -> list[str]:
+    """The requested models that exist (waiting up to --wait), saying which are missing."""
+    names = args.only or list(models)
+    ready = wait_for(args.models, names, args.wait)
+    missing = [n for n in names if n not in ready]
+    if missing:
+        print(f"models not found in {args.models}: {', '.join(missing)}; benchmarking the others", flush=True)
+    return ready

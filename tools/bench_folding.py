@@ -19,7 +19,6 @@ exits 1 if that check fails.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
@@ -31,7 +30,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _bench import PROVIDERS, dense_params, logits, machine, wait_for  # noqa: E402
+from _bench import PROVIDERS, dense_params, logits, machine, model_arguments, ready_models  # noqa: E402
 
 from onnxfold.measure.data import load_calibration  # noqa: E402
 from onnxfold.passes.base import PassContext  # noqa: E402
@@ -124,17 +123,8 @@ def render(results: list[dict], checks: list[str], when: str, where: str) -> str
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
-    ap.add_argument("--only", action="append", choices=MODELS)
-    ap.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the models to appear")
-    args = ap.parse_args(argv)
-    names = args.only or list(MODELS)
-    ready = wait_for(args.models, names, args.wait)
-    missing = [n for n in names if n not in ready]
-    if missing:
-        print(f"models not found in {args.models}: {', '.join(missing)}; benchmarking the others", flush=True)
+    args = model_arguments(__doc__.split("\n")[0], MODELS, wait_s=0.0).parse_args(argv)
+    ready = ready_models(args, MODELS)
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     where = machine()
     results, checks, ok = [], [], True

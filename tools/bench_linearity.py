@@ -22,7 +22,6 @@ models to appear if they are still being built.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
@@ -41,7 +40,7 @@ from onnxfold.measure.stats import collect_neuron_stats  # noqa: E402
 from onnxfold.passes.base import PassContext  # noqa: E402
 from onnxfold.passes.linearity import LinearityPass  # noqa: E402
 
-from _bench import PROVIDERS, dense_params, logits, machine, wait_for  # noqa: E402
+from _bench import PROVIDERS, dense_params, logits, machine, model_arguments, ready_models  # noqa: E402
 
 MODELS = ("mnist_mlp", "digits_mlp", "digits_seq_mlp", "cancer_mlp_paper")
 THRESHOLDS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9)
@@ -196,17 +195,8 @@ def render(results: list[dict], checks: list[str], claim: str | None, when: str,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", type=Path, default=ROOT / "models")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
-    ap.add_argument("--only", action="append", choices=MODELS)
-    ap.add_argument("--wait", type=float, default=1800.0, help="seconds to wait for the models to appear")
-    args = ap.parse_args(argv)
-    names = args.only or list(MODELS)
-    ready = wait_for(args.models, names, args.wait)
-    missing = [n for n in names if n not in ready]
-    if missing:
-        print(f"models not found in {args.models}: {', '.join(missing)}; benchmarking the others", flush=True)
+    args = model_arguments(__doc__.split("\n")[0], MODELS, wait_s=1800.0).parse_args(argv)
+    ready = ready_models(args, MODELS)
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     where = machine()
     results, checks, claim, ok = [], [], None, True

@@ -68,15 +68,19 @@ def test_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_inspect_counts_match_numpy(digits, capsys, tmp_path):
+@pytest.mark.parametrize("name", ["digits_mlp", "mnist_mlp"])
+def test_inspect_counts_match_numpy(name, capsys, tmp_path):
+    for suffix in (".onnx", ".calib.npz"):
+        shutil.copy(MODELS / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    model = tmp_path / f"{name}.onnx"
     js = tmp_path / "inspect.json"
-    assert main(["inspect", str(digits), "--json", str(js), "--provider", "cpu"]) == 0
+    assert main(["inspect", str(model), "--json", str(js), "--provider", "cpu"]) == 0  # finds NAME.calib.npz
     info = json.loads(js.read_text())
     # independent count: forward pass in numpy from the Gemm weights
-    m = onnx.load(str(digits))
+    m = onnx.load(str(model))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
-    x = np.load(digits.with_name("digits_mlp.calib.npz"))["input"].astype(np.float64)
+    x = np.load(tmp_path / f"{name}.calib.npz")["input"].astype(np.float64)
     for layer, node in zip(info["chains"], gemms):
         W, b = inits[node.input[1]].astype(np.float64), inits[node.input[2]].astype(np.float64)
         z = x @ W.T + b

@@ -115,9 +115,7 @@ class _Acc:
         r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
         err = np.abs(r64 - c64)
         if err.size:
-            self.max_err = max(self.max_err, float(np.nanmax(err)) if not np.isnan(err).all() else np.inf)
-            if np.isnan(err).any():
-                self.max_err = np.inf
+            self.max_err = np.inf if np.isnan(err).any() else max(self.max_err, float(err.max()))
             self.sum_err += float(np.nansum(err))
             self.n_elems += err.size
             self.max_ref = max(self.max_ref, float(np.abs(r64).max()))

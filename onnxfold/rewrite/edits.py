@@ -127,11 +127,13 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         bias = (np.zeros(k) if bias is None else bias) + edit.row_shift
     prod.bias = bias
     prod.changed = True
-    if act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1 and rows is not None:
-        act.slope = np.asarray(act.slope, dtype=np.float64).reshape(-1)[rows]
-    elif act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1:
-        act.slope = M @ np.asarray(act.slope, dtype=np.float64) / np.maximum(M.sum(axis=1), 1e-300) \
-            if not np.allclose(M.sum(axis=1), 1.0) else M @ np.asarray(act.slope, dtype=np.float64)
+    if act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1:  # per-channel slopes follow the rows
+        slope = np.asarray(act.slope, dtype=np.float64).reshape(-1)
+        if rows is not None:
+            act.slope = slope[rows]
+        else:  # rows of M are usually cluster means; otherwise take the weighted mean slope
+            sums = M.sum(axis=1)
+            act.slope = M @ slope if np.allclose(sums, 1.0) else (M @ slope) / np.maximum(sums, 1e-300)
 
     # consumer columns
     if edit.consumer_weight is not None:

@@ -14,9 +14,9 @@ one, a third part of the calibration data is held back for the final report.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import onnx
@@ -27,6 +27,7 @@ from .find import find_dense_graph
 from .io import count_parameters
 from .latency import measure_latency
 from .passes.base import LayerReport, PassContext
+from .profile import StageProfiler
 from .report import build_report, summarize_model
 from .search import run_passes
 
@@ -57,23 +58,6 @@ class OptimizeResult:
         return save_model(self.model, path, external_data=external_data)
 
 
-class _Timer:
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[stage] = timer.times.get(stage, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
-
-
 def _load(model_or_path) -> tuple[onnx.ModelProto, str | None]:
     from .io import clamp_versions, load_model
 
@@ -82,7 +66,8 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str | None]:
         m.CopyFrom(model_or_path)  # never touch the caller's object
         return clamp_versions(m), None
     if isinstance(model_or_path, (str, Path)):
-        return clamp_versions(load_model(model_or_path)), str(model_or_path)
+        # external weights stay on disk until a pass reads them (see onnxfold.tensors)
+        return clamp_versions(load_model(model_or_path, defer_external=True)), str(model_or_path)
     raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
 
 
@@ -105,8 +90,12 @@ def _split(calib, eval_set, seed: int):
 
 
 def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
-                 linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int) -> list:
-    """The pass list for explicit settings (the budget search builds its own)."""
+                 linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int,
+                 conv_chains: Sequence[str] = (), fold_residual: bool = False) -> list:
+    """The pass list for explicit settings (the budget search builds its own).
+    ``conv_chains``: names of the model's foldable conv chains; a fold ratio
+    then also folds their channels (per-layer ratios go to the pass whose
+    layer they name)."""
     passes = []
     if linear:
         from .passes.linearity import LinearityPass
@@ -116,8 +105,18 @@ def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None
     if fold_ratio is not None:
         from .passes.folding import FoldingPass
 
-        passes.append(FoldingPass(ratio=fold_ratio, select=fold_select, repair=fold_repair, seed=seed,
-                                  drop_constant=has_data and not linear))
+        dense_ratio, conv_ratio = fold_ratio, fold_ratio
+        if isinstance(fold_ratio, Mapping):
+            conv_ratio = {k: v for k, v in fold_ratio.items() if k in conv_chains}
+            dense_ratio = {k: v for k, v in fold_ratio.items() if k not in conv_chains}
+        if dense_ratio or not isinstance(dense_ratio, Mapping):
+            passes.append(FoldingPass(ratio=dense_ratio, select=fold_select, repair=fold_repair, seed=seed,
+                                      drop_constant=has_data and not linear))
+        if conv_chains and (conv_ratio or not isinstance(conv_ratio, Mapping)):
+            from .passes.channel_folding import ChannelFoldingPass
+
+            passes.append(ChannelFoldingPass(ratio=conv_ratio, select=fold_select, repair=fold_repair, seed=seed,
+                                             fold_residual=fold_residual))
     return passes
 
 
@@ -139,7 +138,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
              linear_threshold: float | None = None, linear_mode: str = "extended", linear_path: str = "auto",
              fold_ratio=None, fold_select: str = "kmeans", fold_repair: str = "auto", provider: str = "auto",
              batch_size: int = 256, seed: int = 0, positive_threshold: float | None = None,
-             max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None) -> OptimizeResult:
+             max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None,
+             profile_memory: bool = False, fold_residual: bool = False) -> OptimizeResult:
     """Compress ``model`` (path or ModelProto) and verify the result.
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
@@ -155,14 +155,43 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     - without calibration data only rewrites that are exact for every input
       (provably dead/linear neurons), plus data-free folding with ``fold_ratio``.
 
+    Convolutional chains (Conv [+BN] -> activation -> Conv) are folded
+    channel-wise with an explicit ``fold_ratio`` (see
+    :class:`onnxfold.passes.channel_folding.ChannelFoldingPass`); channels on
+    a residual stream only with ``fold_residual=True``.
+
     If a budget is not met, the original model is returned unchanged
     (``result.changed`` False, ``report["status"] == "budget_not_met"``).
+
+    The report's ``timings_s`` splits the run by stage (see
+    :mod:`onnxfold.profile`); ``profile_memory=True`` adds each stage's peak
+    resident memory (``report["memory"]``, Linux). A model loaded from a path
+    with external data keeps untouched weights on disk: ``result.model`` may
+    reference the input's data file - save it with ``result.save`` /
+    :func:`onnxfold.io.save_model`, or call :func:`onnxfold.tensors.load_deferred`
+    on it for a self-contained proto.
     """
+    with StageProfiler(memory=profile_memory) as profiler:
+        result = _optimize(model, calibration, eval_data=eval_data, budget=budget, linear=linear,
+                           linear_threshold=linear_threshold, linear_mode=linear_mode, linear_path=linear_path,
+                           fold_ratio=fold_ratio, fold_select=fold_select, fold_repair=fold_repair,
+                           provider=provider, batch_size=batch_size, seed=seed,
+                           positive_threshold=positive_threshold, max_evaluations=max_evaluations,
+                           latency=latency, progress=progress, timer=profiler.stage, fold_residual=fold_residual)
+    result.report["timings_s"] = profiler.timings()
+    memory = profiler.memory()
+    if memory is not None:
+        result.report["memory"] = memory
+    return result
+
+
+def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
+              fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
+              max_evaluations, latency, progress, timer, fold_residual) -> OptimizeResult:
     from .measure.data import load_calibration
     from .runtime import resolve_provider
     from .verify import compare_models
 
-    timer = _Timer()
     notes: list[str] = []
     with timer("load"):
         original, input_path = _load(model)
@@ -184,16 +213,23 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
                       progress=progress)
     view = find_dense_graph(original)
-    # only names and skips are needed here: drop the float64 weight view before the passes make their own
+    # only names and skips are needed here (the views read no weights)
     chain_names, skipped = [c.name for c in view.chains], view.skipped
     before = summarize_model(original, view)
     del view
+    from .find.conv import find_conv_graph
+
+    conv_chains = [c.name for c in find_conv_graph(original).chains]
     search_info = None
     status = "optimized"
-    with timer("passes"):
-        if not chain_names:  # nothing any pass could touch: no search, no candidates
+    with timer("decide"):
+        if not chain_names and not (conv_chains and fold_ratio is not None):  # nothing a pass could touch
             current, changed, layers = original, False, []
-            notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
+            if conv_chains:
+                notes.append(f"{len(conv_chains)} foldable conv chains found: fold their channels with an explicit "
+                             "fold ratio (--fold-ratio); the budget search covers dense layers")
+            else:
+                notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
         elif mode == "search":
             from .search import BudgetSearch
 
@@ -215,7 +251,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
         else:
             passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
                                   linear_mode=linear_mode, linear_path=linear_path, fold_ratio=fold_ratio,
-                                  fold_select=fold_select, fold_repair=fold_repair, seed=seed)
+                                  fold_select=fold_select, fold_repair=fold_repair, seed=seed,
+                                  conv_chains=conv_chains, fold_residual=fold_residual)
             current, changed, layers, pass_notes = run_passes(original, passes, ctx)
             notes.extend(pass_notes)
     verification, budget_info = None, None
@@ -251,7 +288,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
         input_path=input_path, output_path=None, status=status, provider=providers[0],
         settings=dict(mode=mode, linear=linear, linear_threshold=linear_threshold, linear_mode=linear_mode,
                       linear_path=linear_path, fold_ratio=fold_ratio, fold_select=fold_select,
-                      fold_repair=fold_repair, seed=seed, batch_size=batch_size,
+                      fold_repair=fold_repair, fold_residual=fold_residual, seed=seed, batch_size=batch_size,
                       calibration_samples=None if calib is None else calib.num_samples,
                       evaluation_samples=None if evalset is None else evalset.num_samples,
                       split={"fit": None if fit is None else fit.num_samples,
@@ -259,7 +296,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
                              "final": None if final is None else final.num_samples}),
         before=before, after=summarize_model(current) if changed else before, layers=layers,
         skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
-        timings={k: round(v, 4) for k, v in timer.times.items()}, notes=notes, search=search_info)
+        timings={}, notes=notes, search=search_info)
     return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
 
 

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="input .onnx model (never modified)")
     g.add_argument("-o", "--output", help="output path (default: <stem>.fold.onnx next to the input)")
     g.add_argument("--report", metavar="JSON", help="write the machine-readable report here")
+    g.add_argument("--profile-memory", action="store_true",
+                   help="record each stage's peak resident memory in the report (Linux; a sampling thread)")
     g.add_argument("--external-data", action="store_true",
                    help="store the output's weights in a .data file beside it (automatic above 2 GB)")
     _add_data_options(opt, eval_too=True)
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
     g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
                    help="auto: ls with calibration data, ar without")
+    g.add_argument("--fold-residual", action="store_true",
+                   help="conv models: also fold residual-stream channels (one shared assignment per stream)")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
     g = opt.add_argument_group("budget and checks",
                                "With calibration data and no explicit --fold-ratio/--linear-threshold, onnxfold "
@@ -251,6 +255,7 @@ class _ProgressSink:
 def _cmd_optimize(args, console) -> int:
     from .api import optimize
     from .io import default_output_path, model_has_external_data
+    from .profile import StageProfiler
 
     model = Path(args.model)
     out = Path(args.output) if args.output else default_output_path(model)
@@ -286,9 +291,16 @@ def _cmd_optimize(args, console) -> int:
                           linear_path=args.linear_path, fold_ratio=args.fold_ratio, fold_select=args.fold_select,
                           fold_repair=args.fold_repair, provider=args.provider, batch_size=args.batch_size,
                           seed=args.seed, positive_threshold=args.positive_threshold,
-                          max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress)
+                          max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress,
+                          profile_memory=args.profile_memory, fold_residual=args.fold_residual)
     external = True if (args.external_data or model_has_external_data(model)) else None
-    saved = result.save(out, external_data=external)
+    with StageProfiler(memory=args.profile_memory) as profiler, profiler.stage("save"):
+        saved = result.save(out, external_data=external)
+    result.report["timings_s"].update(profiler.timings())
+    if "memory" in result.report and profiler.memory():
+        result.report["memory"]["stage_peak_rss_bytes"].update(profiler.peaks)
+        result.report["memory"]["peak_rss_bytes"] = max(result.report["memory"]["peak_rss_bytes"],
+                                                        profiler.memory()["peak_rss_bytes"])
     result.report["output"] = str(saved)
     if args.report:
         _write_json_atomic(result.report, args.report)

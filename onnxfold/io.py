@@ -40,6 +40,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxfold.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
+from onnxfold.tensors import defer_initializers, deferred_chunks, is_deferred
 
 # protobuf cannot serialize a message of 2 GiB or more; keep a margin for the
 # per-field overhead that the size estimate only approximates.
@@ -462,8 +463,13 @@ def _run_checker(p: Path, what: str, error: type) -> None:
         raise error(f"{what} fails the ONNX checker: {_checker_message(e)}{fix}") from None
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, defer_external: bool = False) -> onnx.ModelProto:
     """Load the model at ``path`` with its external data (files next to it).
+
+    ``defer_external=True`` leaves the main graph's external initializers on
+    disk (see :mod:`onnxfold.tensors`): the returned model then holds none of
+    those weights, and everything in onnxfold reads them when needed. That is
+    how the CLI loads a model; save such a model with :func:`save_model`.
 
     Raises ModelLoadError (one line, with the fix) for a missing path, a
     directory, an empty / truncated / corrupt / non-ONNX file, a missing or
@@ -483,7 +489,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             _check_twin(model, Path(tmp), f"model {p}", ModelLoadError, runtime=False)
     if has_external:
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+            if defer_external:
+                defer_initializers(model, p.parent)
+                for t in _iter_graph_tensors(model.graph):  # Constant/attribute tensors: load, they are small
+                    if _uses_external(t) and not is_deferred(t):
+                        onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"cannot read the external data of {p}: {_first_line(e)}") from None
     return model
@@ -609,15 +621,25 @@ def _tensor_bytes(t: TensorProto) -> bytes:
     """The tensor's data in raw_data layout (one transient copy)."""
     if t.HasField("raw_data"):
         return t.raw_data
+    if is_deferred(t):
+        return b"".join(deferred_chunks(t))
     from onnx import numpy_helper
 
     arr = numpy_helper.to_array(t)
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
+def _inlined(t: TensorProto) -> TensorProto:
+    """A copy of deferred tensor ``t`` with its data read into ``raw_data``."""
+    out = TensorProto()
+    _copy_fields_except(t, out, _DATA_FIELDS)
+    out.raw_data = _tensor_bytes(t)
+    return out
+
+
 def _check_no_unloaded_external(model: onnx.ModelProto) -> None:
     for t in _iter_graph_tensors(model.graph):
-        if _uses_external(t):
+        if _uses_external(t) and not is_deferred(t):
             raise ModelSaveError(
                 f"tensor '{t.name}' still references external data that was never loaded; "
                 "load the model with onnxfold.io.load_model before saving it"
@@ -661,8 +683,12 @@ def write_external(
         offset = 0
         for t in g.initializer:
             nbytes = _data_nbytes(t) if t.data_type != TensorProto.STRING else 0
-            if t.data_type == TensorProto.STRING or nbytes < min_bytes or (_uses_external(t) and not sparse):
-                sg.initializer.add().CopyFrom(t)  # small, or unloaded external (save_model refuses those)
+            unloaded = _uses_external(t) and not is_deferred(t)
+            if t.data_type == TensorProto.STRING or nbytes < min_bytes or (unloaded and not sparse):
+                if is_deferred(t):  # small: inline it (a basepath stub means nothing outside onnxfold)
+                    sg.initializer.add().CopyFrom(_inlined(t))
+                else:
+                    sg.initializer.add().CopyFrom(t)  # small, or unloaded external (save_model refuses those)
                 continue
             if nbytes >= _ALIGN_MIN_BYTES and offset % _ALIGNMENT:
                 pad = _ALIGNMENT - offset % _ALIGNMENT
@@ -671,6 +697,11 @@ def write_external(
                 offset += pad
             if sparse:
                 length = nbytes
+            elif is_deferred(t):  # copied from the source file, a chunk at a time
+                length = 0
+                for chunk in deferred_chunks(t):
+                    f.write(chunk)
+                    length += len(chunk)
             else:
                 data = _tensor_bytes(t)
                 f.write(data)
@@ -727,7 +758,24 @@ def _raw_tensor_chunks(t: TensorProto) -> Iterator[bytes]:
     yield after.SerializeToString()
 
 
+def _deferred_tensor_chunks(t: TensorProto) -> Iterator[bytes]:
+    """Serialized ``t`` with its deferred data inline as ``raw_data``, read in chunks."""
+    before, after = TensorProto(), TensorProto()
+    _copy_fields(t, before, lambda d: d.number < _RAW_DATA_FIELD and d.name not in _DATA_FIELDS)
+    _copy_fields(t, after, lambda d: d.number > _RAW_DATA_FIELD and d.name not in _DATA_FIELDS)
+    yield before.SerializeToString()
+    yield _key(_RAW_DATA_FIELD, 2) + _varint_bytes(_data_nbytes(t))
+    yield from deferred_chunks(t)
+    yield after.SerializeToString()
+
+
 def _tensor_piece(t: TensorProto, key: bytes) -> _Piece:
+    if is_deferred(t):
+        stub = TensorProto()
+        _copy_fields_except(t, stub, _DATA_FIELDS)
+        n = _data_nbytes(t)
+        size = stub.ByteSize() + len(_key(_RAW_DATA_FIELD, 2)) + len(_varint_bytes(n)) + n
+        return key + _varint_bytes(size), size, lambda: _deferred_tensor_chunks(t)
     if t.HasField("raw_data") and t.data_type in _BITS:
         size = _tensor_serialized_size(t)
         return key + _varint_bytes(size), size, lambda: _raw_tensor_chunks(t)

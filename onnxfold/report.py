@@ -35,7 +35,7 @@ def summarize_model(model: onnx.ModelProto, view=None) -> ModelSummary:
     view = find_dense_graph(model) if view is None else view
     flops = 0
     for op in view.ops.values():
-        flops += 2 * op.weight.size + sum(2 * f.size for p in op.paths for f in p.factors)
+        flops += 2 * op.out_features * op.in_features + sum(2 * f.size for p in op.paths for f in p.factors)
     return ModelSummary(parameters=count_parameters(model), bytes=model_bytes(model), dense_flops_per_row=int(flops),
                         hidden_widths={c.name: c.width for c in view.chains})
 

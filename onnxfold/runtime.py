@@ -224,6 +224,7 @@ def create_session(
     import onnxruntime as ort
 
     from onnxfold import io as fio
+    from onnxfold.tensors import has_deferred
 
     so = _session_options(intra_op_threads)
     providers = list(providers)
@@ -244,12 +245,13 @@ def create_session(
         if not p.is_file():
             raise ModelLoadError(f"model file not found: {p}")
         return build(str(p))
-    if fio.model_has_external_data(model):
+    deferred = has_deferred(model)  # weights left on disk by load_model: copied into the scratch files
+    if fio.model_has_external_data(model) and not deferred:
         raise ModelLoadError(
             "the model still references external data that was never loaded; "
             "load it with onnxfold.io.load_model or pass the model's path"
         )
-    if fio._estimate_serialized_size(model) <= min(SESSION_BYTES_LIMIT, fio.EXTERNAL_THRESHOLD):
+    if not deferred and fio._estimate_serialized_size(model) <= min(SESSION_BYTES_LIMIT, fio.EXTERNAL_THRESHOLD):
         data = model.SerializeToString()
         try:
             return build(data)

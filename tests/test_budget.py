@@ -100,9 +100,11 @@ def test_check_exit_code_budget_met(digits):
 def test_check_exit_code_budget_not_met_returns_original(digits, capsys):
     out = digits.with_name("out.onnx")
     rep = digits.with_name("r.json")
-    # no rewrite keeps the logits within 1e-12: float rounding alone exceeds it
-    code = main(["optimize", str(digits), "-o", str(out), "--max-error", "1e-12", "--max-evaluations", "8",
-                 "--check", "--report", str(rep), "--no-latency", "--quiet", "--provider", "cpu"])
+    # a 20x smaller model cannot keep the logits within 1e-12 (dropping dead
+    # neurons alone could: it is bit-exact on the data it was measured on)
+    code = main(["optimize", str(digits), "-o", str(out), "--max-error", "1e-12", "--target-ratio", "0.05",
+                 "--max-evaluations", "8", "--check", "--report", str(rep), "--no-latency", "--quiet",
+                 "--provider", "cpu"])
     assert code == 1
     assert "budget not met" in capsys.readouterr().err
     r = json.loads(rep.read_text())

@@ -65,7 +65,8 @@ def test_dense_forms_extract_what_the_graph_computes(case):
     for i, p in enumerate(params):
         op = dg.ops[f"fc{i}"]
         assert op.weight.shape == p["W"].shape
-        np.testing.assert_allclose(op.weight, p["W"], rtol=1e-12, atol=0)
+        # weights are held in float32 (the model's precision): alpha scaling rounds once
+        np.testing.assert_allclose(op.weight, p["W"], rtol=1e-6, atol=0)
         if p["b"] is None:
             assert op.bias is None or not np.any(op.bias)
         else:

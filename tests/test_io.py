@@ -101,6 +101,54 @@ def test_external_data_round_trip(tmp_path):
     np.testing.assert_allclose(run(out, X), run(model, X), rtol=1e-6)
 
 
+def test_deferred_external_data_stays_on_disk_and_saves_both_ways(tmp_path):
+    """load_model(defer_external=True) holds stubs, not weights; every writer
+    turns them back into data: external (copied from the source file in
+    chunks), single file, and the scratch copy a session is built from."""
+    from onnxfold.runtime import create_session
+    from onnxfold.tensors import has_deferred, is_deferred, load_deferred, tensor_array
+
+    model = mlp(hidden=128, small_first=True)
+    src = fio.save_model(model, tmp_path / "src.onnx", external_data=True)
+    lazy = fio.load_model(src, defer_external=True)
+    deferred = {t.name for t in lazy.graph.initializer if is_deferred(t)}
+    assert deferred == {"pad", "W1", "W2"} and has_deferred(lazy)
+    assert all(not t.HasField("raw_data") for t in lazy.graph.initializer if t.name in deferred)
+    for name, arr in weights(model).items():  # read on demand, same values
+        t = next(t for t in lazy.graph.initializer if t.name == name)
+        np.testing.assert_array_equal(tensor_array(t), arr)
+    (tmp_path / "ext").mkdir()
+    ext = fio.save_model(lazy, tmp_path / "ext" / "m.onnx", external_data=True)
+    single = fio.save_model(lazy, tmp_path / "one.onnx", external_data=False)
+    assert not fio.model_has_external_data(single)
+    for path in (ext, single):
+        np.testing.assert_allclose(run(path, X), run(model, X), rtol=1e-6)
+        assert "basepath" not in path.read_bytes().decode("latin-1")  # the onnxfold-only key never leaks
+    got = create_session(lazy, ["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    np.testing.assert_allclose(got, run(model, X), rtol=1e-6)
+    assert {t.name for t in lazy.graph.initializer if is_deferred(t)} == deferred  # saving never loads them in
+    full = load_deferred(lazy)
+    assert not has_deferred(full)
+    np.testing.assert_allclose(run(full, X), run(model, X), rtol=1e-6)
+
+
+def test_optimizing_a_model_with_external_data_matches_the_inline_model(tmp_path):
+    """The CLI/API path keeps external weights on disk until read: the result
+    must be exactly what the same model held in memory gives."""
+    import onnxfold
+
+    model = mlp(hidden=64)
+    inline = fio.save_model(model, tmp_path / "inline.onnx", external_data=False)
+    (tmp_path / "ext").mkdir()
+    ext = fio.save_model(model, tmp_path / "ext" / "m.onnx", external_data=True)
+    a = onnxfold.optimize(inline, fold_ratio=0.5)
+    b = onnxfold.optimize(ext, fold_ratio=0.5)
+    assert a.changed and b.changed
+    out = fio.save_model(b.model, tmp_path / "out.onnx", external_data=True)
+    np.testing.assert_array_equal(run(out, X), run(a.model, X))
+    assert b.report["after"]["parameters"] == a.report["after"]["parameters"]
+
+
 def test_large_tensors_are_aligned_in_data_file(tmp_path):
     model = mlp(small_first=True)
     model.graph.initializer.append(numpy_helper.from_array(np.arange(20000, dtype=np.float32), "big"))

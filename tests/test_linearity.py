@@ -169,6 +169,9 @@ def hidden_scale(model, x) -> float:
 
 
 def fold(model, x=None, **kw):
+    # node_cost=0: these tests are about the rewrite itself, on nets too small
+    # for a path's extra nodes to pay at run time (that rule has its own test)
+    kw.setdefault("node_cost", 0)
     ctx = PassContext(calibration=None if x is None else CalibrationSet({"x": x}), batch_size=64)
     return LinearityPass(**kw)(model, ctx)
 
@@ -479,6 +482,26 @@ def test_paper_vs_extended_mode():
     assert le.path_form == "dense" and le.params_after < lp.params_after
     for res in (paper, ext):
         assert_same(run(model, x), run(res.model, x))
+
+
+def test_a_path_must_save_more_than_its_nodes_cost():
+    """Extended mode weighs a new path's graph nodes (a MatMul per factor and
+    an Add) at ``node_cost`` parameters each: 10 always-on neurons of a 6-24-3
+    net save 10 * (6 + 1 + 3) = 100 parameters for an 18-parameter path, which
+    pays for free nodes but not at the default cost; constant neurons need no
+    path and leave either way."""
+    roles = [["on"] * 10 + ["off"] * 6 + [""] * 8]
+    model, x = build_net(11, [6, 24, 3], roles=roles)
+    free = layer(fold(model, x, node_cost=0), "layer0")
+    assert (free.linear, free.constant, free.path_form) == (10, 6, "dense")
+    costly = fold(model, x, node_cost=decide.PATH_NODE_COST_PARAMS)
+    lc = layer(costly, "layer0")
+    assert (lc.linear, lc.constant, lc.path_form) == (0, 6, None)
+    assert len(costly.model.graph.node) == len(model.graph.node)  # no node added
+    assert_same(run(model, x), run(costly.model, x))
+    # a cost just below what the path saves per node still takes it: 100 - 18 = 82 over 2 nodes
+    assert layer(fold(model, x, node_cost=40), "layer0").linear == 10
+    assert layer(fold(model, x, node_cost=42), "layer0").linear == 0
 
 
 def test_threshold_below_one_takes_almost_linear_neurons():

@@ -19,7 +19,7 @@ def report(tmp_path_factory):
         shutil.copy(ROOT / "models" / f"digits_mlp{suffix}", d / f"digits_mlp{suffix}")
     rep = d / "report.json"
     assert main(["optimize", str(d / "digits_mlp.onnx"), "--fold-ratio", "0.25", "--report", str(rep),
-                 "--quiet", "--provider", "cpu"]) == 0
+                 "--quiet", "--provider", "cpu", "--profile-memory"]) == 0
     return json.loads(rep.read_text())
 
 
@@ -33,6 +33,14 @@ def _documented_keys() -> set[str]:
             first_cell = line.split("|")[1]
             keys.update(k.rstrip("[]") for k in re.findall(r"`([a-z_\[\]]+)`", first_cell))
     return keys
+
+
+def test_memory_profile_has_a_peak_per_stage(report):
+    mem = report["memory"]
+    stages = mem["stage_peak_rss_bytes"]
+    assert {"load", "calibration", "decide", "verify", "save"} <= set(stages)
+    # sampled stage peaks can only be at or below the process high-water mark
+    assert all(0 < v <= mem["peak_rss_bytes"] for v in stages.values())
 
 
 def test_every_report_key_is_documented_and_vice_versa(report):
@@ -63,5 +71,7 @@ def test_report_contents(report):
     assert report["budget"]["spec"]["min_agreement"] == 99.5
     for row in report["latency"].values():
         assert row["before_ms"] > 0 and row["after_ms"] > 0
-    assert {"load", "passes", "verify"} <= set(report["timings_s"])
+    assert {"load", "load_data", "calibration", "decide", "rewrite", "verify", "latency", "save"} \
+        == set(report["timings_s"])
+    assert all(v >= 0 for v in report["timings_s"].values())
     assert report["skipped"] and all({"where", "reason"} == set(s) for s in report["skipped"])

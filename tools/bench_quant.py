@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import onnxfold  # noqa: E402
+from onnxfold.find import find_dense_graph  # noqa: E402
 
 
 class _Reader:
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     models = sorted(p for p in Path(a.models).glob("*.onnx") if not p.name.endswith(".fold.onnx")
                     and p.with_name(p.name[:-5] + ".calib.npz").exists()
-                    and p.with_name(p.name[:-5] + ".test.npz").exists())
+                    and p.with_name(p.name[:-5] + ".test.npz").exists()
+                    and find_dense_graph(onnx.load(p)).chains)  # the conv-only CNN: see bench_channels.py
     if a.only:
         models = [m for m in models if m.name[:-5] in a.only]
     rows = []

@@ -111,34 +111,38 @@ def _safe_mul(a: np.ndarray, x: np.ndarray) -> np.ndarray:
         return np.where(a == 0, 0.0, a * x)
 
 
-def interval_matmul(lo, hi, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def interval_matmul(lo, hi, matrix: np.ndarray, block_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Bounds of ``x @ matrix`` for every x with lo ≤ x ≤ hi (elementwise).
 
     ``lo``/``hi`` are scalars or vectors over the rows of ``matrix``; ``lo`` may
     be -inf and ``hi`` +inf. An output is unbounded only through a non-zero
-    weight on an unbounded input (0·inf counts as 0), and nothing of size
-    in × out beyond the sign masks is allocated for it.
+    weight on an unbounded input (0·inf counts as 0). The matrix is walked
+    ``block_rows`` rows at a time in float64, so the extra memory is a few
+    blocks, not copies of a possibly huge weight.
     """
-    M = np.asarray(matrix, dtype=np.float64)
-    d = M.shape[0]
+    d, m = matrix.shape
     lo = np.broadcast_to(np.asarray(lo, dtype=np.float64).reshape(-1), (d,))
     hi = np.broadcast_to(np.asarray(hi, dtype=np.float64).reshape(-1), (d,))
     lo_unbounded, hi_unbounded = ~np.isfinite(lo), ~np.isfinite(hi)
-    if lo_unbounded.all() and hi_unbounded.all():  # no bounds at all (a graph input): same result, no copies of M
-        nonzero = np.zeros(M.shape[1], dtype=bool)
-        for start in range(0, d, 1024):
-            nonzero |= (M[start:start + 1024] != 0).any(axis=0)
-        return np.where(nonzero, -np.inf, 0.0), np.where(nonzero, np.inf, 0.0)
     lo_f, hi_f = np.where(lo_unbounded, 0.0, lo), np.where(hi_unbounded, 0.0, hi)
-    pos, neg = np.maximum(M, 0.0), np.minimum(M, 0.0)
-    low = lo_f @ pos + hi_f @ neg
-    high = hi_f @ pos + lo_f @ neg
-    if lo_unbounded.any() or hi_unbounded.any():
-        below = (M[lo_unbounded] > 0).any(axis=0) | (M[hi_unbounded] < 0).any(axis=0)
-        above = (M[hi_unbounded] > 0).any(axis=0) | (M[lo_unbounded] < 0).any(axis=0)
-        low = np.where(below, -np.inf, low)
-        high = np.where(above, np.inf, high)
-    return low, high
+    low, high = np.zeros(m), np.zeros(m)
+    below, above = np.zeros(m, dtype=bool), np.zeros(m, dtype=bool)
+    for r0 in range(0, d, block_rows):
+        rows = slice(r0, min(d, r0 + block_rows))
+        M = np.asarray(matrix[rows], dtype=np.float64)
+        if not (lo_unbounded[rows].all() and hi_unbounded[rows].all()):
+            pos, neg = np.maximum(M, 0.0), np.minimum(M, 0.0)
+            low += lo_f[rows] @ pos + hi_f[rows] @ neg
+            high += hi_f[rows] @ pos + lo_f[rows] @ neg
+            del pos, neg
+        lu, hu = lo_unbounded[rows], hi_unbounded[rows]
+        if lu.any():
+            below |= (M[lu] > 0).any(axis=0)
+            above |= (M[lu] < 0).any(axis=0)
+        if hu.any():
+            below |= (M[hu] < 0).any(axis=0)
+            above |= (M[hu] > 0).any(axis=0)
+    return np.where(below, -np.inf, low), np.where(above, np.inf, high)
 
 
 def activation_interval(pieces: PieceTable, zlo: np.ndarray, zhi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -454,6 +458,15 @@ class LayerShape:
     row_cost: int
     col_cost: int
     params: int
+
+
+#: What one extra graph node costs, in parameters: moving neurons to a linear
+#: path adds a MatMul per factor and an Add, and each node has a fixed
+#: run-time cost (~1-2 µs in onnxruntime on CPU, about the time a batch-1
+#: product streams a few thousand float32 weights). Extended mode only takes a
+#: path when it saves more than that; without it, small models came out with
+#: fewer parameters but slower at batch 1 (tools/bench_perf.py, BENCHMARKS.md).
+PATH_NODE_COST_PARAMS = 4096
 
 
 def params_after(shape: LayerShape, removed: int, new_path_params: int, new_biases: int = 0) -> int:

@@ -63,6 +63,15 @@ class DenseGraph:
     def changed(self) -> bool:
         return any(op.changed for op in self.ops.values())
 
+    def release_except(self, chain: Chain | None = None) -> None:
+        """Drop the unedited weights of all ops but ``chain``'s (they are read
+        from the model again on use): a pass walking a multi-GB model then
+        holds only the layers it works on plus what it has edited."""
+        keep = () if chain is None else (chain.producer, chain.consumer)
+        for op in self.ops.values():
+            if op not in keep:
+                op.release()
+
 
 # --------------------------------------------------------------------------
 # dense ops
@@ -76,6 +85,20 @@ def _as_vector(b: np.ndarray, n: int) -> np.ndarray | None:
     if b.shape[-1] == n and b.size == n:
         return b.reshape(n).astype(np.float64)
     return None
+
+
+def _weight_loader(ix: GraphIndex, name: str, trans_b: bool, alpha: float):
+    """Reads the out × in weight of a Gemm/MatMul when first needed: a find
+    over a multi-GB model reads no weight until a pass asks for it."""
+
+    def load() -> np.ndarray:
+        B = ix.const(name)
+        W = B if trans_b else B.T  # a view: no copy before the storage cast
+        if alpha != 1.0:
+            W = W.astype(np.float64) * alpha
+        return W
+
+    return load
 
 
 class _OpFinder:
@@ -98,32 +121,31 @@ class _OpFinder:
                 return None
             if ix.is_const(node.input[0]):
                 return None
-            B = ix.const(node.input[1])
-            if B.ndim != 2 or B.dtype.type not in FLOAT_TYPES:
+            meta = ix.const_meta(node.input[1])
+            if meta is None or len(meta[0]) != 2 or meta[1].type not in FLOAT_TYPES:
                 return None
+            trans_b = bool(ix.attr(node, "transB", 0))
             alpha = float(ix.attr(node, "alpha", 1.0))
             beta = float(ix.attr(node, "beta", 1.0))
-            W = (B if ix.attr(node, "transB", 0) else B.T).astype(np.float64)
-            if alpha != 1.0:  # in place: no second copy of a possibly huge weight
-                W *= alpha
+            shape = meta[0] if trans_b else meta[0][::-1]
             bias = None
             if len(node.input) > 2 and node.input[2]:
                 if not ix.is_const(node.input[2]):
                     self.skipped.append(Skipped(node.name, "Gemm bias C is not a constant"))
                     return None
-                bias = _as_vector(ix.const(node.input[2]), W.shape[0])
+                bias = _as_vector(ix.const(node.input[2]), shape[0])
                 if bias is None:
                     self.skipped.append(Skipped(node.name, "Gemm bias C is not of shape [N] or [1,N]"))
                     return None
                 bias = bias * beta
-            return W, bias, "gemm", B.dtype
+            return _weight_loader(ix, node.input[1], trans_b, alpha), shape, bias, "gemm", meta[1]
         if node.op_type == "MatMul":
             if not ix.is_const(node.input[1]) or ix.is_const(node.input[0]):
                 return None
-            B = ix.const(node.input[1])
-            if B.ndim != 2 or B.dtype.type not in FLOAT_TYPES:
+            meta = ix.const_meta(node.input[1])
+            if meta is None or len(meta[0]) != 2 or meta[1].type not in FLOAT_TYPES:
                 return None
-            return B.T.astype(np.float64), None, "matmul", B.dtype
+            return _weight_loader(ix, node.input[1], False, 1.0), meta[0][::-1], None, "matmul", meta[1]
         return None
 
     def _path_from(self, tensor: str, out_features: int) -> LinearPath | None:
@@ -177,9 +199,9 @@ class _OpFinder:
             return None
         if node.op_type == "MatMul" and self._is_path_head(node):
             return None
-        W, bias, form, dtype = main
-        op = DenseOp(name=node.name, input=node.input[0], output=node.output[0], weight=W,
-                     bias=bias, form=form, dtype=np.dtype(dtype), nodes=[node.name])
+        loader, shape, bias, form, dtype = main
+        op = DenseOp(name=node.name, input=node.input[0], output=node.output[0], bias=bias, form=form,
+                     dtype=np.dtype(dtype), nodes=[node.name], weight_loader=loader, weight_shape=tuple(shape))
         # absorb the tail: bias Add, BatchNormalization, linear-path Adds
         while True:
             c = ix.single_consumer(op.output)

@@ -9,6 +9,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..tensors import numpy_dtype, tensor_array, tensor_shape
+
+#: constants up to this size are cached; bigger ones (weights) are read on
+#: each call, so that an index never holds a model's weights
+CACHE_MAX_BYTES = 2**20
+
 
 def node_key(node: onnx.NodeProto, index: int) -> str:
     """The name find and materialize use for the ``index``-th node of a graph:
@@ -57,7 +63,7 @@ class GraphIndex:
             return self._const_cache[name]
         val = None
         if name in self.initializers:
-            val = numpy_helper.to_array(self.initializers[name])
+            val = tensor_array(self.initializers[name])
         else:
             p = self.producer.get(name)
             if p is not None and p.op_type == "Constant":
@@ -72,9 +78,25 @@ class GraphIndex:
                         val = np.array(a.i, dtype=np.int64)
                     elif a.name == "value_ints":
                         val = np.array(list(a.ints), dtype=np.int64)
-        if val is not None:
+        if val is not None and val.nbytes <= CACHE_MAX_BYTES:
             self._const_cache[name] = val
         return val
+
+    def const_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """(shape, dtype) of a constant without reading its data, else None."""
+        t = self.initializers.get(name)
+        if t is None:
+            p = self.producer.get(name)
+            if p is None or p.op_type != "Constant":
+                return None
+            t = next((a.t for a in p.attribute if a.name == "value" and a.HasField("t")), None)
+            if t is None:  # value_float(s)/value_int(s): tiny
+                v = self.const(name)
+                return None if v is None else (v.shape, v.dtype)
+        try:
+            return tensor_shape(t), numpy_dtype(t)
+        except (KeyError, ValueError, TypeError):
+            return None
 
     def const_source_nodes(self, name: str) -> list[str]:
         """Nodes to delete with a constant if nothing else uses it."""

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxfold.errors import CalibrationDataError
 from onnxfold.measure.data import CalibrationSet
+from onnxfold.profile import stage
+from onnxfold.tensors import tensor_array
 
 __all__ = ["expose_outputs", "stream_tensors", "run_model"]
 
@@ -28,6 +29,10 @@ __all__ = ["expose_outputs", "stream_tensors", "run_model"]
 _INFER_LIMIT_BYTES = 256 * 1024 * 1024
 
 ProgressFn = Callable[[int, int], None]
+
+
+#: model runs inside these stages belong to them, not to "calibration"
+MEASURING_STAGES = ("verify", "latency")
 
 
 def _known_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -176,12 +181,13 @@ def stream_tensors(
     input_names = {vi.name for vi in g.input}
     inits = {t.name: t for t in g.initializer}
     from_feed = [n for n in names if n in input_names and (n not in inits or n in data.arrays)]
-    constants = {n: numpy_helper.to_array(inits[n]) for n in names if n in inits and n not in from_feed}
+    constants = {n: tensor_array(inits[n]) for n in names if n in inits and n not in from_feed}
     run_names = [n for n in names if n not in from_feed and n not in constants]
 
     existing = [o.name for o in g.output]
     exposed_model = model if all(n in existing for n in run_names) else expose_outputs(model, run_names)
-    session = _make_session(exposed_model, providers)
+    with stage("calibration", unless_in=MEASURING_STAGES):
+        session = _make_session(exposed_model, providers)
     del exposed_model  # the session holds its own copy
     sess_inputs = {i.name for i in session.get_inputs()}
     output_names = list(dict.fromkeys(existing + run_names))
@@ -192,7 +198,8 @@ def stream_tensors(
     for feed, labels in data.labeled_batches(batch_size):
         run_feed = {k: v for k, v in feed.items() if k in sess_inputs}
         try:
-            values = session.run(output_names, run_feed, run_options)
+            with stage("calibration", unless_in=MEASURING_STAGES):
+                values = session.run(output_names, run_feed, run_options)
         except run_errors as e:  # inputs rejected, or a node failing on them: the data does not fit
             raise CalibrationDataError(
                 f"onnxruntime failed on the {data.what} data ({_short(e)}); make the data match what the model expects"

@@ -47,6 +47,11 @@ HELDOUT_SHARE = 0.2
 MIN_SAMPLES_TO_SPLIT = 5
 
 
+#: layers wider than this get their fold maps as sparse matrices (a dense
+#: k × n map of a 8192-wide layer is 256 MiB and a 10¹²-flop product)
+SPARSE_MAPS_ABOVE = 1024
+
+
 @dataclass
 class _Plan:
     """What happens to one chain's neurons (indices into the current width)."""
@@ -137,6 +142,7 @@ class FoldingPass:
         before = {c.name: _chain_params(c) for c in view.chains}
         reports: list[LayerReport] = []
         for i, chain in enumerate(view.chains):
+            view.release_except(chain)  # unedited weights are read again when needed
             ctx.report_progress("folding", i, len(view.chains))
             if chain.name in ratios:
                 reports.append(run.fold(chain, ratios[chain.name]))
@@ -145,7 +151,7 @@ class FoldingPass:
         ctx.report_progress("folding", len(view.chains), len(view.chains))
         for rep, chain in zip(reports, view.chains):
             rep.params_before, rep.params_after = before[chain.name], _chain_params(chain)
-        out = run.current_model() if run.edited else model
+        out = run.final_model() if run.edited else model
         notes = []
         if self.repair == "auto":
             data = "with" if ctx.calibration is not None else "no"
@@ -190,6 +196,12 @@ class _FoldRun:
             self._current = materialize(self.original, self.view)
         return self._current
 
+    def final_model(self) -> onnx.ModelProto:
+        """The folded model; the view's weights are released as they are written."""
+        if self._current is None:
+            self._current = materialize(self.original, self.view, release=True)
+        return self._current
+
     def _apply(self, chain: Chain, edit: HiddenEdit) -> None:
         apply_edit(chain, edit)
         self.edited = True
@@ -228,7 +240,7 @@ class _FoldRun:
         plan = self._plan(chain, k, stats.get("constant"))
         if plan.width_after == n:
             return _report(chain, n, note="nothing to fold")
-        row_map, col_map = decide.cluster_maps(plan.labels)
+        row_map, col_map = decide.cluster_maps(plan.labels, sparse=n > SPARSE_MAPS_ABOVE)
         edit = HiddenEdit(row_map=row_map, col_map=col_map)
         if plan.constant.size:
             self._move_constants_to_biases(chain, plan.constant, stats["constant"].mean_a, edit)
@@ -256,7 +268,12 @@ class _FoldRun:
         prod, cons = chain.producer, chain.consumer
         if self.select == "kmeans":
             bias = None if prod.bias is None else prod.bias[rest]
-            feats = decide.neuron_features(prod.weight[rest], bias, cons.weight[:, rest])
+            w_in = prod.weight if rest.size == n else prod.weight[rest]
+            w_out = cons.weight if rest.size == n else cons.weight[:, rest]
+            if decide.needs_sketch(rest.size, prod.in_features, cons.out_features):
+                feats = decide.neuron_sketch(w_in, bias, w_out, seed=self.seed)
+            else:
+                feats = decide.neuron_features(w_in, bias, w_out)
             labels[rest] = decide.kmeans_labels(feats, k, seed=self.seed)
             return _Plan(labels, constant, merged=int(rest.size - labels.max() - 1))
         kept = rest[decide.magnitude_keep(prod.weight[rest], k)]

@@ -76,6 +76,14 @@ class _Plan:
     bias_delta: list[np.ndarray] = field(default_factory=list)  # per sink, in the order of ``sinks``
     params: int = 0  # predicted parameters of the chain's ops afterwards
 
+    @property
+    def new_nodes(self) -> int:
+        """Graph nodes the new paths add: one MatMul per factor and one Add each."""
+        return sum(len(c.factors) + 1 for _s, _i, c in self.paths if c.factors)
+
+    def cost(self, node_cost: int) -> int:
+        return self.params + node_cost * self.new_nodes
+
 
 class LinearityPass:
     """Linearity folding (Dobler & Lemmerich, arXiv 2506.21146) on every
@@ -105,7 +113,8 @@ class LinearityPass:
     name = "linearity"
 
     def __init__(self, threshold: float = 1.0, mode: str = "extended", path_form: str = "auto",
-                 svd_tolerance: float = 1e-4, input_bounds=None, layers: Iterable[str] | None = None):
+                 svd_tolerance: float = 1e-4, input_bounds=None, layers: Iterable[str] | None = None,
+                 node_cost: int = decide.PATH_NODE_COST_PARAMS):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) \
                 or not 0.0 < float(threshold) <= 1.0:
             raise UsageError(f"linearity threshold must be in (0, 1], got {threshold!r}")
@@ -124,8 +133,11 @@ class LinearityPass:
             if not ordered:
                 raise UsageError("input_bounds must satisfy lo <= hi (and hold no NaN)")
             input_bounds = (lo, hi)
+        if isinstance(node_cost, bool) or not isinstance(node_cost, (int, np.integer)) or node_cost < 0:
+            raise UsageError(f"node cost must be a non-negative integer, got {node_cost!r}")
         self.threshold = float(threshold)
         self.mode = mode
+        self.node_cost = int(node_cost)  # extended mode: parameters one extra graph node must save
         self.path_form = "dense" if mode == "paper" else path_form
         self.svd_tolerance = float(svd_tolerance)
         self.input_bounds = input_bounds
@@ -160,6 +172,7 @@ class LinearityPass:
         edited = False
         reports: list[LayerReport] = []
         for chain in view.chains:
+            view.release_except(chain)  # unedited weights are read again when needed
             report = self._blank_report(chain)
             reports.append(report)
             if self.layers is not None and chain.name not in self.layers and chain.producer.name not in self.layers:
@@ -174,14 +187,16 @@ class LinearityPass:
             if plan is None or not plan.leave.any():
                 continue
             self._apply(chain, view, plan)
+            predicted, plan = plan.params, None  # its sinks view the pre-edit weights: let them go now
             edited, stale = True, True
             report.width_after = chain.width
             report.params_after = _chain_params(chain)
-            if report.params_after != plan.params:  # the prediction drives decisions: keep it honest
-                raise AssertionError(f"{chain.name}: predicted {plan.params} parameters, got {report.params_after}")
+            if report.params_after != predicted:  # the prediction drives decisions: keep it honest
+                raise AssertionError(f"{chain.name}: predicted {predicted} parameters, got {report.params_after}")
+        plan = None
         if not edited:
             return PassResult(model=model, changed=False, layers=reports, notes=notes)
-        return PassResult(model=materialize(work, view), changed=True, layers=reports, notes=notes)
+        return PassResult(model=materialize(work, view, release=True), changed=True, layers=reports, notes=notes)
 
     # ------------------------------------------------------------------
     @staticmethod
@@ -228,11 +243,15 @@ class LinearityPass:
             options = [(True, False)]
         plans = [self._build(chain, classes, sources, sinks, shape, grams, move_linear=ml, move_constant=mc)
                  for ml, mc in options]
-        best = min(plans, key=lambda p: p.params)  # min keeps the first: fewer changes on ties
+        node_cost = self.node_cost if self.extended else 0
+        best = min(plans, key=lambda p: p.cost(node_cost))  # min keeps the first: fewer changes on ties
         notes = [f"{provable} provable"] if provable else []
-        if best.params >= shape.params:
+        if best.cost(node_cost) >= shape.params:
             extra = best.params - shape.params
-            cost = f"would add {extra} parameters" if extra else "would not save parameters"
+            cost = f"would add {extra} parameters" if extra > 0 else "would not save parameters"
+            if extra < 0:
+                cost = (f"would save only {-extra} parameters for {best.new_nodes} more graph nodes (each costs "
+                        f"about as much run time as {node_cost} parameters)")
             report.note = "; ".join([f"{n_lin} linear / {n_const} constant neurons stay: removing them {cost}", *notes])
             return None
         is_lin, is_const = classes.kind == decide.LINEAR, classes.kind == decide.CONSTANT
@@ -406,7 +425,10 @@ class _Bounds:
     def pre_activation(self, op: DenseOp) -> tuple[np.ndarray, np.ndarray]:
         """Bounds of ``W x + b + Σ paths`` of ``op``."""
         lo, hi = _fit_bounds(self.tensor(op.input), op.in_features, op.input)
+        was_loaded = op.weight_loaded
         zlo, zhi = decide.interval_matmul(lo, hi, op.weight.T)
+        if not was_loaded:  # bounds of a deep layer walk every layer before it: do not hold them all
+            op.release()
         for p in op.paths:
             plo, phi = _fit_bounds(self.tensor(p.input), p.factors[0].shape[0], p.input)
             a, b = decide.interval_matmul(plo, phi, p.matrix())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.sparse import issparse
 
 from ..find.chains import Chain
 from ..find.dense import LinearPath
@@ -73,17 +74,29 @@ def selection(n: int, keep: np.ndarray) -> np.ndarray:
     return sel
 
 
-def _selection_rows(M: np.ndarray) -> np.ndarray | None:
+def _selection_rows(M) -> np.ndarray | None:
     """``idx`` with ``M == selection(n, idx)`` (each row a single 1), else None.
     Lets a keep-edit index rows instead of multiplying by a k × n matrix
     (the product is cubic in the width: minutes for a 16k-wide layer)."""
     k = M.shape[0]
     if k == 0 or M.ndim != 2:
         return None
+    if issparse(M):
+        M = M.tocsr()
+        if not np.all(np.diff(M.indptr) == 1) or not np.all(M.data == 1.0):
+            return None
+        return M.indices.astype(np.int64)
     idx = M.argmax(axis=1)
     if not np.all(M[np.arange(k), idx] == 1.0) or np.count_nonzero(M) != k:
         return None
     return idx
+
+
+def _as_map(m):
+    """A fold map as float64: dense ndarray, or scipy sparse for wide layers."""
+    if issparse(m):
+        return m.astype(np.float64).tocsr()
+    return np.asarray(m, dtype=np.float64)
 
 
 def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
@@ -97,12 +110,12 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         k = rows.size
         M = C = None
     else:
-        M, C = np.asarray(edit.row_map, dtype=np.float64), np.asarray(edit.col_map, dtype=np.float64)
+        M, C = _as_map(edit.row_map), _as_map(edit.col_map)
         k = M.shape[0]
         if M.shape != (k, n) or C.shape != (n, k):
             raise ValueError(f"edit of {chain.name}: row_map {M.shape} / col_map {C.shape} do not fit width {n}")
         rows = _selection_rows(M)  # a pure selection: index instead of multiplying (same numbers)
-        cols = _selection_rows(C.T)
+        cols = _selection_rows(C.T.tocsr() if issparse(C) else C.T)
     if k < 1:
         raise ValueError(f"edit of {chain.name} would leave no neuron")
 
@@ -113,7 +126,9 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         for p in prod.paths:
             p.factors[-1] = p.factors[-1][:, rows]
     else:
-        prod.weight = M @ prod.weight
+        # a sparse map is multiplied in the weight's precision: scipy would
+        # otherwise make a float64 copy of a possibly huge weight first
+        prod.weight = (M.astype(prod.weight.dtype) if issparse(M) else M) @ prod.weight
         bias = M @ prod.bias if prod.bias is not None else None
         for p in prod.paths:
             p.factors[-1] = p.factors[-1] @ M.T
@@ -132,7 +147,7 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         if rows is not None:
             act.slope = slope[rows]
         else:  # rows of M are usually cluster means; otherwise take the weighted mean slope
-            sums = M.sum(axis=1)
+            sums = np.asarray(M.sum(axis=1)).reshape(-1)
             act.slope = M @ slope if np.allclose(sums, 1.0) else (M @ slope) / np.maximum(sums, 1e-300)
 
     # consumer columns
@@ -144,7 +159,7 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
     elif cols is not None:
         cons.weight = cons.weight[:, cols]
     else:
-        cons.weight = cons.weight @ C
+        cons.weight = cons.weight @ (C.astype(cons.weight.dtype) if issparse(C) else C)
     for op, idx in chain.path_readers:
         f0 = op.paths[idx].factors[0]
         op.paths[idx].factors[0] = f0[cols] if cols is not None else C.T @ f0

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from ..find.chains import DenseGraph
 from ..find.dense import DenseOp
 from ..find.graph_index import node_key
+from ..profile import stage
 
 
 class _Names:
@@ -45,26 +46,62 @@ class _Names:
         return name
 
 
-def _emit_op(op: DenseOp, names: _Names, inits: list) -> list[onnx.NodeProto]:
+class _NewInitializers:
+    """New initializers, written straight into the output graph: collecting
+    TensorProtos in a list and ``extend``-ing the graph with them would copy
+    every edited weight once more (protobuf copies on ``extend``)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.names: set[str] = set()
+
+    def add_array(self, name: str, arr: np.ndarray) -> None:
+        self.graph.initializer.add().CopyFrom(numpy_helper.from_array(arr, name))
+        self.names.add(name)
+
+    def add_weight(self, name: str, get, dtype: np.dtype, drop=None) -> None:
+        """The array ``get()`` returns; ``drop()`` is called once its bytes
+        exist, before they are copied into the proto, so that a big weight is
+        held at most twice (array + bytes, then bytes + proto), never three times."""
+        arr = get()
+        t = self.graph.initializer.add()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        t.dims.extend(arr.shape)
+        data = arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes()  # C order, also for views
+        del arr
+        if drop is not None:
+            drop()
+        t.raw_data = data
+        self.names.add(name)
+
+
+def _emit_op(op: DenseOp, names: _Names, inits: _NewInitializers, release: bool = False) -> list[onnx.NodeProto]:
     dt = op.dtype
     base = op.name.replace("/", "_")
 
     def const(suffix: str, arr: np.ndarray) -> str:
         name = names(f"{base}.onnxfold.{suffix}")
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dt)), name))
+        inits.add_array(name, np.ascontiguousarray(arr.astype(dt, copy=False)))
+        return name
+
+    def weight(transposed: bool) -> str:
+        name = names(f"{base}.onnxfold.weight")
+        get = (lambda: op.weight.T) if transposed else (lambda: op.weight)
+        inits.add_weight(name, get, dt, op.discard if release else None)
         return name
 
     nodes = []
     has_tail = bool(op.paths)
     main_out = names(f"{base}.onnxfold.main") if has_tail else op.output
     if op.form == "gemm":
-        ins = [op.input, const("weight", op.weight)]
+        ins = [op.input, weight(False)]
         if op.bias is not None:
             ins.append(const("bias", op.bias))
         nodes.append(helper.make_node("Gemm", ins, [main_out], name=op.name, transB=1))
     else:
         mm_out = names(f"{base}.onnxfold.mm") if (op.bias is not None) else main_out
-        nodes.append(helper.make_node("MatMul", [op.input, const("weight", op.weight.T)], [mm_out], name=op.name))
+        nodes.append(helper.make_node("MatMul", [op.input, weight(True)], [mm_out], name=op.name))
         if op.bias is not None:
             nodes.append(helper.make_node("Add", [mm_out, const("bias", op.bias)], [main_out],
                                           name=names(f"{op.name}/onnxfold_bias")))
@@ -108,12 +145,19 @@ def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.Nod
     return order
 
 
-def materialize(model: onnx.ModelProto, view: DenseGraph) -> onnx.ModelProto:
+def materialize(model: onnx.ModelProto, view: DenseGraph, *, release: bool = False) -> onnx.ModelProto:
     """A new ModelProto with every changed op of ``view`` written back.
 
     The input ``model`` is not modified (the graph is rebuilt; untouched
-    initializers are shared by reference into a fresh proto).
+    initializers are copied into a fresh proto - cheap for deferred ones).
+    ``release``: the view is done with; drop each op's weight as soon as it
+    is written, so a big edited model is not held twice.
     """
+    with stage("rewrite"):
+        return _materialize(model, view, release)
+
+
+def _materialize(model: onnx.ModelProto, view: DenseGraph, release: bool) -> onnx.ModelProto:
     changed = [op for op in view.ops.values() if op.changed]
     changed_chains = [c for c in view.chains if c.producer.changed]
     changed_acts = [c.activation for c in changed_chains]
@@ -132,8 +176,12 @@ def materialize(model: onnx.ModelProto, view: DenseGraph) -> onnx.ModelProto:
 
     names = _Names(src)
     removed = {n for op in changed for n in op.nodes}
-    new_inits: list = []
-    emitted: dict[str, list] = {op.name: _emit_op(op, names, new_inits) for op in changed}
+    new_inits = _NewInitializers(g)
+    emitted: dict[str, list] = {}
+    for op in changed:
+        emitted[op.name] = _emit_op(op, names, new_inits, release)
+        if release:
+            op.discard()
     # PRelu slopes of edited layers
     slope_nodes: dict[str, str] = {}
     for c in changed_chains:
@@ -141,7 +189,7 @@ def materialize(model: onnx.ModelProto, view: DenseGraph) -> onnx.ModelProto:
         if act.kind == "prelu" and act.nodes:
             s = np.asarray(act.slope, dtype=c.producer.dtype)
             name = names(f"{act.nodes[0]}.onnxfold.slope")
-            new_inits.append(numpy_helper.from_array(s.reshape(-1) if s.size > 1 else s.reshape(1), name))
+            new_inits.add_array(name, s.reshape(-1) if s.size > 1 else s.reshape(1))
             slope_nodes[act.nodes[0]] = name
 
     nodes = []
@@ -167,10 +215,9 @@ def materialize(model: onnx.ModelProto, view: DenseGraph) -> onnx.ModelProto:
     for n in list(nodes):
         if n.op_type == "Constant" and not any(o in read for o in n.output):
             nodes.remove(n)
-    avail = {i.name for i in src.input} | {t.name for t in src.initializer} | {t.name for t in new_inits}
+    avail = {i.name for i in src.input} | {t.name for t in src.initializer} | new_inits.names
     g.node.extend(_toposort(nodes, avail))
     g.initializer.extend(t for t in src.initializer if t.name in read)
-    g.initializer.extend(t for t in new_inits if t.name in read)
     # initializers also listed as graph inputs (old exporters) leave the inputs with them
     dropped = {t.name for t in src.initializer if t.name not in read}
     g.input.extend(i for i in src.input if i.name not in dropped)

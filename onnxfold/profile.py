@@ -8,7 +8,7 @@ is active - the API always activates one for ``optimize``.
 
 Memory (optional, Linux): a sampling thread reads the resident set size from
 ``/proc/self/statm`` every few milliseconds and records each stage's peak;
-``peak_rss_bytes`` is the process's high-water mark (``getrusage``), which
+``peak_rss_bytes`` is the process's high-water mark (``VmHWM``), which
 also catches spikes between samples.
 """
 
@@ -39,7 +39,18 @@ def current_rss() -> int | None:
 
 
 def peak_rss() -> int:
-    """High-water mark of this process's resident set, in bytes."""
+    """High-water mark of this process's resident set, in bytes.
+
+    Linux: ``VmHWM`` of /proc/self/status. Not ``getrusage``: its ``ru_maxrss``
+    survives ``exec``, so a process started from a big parent (a benchmark
+    script, a test session) would report the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -41,6 +41,7 @@ from onnx import TensorProto
 
 from onnxfold.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
 from onnxfold.tensors import defer_initializers, deferred_chunks, is_deferred
+from onnxfold.tensors import iter_graph_tensors as _iter_graph_tensors
 
 # protobuf cannot serialize a message of 2 GiB or more; keep a margin for the
 # per-field overhead that the size estimate only approximates.
@@ -121,20 +122,6 @@ def _tensor_size_estimate(t: TensorProto) -> int:
     """Approximate serialized size of one tensor (data + metadata)."""
     dims = sum(1 + max(1, (int(d).bit_length() + 6) // 7) if d >= 0 else 11 for d in t.dims)
     return _data_nbytes(t) + len(t.name.encode()) + dims + 16  # as if its data were inline
-
-
-def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    """Initializers and attribute tensors of ``graph`` and all its subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _iter_graph_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _iter_graph_tensors(g)
 
 
 def _main_graph_constant_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:

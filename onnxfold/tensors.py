@@ -18,8 +18,8 @@ self-contained in-memory model.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -95,7 +95,8 @@ def deferred_chunks(t: TensorProto, chunk: int = _CHUNK) -> Iterator[bytes]:
             yield data
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Initializers and attribute tensors of ``graph`` and all its subgraphs."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
@@ -103,9 +104,9 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _tensors(attr.g)
+                yield from iter_graph_tensors(attr.g)
             for g in attr.graphs:
-                yield from _tensors(g)
+                yield from iter_graph_tensors(g)
 
 
 def defer_initializers(model: onnx.ModelProto, base_dir: str | os.PathLike) -> int:
@@ -122,12 +123,12 @@ def defer_initializers(model: onnx.ModelProto, base_dir: str | os.PathLike) -> i
 
 
 def has_deferred(model: onnx.ModelProto) -> bool:
-    return any(is_deferred(t) for t in _tensors(model.graph))
+    return any(is_deferred(t) for t in iter_graph_tensors(model.graph))
 
 
 def load_deferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """Read every deferred tensor of ``model`` into memory (in place) and return it."""
-    for t in _tensors(model.graph):
+    for t in iter_graph_tensors(model.graph):
         if is_deferred(t):
             data = b"".join(deferred_chunks(t))
             t.raw_data = data

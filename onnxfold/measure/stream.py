@@ -12,7 +12,7 @@ to follow long runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -149,6 +149,36 @@ def _short(e: Exception) -> str:
             tail = tail.split(" was false. ", 1)[1]
         text = f"{node} {tail}".strip()
     return text
+
+
+def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` (name → dtype), with
+    exactly those as its typed graph outputs. Layer i of a deep model is then
+    measured without running the layers after it (about half the work over a
+    whole pass), and ``stream_tensors`` needs neither a copy to expose them
+    nor shape inference to type them. Graphs with subgraphs (If, Loop, Scan:
+    they read outer names implicitly) are returned whole."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return model
+    need, keep = set(outputs), []
+    for node in reversed(g.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    out = onnx.ModelProto()
+    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, fld, getattr(model, fld))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = g.name
+    out.graph.input.extend(i for i in g.input if i.name in need)
+    out.graph.initializer.extend(t for t in g.initializer if t.name in need)
+    out.graph.node.extend(reversed(keep))
+    out.graph.value_info.extend(v for v in g.value_info if v.name in need and v.name not in outputs)
+    out.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
+                            for name, dt in outputs.items())
+    return out
 
 
 def stream_tensors(

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..decide import channels as dch
 from ..decide import folding as decide
@@ -51,7 +50,7 @@ from ..find.conv import (
 from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import stream_tensors
+from ..measure.stream import needed_part, stream_tensors
 from ..rewrite.conv import (
     ChannelEdit,
     apply_channel_edit,
@@ -195,31 +194,6 @@ def _report(chain: ConvChain, width_before: int, **kw) -> LayerReport:
                        width_before=width_before, width_after=chain.width, **kw)
 
 
-def _needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:
-    """The part of ``model`` computing ``outputs`` (name → dtype), those as its
-    typed graph outputs (whole model if it has subgraphs)."""
-    g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return model
-    need, keep = set(outputs), []
-    for node in reversed(g.node):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(i for i in node.input if i)
-    out = onnx.ModelProto()
-    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, fld, getattr(model, fld))
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = g.name
-    out.graph.input.extend(i for i in g.input if i.name in need)
-    out.graph.initializer.extend(t for t in g.initializer if t.name in need)
-    out.graph.node.extend(reversed(keep))
-    out.graph.output.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
-                            for name, dt in outputs.items())
-    return out
-
-
 class _ChannelRun:
     def __init__(self, model: onnx.ModelProto, view: ConvGraph, ctx: PassContext, *, select: str, repair: str,
                  seed: int):
@@ -248,7 +222,7 @@ class _ChannelRun:
                 task: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         ctx = self.ctx
         for feed, _labels, values in stream_tensors(
-                _needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
+                needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
                 providers=ctx.providers, progress=lambda done, total: ctx.report_progress(task, done, total)):
             yield next(iter(feed.values())).shape[0], values
 

@@ -25,7 +25,6 @@ from functools import reduce
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..decide import folding as decide
 from ..errors import UsageError
@@ -33,7 +32,7 @@ from ..find.activations import ActivationSpec
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import stream_tensors
+from ..measure.stream import needed_part, stream_tensors
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import LayerReport, PassContext, PassResult
 
@@ -213,7 +212,7 @@ class _FoldRun:
         by batch; only the part of the model that computes them is run."""
         ctx = self.ctx
         for feed, _labels, values in stream_tensors(
-                _needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
+                needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
                 providers=ctx.providers, progress=lambda done, total: ctx.report_progress(task, done, total)):
             yield next(iter(feed.values())).shape[0], values
 
@@ -398,36 +397,6 @@ def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:
     if held_samples.all() or not held_samples.any():
         return np.full(first_axis, bool(held_samples.all()))
     return np.arange(first_axis) % round(1 / HELDOUT_SHARE) == 0
-
-
-def _needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (name → dtype), with
-    exactly those as its typed graph outputs. Layer i of a deep model is then
-    measured without running the layers after it (about half the work over a
-    whole pass), and ``stream_tensors`` needs neither a copy to expose them
-    nor shape inference to type them. Graphs with subgraphs (If, Loop, Scan:
-    they read outer names implicitly) are returned whole."""
-    g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return model
-    need, keep = set(outputs), []
-    for node in reversed(g.node):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(i for i in node.input if i)
-    out = onnx.ModelProto()
-    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, fld, getattr(model, fld))
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = g.name
-    out.graph.input.extend(i for i in g.input if i.name in need)
-    out.graph.initializer.extend(t for t in g.initializer if t.name in need)
-    out.graph.node.extend(reversed(keep))
-    out.graph.value_info.extend(v for v in g.value_info if v.name in need and v.name not in outputs)
-    out.graph.output.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
-                            for name, dt in outputs.items())
-    return out
 
 
 def _constant_neurons(stats: NeuronStats) -> np.ndarray:

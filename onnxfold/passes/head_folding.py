@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..decide import folding as fold
 from ..decide import heads as dh
@@ -34,7 +33,7 @@ from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..find.attention import AttentionBlock, GatedMLP, Projection, find_transformer
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import stream_tensors
+from ..measure.stream import needed_part, stream_tensors
 from ..rewrite.attention import ProjectionEdit, ShapeEdit, rewrite_projections
 from .base import LayerReport, PassContext, PassResult
 
@@ -96,9 +95,9 @@ class _Refitter:
                  NeuronStats(ActivationSpec("identity"), w_prior.shape[0])) for _ in groups]
         ctx = self.ctx
         kw = {"batch_size": ctx.batch_size, "providers": ctx.providers}
-        cur = stream_tensors(_needed_part(current, {x_name: dtype}), [x_name], data, **kw,
+        cur = stream_tensors(needed_part(current, {x_name: dtype}), [x_name], data, **kw,
                              progress=lambda d, t: ctx.report_progress(task, d, t))
-        orig = stream_tensors(_needed_part(self.original, {n: dtype for n in orig_names}), list(orig_names), data,
+        orig = stream_tensors(needed_part(self.original, {n: dtype for n in orig_names}), list(orig_names), data,
                               **kw)
         start = 0
         for (feed, _, cv), (_, _, ov) in zip(cur, orig):
@@ -399,29 +398,3 @@ def _same_glu(model: onnx.ModelProto, glu: GatedMLP) -> GatedMLP:
     raise RuntimeError(f"gated MLP {glu.name} ({glu.gate.node}) is no longer found after rewriting")
 
 
-def _needed_part(model: onnx.ModelProto, outputs: dict) -> onnx.ModelProto:
-    """The nodes of ``model`` that compute ``outputs`` (name → dtype), with
-    exactly those as typed graph outputs (as in the dense folding pass: block
-    i is measured without running the blocks after it). Graphs with
-    subgraphs are returned whole."""
-    g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return model
-    need, keep = set(outputs), []
-    for node in reversed(g.node):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(i for i in node.input if i)
-    out = onnx.ModelProto()
-    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, fld, getattr(model, fld))
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = g.name
-    out.graph.input.extend(i for i in g.input if i.name in need)
-    out.graph.initializer.extend(t for t in g.initializer if t.name in need)
-    out.graph.node.extend(reversed(keep))
-    out.graph.value_info.extend(v for v in g.value_info if v.name in need and v.name not in outputs)
-    out.graph.output.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
-                            for name, dt in outputs.items())
-    return out

@@ -22,27 +22,7 @@ from onnx import helper, numpy_helper
 
 from ..find.attention import Projection, ShapeRef, shape_elements
 from ..find.graph_index import GraphIndex, node_key
-
-
-class _Names:
-    """Fresh tensor/node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.used = {n.name for n in graph.node}
-        for n in graph.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-        self.used.update(t.name for t in graph.initializer)
-        self.used.update(i.name for i in graph.input)
-        self.used.update(o.name for o in graph.output)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
+from .materialize import FreshNames as _Names
 
 
 @dataclass

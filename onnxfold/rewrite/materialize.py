@@ -25,7 +25,7 @@ from ..find.graph_index import node_key
 from ..profile import stage
 
 
-class _Names:
+class FreshNames:
     """Fresh tensor/node names that collide with nothing in the graph."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -76,7 +76,7 @@ class _NewInitializers:
         self.names.add(name)
 
 
-def _emit_op(op: DenseOp, names: _Names, inits: _NewInitializers, release: bool = False) -> list[onnx.NodeProto]:
+def _emit_op(op: DenseOp, names: FreshNames, inits: _NewInitializers, release: bool = False) -> list[onnx.NodeProto]:
     dt = op.dtype
     base = op.name.replace("/", "_")
 
@@ -174,7 +174,7 @@ def _materialize(model: onnx.ModelProto, view: DenseGraph, release: bool) -> onn
     g.output.extend(src.output)
     g.sparse_initializer.extend(src.sparse_initializer)
 
-    names = _Names(src)
+    names = FreshNames(src)
     removed = {n for op in changed for n in op.nodes}
     new_inits = _NewInitializers(g)
     emitted: dict[str, list] = {}

@@ -16,7 +16,8 @@ import onnx
 def _feed_for(data, batch: int) -> dict[str, np.ndarray]:
     """A batch of ``batch`` samples from ``data``, repeating samples if needed."""
     feed = {}
-    for name, arr in data.arrays.items():
+    head = data.subset(slice(0, min(batch, data.num_samples)))  # only the rows needed, not the whole set
+    for name, arr in head.arrays.items():
         reps = int(np.ceil(batch / arr.shape[0]))
         feed[name] = np.concatenate([arr] * reps, axis=0)[:batch] if reps > 1 else arr[:batch]
     return feed

@@ -353,3 +353,24 @@ def test_model_proto_untouched():
     load_calibration({"x": np.zeros((2, 784))}, m)
     assert m.SerializeToString() == before
     assert isinstance(m, onnx.ModelProto)
+
+
+def test_split_parts_share_the_arrays_and_gather_their_rows_per_batch():
+    """Subsets hold row indices, not copies (100k samples are not duplicated by
+    the fit/select/final split); batches and labels come out as the rows."""
+    x = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    cs = CalibrationSet({"x": x}, np.arange(40))
+    parts = cs.split((0.5, 0.25, 0.25), seed=3)
+    seen = []
+    for part in parts:
+        assert part._arrays["x"] is cs._arrays["x"]  # shared, not copied
+        feeds = list(part.labeled_batches(4))
+        rows = np.concatenate([f["x"] for f, _ in feeds])
+        labels = np.concatenate([lab for _, lab in feeds])
+        np.testing.assert_array_equal(rows[:, 0] / 3, labels)  # each label travels with its row
+        np.testing.assert_array_equal(part.arrays["x"], rows)
+        assert len(rows) == part.num_samples and list(np.sort(labels)) == list(labels)
+        seen += list(labels)
+    assert sorted(seen) == list(range(40))
+    nested = parts[0].subset([1, 0])  # a subset of a subset picks rows of the parent's rows
+    np.testing.assert_array_equal(nested.labels, parts[0].labels[[1, 0]])

@@ -56,6 +56,11 @@ class CalibrationSet:
 
     Construct with :func:`load_calibration` to get validation against a model;
     the constructor itself only checks that the sample counts agree.
+
+    A subset (:meth:`subset`, :meth:`split`) shares its parent's arrays and
+    holds only the row indices: batches gather their rows when they are made,
+    so splitting 100k samples into fit/select/final parts does not copy them
+    (reading ``arrays`` or ``labels`` of a subset materialises it).
     """
 
     def __init__(
@@ -67,7 +72,8 @@ class CalibrationSet:
         what: str = "calibration",
     ):
         self.what = what
-        self.arrays: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in arrays.items()}
+        self._rows: np.ndarray | None = None  # a subset: these rows of the arrays (see the class docstring)
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
         if not self.arrays:
             raise CalibrationDataError(f"{what} data has no inputs; give one array per model input")
         counts = {}
@@ -92,10 +98,27 @@ class CalibrationSet:
                 raise CalibrationDataError(
                     f"{what} labels have {got} but the data has {self._n} samples; give one label per sample"
                 )
-        self.labels: np.ndarray | None = labels
+        self._labels: np.ndarray | None = labels
         if fixed_batch is not None and fixed_batch < 1:
             raise ValueError("fixed_batch must be >= 1 or None")
         self.fixed_batch: int | None = fixed_batch
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{input name: array}`` of this set's samples (a subset's are gathered: a copy)."""
+        if self._rows is None:
+            return self._arrays
+        return {k: np.take(v, self._rows, axis=0) for k, v in self._arrays.items()}
+
+    @arrays.setter
+    def arrays(self, value: Mapping[str, np.ndarray]) -> None:
+        self._arrays = dict(value)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self._labels is None or self._rows is None:
+            return self._labels
+        return np.take(self._labels, self._rows, axis=0)
 
     # -- basic facts ---------------------------------------------------------
     @property
@@ -107,11 +130,11 @@ class CalibrationSet:
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.arrays)
+        return list(self._arrays)
 
     @property
     def has_labels(self) -> bool:
-        return self.labels is not None
+        return self._labels is not None
 
     @property
     def fixed_batch_one(self) -> bool:
@@ -119,8 +142,8 @@ class CalibrationSet:
         return self.fixed_batch == 1
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self.arrays.items())
-        lab = "" if self.labels is None else f", labels {list(self.labels.shape)}"
+        shapes = ", ".join(f"{k}: {v.dtype}{[self._n, *v.shape[1:]]}" for k, v in self._arrays.items())
+        lab = "" if self._labels is None else f", labels {[self._n, *self._labels.shape[1:]]}"
         fb = "" if self.fixed_batch is None else f", fixed_batch={self.fixed_batch}"
         return f"CalibrationSet({self._n} samples; {shapes}{lab}{fb})"
 
@@ -150,17 +173,24 @@ class CalibrationSet:
         exactly that many samples regardless of ``batch_size``.
         """
         for a, b in self._ranges(batch_size):
-            yield {k: v[a:b] for k, v in self.arrays.items()}
+            yield self._rows_of(self._arrays, a, b)
+
+    def _rows_of(self, arrays: Mapping[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+        if self._rows is None:
+            return {k: v[a:b] for k, v in arrays.items()}
+        rows = self._rows[a:b]
+        return {k: np.take(v, rows, axis=0) for k, v in arrays.items()}
 
     def labeled_batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Like :meth:`batches` but yields ``(feed, labels_batch)``; labels ``None`` without labels."""
         for a, b in self._ranges(batch_size):
-            feed = {k: v[a:b] for k, v in self.arrays.items()}
-            yield feed, (None if self.labels is None else self.labels[a:b])
+            feed = self._rows_of(self._arrays, a, b)
+            labels = None if self._labels is None else self._rows_of({"": self._labels}, a, b)[""]
+            yield feed, labels
 
     # -- subsets -------------------------------------------------------------
     def subset(self, indices: Sequence[int] | np.ndarray | slice) -> "CalibrationSet":
-        """A new set with the samples at ``indices`` (ints, boolean mask or slice); copies."""
+        """A new set with the samples at ``indices`` (ints, boolean mask or slice); shares the arrays."""
         if isinstance(indices, slice):
             idx = np.arange(self._n)[indices]
         else:
@@ -175,9 +205,14 @@ class CalibrationSet:
                 raise ValueError("subset indices must be integers, a boolean mask or a slice")
         if idx.size == 0:
             raise CalibrationDataError(f"a subset of the {self.what} data would have zero samples")
-        arrays = {k: np.take(v, idx, axis=0) for k, v in self.arrays.items()}
-        labels = None if self.labels is None else np.take(self.labels, idx, axis=0)
-        return CalibrationSet(arrays, labels, fixed_batch=self.fixed_batch, what=self.what)
+        if idx.min() < -self._n or idx.max() >= self._n:
+            raise IndexError(f"subset index out of range for {self._n} samples")
+        idx = np.where(idx < 0, idx + self._n, idx).astype(np.intp)
+        out = object.__new__(CalibrationSet)  # shares the arrays: only the row indices are new
+        out.what, out._arrays, out._labels, out.fixed_batch = self.what, self._arrays, self._labels, self.fixed_batch
+        out._rows = idx if self._rows is None else self._rows[idx]
+        out._n = int(idx.size)
+        return out
 
     def split(self, fractions: Sequence[float], seed: int) -> list["CalibrationSet"]:
         """Split into parts of the given fractions (sum 1) after a seeded random permutation.

@@ -210,7 +210,7 @@ def stream_tensors(
     g = model.graph
     input_names = {vi.name for vi in g.input}
     inits = {t.name: t for t in g.initializer}
-    from_feed = [n for n in names if n in input_names and (n not in inits or n in data.arrays)]
+    from_feed = [n for n in names if n in input_names and (n not in inits or n in data.input_names)]
     constants = {n: tensor_array(inits[n]) for n in names if n in inits and n not in from_feed}
     run_names = [n for n in names if n not in from_feed and n not in constants]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import onnx
 
 
@@ -67,3 +68,19 @@ class Pass(Protocol):
     name: str
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...
+
+
+#: Share of the calibration samples a least-squares refit holds out to choose
+#: its ridge strength (when the context brings no held-out set), and the
+#: fewest samples worth splitting.
+HELDOUT_SHARE = 0.2
+MIN_SAMPLES_TO_SPLIT = 5
+
+
+def heldout_mask(n: int, seed: int) -> np.ndarray | None:
+    """Which of ``n`` calibration samples a refit holds out (seeded); None when too few to split."""
+    if n < MIN_SAMPLES_TO_SPLIT:
+        return None
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[:max(1, round(n * HELDOUT_SHARE))]] = True
+    return held

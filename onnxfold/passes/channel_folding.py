@@ -58,16 +58,12 @@ from ..rewrite.conv import (
     merge_output_channels,
     sum_input_channels,
 )
-from .base import LayerReport, PassContext, PassResult
+from .base import LayerReport, PassContext, PassResult, heldout_mask
 
 SELECTS = ("kmeans", "magnitude")
 REPAIRS = ("auto", "none", "ar", "repair", "ls")
 DATA_REPAIRS = ("repair", "ls")
 
-#: Share of the calibration samples held out to choose the ridge strength
-#: (when the context brings no held-out set), and the fewest samples worth splitting.
-HELDOUT_SHARE = 0.2
-MIN_SAMPLES_TO_SPLIT = 5
 #: Patch rows (output positions) used per batch by the least-squares refit:
 #: neighbouring positions are highly redundant, a random subset is enough and
 #: keeps the im2col memory bounded.
@@ -304,12 +300,7 @@ class _ChannelRun:
         return (kernel, strides, pads, dilations), ""
 
     def _heldout_samples(self) -> np.ndarray | None:
-        n = self.ctx.calibration.num_samples
-        if n < MIN_SAMPLES_TO_SPLIT:
-            return None
-        held = np.zeros(n, dtype=bool)
-        held[np.random.default_rng(self.seed).permutation(n)[:max(1, round(n * HELDOUT_SHARE))]] = True
-        return held
+        return heldout_mask(self.ctx.calibration.num_samples, self.seed)
 
     def _refit_grams(self, inp: str, inp_dtype, out: str, out_dtype, make_x, width_out: int, data: CalibrationSet,
                      b_prior: np.ndarray, held_samples: np.ndarray | None, task: str):

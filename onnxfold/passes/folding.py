@@ -34,16 +34,12 @@ from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
 from ..measure.stream import needed_part, stream_tensors
 from ..rewrite import HiddenEdit, apply_edit, materialize
-from .base import LayerReport, PassContext, PassResult
+from .base import HELDOUT_SHARE, LayerReport, PassContext, PassResult, heldout_mask
 
 SELECTS = ("kmeans", "magnitude")
 REPAIRS = ("auto", "none", "ar", "repair", "ls")
 DATA_REPAIRS = ("repair", "ls")
 
-#: Share of the calibration data held out to choose the ridge strength when
-#: the context brings no held-out set; and the fewest samples worth splitting.
-HELDOUT_SHARE = 0.2
-MIN_SAMPLES_TO_SPLIT = 5
 
 
 #: layers wider than this get their fold maps as sparse matrices (a dense
@@ -317,12 +313,7 @@ class _FoldRun:
     def _heldout_samples(self) -> np.ndarray | None:
         """Which calibration samples the refit holds out to choose its ridge
         strength (seeded), when the context brings no held-out set."""
-        n = self.ctx.calibration.num_samples
-        if n < MIN_SAMPLES_TO_SPLIT:
-            return None
-        held = np.zeros(n, dtype=bool)
-        held[np.random.default_rng(self.seed).permutation(n)[:max(1, round(n * HELDOUT_SHARE))]] = True
-        return held
+        return heldout_mask(self.ctx.calibration.num_samples, self.seed)
 
     def _refit_grams(self, chain: Chain, data: CalibrationSet, b_prior: np.ndarray,
                      held_samples: np.ndarray | None = None) -> tuple[GramAccumulator, GramAccumulator, float]:

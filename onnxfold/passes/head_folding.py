@@ -35,14 +35,9 @@ from ..find.attention import AttentionBlock, GatedMLP, Projection, find_transfor
 from ..measure.stats import GramAccumulator, NeuronStats
 from ..measure.stream import needed_part, stream_tensors
 from ..rewrite.attention import ProjectionEdit, ShapeEdit, rewrite_projections
-from .base import LayerReport, PassContext, PassResult
+from .base import LayerReport, PassContext, PassResult, heldout_mask
 
 SELECTS = ("kmeans", "magnitude")
-#: Share of the calibration samples held out to choose the ridge strength
-#: (when the context brings no held-out set), and the fewest worth splitting;
-#: the same values as the dense folding pass.
-HELDOUT_SHARE = 0.2
-MIN_SAMPLES_TO_SPLIT = 5
 REPAIRS = ("auto", "none", "ar", "ls")
 
 
@@ -83,12 +78,7 @@ class _Refitter:
         self.seed = seed
 
     def _held(self) -> np.ndarray | None:
-        n = self.ctx.calibration.num_samples
-        if n < MIN_SAMPLES_TO_SPLIT:
-            return None
-        held = np.zeros(n, dtype=bool)
-        held[np.random.default_rng(self.seed).permutation(n)[:max(1, round(n * HELDOUT_SHARE))]] = True
-        return held
+        return heldout_mask(self.ctx.calibration.num_samples, self.seed)
 
     def _grams(self, current, x_name, orig_names, dtype, data, w_prior, w_orig, groups, held, task):
         accs = [(GramAccumulator(with_bias=True), GramAccumulator(with_bias=True),

@@ -33,10 +33,16 @@ from .search import run_passes
 
 ProgressFn = Callable[[str, int, int], None]
 
-# fractions of the calibration data: (fit, select[, final check])
+# Data splits. Without a budget to size for (explicit settings), fixed
+# fractions of the calibration data: (fit, select[, final check]).
 SPLIT_WITH_EVAL = (0.75, 0.25)
 SPLIT_WITHOUT_EVAL = (0.6, 0.2, 0.2)
 MIN_SAMPLES_TO_SPLIT = 10
+# With a budget, the held-out parts (select and final check) get the samples
+# the budget needs before the fit part takes the rest, within reason:
+HELD_OUT_FACTOR = 2  # twice what an unchanged candidate needs, so a candidate with a flip or two can pass
+HELD_OUT_CAP_WITHOUT_EVAL = 0.3  # per held-out part: the fit part keeps at least 40 %
+HELD_OUT_CAP_WITH_EVAL = 0.4  # the select part, when --eval is the final check: fit keeps at least 60 %
 
 
 @dataclass
@@ -71,22 +77,59 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str | None]:
     raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
 
 
-def _split(calib, eval_set, seed: int):
-    """(fit, select, final) sets; see the module docstring."""
+def held_out_size(n: int, needed: int, cap: float, floor: float) -> int:
+    """Samples in one held-out part of ``n``: enough to resolve the budget
+    (``needed``, times HELD_OUT_FACTOR) when a ``cap`` share of the data can
+    hold that, else the ``floor`` share (more would not resolve the budget
+    and would only starve the fit part)."""
+    base = max(1, int(round(floor * n)))
+    if cap * n < needed:
+        return base
+    return max(base, min(HELD_OUT_FACTOR * needed, int(cap * n)))
+
+
+def _split(calib, eval_set, seed: int, needed: int | None):
+    """(fit, select, final) sets; see the module docstring. ``needed``: the
+    held-out samples the budget needs (None: fixed fractions)."""
     if calib is None:
         return None, None, eval_set
     n = calib.num_samples
     if eval_set is not None:
         if n < MIN_SAMPLES_TO_SPLIT:
             return calib, calib, eval_set
-        fit, select = calib.split(SPLIT_WITH_EVAL, seed)
+        if needed is None:
+            fit, select = calib.split(SPLIT_WITH_EVAL, seed)
+        else:
+            h = held_out_size(n, needed, HELD_OUT_CAP_WITH_EVAL, SPLIT_WITH_EVAL[1])
+            fit, select = calib.split(((n - h) / n, h / n), seed)
         return fit, select, eval_set
     if n < MIN_SAMPLES_TO_SPLIT:
         raise CalibrationDataError(
             f"calibration data has {n} samples; give at least {MIN_SAMPLES_TO_SPLIT} (part is held out to verify)"
             " or pass a separate evaluation set")
-    fit, select, final = calib.split(SPLIT_WITHOUT_EVAL, seed)
+    if needed is None:
+        return tuple(calib.split(SPLIT_WITHOUT_EVAL, seed))
+    h = held_out_size(n, needed, HELD_OUT_CAP_WITHOUT_EVAL, SPLIT_WITHOUT_EVAL[1])
+    fit, select, final = calib.split(((n - 2 * h) / n, h / n, h / n), seed)
     return fit, select, final
+
+
+def resolution_warning(budget: Budget, select, final, *, has_eval: bool) -> str | None:
+    """Said before the search starts when the held-out parts are too small for
+    the budget at its confidence, with the number of samples that would do."""
+    needed = budget.samples_needed()
+    small = [(what, part.num_samples) for what, part in (("select", select), ("final check", final))
+             if part is not None and part.num_samples < needed]
+    if not small:
+        return None
+    parts = ", ".join(f"{what} {n}" for what, n in small)
+    more = (f"give an --eval set and calibration data of at least {needed} samples each"
+            if has_eval else
+            f"give at least {int(-(-needed // HELD_OUT_CAP_WITHOUT_EVAL))} calibration samples, or an --eval set "
+            f"of at least {needed}")
+    return (f"too little held-out data for this budget at {100 * budget.confidence:g}% confidence: it needs "
+            f"{needed} samples per held-out part, there are {parts}; only candidates with no observed change "
+            f"can be accepted ({more} for more compression)")
 
 
 def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
@@ -152,7 +195,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
              fold_ratio=None, fold_select: str = "kmeans", fold_repair: str = "auto", provider: str = "auto",
              batch_size: int = 256, seed: int = 0, positive_threshold: float | None = None,
              max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None,
-             profile_memory: bool = False, fold_residual: bool = False, fold_heads=None) -> OptimizeResult:
+             profile_memory: bool = False, fold_residual: bool = False, fold_heads=None,
+             notify: Callable[[str], None] | None = None) -> OptimizeResult:
     """Compress ``model`` (path or ModelProto) and verify the result.
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
@@ -176,8 +220,24 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     fold whole heads with ``fold_heads`` (heads kept per block, or the share
     removed as a float), see :class:`onnxfold.passes.head_folding.HeadFoldingPass`.
 
-    If a budget is not met, the original model is returned unchanged
-    (``result.changed`` False, ``report["status"] == "budget_not_met"``).
+    Budgets are judged by one-sided confidence bounds (``budget.confidence``,
+    default 95 %; see docs/statistics.md): the search chooses on the *select*
+    split, and the chosen model is checked again on data the search never saw
+    (``eval_data``, or a held-back part of the calibration data). A model known
+    to miss a budget is never returned:
+
+    - no candidate met the budget on the select split: the original model
+      (``result.changed`` False, ``report["status"] == "budget_not_met"``);
+    - the chosen model failed the final check: the lossless model (linearity
+      folding at T = 1.0, exact on the calibration data) if it passes that
+      check itself, else the original (``report["status"] ==
+      "final_check_failed"``, ``report["budget"]["fallback"]`` says which).
+
+    Explicit settings without a budget are checked against the default budget
+    and returned as asked (``"budget_not_met_on_evaluation"`` when they miss it).
+    The held-out parts are sized for the budget before the fit part takes the
+    rest (see ``held_out_size``); when they are too small to resolve it,
+    ``notify`` (if given) hears so before the search starts.
 
     The report's ``timings_s`` splits the run by stage (see
     :mod:`onnxfold.profile`); ``profile_memory=True`` adds each stage's peak
@@ -194,7 +254,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
                            provider=provider, batch_size=batch_size, seed=seed,
                            positive_threshold=positive_threshold, max_evaluations=max_evaluations,
                            latency=latency, progress=progress, timer=profiler.stage, fold_residual=fold_residual,
-                           fold_heads=fold_heads)
+                           fold_heads=fold_heads, notify=notify)
     result.report["timings_s"] = profiler.timings()
     memory = profiler.memory()
     if memory is not None:
@@ -204,7 +264,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 
 def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
               fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
-              max_evaluations, latency, progress, timer, fold_residual, fold_heads) -> OptimizeResult:
+              max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify) -> OptimizeResult:
     from .measure.data import load_calibration
     from .runtime import resolve_provider
     from .verify import compare_models
@@ -218,15 +278,29 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     with timer("load_data"):
         calib = load_calibration(calibration, original) if calibration is not None else None
         evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
-        fit, select, final = _split(calib, evalset, seed)
-    mode = choose_mode(has_data=fit is not None, budget=budget, fold_ratio=fold_ratio,
+    mode = choose_mode(has_data=calib is not None, budget=budget, fold_ratio=fold_ratio,
                        linear_threshold=linear_threshold, linear_mode=linear_mode, fold_heads=fold_heads)
+    # the budget is enforced (a model that misses it is never returned) when it
+    # is the user's or the search's; explicit settings without one are only
+    # reported against the default budget
+    enforced = mode == "search" or (budget is not None and not budget.is_default)
     if budget is None and mode != "exact":
         budget = Budget.default(positive_threshold)
     if budget is not None:
         if budget.positive_threshold is None:
             budget.positive_threshold = positive_threshold
-        budget.validate(has_labels=(final is not None and final.has_labels) or (select is not None and select.has_labels))
+        # the search judges candidates on a part of the calibration data, the
+        # final check on the evaluation data: both need labels for an accuracy budget
+        budget.validate(has_labels=(calib is not None and calib.has_labels)
+                        and (evalset is None or evalset.has_labels))
+    with timer("load_data"):
+        fit, select, final = _split(calib, evalset, seed, budget.samples_needed() if enforced and budget else None)
+    if enforced and budget is not None and mode != "exact":
+        warning = resolution_warning(budget, select, final, has_eval=evalset is not None)
+        if warning:
+            notes.append(warning)
+            if notify:
+                notify(warning)
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
                       progress=progress)
     view = find_dense_graph(original)
@@ -247,7 +321,7 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     if fold_heads is not None and not attention:
         raise UsageError("--fold-heads: no foldable attention block found in the model"
                          " (fused or grouped-query attention is not folded; see the report's notes)")
-    search_info = None
+    search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
         if not chain_names and not ((conv_chains or gated) and fold_ratio is not None) and fold_heads is None:
@@ -261,7 +335,7 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
             from .search import BudgetSearch
 
             searcher = BudgetSearch(original, budget, ctx, max_evaluations=max_evaluations, progress=progress)
-            res = searcher.run(chain_names)
+            res = search_result = searcher.run(chain_names)
             notes.extend(res.notes)
             search_info = {"evaluated": res.evaluated,
                            "chosen": None if res.best is None else res.best.setting.describe(),
@@ -291,14 +365,31 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
             verification = comp.to_dict()
             verification["split"] = "evaluation set" if evalset is not None else "held-out part of calibration data"
             notes.extend(comp.notes)
-        if budget is not None:
-            met, spent, failures = budget.check(comp)
-            if budget.target_ratio is not None and count_parameters(current) > budget.target_ratio * count_parameters(original):
-                met = False
-                failures.append(f"parameter ratio above the target {budget.target_ratio}")
-            budget_info = {"spec": budget.to_dict(), "met": met, "spent": spent, "failures": failures}
-            if not met:
-                status = "budget_not_met_on_evaluation"
+            if budget is not None:
+                check = _judge_final(budget, comp, current, original)
+                budget_info = {"spec": budget.to_dict(), **check.to_dict()}
+                if not check.met and enforced:
+                    # never hand back a model known to miss the budget: fall back to the
+                    # lossless model if it passes the same final check, else the original
+                    fallback = _lossless_fallback(original, search_result, linear, ctx, budget, final, providers,
+                                                  batch_size)
+                    status = "final_check_failed"
+                    budget_info["fallback"] = {"chosen_parameter_ratio": count_parameters(current)
+                                               / count_parameters(original),
+                                               "chosen_failures": check.failures,
+                                               "returned": fallback.returned}
+                    notes.append(f"the chosen model failed the final check on data the search never saw "
+                                 f"({'; '.join(check.failures)}); returning the {fallback.returned} model instead")
+                    current, layers = fallback.model, fallback.layers
+                    changed = fallback.returned == "lossless"
+                    verification = None if fallback.comparison is None else fallback.comparison.to_dict()
+                    if verification is not None:
+                        verification["split"] = "evaluation set" if evalset is not None else \
+                            "held-out part of calibration data"
+                    budget_info.update(met=fallback.check is not None and fallback.check.met,
+                                       returned_check=None if fallback.check is None else fallback.check.to_dict())
+                elif not check.met:
+                    status = "budget_not_met_on_evaluation"
     elif budget is not None and status == "budget_not_met":
         budget_info = {"spec": budget.to_dict(), "met": False, "spent": None,
                        "failures": ["no candidate met the budget on held-out data"]}
@@ -326,6 +417,49 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
         skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
         timings={}, notes=notes, search=search_info)
     return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
+
+
+def _judge_final(budget: Budget, comp, model, original):
+    """The budget's check of ``model`` on the final split, plus its size target."""
+    check = budget.check(comp)
+    if budget.target_ratio is not None and count_parameters(model) > budget.target_ratio * count_parameters(original):
+        check.met = False
+        check.failures.append(f"parameter ratio above the target {budget.target_ratio}")
+    return check
+
+
+@dataclass
+class _Fallback:
+    returned: str  # "lossless" | "original"
+    model: onnx.ModelProto
+    layers: list
+    comparison: Any = None  # the lossless model's final comparison
+    check: Any = None
+
+
+def _lossless_fallback(original, search_result, linear: bool, ctx: PassContext, budget: Budget, final, providers,
+                       batch_size: int) -> _Fallback:
+    """The lossless model (linearity folding at T = 1.0, exact on the
+    calibration data) when it saves parameters and passes the final check
+    itself, else the original."""
+    from .verify import compare_models
+
+    lossless = None
+    if search_result is not None and search_result.lossless is not None and search_result.lossless.met \
+            and search_result.lossless is not search_result.best:
+        lossless = (search_result.lossless.model, search_result.lossless.layers)
+    elif search_result is None and linear:
+        from .passes.linearity import LinearityPass
+
+        model, changed, layers, _ = run_passes(original, [LinearityPass(threshold=1.0)], ctx)
+        lossless = (model, layers) if changed else None
+    if lossless is not None and count_parameters(lossless[0]) < count_parameters(original):
+        comp = compare_models(original, lossless[0], final, providers=providers, batch_size=batch_size,
+                              positive_threshold=budget.positive_threshold)
+        check = _judge_final(budget, comp, lossless[0], original)
+        if check.met:
+            return _Fallback("lossless", lossless[0], lossless[1], comp, check)
+    return _Fallback("original", original, [])
 
 
 def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -144,10 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--positive-threshold", type=float, default=None, metavar="P",
                    help="detector outputs: compare binary decisions (score > P; softmax: any non-first class > P); "
                    "--min-agreement must then hold overall and on the original's positives")
+    g.add_argument("--confidence", type=float, default=None, metavar="P",
+                   help="every budget is judged by a one-sided upper confidence bound at this level on held-out "
+                   "samples (default 0.95; see docs/statistics.md)")
+    g.add_argument("--error-quantile", type=float, default=None, metavar="Q",
+                   help="--max-error (max metric) and the default relative error bound this quantile of the "
+                   "per-sample error (default 0.99)")
     g.add_argument("--max-evaluations", type=int, default=30, metavar="N",
                    help="at most N candidate models in the budget search (default 30)")
     g.add_argument("--check", action="store_true",
-                   help="exit 1 when the budget is not met (CI use); the output is then the unchanged model")
+                   help="exit 1 when the budget is not met (CI use); the output is then never the failing model: "
+                   "the lossless model if it passes, else the unchanged original")
     g.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
     g.add_argument("--plot", metavar="PNG", help="draw the budget search (parameter ratio vs budget spent of every "
                    "candidate, chosen one marked); needs matplotlib (pip install 'onnxfold[plot]')")
@@ -300,10 +308,19 @@ def _cmd_optimize(args, console) -> int:
         if evald and not args.eval:
             console.print(f"using evaluation data {evald}")
     budget = None
+    statistics = {k: v for k, v in (("confidence", args.confidence), ("error_quantile", args.error_quantile))
+                  if v is not None}
     if any(x is not None for x in (args.max_accuracy_drop, args.min_agreement, args.max_error, args.target_ratio)):
         budget = Budget(max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement,
                         max_error=args.max_error, error_metric=args.error_metric, target_ratio=args.target_ratio,
-                        positive_threshold=args.positive_threshold)
+                        positive_threshold=args.positive_threshold, **statistics)
+    elif statistics:  # the default budget, judged at another level
+        budget = replace(Budget.default(args.positive_threshold), **statistics)
+
+    def notify(text: str) -> None:  # said before the long run, not only in the final report
+        if not args.quiet:
+            console.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
+
     with _ProgressSink(console, enabled=not args.quiet) as progress:
         result = optimize(model, calib, eval_data=evald, budget=budget, linear=not args.no_linear,
                           linear_threshold=args.linear_threshold, linear_mode=args.linear_mode,
@@ -312,7 +329,7 @@ def _cmd_optimize(args, console) -> int:
                           seed=args.seed, positive_threshold=args.positive_threshold,
                           max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress,
                           profile_memory=args.profile_memory, fold_residual=args.fold_residual,
-                          fold_heads=args.fold_heads)
+                          fold_heads=args.fold_heads, notify=notify)
     external = True if (args.external_data or model_has_external_data(model)) else None
     with StageProfiler(memory=args.profile_memory) as profiler, profiler.stage("save"):
         saved = result.save(out, external_data=external)
@@ -336,10 +353,17 @@ def _cmd_optimize(args, console) -> int:
         render_report(result.report, console)
         console.print(f"wrote {saved}" + (f" and {args.report}" if args.report else ""))
     status = result.report["status"]
+    budget_info = result.report.get("budget") or {}
+    warning = None
     if status.startswith("budget_not_met"):
-        failures = "; ".join((result.report.get("budget") or {}).get("failures") or []) or "see the report"
-        Console = type(console)
-        Console(stderr=True).print(f"budget not met: {failures}", markup=False, highlight=False, soft_wrap=True)
+        warning = f"budget not met: {'; '.join(budget_info.get('failures') or []) or 'see the report'}"
+    elif status == "final_check_failed":
+        fb = budget_info.get("fallback") or {}
+        warning = (f"warning: the chosen model (parameter ratio {fb.get('chosen_parameter_ratio', float('nan')):.3f}) "
+                   f"failed the final check ({'; '.join(fb.get('chosen_failures') or [])}); wrote the "
+                   f"{fb.get('returned', 'original')} model instead")
+    if warning:  # shown even with --quiet: a CI log must carry it
+        type(console)(stderr=True).print(warning, markup=False, highlight=False, soft_wrap=True)
         if args.check:
             return EXIT_CHECK_FAILED
     return EXIT_OK

@@ -79,6 +79,8 @@ def build_report(*, input_path: str | None, output_path: str | None, status: str
 # ---------------------------------------------------------------------------
 # console rendering (rich); used by the CLI only
 
+from rich.table import Table  # noqa: E402 - rich is a runtime dependency; only the CLI renders
+
 
 def _fmt_int(n) -> str:
     return "-" if n is None else f"{int(n):,}"
@@ -89,7 +91,6 @@ def _fmt_pct(x) -> str:
 
 
 def render_report(report: dict, console) -> None:
-    from rich.table import Table
 
     layers = report.get("layers") or []
     if layers:
@@ -129,12 +130,31 @@ def render_report(report: dict, console) -> None:
                       _fmt_pct(o.get("agreement")), _fmt_pct(o.get("accuracy_original")),
                       _fmt_pct(o.get("accuracy_candidate")), pos)
         console.print(t)
+    _render_budget(report.get("budget"), console)
     for s in report.get("skipped") or []:
         console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
     for n in report.get("notes") or []:
         if n.startswith("CUDA not available"):
             continue  # the CLI printed the provider line before the run
         console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _render_budget(budget: dict | None, console) -> None:
+    """Each limit with its observed value and upper confidence bound."""
+    limits = (budget or {}).get("returned_check", budget or {}).get("limits") if budget else None
+    if not limits:
+        return
+    conf = 100 * budget.get("confidence", 0.95)
+    t = Table(title=f"Budget on the final check ({conf:g}% one-sided bounds)", title_justify="left")
+    for col in ("limit", "output", "samples", "observed", "upper bound", "allowed", "met"):
+        t.add_column(col, justify="left" if col in ("limit", "output", "met") else "right")
+    for lc in limits:
+        fmt = (lambda x: f"{x:.3g}") if lc["kind"] == "mean_error" else _fmt_pct
+        resolved = lc.get("resolved", True)
+        bound = fmt(lc["bound"]) if resolved else f"unresolved (needs {lc['needed'] or '∞'})"
+        t.add_row(lc["kind"], lc["output"], str(lc["samples"]), fmt(lc["observed"]), bound, fmt(lc["limit"]),
+                  "yes" if lc["met"] else "NO")
+    console.print(t)
 
 
 def _ratio(x) -> str:

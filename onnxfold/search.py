@@ -25,11 +25,9 @@ from typing import Callable
 
 import onnx
 
-from .decide.budget import Budget
+from .decide.budget import Budget, BudgetCheck
 from .passes.base import LayerReport, PassContext
-import numpy as np
-
-from .verify import compare_models, predicted_disagreement, reference_outputs, top1_margins
+from .verify import compare_models, reference_outputs
 
 RATIO_STEPS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 THRESHOLD_STEPS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9)
@@ -76,18 +74,25 @@ class Candidate:
     setting: Setting
     model: onnx.ModelProto
     parameters: int
-    met: bool
-    spent: float
-    failures: list[str]
+    check: BudgetCheck
     layers: list[LayerReport]
     notes: list[str]
     comparison: dict
+
+    @property
+    def met(self) -> bool:
+        return self.check.met
+
+    @property
+    def spent(self) -> float:
+        return self.check.spent
 
 
 @dataclass
 class SearchResult:
     best: Candidate | None  # None: nothing met the budget
     baseline_uniform: Candidate | None  # best single fixed setting found
+    lossless: Candidate | None  # linearity folding at T = 1.0 alone (exact on the calibration data)
     evaluated: list[dict] = field(default_factory=list)  # (setting, params, spent, met) for the report/plot
     notes: list[str] = field(default_factory=list)
 
@@ -151,12 +156,6 @@ class BudgetSearch:
         self.original_params = count_parameters(original)
         self._count_parameters = count_parameters
         self.reference = reference_outputs(original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
-        # the original's top-1 margins on all calibration samples, for the
-        # predicted disagreement of classifier outputs (see verify.predicted_disagreement)
-        fit_ref = reference_outputs(original, ctx.calibration, providers=ctx.providers, batch_size=ctx.batch_size)
-        self.margins = {n: np.concatenate([top1_margins(fit_ref[n]), top1_margins(v)])
-                        for n, v in self.reference.items()
-                        if v.dtype.kind == "f" and v.ndim >= 2 and v.shape[-1] >= 2}
 
     # ------------------------------------------------------------------
     def evaluate(self, setting: Setting) -> Candidate:
@@ -175,20 +174,15 @@ class BudgetSearch:
                 self._lossless = (model, [replace(lr) for lr in layers], list(notes))
         comp = compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
-                              original_outputs=self.reference, keep_outputs=True)
-        comp.predicted_disagreement = {
-            n: predicted_disagreement(m, self.reference[n], comp.outputs_of_candidate[n])
-            for n, m in self.margins.items()}
-        comp.margin_samples = {n: int(m.size) for n, m in self.margins.items()}
-        comp.outputs_of_candidate = None
-        met, spent, failures = self.budget.check(comp)
+                              original_outputs=self.reference)
+        check = self.budget.check(comp)
         params = self._count_parameters(model)
         if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
             # a pure target-ratio budget is judged on size at the end; the error
             # it minimises is measured against the default limits
-            _, spent, _ = Budget.default(self.budget.positive_threshold).check(comp)
-            met, failures = True, []
-        cand = Candidate(setting, model, params, met, spent, failures, layers, notes, comp.to_dict())
+            spent = Budget.default(self.budget.positive_threshold).check(comp).spent
+            check = BudgetCheck(met=True, spent=spent, failures=[], confidence=self.budget.confidence)
+        cand = Candidate(setting, model, params, check, layers, notes, comp.to_dict())
         self.cache[setting] = cand
         if self.progress:
             self.progress("budget search", len(self.cache), self.max_evaluations)
@@ -237,19 +231,10 @@ class BudgetSearch:
 
     # ------------------------------------------------------------------
     def run(self, layer_names: list[str]) -> SearchResult:
-        from .decide.budget import MIN_RESOLVED_FLIPS
-
         notes: list[str] = []
-        if self.budget.min_agreement is not None and self.budget.positive_threshold is None:
-            allowed = (100.0 - self.budget.min_agreement) / 100.0
-            for name, m in self.margins.items():
-                if m.size * allowed < MIN_RESOLVED_FLIPS:
-                    need = int(np.ceil(MIN_RESOLVED_FLIPS / allowed)) if allowed > 0 else None
-                    notes.append(f"{m.size} calibration samples cannot resolve a {100 * allowed:g}% disagreement "
-                                 f"budget on '{name}': only candidates with no sign of flip risk were accepted; "
-                                 + (f"give at least {need} calibration samples or relax --min-agreement "
-                                    "for more compression" if need else "relax --min-agreement for more compression"))
         base = self.evaluate(Setting())
+        # the select split's resolution: the same for every candidate, said once
+        notes.extend(f"select split: {n}" for n in base.check.resolution_notes)
         best = base if base.met else None
         if not base.met:
             # the untouched original is no answer (it is what a failed search
@@ -324,4 +309,4 @@ class BudgetSearch:
         evaluated = [dict(setting=c.setting.describe(), parameters=c.parameters,
                           parameter_ratio=c.parameters / self.original_params, spent=c.spent, met=c.met)
                      for c in self.cache.values()]
-        return SearchResult(best=best, baseline_uniform=uniform_best, evaluated=evaluated, notes=notes)
+        return SearchResult(best=best, baseline_uniform=uniform_best, lossless=base, evaluated=evaluated, notes=notes)

@@ -35,6 +35,16 @@ class OutputComparison:
     positive_count: int | None = None  # samples the original calls positive
     positive_agreement: float | None = None  # agreement of decisions on those
     decision_agreement: float | None = None  # agreement of binary decisions overall
+    # counts behind the rates: the confidence bounds of decide.budget need them
+    flips: int | None = None  # samples whose top-1 / label changed
+    labeled: int = 0  # labelled predictions compared
+    newly_wrong: int = 0  # labelled predictions the original got right and the candidate gets wrong
+    newly_right: int = 0  # ... and the other way round
+    decision_flips: int | None = None  # samples whose binary decision changed
+    positive_flips: int | None = None  # original's positives the candidate calls negative
+    # per-sample largest / mean absolute deviation (not in the JSON report)
+    sample_max_abs_error: np.ndarray | None = field(default=None, repr=False)
+    sample_mean_abs_error: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def relative_max_error(self) -> float:
@@ -47,7 +57,7 @@ class OutputComparison:
         return 100.0 * (self.accuracy_original - self.accuracy_candidate)
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("sample_")}
         d["relative_max_error"] = self.relative_max_error
         d["accuracy_drop_pp"] = self.accuracy_drop_pp
         return d
@@ -59,8 +69,6 @@ class Comparison:
     outputs: dict[str, OutputComparison] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     outputs_of_candidate: dict[str, np.ndarray] | None = None
-    predicted_disagreement: dict[str, float] | None = None  # set by the budget search
-    margin_samples: dict[str, int] | None = None  # reference margins behind each prediction
 
     @property
     def primary(self) -> OutputComparison | None:
@@ -73,11 +81,8 @@ class Comparison:
         return None
 
     def to_dict(self) -> dict:
-        d = {"samples": self.samples, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
-             "notes": list(self.notes)}
-        if self.predicted_disagreement is not None:
-            d["predicted_disagreement"] = dict(self.predicted_disagreement)
-        return d
+        return {"samples": self.samples, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+                "notes": list(self.notes)}
 
 
 class _Acc:
@@ -94,10 +99,14 @@ class _Acc:
         self.agree = 0
         self.correct_ref = 0
         self.correct_cand = 0
+        self.newly_wrong = 0
+        self.newly_right = 0
         self.n_labeled = 0
         self.dec_agree = 0
         self.pos = 0
         self.pos_agree = 0
+        self.sample_max: list[np.ndarray] = []
+        self.sample_mean: list[np.ndarray] = []
 
     def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
         ref, cand = np.asarray(ref), np.asarray(cand)
@@ -119,6 +128,9 @@ class _Acc:
             self.sum_err += float(np.nansum(err))
             self.n_elems += err.size
             self.max_ref = max(self.max_ref, float(np.abs(r64).max()))
+            per_sample = np.where(np.isnan(err), np.inf, err).reshape(b, -1)
+            self.sample_max.append(per_sample.max(axis=1))
+            self.sample_mean.append(per_sample.mean(axis=1))
         if self.kind == "label":
             pr, pc = ref.reshape(b, -1), cand.reshape(b, -1)
             self.agree += int(np.all(pr == pc, axis=1).sum())
@@ -131,8 +143,11 @@ class _Acc:
         if labels is not None and pred_r is not None:
             lab = np.asarray(labels)
             if lab.shape == pred_r.shape:
-                self.correct_ref += int((pred_r == lab).sum())
-                self.correct_cand += int((pred_c == lab).sum())
+                right_r, right_c = pred_r == lab, pred_c == lab
+                self.correct_ref += int(right_r.sum())
+                self.correct_cand += int(right_c.sum())
+                self.newly_wrong += int((right_r & ~right_c).sum())
+                self.newly_right += int((~right_r & right_c).sum())
                 self.n_labeled += lab.size
         if self.thr is not None and self.kind in ("classifier", "values"):
             dr, dc = _decisions(r64, self.thr), _decisions(c64, self.thr)
@@ -145,13 +160,20 @@ class _Acc:
                              self.sum_err / max(self.n_elems, 1), self.max_ref)
         if self.kind in ("label", "classifier"):
             o.agreement = self.agree / max(self.n, 1)
+            o.flips = self.n - self.agree
         if self.n_labeled:
             o.accuracy_original = self.correct_ref / self.n_labeled
             o.accuracy_candidate = self.correct_cand / self.n_labeled
+            o.labeled, o.newly_wrong, o.newly_right = self.n_labeled, self.newly_wrong, self.newly_right
         if self.thr is not None and self.kind in ("classifier", "values"):
             o.decision_agreement = self.dec_agree / max(self.n, 1)
+            o.decision_flips = self.n - self.dec_agree
             o.positive_count = self.pos
             o.positive_agreement = self.pos_agree / self.pos if self.pos else None
+            o.positive_flips = self.pos - self.pos_agree
+        if self.sample_max:
+            o.sample_max_abs_error = np.concatenate(self.sample_max)
+            o.sample_mean_abs_error = np.concatenate(self.sample_mean)
         return o
 
 
@@ -203,34 +225,6 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     if keep_outputs:
         comp.outputs_of_candidate = {n: np.concatenate(v, axis=0) for n, v in kept.items()}
     return comp
-
-
-def top1_margins(out: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
-    """Per row: score of ``classes`` (default: the row's top-1) minus the best other score."""
-    flat = out.reshape(-1, out.shape[-1]).astype(np.float64)
-    c = flat.argmax(axis=1) if classes is None else classes.reshape(-1)
-    rows = np.arange(flat.shape[0])
-    top = flat[rows, c]
-    other = flat.copy()
-    other[rows, c] = -np.inf
-    return top - other.max(axis=1)
-
-
-def predicted_disagreement(reference_margins: np.ndarray, ref_select: np.ndarray, cand_select: np.ndarray) -> float:
-    """Estimated top-1 disagreement rate of a candidate, finer than counting flips.
-
-    A sample flips when the candidate loses more margin than the original had.
-    The margin losses seen on the selection samples are combined with the
-    original's margins on all calibration samples (computable without any
-    fitting, so no overfitting): rate ≈ mean over pairs of [loss_j > M_i].
-    With 75 selection samples a plain count can only say 0 % or ≥ 1.3 %;
-    this estimate resolves the 0.5 % the default budget allows.
-    """
-    classes = ref_select.reshape(-1, ref_select.shape[-1]).argmax(axis=1)
-    loss = top1_margins(ref_select) - top1_margins(cand_select, classes)
-    m = np.sort(np.asarray(reference_margins, dtype=np.float64).reshape(-1))
-    # for each loss, the share of reference margins it exceeds
-    return float(np.searchsorted(m, loss, side="left").mean() / max(m.size, 1))
 
 
 def reference_outputs(model: onnx.ModelProto, data, *, providers=None, batch_size: int = 256) -> dict[str, np.ndarray]:

@@ -418,7 +418,8 @@ CASES: list[Case] = [
     Case("unknown_ops_around_chains", "Softplus/Transpose before and after the chains: the chains are still optimized",
          lambda e: _opt(e, e.model(unknown_ops_around_model())), code=0, prefix="", out_files=("small.onnx",)),
     Case("custom_op_known_to_ort", "a com.microsoft op between chains: kept untouched, the other chains optimized",
-         lambda e: _opt(e, e.model(with_custom_op("com.microsoft", "Gelu")), "--calib", str(e.npz(x=calib_x())),
+         # 1600 samples: the final check's 480 resolve the 99 % error quantile at 95 % confidence (299 needed)
+         lambda e: _opt(e, e.model(with_custom_op("com.microsoft", "Gelu")), "--calib", str(e.npz(x=calib_x(1600))),
                         "--linear-threshold", "1.0", "--max-error", "1000"),
          code=0, prefix="", out_files=("small.onnx",)),
 ]

@@ -1,4 +1,4 @@
-"""Budgets, the disagreement estimate, and the budget search through the CLI."""
+"""Budgets judged by confidence bounds, their resolution rules, and the budget search through the CLI."""
 
 import json
 import shutil
@@ -10,72 +10,142 @@ import pytest
 
 from onnxfold.cli import main
 from onnxfold.decide.budget import Budget, parse_max_error
-from onnxfold.verify import Comparison, OutputComparison, predicted_disagreement, top1_margins
+from onnxfold.verify import Comparison, OutputComparison
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-def _comp(**kw) -> Comparison:
-    o = OutputComparison(name="y", kind=kw.pop("kind", "classifier"), count=100)
-    for k, v in kw.items():
+def _comp(kind="classifier", count=1000, max_abs_error=0.0, max_abs_reference=1.0, errors=None, **counts):
+    """A comparison of one output 'y' from counts (as verify._Acc produces them)."""
+    o = OutputComparison(name="y", kind=kind, count=count, max_abs_error=max_abs_error,
+                         max_abs_reference=max_abs_reference)
+    for k, v in counts.items():
         setattr(o, k, v)
-    return Comparison(samples=100, outputs={"y": o})
+    if kind in ("classifier", "label") and o.flips is None:
+        o.flips = 0
+    if o.flips is not None:
+        o.agreement = 1 - o.flips / count
+    errs = np.full(count, max_abs_error) if errors is None else np.asarray(errors, dtype=np.float64)
+    o.sample_max_abs_error, o.sample_mean_abs_error = errs, errs / 2
+    o.max_abs_error = float(errs.max()) if errs.size else 0.0
+    return Comparison(samples=count, outputs={"y": o})
 
 
-def test_agreement_budget_met_and_spent():
-    b = Budget(min_agreement=99.0)
-    met, spent, fail = b.check(_comp(agreement=0.995))
-    assert met and abs(spent - 0.5) < 1e-9 and not fail  # 0.5 % used of 1 % allowed
-    met, spent, fail = b.check(_comp(agreement=0.98))
-    assert not met and abs(spent - 2.0) < 1e-9 and "top-1 agreement 98.00%" in fail[0]
+def _bound0(n, confidence=0.95):
+    """Clopper-Pearson upper bound for zero events, in closed form."""
+    return 1 - (1 - confidence) ** (1 / n)
 
 
-def test_predicted_disagreement_counts_against_agreement():
+def test_agreement_budget_is_judged_by_its_upper_bound():
     b = Budget(min_agreement=99.5)
-    c = _comp(agreement=1.0)
-    c.predicted_disagreement = {"y": 0.01}
-    met, spent, fail = b.check(c)
-    # 1 % predicted, doubled for safety, against 0.5 % allowed
-    assert not met and abs(spent - 4.0) < 1e-9 and "predicted" in fail[0]
-    c.predicted_disagreement = {"y": 0.002}
-    met, spent, _ = b.check(c)
-    assert met and abs(spent - 0.8) < 1e-9
+    # no flip in 1000: bound 1 - 0.05^(1/1000) = 0.2991 %, 0.598 of the 0.5 % allowed
+    c = b.check(_comp(flips=0, count=1000, max_abs_error=0.5))
+    assert c.met and abs(c.spent - _bound0(1000) / 0.005) < 1e-9
+    # 2 flips in 1000 (0.2 % observed, below the budget) do not prove <= 0.5 %: the bound is 0.63 %
+    c = b.check(_comp(flips=2, count=1000, max_abs_error=0.5))
+    assert not c.met and "upper 95% bound" in c.failures[0] and "0.2% observed" in c.failures[0]
+    assert 0.0062 < c.limits[0].bound < 0.0064
 
 
-def test_accuracy_drop_and_error_budgets():
+def test_accuracy_drop_bound_uses_newly_wrong_and_newly_right():
     b = Budget(max_accuracy_drop=1.0)
-    assert b.check(_comp(accuracy_original=0.9, accuracy_candidate=0.895))[0]
-    assert not b.check(_comp(accuracy_original=0.9, accuracy_candidate=0.88))[0]
+    # 3 newly wrong, 3 newly right in 2000: no drop observed, and the paired bound is well below 1 pp
+    c = b.check(_comp(count=2000, flips=6, labeled=2000, newly_wrong=3, newly_right=3,
+                      accuracy_original=0.9, accuracy_candidate=0.9))
+    lc = [x for x in c.limits if x.kind == "accuracy_drop"][0]
+    assert lc.met and lc.observed == 0.0 and 0 < lc.bound < 0.01
+    # the same 3 newly wrong without the 3 newly right: bound grows
+    c2 = b.check(_comp(count=2000, flips=3, labeled=2000, newly_wrong=3, newly_right=0))
+    lc2 = [x for x in c2.limits if x.kind == "accuracy_drop"][0]
+    assert lc2.bound > lc.bound
+    # 30 newly wrong in 2000 = 1.5 pp observed: fails
+    c3 = b.check(_comp(count=2000, flips=30, labeled=2000, newly_wrong=30, newly_right=0))
+    assert not c3.met and "accuracy drop" in c3.failures[0]
+
+
+def test_error_budgets_bound_a_quantile_or_the_mean():
+    # max metric: the share of samples over the limit, against 1 - error_quantile (1 %)
+    b = Budget(max_error={"y": 0.1})
+    errs = np.zeros(1000)
+    assert b.check(_comp(kind="values", errors=errs)).met  # bound 0.30 % <= 1 %
+    errs[:2] = 5.0  # 2 of 1000 over the limit: bound 0.63 % <= 1 %: a quantile, not the max
+    assert b.check(_comp(kind="values", errors=errs)).met
+    errs[:20] = 5.0  # 20 of 1000: fails
+    assert not b.check(_comp(kind="values", errors=errs)).met
+    # mean metric: t bound of the per-sample mean error (the helper sets mean = max / 2)
     b = Budget(max_error={"y": 0.1}, error_metric="mean")
-    assert b.check(_comp(kind="values", max_abs_error=5.0, mean_abs_error=0.05))[0]
-    assert not b.check(_comp(kind="values", max_abs_error=5.0, mean_abs_error=0.2))[0]
+    assert b.check(_comp(kind="values", errors=np.full(100, 0.1))).met  # mean 0.05, no spread
+    assert not b.check(_comp(kind="values", errors=np.full(100, 0.3))).met
     assert parse_max_error("0.5") == 0.5
     assert parse_max_error("a=1,b=0.25") == {"a": 1.0, "b": 0.25}
 
 
 def test_detector_budget_needs_positives_too():
     b = Budget(min_agreement=99.0, positive_threshold=0.5)
-    # 99.9 % of decisions agree overall, but only 90 % of the original's positives survive
-    met, _, fail = b.check(_comp(kind="values", decision_agreement=0.999, positive_agreement=0.9))
-    assert not met and "positives" in fail[0]
-    assert b.check(_comp(kind="values", decision_agreement=0.999, positive_agreement=0.995))[0]
+    # 1 of 2000 decisions flips overall, but 10 of the original's 400 positives are lost
+    c = b.check(_comp(kind="values", count=2000, decision_flips=1, positive_count=400, positive_flips=10,
+                      max_abs_error=0.2))
+    assert not c.met and "positives" in c.failures[0]
+    assert b.check(_comp(kind="values", count=2000, decision_flips=1, positive_count=400, positive_flips=0,
+                         max_abs_error=0.2)).met
 
 
 def test_default_budget_relative_error_for_regressors():
     b = Budget.default()
-    assert b.check(_comp(kind="values", max_abs_error=1e-4, max_abs_reference=1.0))[0]
-    assert not b.check(_comp(kind="values", max_abs_error=1e-2, max_abs_reference=1.0))[0]
+    assert b.check(_comp(kind="values", errors=np.full(1000, 1e-4))).met
+    assert not b.check(_comp(kind="values", errors=np.full(1000, 1e-2))).met
 
 
-def test_top1_margins_and_disagreement_estimate_by_hand():
-    out = np.array([[3.0, 1.0, 0.0], [0.0, 0.5, 2.0]])
-    assert np.allclose(top1_margins(out), [2.0, 1.5])
-    # reference margins 0.1 .. 1.0; the candidate loses 0.55 margin on sample 0 and none on sample 1
-    ref_margins = np.linspace(0.1, 1.0, 10)
-    cand = out.copy()
-    cand[0, 0] -= 0.55
-    # loss 0.55 exceeds the 5 margins 0.1..0.5; loss 0 exceeds none -> (5 + 0) / (2 * 10)
-    assert abs(predicted_disagreement(ref_margins, out, cand) - 0.25) < 1e-12
+# ---------------------------------------------------------------------------
+# resolution rules: one per budget kind. Too few samples: only a candidate with
+# no observed change passes, and the message says how many samples are needed.
+
+RESOLUTION_CASES = {
+    # kind: (budget, comparison changed, comparison unchanged, samples needed)
+    "agreement": (Budget(min_agreement=99.5), dict(flips=0, count=200, max_abs_error=0.5),
+                  dict(flips=0, count=200, max_abs_error=1e-5), 598),
+    "decision_agreement": (Budget(min_agreement=99.0, positive_threshold=0.5),
+                           dict(kind="values", count=100, decision_flips=0, max_abs_error=0.2),
+                           dict(kind="values", count=100, decision_flips=0, max_abs_error=1e-6), 299),
+    "positive_agreement": (Budget(min_agreement=99.0, positive_threshold=0.5),
+                           dict(kind="values", count=5000, decision_flips=0, positive_count=50, positive_flips=0,
+                                max_abs_error=0.2),
+                           dict(kind="values", count=5000, decision_flips=0, positive_count=50, positive_flips=0,
+                                max_abs_error=1e-6), 299),
+    "accuracy_drop": (Budget(max_accuracy_drop=0.5), dict(count=300, labeled=300, max_abs_error=0.5),
+                      dict(count=300, labeled=300, max_abs_error=1e-6), 736),
+    "error_quantile": (Budget(max_error=0.1), dict(kind="values", count=100, max_abs_error=0.05),
+                       dict(kind="values", count=100, max_abs_error=1e-6), 299),
+    "mean_error": (Budget(max_error=0.1, error_metric="mean"), dict(kind="values", count=20, max_abs_error=0.05),
+                   dict(kind="values", count=20, max_abs_error=1e-6), 30),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RESOLUTION_CASES))
+def test_each_budget_kind_has_a_resolution_rule(kind):
+    budget, changed, unchanged, needed = RESOLUTION_CASES[kind]
+    c = budget.check(_comp(**changed))
+    lc = [x for x in c.limits if x.kind == kind][0]
+    assert not lc.resolved and lc.needed == needed
+    # the change is within the budget's point criteria, yet it cannot be shown to meet it
+    assert not c.met and not lc.met and "cannot resolve" in lc.message and f"needs at least {needed}" in lc.message
+    note = [n for n in c.resolution_notes if kind.split("_")[0] in n or "error" in n]
+    assert note and f"needs at least {needed}" in note[0] and "no observed change" in note[0]
+    assert budget.check(_comp(**unchanged)).met
+
+
+def test_resolution_needs_follow_the_confidence():
+    assert Budget(min_agreement=99.5).samples_needed() == 598
+    assert Budget(min_agreement=99.5, confidence=0.99).samples_needed() == 919
+    assert Budget(max_accuracy_drop=0.5).samples_needed() == 736
+    assert Budget.default().samples_needed() == 598  # agreement 0.5 % and the 99 % error quantile
+    # exactly at the needed count the zero-change bound meets the limit, one sample less it does not
+    assert _bound0(598) <= 0.005 < _bound0(597)
+
+
+def test_accuracy_budget_needs_labelled_outputs():
+    c = Budget(max_accuracy_drop=1.0).check(_comp(count=1000))
+    assert not c.met and "no labelled classifier output" in c.failures[0]
 
 
 @pytest.fixture()
@@ -124,20 +194,6 @@ def test_accuracy_budget_without_labels_is_a_usage_error(digits, tmp_path, capsy
     code = main(["optimize", str(digits), "--calib", str(tmp_path / "nolabels.npz"), "--no-auto-data",
                  "--max-accuracy-drop", "1", "--quiet"])
     assert code == 2 and "labels" in capsys.readouterr().err
-
-
-def test_observed_flips_veto_only_when_significant():
-    b = Budget(min_agreement=99.5)
-    # 1 flip in 75 with a 0.5 % predicted rate: P(X >= 1) = 31 %, not evidence against the budget
-    c = _comp(agreement=74 / 75, count=75)
-    c.predicted_disagreement = {"y": 0.002}
-    met, spent, _ = b.check(c)
-    assert met and abs(spent - 0.8) < 1e-9
-    # 4 flips in 75: P(X >= 4 | p = 0.005) is about 0.06 %: vetoed although the estimate is fine
-    c = _comp(agreement=71 / 75, count=75)
-    c.predicted_disagreement = {"y": 0.002}
-    met, _, fail = b.check(c)
-    assert not met and "significantly" in fail[0]
 
 
 def _detector_batch1(tmp_path):
@@ -197,15 +253,74 @@ def test_search_is_deterministic_for_a_seed(digits):
     assert outs[0] == outs[1]
 
 
-def test_unresolvable_budget_demands_no_flip_risk():
-    b = Budget(min_agreement=99.5)
-    c = _comp(agreement=1.0, count=30)
-    # 114 calibration margins cannot resolve 0.5 % (0.57 expected flips): any predicted risk fails
-    c.predicted_disagreement, c.margin_samples = {"y": 0.001}, {"y": 114}
-    met, spent, fail = b.check(c)
-    assert not met and spent == 1000.0 and "cannot resolve" in fail[0]
-    c.predicted_disagreement = {"y": 0.0}
-    assert b.check(c)[0]
-    # with 1,000 margins (5 expected flips) the estimate itself is trusted
-    c.predicted_disagreement, c.margin_samples = {"y": 0.001}, {"y": 1000}
-    assert b.check(c)[0]
+# ---------------------------------------------------------------------------
+# the final check: a model that missed it is never the result
+
+
+def _predictions(model_path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
+
+
+def test_failed_final_check_returns_the_lossless_model(digits, capsys):
+    """Explicit fold + the user's budget: the 60 % fold changes test predictions,
+    and 397 test samples cannot resolve 0.5 %: the output is the lossless model."""
+    out, rep = digits.with_name("out.onnx"), digits.with_name("r.json")
+    code = main(["optimize", str(digits), "-o", str(out), "--fold-ratio", "0.6", "--min-agreement", "99.5",
+                 "--check", "--report", str(rep), "--no-latency", "--quiet", "--provider", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "failed the final check" in err and "wrote the lossless model" in err
+    r = json.loads(rep.read_text())
+    assert r["status"] == "final_check_failed" and r["budget"]["fallback"]["returned"] == "lossless"
+    assert r["budget"]["met"] is True and r["budget"]["fallback"]["chosen_parameter_ratio"] < 0.5
+    # the written model is not the 60 % fold: it is larger, and agrees with the original on every test sample
+    assert 0.5 < r["ratios"]["parameters"] < 1.0
+    test = np.load(digits.with_name("digits_mlp.test.npz"))["input"]
+    assert np.array_equal(_predictions(out, test), _predictions(digits, test))
+
+
+def test_failed_final_check_without_check_still_warns(digits, capsys):
+    out = digits.with_name("out.onnx")
+    code = main(["optimize", str(digits), "-o", str(out), "--fold-ratio", "0.6", "--min-agreement", "99.5",
+                 "--no-latency", "--quiet", "--provider", "cpu"])
+    assert code == 0 and "warning: the chosen model" in capsys.readouterr().err
+
+
+def test_search_result_failing_on_unseen_data_is_never_written(digits, tmp_path):
+    """The search chooses on calibration data; the final check runs on inputs
+    far outside it, where even the lossless model changes: the original is returned."""
+    import onnxfold
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "far.npz", input=rng.normal(0, 4, size=(400, 64)).astype(np.float32))
+    res = onnxfold.optimize(str(digits), str(digits.with_name("digits_mlp.calib.npz")),
+                            eval_data=str(tmp_path / "far.npz"), max_evaluations=6, provider="cpu")
+    r = res.report
+    assert r["search"]["chosen"] is not None  # the search did choose a smaller model
+    assert r["status"] == "final_check_failed" and r["budget"]["fallback"]["returned"] == "original"
+    assert not res.changed and r["after"]["parameters"] == r["before"]["parameters"]
+    assert res.model.graph == onnx.load(str(digits)).graph
+
+
+def test_held_out_parts_are_sized_for_the_budget():
+    from onnxfold.api import held_out_size
+
+    # 10,000 samples, 598 needed: twice that per part, the fit part takes the rest
+    assert held_out_size(10_000, 598, 0.3, 0.2) == 2000  # the 20 % floor is larger
+    assert held_out_size(3000, 598, 0.3, 0.2) == 900  # capped at 30 %: resolvable, fit keeps 40 %
+    assert held_out_size(100_000, 598, 0.3, 0.2) == 20_000
+    # too little data to resolve it at any share: keep the floor and starve the fit part no further
+    assert held_out_size(500, 598, 0.3, 0.2) == 100
+
+
+def test_little_data_is_said_up_front(digits):
+    import onnxfold
+
+    heard = []
+    res = onnxfold.optimize(str(digits), str(digits.with_name("digits_mlp.calib.npz")), max_evaluations=3,
+                            provider="cpu", notify=heard.append)
+    assert len(heard) == 1 and "needs 598 samples per held-out part" in heard[0]
+    assert heard[0] in res.report["notes"]

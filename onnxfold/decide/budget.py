@@ -1,9 +1,25 @@
-"""Budgets: what "good enough" means for a compressed model.
+"""Budgets: what "good enough" means for a compressed model, judged with confidence.
 
-A ``Budget`` turns a ``verify.Comparison`` into (met, spent): ``met`` says
-whether every limit holds; ``spent`` in [0, ∞) is how much of the tightest
-limit is used up (1.0 = exactly at the limit), so the search can compare
-candidates by "parameters saved per unit of budget spent".
+A ``Budget`` turns a ``verify.Comparison`` on held-out samples into a
+``BudgetCheck``. Every limit is a claim about unseen data, so it is judged by
+a one-sided upper confidence bound (``decide.confidence``), never by the
+point estimate alone:
+
+- min agreement: the disagreement rate (top-1, label, or binary decisions
+  and decisions on the original's positives with a positive threshold);
+- max accuracy drop: the paired newly-wrong / newly-right counts (McNemar);
+- max error / default relative error: the share of samples whose error is
+  over the limit, against ``1 - error_quantile`` (the budget bounds that
+  quantile of the per-sample error); with the mean metric, the mean error.
+
+When the samples cannot resolve a limit at that confidence (even a
+candidate with no change at all could not be shown to meet it), only a
+candidate with *no observed change* passes: no decision changed and no
+output moved by more than ``UNCHANGED_RELATIVE_ERROR`` of its range. The
+check then says how many samples the limit needs.
+
+``spent`` in [0, inf) is the largest bound / limit (1.0 = at the limit), so the
+search can compare candidates by "parameters saved per unit of budget spent".
 """
 
 from __future__ import annotations
@@ -11,21 +27,81 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from ..verify import Comparison
+from ..verify import Comparison, OutputComparison
+from .confidence import (DEFAULT_CONFIDENCE, MIN_SAMPLES_FOR_MEAN, accuracy_drop_upper, mean_upper, rate_upper,
+                         samples_for_accuracy_drop, samples_for_rate)
 
 DEFAULT_MIN_AGREEMENT = 99.5  # percent, classifier-like outputs
 DEFAULT_MAX_RELATIVE_ERROR = 1e-3  # non-classifier outputs, relative to max |reference|
-PREDICTION_SAFETY = 2.0  # the search's predicted disagreement is doubled before it is compared
+DEFAULT_ERROR_QUANTILE = 0.99  # an error limit bounds this quantile of the per-sample error
+UNCHANGED_RELATIVE_ERROR = 1e-3  # 'no observed change': no output moved by more than this share of its range
 UNRESOLVED_SPENT = 1000.0  # 'far over budget' (finite: the JSON report must stay standard JSON)
-MIN_RESOLVED_FLIPS = 2.0  # calibration samples x allowed rate needed to trust the estimate's size
-SIGNIFICANCE = 0.05  # observed flips veto a candidate when P(that many | allowed rate) < this
 
 
-def _binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
-    from scipy.stats import binom  # scipy comes with scikit-learn
+@dataclass
+class LimitCheck:
+    """One limit of the budget judged on one output."""
 
-    return float(binom.sf(k - 1, n, p))
+    kind: str  # agreement | decision_agreement | positive_agreement | accuracy_drop | error_quantile | mean_error
+    output: str
+    limit: float  # the allowed rate (fraction), accuracy drop (fraction) or mean error
+    observed: float  # the point estimate on the held-out samples
+    bound: float  # one-sided upper confidence bound of it (inf when not computable)
+    samples: int  # samples (for positive_agreement: positives) behind the bound
+    needed: int | None  # samples at which an unchanged candidate meets the limit; None: never (zero budget)
+    met: bool
+    message: str = ""  # why it failed ('' when it passed)
+
+    @property
+    def resolved(self) -> bool:
+        return self.needed is not None and self.samples >= self.needed
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["resolved"] = self.resolved
+        return d
+
+
+@dataclass
+class BudgetCheck:
+    met: bool
+    spent: float
+    failures: list[str]
+    limits: list[LimitCheck] = field(default_factory=list)
+    confidence: float = DEFAULT_CONFIDENCE
+
+    @property
+    def resolution_notes(self) -> list[str]:
+        """One sentence per limit the samples could not resolve."""
+        return [resolution_note(lc, self.confidence) for lc in self.limits if not lc.resolved]
+
+    def to_dict(self) -> dict:
+        return {"met": self.met, "spent": self.spent, "failures": list(self.failures),
+                "confidence": self.confidence, "limits": [lc.to_dict() for lc in self.limits]}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+_WHAT = {
+    "agreement": ("disagreement", "held-out samples"),
+    "decision_agreement": ("decision disagreement", "held-out samples"),
+    "positive_agreement": ("disagreement on the original's positives", "positives among the held-out samples"),
+    "accuracy_drop": ("accuracy drop", "labelled held-out samples"),
+    "error_quantile": ("share of samples over the error limit", "held-out samples"),
+    "mean_error": ("mean error", "held-out samples"),
+}
+
+
+def resolution_note(lc: LimitCheck, confidence: float) -> str:
+    """'N samples cannot resolve ...; needs M': said in the console and the report."""
+    what, unit = _WHAT[lc.kind]
+    limit = f"{lc.limit:.3g}" if lc.kind == "mean_error" else _pct(lc.limit)
+    need = ("no sample count resolves a zero budget" if lc.needed is None
+            else f"needs at least {lc.needed} {unit}")
+    return (f"{lc.samples} {unit} cannot resolve a {limit} {what} budget on '{lc.output}' at "
+            f"{100 * confidence:g}% confidence ({need}): only candidates with no observed change pass")
 
 
 @dataclass
@@ -37,13 +113,15 @@ class Budget:
     max_relative_error: float | None = None  # relative to max |reference| (default budget, non-classifiers)
     target_ratio: float | None = None  # parameter ratio to reach (with the least error)
     positive_threshold: float | None = None
+    confidence: float = DEFAULT_CONFIDENCE  # of every one-sided bound
+    error_quantile: float = DEFAULT_ERROR_QUANTILE  # an error limit bounds this quantile of per-sample errors
     is_default: bool = False
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def default(cls, positive_threshold: float | None = None) -> "Budget":
-        """Never silently degrade: top-1 agreement ≥ 99.5 % on classifier
-        outputs, max error ≤ 1e-3 relative on the others."""
+        """Never silently degrade: top-1 agreement >= 99.5 % on classifier
+        outputs, error <= 1e-3 relative on the others."""
         return cls(min_agreement=DEFAULT_MIN_AGREEMENT, max_relative_error=DEFAULT_MAX_RELATIVE_ERROR,
                    positive_threshold=positive_threshold, is_default=True)
 
@@ -56,83 +134,102 @@ class Budget:
         if self.max_accuracy_drop is not None and not has_labels:
             raise UsageError("--max-accuracy-drop needs labels: add a 'labels' array to the calibration "
                              "(and evaluation) data")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UsageError(f"--max-accuracy-drop is a number of percentage points >= 0, got {self.max_accuracy_drop}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 100:
             raise UsageError(f"--min-agreement is a percentage in (0, 100], got {self.min_agreement}")
         if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
             raise UsageError(f"--target-ratio must be in (0, 1], got {self.target_ratio}")
         if self.error_metric not in ("max", "mean"):
             raise UsageError(f"error metric must be 'max' or 'mean', got {self.error_metric!r}")
+        if not 0.5 <= self.confidence < 1:
+            raise UsageError(f"--confidence is a probability in [0.5, 1), got {self.confidence}")
+        if not 0 < self.error_quantile < 1:
+            raise UsageError(f"--error-quantile must be in (0, 1), got {self.error_quantile}")
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "notes"}
-        return d
+        return {k: v for k, v in self.__dict__.items() if k != "notes"}
+
+    def samples_needed(self) -> int:
+        """Held-out samples at which an unchanged candidate meets every limit
+        this budget sets (output kinds are not known yet: the largest need)."""
+        needs = [1]
+        if self.min_agreement is not None:
+            needs.append(samples_for_rate(1 - self.min_agreement / 100, self.confidence) or 1)
+        if self.max_accuracy_drop is not None:
+            needs.append(samples_for_accuracy_drop(self.max_accuracy_drop / 100, self.confidence) or 1)
+        if self.max_error is not None or self.max_relative_error is not None:
+            needs.append(MIN_SAMPLES_FOR_MEAN if self.error_metric == "mean"
+                         else samples_for_rate(1 - self.error_quantile, self.confidence))
+        return max(needs)
 
     # ------------------------------------------------------------------
-    def check(self, comp: Comparison) -> tuple[bool, float, list[str]]:
-        """(met, spent, reasons-not-met) for one comparison.
-
-        ``spent`` is the largest share of any limit used; limits that do not
-        apply to an output (agreement on a regressor) are ignored for it.
-        """
-        spent, failures = 0.0, []
-
-        def use(value: float, limit: float, what: str):
-            nonlocal spent
-            share = value / limit if limit > 0 else (0.0 if value <= 0 else float("inf"))
-            spent = max(spent, share)
-            if value > limit + 1e-12:
-                failures.append(what)
-
+    def check(self, comp: Comparison) -> BudgetCheck:
+        """Judge one comparison: every limit by its upper confidence bound."""
+        limits: list[LimitCheck] = []
         for name, o in comp.outputs.items():
             classifier = o.kind in ("classifier", "label")
+            unchanged = _unchanged(o)
             if self.min_agreement is not None and (classifier or self.positive_threshold is not None):
-                allowed = 100.0 - self.min_agreement
-                if self.positive_threshold is not None and o.decision_agreement is not None:
-                    use(100 * (1 - o.decision_agreement), allowed,
-                        f"{name}: decision agreement {100 * o.decision_agreement:.2f}% < {self.min_agreement}%")
-                    if o.positive_agreement is not None:
-                        use(100 * (1 - o.positive_agreement), allowed,
-                            f"{name}: agreement on positives {100 * o.positive_agreement:.2f}% < {self.min_agreement}%")
-                elif o.agreement is not None:
-                    predicted = (comp.predicted_disagreement or {}).get(name)
-                    if predicted is None:
-                        use(100 * (1 - o.agreement), allowed,
-                            f"{name}: top-1 agreement {100 * o.agreement:.2f}% < {self.min_agreement}%")
-                    else:
-                        # On a small selection split a flip count is mostly noise (one flip
-                        # in 75 samples says 1.3 %); the margin-based estimate is the
-                        # criterion, and observed flips veto only when they are
-                        # significantly above the allowed rate.
-                        # The estimate assumes margin losses are independent of margins; hard
-                        # samples (small margins) tend to lose more, and picking the smallest
-                        # passing candidate favours lucky noise. Measured on the shipped models
-                        # the estimate ran up to ~1.6x low, hence the safety factor.
-                        safe = PREDICTION_SAFETY * predicted
-                        resolution = (comp.margin_samples or {}).get(name)
-                        if resolution is not None and resolution * allowed / 100 < MIN_RESOLVED_FLIPS and predicted > 0:
-                            # too few calibration samples to resolve the allowed rate (e.g. 0.5 % of
-                            # 114 samples is 0.6 flips): then any sign of flip risk fails
-                            use(UNRESOLVED_SPENT * allowed, allowed, f"{name}: some held-out sample lost more margin than "
-                                f"the smallest calibration margin, and {resolution} calibration samples cannot "
-                                f"resolve a {allowed:g}% disagreement budget")
-                        else:
-                            use(100 * safe, allowed, f"{name}: predicted top-1 agreement {100 * (1 - predicted):.2f}% "
-                                f"(x{PREDICTION_SAFETY:g} safety) < {self.min_agreement}%")
-                        flips = int(round((1 - o.agreement) * o.count))
-                        if flips and _binomial_tail(flips, o.count, allowed / 100) < SIGNIFICANCE:
-                            failures.append(f"{name}: {flips} of {o.count} held-out samples flipped, significantly "
-                                            f"more than {allowed:g}% allows")
-            if self.max_accuracy_drop is not None and o.accuracy_drop_pp is not None and o is comp.primary:
-                use(max(o.accuracy_drop_pp, 0.0), self.max_accuracy_drop,
-                    f"{name}: accuracy drop {o.accuracy_drop_pp:.2f} pp > {self.max_accuracy_drop} pp")
+                allowed = 1.0 - self.min_agreement / 100
+                if self.positive_threshold is not None and o.decision_flips is not None:
+                    limits.append(self._rate("decision_agreement", name, o.decision_flips, o.count, allowed, unchanged))
+                    if o.positive_count:
+                        limits.append(self._rate("positive_agreement", name, o.positive_flips, o.positive_count,
+                                                 allowed, unchanged))
+                elif o.flips is not None:
+                    limits.append(self._rate("agreement", name, o.flips, o.count, allowed, unchanged))
+            if self.max_accuracy_drop is not None and o.labeled and o is comp.primary:
+                allowed = self.max_accuracy_drop / 100
+                n = o.labeled
+                bound = accuracy_drop_upper(o.newly_wrong, o.newly_right, n, self.confidence)
+                limits.append(self._judge("accuracy_drop", name, (o.newly_wrong - o.newly_right) / n, bound, n,
+                                          samples_for_accuracy_drop(allowed, self.confidence), allowed, unchanged))
             limit = self._error_limit(name)
-            if limit is not None:
-                err = o.max_abs_error if self.error_metric == "max" else o.mean_abs_error
-                use(err, limit, f"{name}: {self.error_metric} abs error {err:.3g} > {limit:.3g}")
-            if self.max_relative_error is not None and not classifier and self._error_limit(name) is None:
-                use(o.relative_max_error, self.max_relative_error,
-                    f"{name}: relative error {o.relative_max_error:.3g} > {self.max_relative_error:.3g}")
-        return not failures, spent, failures
+            relative = self.max_relative_error is not None and not classifier and limit is None
+            if (limit is not None or relative) and o.sample_max_abs_error is not None:
+                scale = max(o.max_abs_reference, 1e-12) if limit is None else 1.0
+                limit = self.max_relative_error if limit is None else limit
+                if self.error_metric == "mean":
+                    values = o.sample_mean_abs_error / scale
+                    n = int(values.size)
+                    limits.append(self._judge("mean_error", name, float(values.mean()) if n else 0.0,
+                                              mean_upper(values, self.confidence), n, MIN_SAMPLES_FOR_MEAN,
+                                              limit, unchanged))
+                else:
+                    over = int((o.sample_max_abs_error / scale > limit).sum())
+                    limits.append(self._rate("error_quantile", name, over, int(o.sample_max_abs_error.size),
+                                             1.0 - self.error_quantile, unchanged))
+        if self.max_accuracy_drop is not None and not any(lc.kind == "accuracy_drop" for lc in limits):
+            # never pass a limit silently for want of something to judge it on
+            limits.append(LimitCheck("accuracy_drop", "-", self.max_accuracy_drop / 100, 0.0, float("inf"), 0,
+                                     None, met=False, message="accuracy drop: no labelled classifier output to "
+                                     "judge it on (labels must match the decisive output's predictions)"))
+        spent = min(max((_spent(lc) for lc in limits), default=0.0), UNRESOLVED_SPENT)
+        failures = [lc.message for lc in limits if not lc.met]
+        return BudgetCheck(met=not failures, spent=spent, failures=failures, limits=limits,
+                           confidence=self.confidence)
+
+    def _rate(self, kind: str, name: str, events: int, n: int, allowed: float, unchanged: bool) -> LimitCheck:
+        return self._judge(kind, name, events / n if n else 0.0, rate_upper(events, n, self.confidence), n,
+                           samples_for_rate(allowed, self.confidence), allowed, unchanged)
+
+    def _judge(self, kind: str, name: str, observed: float, bound: float, n: int, needed: int | None,
+               limit: float, unchanged: bool) -> LimitCheck:
+        lc = LimitCheck(kind, name, limit, observed, bound, n, needed, met=True)
+        what = _WHAT[kind][0]
+        shown = (lambda x: f"{x:.3g}") if kind == "mean_error" else _pct
+        if not lc.resolved:
+            lc.met = unchanged
+            if not unchanged:
+                lc.message = (f"{name}: the candidate changed the outputs, and {n} {_WHAT[kind][1]} cannot "
+                              f"resolve a {shown(limit)} {what} budget at {100 * self.confidence:g}% confidence"
+                              + ("" if needed is None else f" (needs at least {needed})"))
+        elif bound > limit + 1e-12:
+            lc.met = False
+            lc.message = (f"{name}: {what} {shown(observed)} observed, upper {100 * self.confidence:g}% bound "
+                          f"{shown(bound)} > {shown(limit)} allowed ({n} samples)")
+        return lc
 
     def _error_limit(self, name: str) -> float | None:
         if self.max_error is None:
@@ -140,6 +237,21 @@ class Budget:
         if isinstance(self.max_error, dict):
             return self.max_error.get(name, self.max_error.get("*"))
         return float(self.max_error)
+
+
+def _spent(lc: LimitCheck) -> float:
+    """Share of the limit used: bound / limit; an unresolved limit is all or nothing."""
+    if not lc.resolved:
+        return 0.0 if lc.met else UNRESOLVED_SPENT
+    return lc.bound / lc.limit
+
+
+def _unchanged(o: OutputComparison) -> bool:
+    """No observed change on this output: no decision changed and no value
+    moved by more than UNCHANGED_RELATIVE_ERROR of the output's range."""
+    if any(x for x in (o.flips, o.decision_flips, o.newly_wrong, o.newly_right)):
+        return False
+    return o.relative_max_error <= UNCHANGED_RELATIVE_ERROR
 
 
 def parse_max_error(text: str) -> dict[str, float] | float:

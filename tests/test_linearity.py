@@ -27,7 +27,7 @@ from onnxfold.passes.linearity import LinearityPass
 
 F32 = np.float32
 MODELS = Path(__file__).resolve().parents[1] / "models"
-SHIPPED = ("mnist_mlp", "digits_mlp", "digits_seq_mlp", "cancer_mlp_paper")
+SHIPPED = ("mnist_mlp", "digits_mlp", "digits_seq_mlp", "cancer_mlp_paper", "mnist1d_mlp")
 
 
 # --------------------------------------------------------------------------

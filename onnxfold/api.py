@@ -88,7 +88,7 @@ def held_out_size(n: int, needed: int, cap: float, floor: float) -> int:
     return max(base, min(HELD_OUT_FACTOR * needed, int(cap * n)))
 
 
-def _split(calib, eval_set, seed: int, needed: int | None):
+def split_data(calib, eval_set, seed: int, needed: int | None):
     """(fit, select, final) sets; see the module docstring. ``needed``: the
     held-out samples the budget needs (None: fixed fractions)."""
     if calib is None:
@@ -294,7 +294,7 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
         budget.validate(has_labels=(calib is not None and calib.has_labels)
                         and (evalset is None or evalset.has_labels))
     with timer("load_data"):
-        fit, select, final = _split(calib, evalset, seed, budget.samples_needed() if enforced and budget else None)
+        fit, select, final = split_data(calib, evalset, seed, budget.samples_needed() if enforced and budget else None)
     if enforced and budget is not None and mode != "exact":
         warning = resolution_warning(budget, select, final, has_eval=evalset is not None)
         if warning:

@@ -101,3 +101,25 @@ def test_accuracy_drop_bound_covers_the_true_drop():
     coverage = sum(dist.pmf([b, c, n - b - c]) for b in range(40) for c in range(40)
                    if accuracy_drop_upper(b, c, n, 0.95) >= p_wrong - p_right)
     assert coverage >= 0.95, coverage
+
+
+def test_statistics_doc_table_matches_the_code():
+    """docs/statistics.md lists the samples each budget needs: they must be what the code computes."""
+    import re
+    from pathlib import Path
+
+    from onnxfold.api import HELD_OUT_CAP_WITHOUT_EVAL
+    from onnxfold.decide.budget import Budget
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "statistics.md").read_text()
+    budgets = {"top-1 agreement ≥ 99.5 % (the default)": Budget.default(),
+               "top-1 agreement ≥ 99 %": Budget(min_agreement=99.0),
+               "accuracy drop ≤ 0.5 pp": Budget(max_accuracy_drop=0.5),
+               "accuracy drop ≤ 1 pp": Budget(max_accuracy_drop=1.0),
+               "error quantile 99 %": Budget(max_error=0.1)}
+    for label, budget in budgets.items():
+        m = re.search(rf"\| {re.escape(label)} \| (\d+) \| (\d+) \|", text)
+        assert m, label
+        per_part = budget.samples_needed()
+        assert int(m.group(1)) == per_part
+        assert int(m.group(2)) == math.ceil(per_part / HELD_OUT_CAP_WITHOUT_EVAL)

@@ -1,22 +1,23 @@
-"""Budget search vs the best single fixed setting, on every shipped model.
+"""Budgets on data the tool never saw: a hold-out study, and the search vs fixed settings.
 
-For each model in models/ (with NAME.calib.npz and NAME.test.npz):
-- ``onnxfold.optimize`` with the default budget (top-1 agreement >= 99.5 %
-  on held-out samples), calibration = NAME.calib.npz, evaluation = NAME.test.npz;
-- every fixed setting "one linearity threshold T, one fold ratio r, one
-  selection method for all layers" (T in THRESHOLDS, r in RATIOS, method in
-  kmeans/magnitude, LS repair), run with the same data through the same API.
+Section 1, the hold-out study. For every shipped model (NAME.onnx with
+NAME.calib.npz and NAME.test.npz) and three budgets (accuracy drop <= 0.5 pp,
+top-1 agreement >= 99.5 %, >= 99 %), ``onnxfold.optimize`` runs with the
+calibration data alone, over 10 seeds (the seed draws the fit / select /
+final-check split and seeds k-means). The test split, never shown to
+onnxfold, then judges the returned model: how often it meets the budget, and
+the parameter ratios reached. Next to them: onnxsim 0.8.1's structured Wanda
+pruning followed by its ridge refit (``apply_pruning_finetune``), given the
+same calibration data, at the largest sparsity (step 0.05) that meets the
+budget on the test split: an oracle that looks at the test data to choose, the
+most favourable reading for the peer.
 
-Every fixed setting is judged twice: on the held-out part of the calibration
-data (exactly as the search judges candidates) and on the test split. The
-*best fixed setting* is the smallest that meets the budget on both - what a
-user tuning one global knob on their own held-out data would ship. The check
-line says whether the search's model meets the budget on the test split and
-is at least as small as that. The *oracle* (smallest fixed setting meeting the
-budget on the test split alone, i.e. chosen by looking at the test data) is
-printed too, for transparency.
+Section 2 compares, under the default budget, the search with the best single
+fixed setting (one linearity threshold T, one fold ratio r, one selection
+method for every layer), each judged as the search judges candidates on the
+held-out calibration split and then on the test split.
 
-    python tools/bench_budget.py [--models mnist_mlp,digits_mlp] [--out tools/results/budget.md]
+    python tools/bench_budget.py [--models mnist_mlp,digits_mlp] [--seeds 10] [--out tools/results/budget.md]
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import onnxfold  # noqa: E402
-from onnxfold.api import SPLIT_WITH_EVAL  # noqa: E402
+from onnxfold.api import split_data  # noqa: E402
 from onnxfold.decide.budget import Budget  # noqa: E402
 from onnxfold.find import find_dense_graph  # noqa: E402
-from onnxfold.io import load_model  # noqa: E402
+from onnxfold.io import count_parameters, load_model  # noqa: E402
 from onnxfold.measure.data import load_calibration  # noqa: E402
 from onnxfold.passes.base import PassContext  # noqa: E402
 from onnxfold.search import RATIO_STEPS, THRESHOLD_STEPS, BudgetSearch, Setting  # noqa: E402
@@ -57,7 +59,7 @@ def run_model(name: str) -> dict:
     model = ROOT / "models" / f"{name}.onnx"
     calib, test = ROOT / "models" / f"{name}.calib.npz", ROOT / "models" / f"{name}.test.npz"
     t0 = time.perf_counter()
-    res = onnxfold.optimize(model, calib, eval_data=test, provider="cpu")
+    res = onnxfold.optimize(model, calib, eval_data=test, provider="cpu", latency=False)
     search_s = time.perf_counter() - t0
     rep = res.report
     searched = {"parameter_ratio": rep["ratios"]["parameters"], "agreement": agreement(rep),
@@ -65,12 +67,12 @@ def run_model(name: str) -> dict:
                 "accuracy_after": rep["verification"]["outputs"]["logits"]["accuracy_candidate"] if rep["verification"] else None,
                 "status": rep["status"], "chosen": (rep.get("search") or {}).get("chosen"),
                 "evaluations": len((rep.get("search") or {}).get("evaluated") or []), "seconds": search_s,
-                "notes": [n for n in rep["notes"] if "calibration samples cannot resolve" in n]}
+                "notes": [n for n in rep["notes"] if "cannot resolve" in n]}
     # judge fixed settings exactly as the search judges candidates, on the same splits
     original = load_model(model)
     calib_set = load_calibration(str(calib), original)
     test_set = load_calibration(str(test), original, what="evaluation")
-    fit, select = calib_set.split(SPLIT_WITH_EVAL, 0)
+    fit, select, _ = split_data(calib_set, test_set, 0, Budget.default().samples_needed())
     ctx = PassContext(calibration=fit, heldout=select, providers=["CPUExecutionProvider"])
     searcher = BudgetSearch(original, Budget.default(), ctx, max_evaluations=10**6)
     layers = [c.name for c in find_dense_graph(original).chains]
@@ -110,30 +112,161 @@ def run_model(name: str) -> dict:
             "fixed": fixed, "pass": ok}
 
 
+# ---------------------------------------------------------------------------
+# section 1: the hold-out study
+
+STUDY_BUDGETS = {  # name: (Budget kwargs, judged on the test split by)
+    "accuracy drop <= 0.5 pp": dict(max_accuracy_drop=0.5),
+    "agreement >= 99.5 %": dict(min_agreement=99.5),
+    "agreement >= 99 %": dict(min_agreement=99.0),
+}
+ONNXSIM_SPARSITIES = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def meets_on_test(spec: dict, out) -> bool:
+    """The budget judged as a user would on the test split: the point estimate."""
+    if "max_accuracy_drop" in spec:
+        return out.accuracy_drop_pp <= spec["max_accuracy_drop"] + 1e-9
+    return 100 * out.agreement >= spec["min_agreement"] - 1e-9
+
+
+def onnxsim_curve(original: onnx.ModelProto, calib_set, test_set) -> list[dict]:
+    """onnxsim's structured Wanda pruning + ridge refit at every sparsity, judged on the test split."""
+    import onnxsim
+
+    feeds = [dict(f) for f in calib_set.batches(256)]
+    rows = []
+    for sparsity in ONNXSIM_SPARSITIES:
+        t0 = time.perf_counter()
+        try:
+            pruned = onnxsim.apply_structured_wanda_pruning(original, calibration_data=feeds, sparsity=sparsity)
+            refit = onnxsim.apply_pruning_finetune(original, pruned, calibration_data=feeds)
+            out = compare_models(original, refit, test_set).primary
+        except Exception as e:  # noqa: BLE001 - the peer's failure is a result, not a crash
+            rows.append({"sparsity": sparsity, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            continue
+        rows.append({"sparsity": sparsity, "parameter_ratio": count_parameters(refit) / count_parameters(original),
+                     "agreement": out.agreement, "accuracy_drop_pp": out.accuracy_drop_pp,
+                     "seconds": time.perf_counter() - t0, "out": out})
+    return rows
+
+
+def study_model(name: str, seeds: int) -> dict:
+    model = ROOT / "models" / f"{name}.onnx"
+    calib, test = ROOT / "models" / f"{name}.calib.npz", ROOT / "models" / f"{name}.test.npz"
+    original = load_model(model)
+    calib_set = load_calibration(str(calib), original)
+    test_set = load_calibration(str(test), original, what="evaluation")
+    peer = onnxsim_curve(original, calib_set, test_set)
+    rows = []
+    for budget_name, spec in STUDY_BUDGETS.items():
+        runs = []
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            res = onnxfold.optimize(model, str(calib), budget=Budget(**spec), seed=seed, provider="cpu",
+                                    latency=False)
+            out = compare_models(original, res.model, test_set).primary
+            rep = res.report
+            runs.append({"seed": seed, "parameter_ratio": rep["ratios"]["parameters"], "status": rep["status"],
+                         "fallback": (rep.get("budget") or {}).get("fallback", {}).get("returned"),
+                         "meets_on_test": meets_on_test(spec, out), "test_agreement": out.agreement,
+                         "test_accuracy_drop_pp": out.accuracy_drop_pp, "split": rep["settings"]["split"],
+                         "seconds": time.perf_counter() - t0,
+                         "unresolved": [n for n in rep["notes"] if n.startswith("too little held-out data")]})
+            print(f"{name} | {budget_name} | seed {seed}: ratio {runs[-1]['parameter_ratio']:.3f}, "
+                  f"{rep['status']}, meets on test: {runs[-1]['meets_on_test']}", flush=True)
+        meeting = [p for p in peer if "error" not in p and meets_on_test(spec, p["out"])]
+        oracle = min(meeting, key=lambda p: p["parameter_ratio"]) if meeting else None
+        rows.append({"model": name, "budget": budget_name, "spec": spec, "runs": runs,
+                     "needed_per_part": Budget(**spec).samples_needed(),
+                     "onnxsim_oracle": None if oracle is None else {k: v for k, v in oracle.items() if k != "out"}})
+    for p in peer:
+        p.pop("out", None)
+    return {"model": name, "rows": rows, "onnxsim": peer}
+
+
+def study_lines(results: list[dict], seeds: int) -> tuple[list[str], bool]:
+    lines = ["## 1. Hold-out study: does the returned model meet the budget on unseen data?", "",
+             f"onnxfold sees only NAME.calib.npz (split per seed into fit / select / final check); the test split "
+             f"judges what it returns, by the point estimate a user would compute. {seeds} seeds per row. "
+             "*Meets*: seeds whose returned model meets the budget on the test split (the goal: at least 95 %). "
+             "*Fallbacks*: seeds whose chosen model failed onnxfold's own final check, so that it returned the "
+             "lossless model or the original instead. *onnxsim oracle*: structured Wanda pruning + "
+             "apply_pruning_finetune at the largest sparsity meeting the budget on the test split (it chooses by "
+             "looking at the test data).", "",
+             "| model | budget | meets on test | ratio median [min, max] | fallbacks | held-out part / needed "
+             "| onnxsim oracle ratio (sparsity) | onnxfold below oracle |",
+             "|---|---|---|---|---|---|---|---|"]
+    ok_all = True
+    why = []
+    for res in results:
+        for r in res["rows"]:
+            runs = r["runs"]
+            ratios = np.array([x["parameter_ratio"] for x in runs])
+            meets = sum(x["meets_on_test"] for x in runs)
+            ok = meets >= 0.95 * len(runs)
+            ok_all &= ok
+            fallbacks = sum(x["status"] == "final_check_failed" for x in runs)
+            part = runs[0]["split"]["select"]
+            o = r["onnxsim_oracle"]
+            below = "-" if o is None else ("yes" if np.median(ratios) < o["parameter_ratio"] else "no")
+            lines.append(f"| {r['model']} | {r['budget']} | {meets}/{len(runs)} {'PASS' if ok else 'FAIL'} | "
+                         f"{np.median(ratios):.3f} [{ratios.min():.3f}, {ratios.max():.3f}] | {fallbacks} | "
+                         f"{part} / {r['needed_per_part']} | "
+                         + ("none meets" if o is None else f"{o['parameter_ratio']:.3f} ({o['sparsity']:g})")
+                         + f" | {below} |")
+            if below == "no":
+                if part < r["needed_per_part"]:
+                    why.append(f"- {r['model']}, {r['budget']}: the calibration data hold {part} samples per "
+                               f"held-out part, and the budget needs {r['needed_per_part']} at 95 % confidence; "
+                               "below that only candidates with no observed change can be accepted, so onnxfold "
+                               "returns (about) the lossless model. onnxsim's ratio is chosen on the test split "
+                               "itself, which a user cannot do; with onnxfold's rule it would need the same "
+                               "samples to be trusted.")
+                else:
+                    why.append(f"- {r['model']}, {r['budget']}: the held-out parts resolve the budget "
+                               f"({part} >= {r['needed_per_part']} samples), and onnxsim's test-chosen oracle is "
+                               "still smaller: on this model structured Wanda pruning with a ridge refit of every "
+                               "surviving layer keeps more of the budget per parameter removed than the search's "
+                               "folds; onnxfold does not reach it here.")
+    if why:
+        lines += ["", "Where onnxfold's median ratio is not below the onnxsim oracle, and why:", ""] + why
+    return lines, ok_all
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=None, help="comma-separated model names (default: all in models/)")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds per model and budget in the hold-out study")
     ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "budget.md"))
     args = ap.parse_args()
-    # the budget search covers dense chains: models without any (the conv-only CNN) are left to
-    # tools/bench_channels.py
     names = args.models.split(",") if args.models else sorted(
-        p.name[:-5] for p in (ROOT / "models").glob("*.onnx") if (ROOT / "models" / f"{p.name[:-5]}.test.npz").exists()
-        and find_dense_graph(onnx.load(p)).chains)
-    results = [run_model(n) for n in names]
-    lines = ["# Budget search vs the best fixed setting", "",
+        p.name[:-5] for p in (ROOT / "models").glob("*.onnx") if (ROOT / "models" / f"{p.name[:-5]}.test.npz").exists())
+    study = [study_model(n, args.seeds) for n in names]
+    study_text, study_ok = study_lines(study, args.seeds)
+    # section 2: the search covers dense chains; models without any (the conv-only CNN) are left out
+    dense = [n for n in names if find_dense_graph(onnx.load(ROOT / "models" / f"{n}.onnx")).chains]
+    results = [run_model(n) for n in dense]
+    lines = ["# Budgets on unseen data", "",
              f"Generated by `python tools/bench_budget.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-             f"onnxfold {onnxfold.__version__}, onnxruntime CPU provider. Do not edit by hand.", "",
+             f"onnxfold {onnxfold.__version__}, onnxruntime CPU provider. Do not edit by hand. Budgets are judged "
+             "by one-sided 95 % confidence bounds on held-out samples (docs/statistics.md).", ""]
+    lines += study_text
+    skipped = [n for n in names if n not in dense]
+    if skipped:
+        lines += ["", f"{', '.join(skipped)}: no dense chain; the budget search covers dense layers only, so "
+                  "onnxfold returns it unchanged (conv channels fold with an explicit --fold-ratio, see "
+                  "channels.md), while onnxsim prunes its conv channels."]
+    lines += ["", "## 2. Budget search vs the best fixed setting", "",
              "Budget: the default one, top-1 agreement >= 99.5 % with the original. The search sees only the "
              "calibration data (split into fit/select); the test split reports. Fixed settings: one linearity "
              f"threshold T in {THRESHOLDS}, one fold ratio r in {RATIO_STEPS}, one method (k-means or magnitude, LS "
              "repair) for every layer, after the lossless step. *Best fixed*: smallest setting meeting the budget "
              "on the held-out calibration split (judged as the search judges) and on the test split, whose next "
              "smaller ratio (same T and method) meets on the held-out split too; *isolated*: the smallest such "
-             "setting without that condition, when it differs (a lucky point between failing neighbours, on "
-             "small calibration sets). *Oracle*: "
-             "smallest meeting it on the test split alone (needs the test data to choose; shown for "
+             "setting without that condition, when it differs (a lucky point between failing neighbours). "
+             "*Oracle*: smallest meeting it on the test split alone (needs the test data to choose; shown for "
              "transparency, not a target).", "",
              "| model | search: parameter ratio | test agreement | test accuracy before → after | evaluations | "
              "time (s) | best fixed setting | its ratio | its agreement | isolated | oracle setting | oracle ratio "
@@ -158,17 +291,19 @@ def main() -> int:
         lines.append(f"- {r['model']}: `{json.dumps(r['search']['chosen'])}`")
     strict = [(r["model"], n) for r in results for n in r["search"]["notes"]]
     if strict:
-        lines += ["", "Where the calibration set is too small to resolve the budget (fewer than 2 expected flips' "
-                  "worth of samples), the search only accepts candidates with no sign of flip risk, and the fixed "
-                  "settings are judged by the same rule; onnxfold says so in its report:", ""]
+        lines += ["", "Where the held-out data cannot resolve the budget at 95 % confidence, only candidates with no "
+                  "observed change pass, and the fixed settings are judged by the same rule; onnxfold says so:", ""]
         lines += [f"- {m}: {n}" for m, n in strict]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"holdout": study, "fixed": results}, indent=1,
+                                                                default=float) + "\n")
     print(text)
+    print(f"CHECK hold-out study: every model and budget meets on test in >= 95 % of seeds: "
+          f"{'PASS' if study_ok else 'FAIL'}")
     for r in results:
         print(f"CHECK {r['model']}: meets budget on test and <= best fixed setting: {'PASS' if r['pass'] else 'FAIL'}")
-    return 0 if all(r["pass"] for r in results) else 1
+    return 0 if study_ok and all(r["pass"] for r in results) else 1
 
 
 if __name__ == "__main__":

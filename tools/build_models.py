@@ -156,7 +156,12 @@ def load_cancer() -> Data:
     b = load_breast_cancer()
     x = np.asarray(b.data, dtype=np.float64)
     y = np.asarray(b.target, dtype=np.int64)
-    tr, ca, te = stratified_split(y, CANCER_SIZES, SEED + 4)
+    return _standardized_split(x, y, CANCER_SIZES, SEED + 4)
+
+
+def _standardized_split(x: np.ndarray, y: np.ndarray, sizes, seed) -> Data:
+    """Split, then standardize every feature with the train split's mean/std."""
+    tr, ca, te = stratified_split(y, sizes, seed)
     mean = x[tr].mean(axis=0)
     std = x[tr].std(axis=0)
     std[std == 0] = 1.0
@@ -185,15 +190,7 @@ def load_mnist1d() -> Data:
     d = make_dataset(args)
     x = np.concatenate([d["x"], d["x_test"]]).astype(np.float64)
     y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
-    tr, ca, te = stratified_split(y, MNIST1D_SIZES, SEED + 5)
-    mean = x[tr].mean(axis=0)
-    std = x[tr].std(axis=0)
-    std[std == 0] = 1.0
-
-    def z(a):
-        return ((a - mean) / std).astype(np.float32)
-
-    return Data(z(x[tr]), y[tr], z(x[ca]), y[ca], z(x[te]), y[te])
+    return _standardized_split(x, y, MNIST1D_SIZES, SEED + 5)
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ neurons, expressed as the two maps of :class:`onnxfold.rewrite.HiddenEdit`:
 
 Repairs then adjust the merged pre-activations (``row_scale``/``row_shift``) or
 refit the consumer (:func:`refit_consumer`). Method and notation:
-``shared/METHODS.md`` section 2 (Wang et al., ICLR 2025).
+``docs/methods.md`` section 2 (Wang et al., ICLR 2025).
 """
 
 from __future__ import annotations

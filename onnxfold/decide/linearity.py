@@ -1,6 +1,6 @@
 """Linearity folding decisions in plain numpy (no ONNX here).
 
-Method and notation: ``shared/METHODS.md`` section 1 (Dobler & Lemmerich,
+Method and notation: ``docs/methods.md`` section 1 (Dobler & Lemmerich,
 arXiv 2506.21146). One hidden layer of n neurons sits between a producer
 (``z = W_p x + b_p + Σ_k x_k G_k``) and its readers (the consumer's columns,
 plus any linear path that reads the hidden activation). With a piecewise-linear

@@ -2,7 +2,7 @@
 
 Neuron folding (``find.chains``) works on ``dense → activation → dense``
 chains. Two transformer structures couple several dense layers instead, and
-their channels have to be folded together (``shared/METHODS.md`` §2):
+their channels have to be folded together (``docs/methods.md`` §3.3-3.4):
 
 * **Attention heads**, as exporters write unfused multi-head attention::
 

@@ -1,7 +1,7 @@
 """Conv channel folding pass: merge (or prune) the hidden channels of conv chains.
 
 The convolutional counterpart of :class:`onnxfold.passes.folding.FoldingPass`
-(method: ``shared/METHODS.md`` section 2), on the chains
+(method: ``docs/methods.md`` section 3.1-3.2), on the chains
 :func:`onnxfold.find.conv.find_conv_graph` finds:
 
     producer Conv(+BN) → activation → [depthwise Conv(+BN) → [act]] → consumer Conv

@@ -14,7 +14,7 @@ find → measure → decide → rewrite, one chain at a time in topological orde
    held-out rows). Because the next chain is measured on this already folded
    and refit model, each refit also corrects the error of the layers before it.
 
-Method: ``shared/METHODS.md`` section 2; the math is in ``decide/folding.py``.
+Method: ``docs/methods.md`` section 2; the math is in ``decide/folding.py``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ find → decide → rewrite → (repair), one block at a time in graph order:
    (``decide.folding.refit_consumer``). Blocks are folded in order, each
    measured on the model with the earlier blocks already folded and refit.
 
-Method: ``shared/METHODS.md`` section 2; the math is in ``decide/heads.py``.
+Method: ``docs/methods.md`` section 3.3-3.4; the math is in ``decide/heads.py``.
 """
 
 from __future__ import annotations

@@ -17,16 +17,12 @@ the rewrites really happen. For every graph:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from fuzz import ACTIVATIONS, PIECEWISE, random_graph, check_graph  # noqa: E402
+from random_graphs import ACTIVATIONS, PIECEWISE, check_graph, random_graph
 
 FORM_RANK = [("gemm", 2), ("gemm_transB0", 2), ("matmul", 2), ("matmul", 3)]
 

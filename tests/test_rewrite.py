@@ -549,3 +549,64 @@ def test_rewrite_residual_block():
     np.testing.assert_allclose(ort_run(out, x.astype(F32))[0], r + block, atol=1e-5)
     # unedited, the block is what np_mlp says
     np.testing.assert_allclose(ort_run(model, x.astype(F32))[0], r + np_mlp(params, r), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# subgraphs read outer names implicitly: a weight only an If branch reads must stay
+
+
+def _with_if_reading(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """Add an If node (condition a constant True) whose branches output
+    Identity(``tensor``), an outer-scope initializer, as a second graph output."""
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    t = next(i for i in m.graph.initializer if i.name == tensor)
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("Identity", [tensor], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", t.data_type, list(t.dims))])
+
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    m.graph.node.append(helper.make_node("If", ["cond"], ["branch_out"], then_branch=branch("then"),
+                                         else_branch=branch("else")))
+    m.graph.output.append(helper.make_tensor_value_info("branch_out", t.data_type, list(t.dims)))
+    return m
+
+
+def _first_weight(model: onnx.ModelProto, node_name: str) -> str:
+    return next(n for n in model.graph.node if n.name == node_name).input[1]
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_fold_keeps_a_weight_only_a_subgraph_reads(kind):
+    """The fold replaces the producer's weight; the old one is then read only by
+    the If branches, and must not be dropped: the model stays valid and runs."""
+    from onnxfold.measure.data import load_calibration
+    from onnxfold.passes.base import PassContext
+
+    if kind == "dense":
+        from onnxfold.passes.folding import FoldingPass
+
+        base = build_mlp([6, 16, 3], seed=2)
+        model = _with_if_reading(base, _first_weight(base, "fc0"))
+        x = random_input(model, batch=64)
+        fold = FoldingPass(ratio=0.5, repair="none")
+    else:
+        from test_channel_folding import chain_model
+
+        from onnxfold.passes.channel_folding import ChannelFoldingPass
+
+        base = chain_model(n=8, bn=False)
+        model = _with_if_reading(base, _first_weight(base, "prod"))
+        x = random_input(model, batch=16)
+        fold = ChannelFoldingPass(ratio=0.5, repair="none")
+    name = _first_weight(model, "fc0" if kind == "dense" else "prod")
+    res = fold(model, PassContext(calibration=load_calibration({model.graph.input[0].name: x}, model)))
+    assert res.changed and _first_weight(res.model, "fc0" if kind == "dense" else "prod") != name
+    assert name in {t.name for t in res.model.graph.initializer}
+    onnx.checker.check_model(res.model, full_check=True)
+    branch = ort_run(res.model, {model.graph.input[0].name: x}, outputs=["branch_out"])[0]
+    want = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+    np.testing.assert_array_equal(branch, want)

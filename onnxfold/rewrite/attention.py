@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from ..find.attention import Projection, ShapeRef, shape_elements
 from ..find.graph_index import GraphIndex, node_key
-from .materialize import FreshNames as _Names
+from .graph import FreshNames as _Names, drop_unread, drop_value_info
 
 
 @dataclass
@@ -112,21 +112,10 @@ def rewrite_projections(model: onnx.ModelProto, projections: list[ProjectionEdit
     for anchor, node in inserted:
         i = next(j for j, n in enumerate(order) if n.name == anchor)
         order.insert(i + 1, node)
-    # drop Constant nodes and initializers nothing reads any more
-    read = {t for n in order for t in n.input} | {o.name for o in g.output}
-    order = [n for n in order if not (n.op_type == "Constant" and not any(o in read for o in n.output))]
-    read = {t for n in order for t in n.input} | {o.name for o in g.output}
-    kept_inits = [t for t in g.initializer if t.name in read] + [t for t in new_inits if t.name in read]
-    dropped = {t.name for t in g.initializer if t.name not in read}
-    inputs = [i for i in g.input if i.name not in dropped]
     stale = {o for n in order if n.name in stale_nodes for o in n.output}
-    vinfo = [v for v in g.value_info if v.name not in stale]
     del g.node[:]
     g.node.extend(order)
-    del g.initializer[:]
-    g.initializer.extend(kept_inits)
-    del g.input[:]
-    g.input.extend(inputs)
-    del g.value_info[:]
-    g.value_info.extend(vinfo)
+    g.initializer.extend(new_inits)
+    drop_unread(g)  # constants and weights nothing reads any more (If/Loop/Scan bodies included)
+    drop_value_info(g, stale)
     return out

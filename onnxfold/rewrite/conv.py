@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from ..find.conv import ConvChain, ConvGraph, ConvOp, GemmReader
 from ..find.graph_index import node_key
+from .graph import FreshNames, drop_unread, drop_value_info
 
 
 @dataclass
@@ -84,33 +85,13 @@ def apply_channel_edit(chain: ConvChain, edit: ChannelEdit) -> None:
     cons.changed = True
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    used = {n.name for n in graph.node}
-    for n in graph.node:
-        used.update(n.input)
-        used.update(n.output)
-    used.update(t.name for t in graph.initializer)
-    used.update(i.name for i in graph.input)
-    used.update(o.name for o in graph.output)
-    return used
-
-
-def _fresh(used: set[str], base: str) -> str:
-    name, k = base, 0
-    while name in used:
-        k += 1
-        name = f"{base}_{k}"
-    used.add(name)
-    return name
-
-
-def _emit(node: onnx.NodeProto, op: ConvOp, used: set[str], inits: list) -> onnx.NodeProto:
+def _emit(node: onnx.NodeProto, op: ConvOp, used: FreshNames, inits: list) -> onnx.NodeProto:
     base = op.name.replace("/", "_")
-    w_name = _fresh(used, f"{base}.onnxfold.W")
+    w_name = used(f"{base}.onnxfold.W")
     inits.append(numpy_helper.from_array(np.ascontiguousarray(op.weight.astype(op.dtype)), w_name))
     inputs = [op.input, w_name]
     if op.bias is not None:
-        b_name = _fresh(used, f"{base}.onnxfold.B")
+        b_name = used(f"{base}.onnxfold.B")
         inits.append(numpy_helper.from_array(np.ascontiguousarray(op.bias.astype(op.dtype)), b_name))
         inputs.append(b_name)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -123,15 +104,15 @@ def _emit(node: onnx.NodeProto, op: ConvOp, used: set[str], inits: list) -> onnx
     return out
 
 
-def _emit_gemm(node: onnx.NodeProto, g: GemmReader, used: set[str], inits: list) -> onnx.NodeProto:
+def _emit_gemm(node: onnx.NodeProto, g: GemmReader, used: FreshNames, inits: list) -> onnx.NodeProto:
     base = g.name.replace("/", "_")
     W = g.weight / g.alpha
     B = W if g.trans_b else W.T
-    b_name = _fresh(used, f"{base}.onnxfold.B")
+    b_name = used(f"{base}.onnxfold.B")
     inits.append(numpy_helper.from_array(np.ascontiguousarray(B.astype(g.dtype)), b_name))
     inputs = [node.input[0], b_name]
     if g.bias is not None:
-        c_name = _fresh(used, f"{base}.onnxfold.C")
+        c_name = used(f"{base}.onnxfold.C")
         c = g.bias / g.beta
         shape = g.bias_shape if len(g.bias_shape) and int(np.prod(g.bias_shape)) == c.size else (c.size,)
         inits.append(numpy_helper.from_array(np.ascontiguousarray(c.reshape(shape).astype(g.dtype)), c_name))
@@ -154,7 +135,7 @@ def materialize_convs(model: onnx.ModelProto, view: ConvGraph, stale: set[str] |
     if not changed and not gemms:
         return out
     g = out.graph
-    used = _used_names(g)
+    used = FreshNames(g)
     drop_nodes = {n for op in changed.values() for n in op.nodes[1:]}
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -178,22 +159,7 @@ def materialize_convs(model: onnx.ModelProto, view: ConvGraph, stale: set[str] |
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(inits)
-    # drop what nothing reads any more (only among what the replaced nodes read)
-    still_read = {t for n in g.node for t in n.input} | {o.name for o in g.output}
-    for n in g.node:  # subgraphs read outer names implicitly
-        for a in n.attribute:
-            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                return _finish(out, view, stale)  # be conservative: keep every initializer
-    gone = old_inputs - still_read
-    keep = [t for t in g.initializer if t.name not in gone]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    keep_nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output[0] in gone)]
-    del g.node[:]
-    g.node.extend(keep_nodes)
-    inputs = [i for i in g.input if i.name not in gone]
-    del g.input[:]
-    g.input.extend(inputs)
+    drop_unread(g, among=old_inputs)  # what the replaced nodes read and nothing else does (subgraphs too)
     return _finish(out, view, stale)
 
 
@@ -212,7 +178,5 @@ def _finish(out: onnx.ModelProto, view: ConvGraph, stale: set[str] | None) -> on
     for gemm in view.gemms.values():
         if gemm.changed:
             stale.update(gemm.path_tensors)
-    vi = [v for v in g.value_info if v.name not in stale]
-    del g.value_info[:]
-    g.value_info.extend(vi)
+    drop_value_info(g, stale)
     return out

@@ -23,27 +23,7 @@ from ..find.chains import DenseGraph
 from ..find.dense import DenseOp
 from ..find.graph_index import node_key
 from ..profile import stage
-
-
-class FreshNames:
-    """Fresh tensor/node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.used = {n.name for n in graph.node}
-        for n in graph.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-        self.used.update(t.name for t in graph.initializer)
-        self.used.update(i.name for i in graph.input)
-        self.used.update(o.name for o in graph.output)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
+from .graph import FreshNames, drop_value_info, names_read, toposort
 
 
 class _NewInitializers:
@@ -120,31 +100,6 @@ def _emit_op(op: DenseOp, names: FreshNames, inits: _NewInitializers, release: b
     return nodes
 
 
-def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Stable topological order (keeps the given order where it is valid)."""
-    produced_by = {}
-    for i, n in enumerate(nodes):
-        for o in n.output:
-            produced_by[o] = i
-    done, order, avail = set(), [], set(available)
-    pending = list(range(len(nodes)))
-    while pending:
-        progressed, rest = False, []
-        for i in pending:
-            n = nodes[i]
-            if all((not t) or t in avail or t not in produced_by for t in n.input):
-                order.append(n)
-                avail.update(n.output)
-                done.add(i)
-                progressed = True
-            else:
-                rest.append(i)
-        if not progressed:
-            raise RuntimeError("graph has a cycle after rewrite")
-        pending = rest
-    return order
-
-
 def materialize(model: onnx.ModelProto, view: DenseGraph, *, release: bool = False) -> onnx.ModelProto:
     """A new ModelProto with every changed op of ``view`` written back.
 
@@ -210,13 +165,12 @@ def _materialize(model: onnx.ModelProto, view: DenseGraph, release: bool) -> onn
     for rest in emitted.values():  # main node was unnamed/absent: append
         nodes.extend(rest)
 
-    # drop constants that nothing reads any more
-    read = {t for n in nodes for t in n.input} | {o.name for o in src.output}
-    for n in list(nodes):
-        if n.op_type == "Constant" and not any(o in read for o in n.output):
-            nodes.remove(n)
+    # keep only the constants and initializers something still reads (If/Loop/Scan bodies included);
+    # the old weights are filtered while copying, never copied and then deleted
+    read = names_read(nodes, src.output)
+    nodes = [n for n in nodes if not (n.op_type == "Constant" and not any(o in read for o in n.output))]
     avail = {i.name for i in src.input} | {t.name for t in src.initializer} | new_inits.names
-    g.node.extend(_toposort(nodes, avail))
+    g.node.extend(toposort(nodes, avail))
     g.initializer.extend(t for t in src.initializer if t.name in read)
     # initializers also listed as graph inputs (old exporters) leave the inputs with them
     dropped = {t.name for t in src.initializer if t.name not in read}
@@ -235,5 +189,6 @@ def _materialize(model: onnx.ModelProto, view: DenseGraph, release: bool) -> onn
         if node_key(n, i) in removed or node_key(n, i) in act_nodes:
             removed_outputs.update(n.output)
     stale |= removed_outputs
-    g.value_info.extend(v for v in src.value_info if v.name not in stale)
+    g.value_info.extend(src.value_info)
+    drop_value_info(g, stale)
     return out

@@ -205,6 +205,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
               fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
               max_evaluations, latency, progress, timer, fold_residual, fold_heads) -> OptimizeResult:
+    from .measure.batching import restore_fixed_batch, run_in_batches
     from .measure.data import load_calibration
     from .runtime import resolve_provider
     from .verify import compare_models
@@ -218,6 +219,11 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     with timer("load_data"):
         calib = load_calibration(calibration, original) if calibration is not None else None
         evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
+        # a batch axis fixed at 1: work on a copy that runs in batches when it can
+        loaded = original
+        original, batching, batching_note = run_in_batches(loaded, [calib, evalset], providers)
+        if batching_note:
+            notes.append(batching_note)
         fit, select, final = _split(calib, evalset, seed)
     mode = choose_mode(has_data=fit is not None, budget=budget, fold_ratio=fold_ratio,
                        linear_threshold=linear_threshold, linear_mode=linear_mode, fold_heads=fold_heads)
@@ -325,7 +331,9 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
         before=before, after=summarize_model(current) if changed else before, layers=layers,
         skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
         timings={}, notes=notes, search=search_info)
-    return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
+    if changed and batching is not None:  # the output keeps the input's fixed batch axis
+        current = restore_fixed_batch(current, loaded, batching)
+    return OptimizeResult(model=current if changed else loaded, report=report, changed=changed, layers=layers)
 
 
 def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,

@@ -265,6 +265,7 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
               fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
               max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify) -> OptimizeResult:
+    from .measure.batching import restore_fixed_batch, run_in_batches
     from .measure.data import load_calibration
     from .runtime import resolve_provider
     from .verify import compare_models
@@ -278,6 +279,11 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     with timer("load_data"):
         calib = load_calibration(calibration, original) if calibration is not None else None
         evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
+        # a batch axis fixed at 1: work on a copy that runs in batches when it can
+        loaded = original
+        original, batching, batching_note = run_in_batches(loaded, [calib, evalset], providers)
+        if batching_note:
+            notes.append(batching_note)
     mode = choose_mode(has_data=calib is not None, budget=budget, fold_ratio=fold_ratio,
                        linear_threshold=linear_threshold, linear_mode=linear_mode, fold_heads=fold_heads)
     # the budget is enforced (a model that misses it is never returned) when it
@@ -396,11 +402,13 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     if not changed and status == "optimized":
         status = "unchanged"
         notes.append("no rewrite applied; the output equals the input")
+    if changed and batching is not None:  # the output keeps the input's fixed batch axis
+        current = restore_fixed_batch(current, loaded, batching)
     latency_info = None
     if latency and changed and (final is not None or fit is not None):
-        with timer("latency"):
-            latency_info = measure_latency(original, current, final if final is not None else fit,
-                                           providers=providers)
+        with timer("latency"):  # the models as the user runs them: a fixed batch axis is timed at 1
+            latency_info = measure_latency(loaded, current, final if final is not None else fit,
+                                           providers=providers, **({"batch_sizes": (1,)} if batching else {}))
     if search_info is not None:
         notes.append(f"budget search evaluated {len(search_info['evaluated'])} candidates")
     report = build_report(
@@ -416,7 +424,7 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
         before=before, after=summarize_model(current) if changed else before, layers=layers,
         skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
         timings={}, notes=notes, search=search_info)
-    return OptimizeResult(model=current if changed else original, report=report, changed=changed, layers=layers)
+    return OptimizeResult(model=current if changed else loaded, report=report, changed=changed, layers=layers)
 
 
 def _judge_final(budget: Budget, comp, model, original):

@@ -192,15 +192,27 @@ def resolve_provider(provider: str = "auto") -> tuple[list[str], str | None]:
 # sessions
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container or
+    ``taskset`` may allow fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _session_options(intra_op_threads: int | None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if intra_op_threads is not None:
-        if intra_op_threads < 0:
-            raise UsageError(f"thread count must be >= 0, got {intra_op_threads}")
-        so.intra_op_num_threads = int(intra_op_threads)
+    if intra_op_threads is not None and intra_op_threads < 0:
+        raise UsageError(f"thread count must be >= 0, got {intra_op_threads}")
+    # onnxruntime's default counts the machine's cores, not the ones this
+    # process may use; and its idle workers spin, taking the cores that the
+    # statistics and fits between two runs need: calibration alternates the two
+    so.intra_op_num_threads = usable_cores() if intra_op_threads is None else int(intra_op_threads)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -27,11 +27,14 @@ import onnx
 
 from .decide.budget import Budget, BudgetCheck
 from .passes.base import LayerReport, PassContext
+from .passes.cache import SearchCache, model_digest
 from .verify import compare_models, reference_outputs
 
 RATIO_STEPS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 THRESHOLD_STEPS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9)
 SELECTS = ("kmeans", "magnitude")
+#: models up to this many parameters are searched with one BLAS thread (see BudgetSearch.run)
+ONE_BLAS_THREAD_UP_TO = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,9 @@ class BudgetSearch:
                  progress: Callable[[str, int, int], None] | None = None):
         from .io import count_parameters
 
-        self.original, self.budget, self.ctx = original, budget, ctx
+        # statistics and decompositions shared by the candidates (see passes.cache)
+        self.original, self.budget, self.ctx = original, budget, replace(ctx, cache=SearchCache())
+        ctx = self.ctx
         self.max_evaluations = max_evaluations
         self.progress = progress
         self.cache: dict[Setting, Candidate] = {}
@@ -172,9 +177,8 @@ class BudgetSearch:
             model, _, layers, notes = run_passes(self.original, passes, self.ctx)
             if setting == Setting():
                 self._lossless = (model, [replace(lr) for lr in layers], list(notes))
-        comp = compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
-                              batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
-                              original_outputs=self.reference)
+        # settings that change nothing more give the same model: judged once
+        comp = self.ctx.cache.get_or_compute(("judged", model_digest(model)), lambda: self._compare(model))
         check = self.budget.check(comp)
         params = self._count_parameters(model)
         if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
@@ -187,6 +191,11 @@ class BudgetSearch:
         if self.progress:
             self.progress("budget search", len(self.cache), self.max_evaluations)
         return cand
+
+    def _compare(self, model: onnx.ModelProto):
+        return compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
+                              batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
+                              original_outputs=self.reference)
 
     def _ratio_ok(self, c: Candidate) -> bool:
         return self.budget.target_ratio is None or c.parameters <= self.budget.target_ratio * self.original_params
@@ -231,6 +240,17 @@ class BudgetSearch:
 
     # ------------------------------------------------------------------
     def run(self, layer_names: list[str]) -> SearchResult:
+        from threadpoolctl import threadpool_limits
+
+        # Numpy's BLAS on one thread: the search's matrices (Grams, eigh, refits
+        # of layers up to a few thousand wide) gain little from threads, and
+        # threads waiting on cores busy with onnxruntime or another process
+        # made an eigh 10-15x slower on a loaded 2-core machine.
+        limit = 1 if self.original_params <= ONE_BLAS_THREAD_UP_TO else None
+        with threadpool_limits(limits=limit, user_api="blas"):
+            return self._run(layer_names)
+
+    def _run(self, layer_names: list[str]) -> SearchResult:
         notes: list[str] = []
         base = self.evaluate(Setting())
         # the select split's resolution: the same for every candidate, said once

@@ -198,11 +198,9 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     ``keep_outputs`` stores the candidate's outputs in ``Comparison.outputs_of_candidate``
     (small selection sets only).
     """
-    from .runtime import create_session
-
     providers = providers or ["CPUExecutionProvider"]
-    cand_sess = create_session(candidate, providers)
-    ref_sess = None if original_outputs is not None else create_session(original, providers)
+    cand_sess = _session(candidate, providers)
+    ref_sess = None if original_outputs is not None else _session(original, providers)
     tensor_outs = [o.name for o in cand_sess.get_outputs() if o.type.startswith("tensor")]
     notes = [f"output '{o.name}' is not a tensor ({o.type}); not compared"
              for o in cand_sess.get_outputs() if not o.type.startswith("tensor")]
@@ -213,7 +211,8 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
         b = next(iter(feed.values())).shape[0]
         if ref_sess is not None:  # the original first: data that does not fit fails there, as a data error
             ref = dict(zip(tensor_outs, _run_on_data(ref_sess, tensor_outs, feed, data)))
-        got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed, _quiet())))
+        with _in_runtime():
+            got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed, _quiet())))
         if ref_sess is None:
             ref = {n: original_outputs[n][start:start + b] for n in tensor_outs}
         for n in tensor_outs:
@@ -229,15 +228,29 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
 
 def reference_outputs(model: onnx.ModelProto, data, *, providers=None, batch_size: int = 256) -> dict[str, np.ndarray]:
     """The model's tensor outputs on ``data``, concatenated (for repeated comparisons)."""
-    from .runtime import create_session
-
-    sess = create_session(model, providers or ["CPUExecutionProvider"])
+    sess = _session(model, providers or ["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs() if o.type.startswith("tensor")]
     parts: dict[str, list] = {n: [] for n in names}
     for feed in data.batches(batch_size):
         for n, v in zip(names, _run_on_data(sess, names, feed, data)):
             parts[n].append(v)
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
+
+
+def _in_runtime():
+    """Model runs outside the final check are calibration work (candidate
+    judging in the budget search), not the decide stage's."""
+    from .measure.stream import MEASURING_STAGES
+    from .profile import stage
+
+    return stage("calibration", unless_in=MEASURING_STAGES)
+
+
+def _session(model: onnx.ModelProto, providers):
+    from .runtime import create_session
+
+    with _in_runtime():
+        return create_session(model, providers)
 
 
 def _quiet():
@@ -254,7 +267,8 @@ def _run_on_data(sess, names, feed, data):
     from .measure.stream import _run_error_types, _short
 
     try:
-        return sess.run(names, feed, _quiet())
+        with _in_runtime():
+            return sess.run(names, feed, _quiet())
     except _run_error_types() as e:
         raise CalibrationDataError(
             f"onnxruntime failed on the {getattr(data, 'what', 'calibration')} data ({_short(e)});"

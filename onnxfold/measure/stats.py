@@ -214,6 +214,12 @@ class NeuronStats:
         return f"NeuronStats({self.activation.kind}, n={self.n}, rows={self.count})"
 
 
+def gram_eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of a Gram matrix, symmetrised first."""
+    G = np.asarray(gram, dtype=np.float64)
+    return np.linalg.eigh((G + G.T) / 2.0)
+
+
 class GramAccumulator:
     """Streamed least-squares sufficient statistics, float64.
 
@@ -239,6 +245,7 @@ class GramAccumulator:
         self.sxy: np.ndarray | None = None
         self.syy: np.ndarray | None = None
         self._eig = None  # cached eigendecomposition of the regularised matrix
+        self._xtx_eig = None  # cached eigendecomposition of XᵀX (data-aware truncations)
 
     def _init(self, p: int, q: int | None):
         self.p, self.q = p, q
@@ -270,7 +277,7 @@ class GramAccumulator:
         m = Xr.shape[0]
         if m == 0:
             return
-        self._eig = None
+        self._eig = self._xtx_eig = None
         x64 = Xr.astype(np.float64, copy=False)
         bx = x64.mean(axis=0)
         xc = x64 - bx
@@ -303,7 +310,7 @@ class GramAccumulator:
             for k in ("mean_x", "mean_y", "sxx", "sxy", "syy"):
                 v = getattr(other, k)
                 setattr(self, k, None if v is None else v.copy())
-            self._eig = None
+            self._eig = self._xtx_eig = None
             return self
         if (self.p, self.q, self._has_y) != (other.p, other.q, other._has_y):
             raise ValueError("can only merge GramAccumulators of the same shapes")
@@ -319,7 +326,7 @@ class GramAccumulator:
             self.mean_y = self.mean_y + dy * (n2 / n)
         self.mean_x = self.mean_x + dx * (n2 / n)
         self.count = n
-        self._eig = None
+        self._eig = self._xtx_eig = None
         return self
 
     # -- raw statistics --------------------------------------------------------
@@ -373,6 +380,13 @@ class GramAccumulator:
             d = np.clip(d, 0.0, None)
             self._eig = (d, V, V.T @ B)
         return self._eig
+
+    def xtx_eigh(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`gram_eigh` of ``XtX``, computed once per accumulated state:
+        every truncated path from this input weighs with the same Gram."""
+        if self._xtx_eig is None:
+            self._xtx_eig = gram_eigh(self.XtX)
+        return self._xtx_eig
 
     def solve_ridge(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
         """(W (q×p), b (q,)) minimising ||X Wᵀ + b - Y||² + λ||W||², b unpenalised.

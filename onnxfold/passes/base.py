@@ -27,6 +27,7 @@ class PassContext:
     batch_size: int = 256
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
+    cache: Any = None  # passes.cache.SearchCache shared by a budget search's candidates, or None
 
     def report_progress(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -35,11 +35,11 @@ from ..measure.stats import GramAccumulator, NeuronStats
 from ..measure.stream import needed_part, stream_tensors
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import HELDOUT_SHARE, LayerReport, PassContext, PassResult, heldout_mask
+from .cache import array_digest, model_digest
 
 SELECTS = ("kmeans", "magnitude")
 REPAIRS = ("auto", "none", "ar", "repair", "ls")
 DATA_REPAIRS = ("repair", "ls")
-
 
 
 #: layers wider than this get their fold maps as sparse matrices (a dense
@@ -356,6 +356,36 @@ class _FoldRun:
         if any(op is cons for op, _ in chain.path_readers):
             return "ls: the consumer also reads this layer through a linear path; kept the plain fold"
         w_prior, b_prior = cons.weight.copy(), cons.bias_or_zero().copy()
+        refit, held_count = self._cached_refit(chain, w_prior, b_prior)
+        if refit.lam is None:
+            return f"ls: plain fold kept (held-out relative error {refit.kept_error:.3g})"
+        k = chain.width
+        # copies: the refit may be shared with other candidates through the search cache
+        self._apply(chain, HiddenEdit.keep(k, np.arange(k), consumer_weight=refit.weight.copy(),
+                                           consumer_bias=refit.bias.copy()))
+        if not held_count:
+            return f"ls: ridge {refit.lam:g} (too few samples to hold any out)"
+        return (f"ls: ridge {refit.lam:g}, held-out relative error {refit.heldout_error:.3g}"
+                f" (plain fold {refit.kept_error:.3g})")
+
+    def _cached_refit(self, chain: Chain, w_prior: np.ndarray, b_prior: np.ndarray) -> tuple[decide.Refit, int]:
+        """:meth:`_solve_refit`; in a budget search shared by every candidate
+        whose model computes the layer's tensors identically (the same
+        settings up to this layer), keyed by the two model parts the refit
+        runs, the data and the weights it starts from."""
+        cache = self.ctx.cache
+        if cache is None:
+            return self._solve_refit(chain, w_prior, b_prior)
+        prod, cons = chain.producer, chain.consumer
+        key = ("ls refit",
+               model_digest(needed_part(self.current_model(), {prod.output: prod.dtype, cons.output: cons.dtype})),
+               model_digest(needed_part(self.original, {cons.output: cons.dtype})),
+               cache.data_key(self.ctx.calibration), cache.data_key(self.ctx.heldout), self.ctx.batch_size,
+               self.seed, array_digest(w_prior), array_digest(b_prior))
+        return cache.get_or_compute(key, lambda: self._solve_refit(chain, w_prior, b_prior))
+
+    def _solve_refit(self, chain: Chain, w_prior: np.ndarray, b_prior: np.ndarray) -> tuple[decide.Refit, int]:
+        """(the refit, number of held-out rows it was chosen on)."""
         if self.ctx.heldout is not None:
             fit, _, _ = self._refit_grams(chain, self.ctx.calibration, b_prior)
             _, held, spread = self._refit_grams(chain, self.ctx.heldout, b_prior,
@@ -367,14 +397,7 @@ class _FoldRun:
             final = GramAccumulator(with_bias=True).merge(fit).merge(held)
         refit = decide.refit_consumer(fit, held if held.count else None, w_prior, b_prior, final=final,
                                       target_ss=spread)
-        if refit.lam is None:
-            return f"ls: plain fold kept (held-out relative error {refit.kept_error:.3g})"
-        k = chain.width
-        self._apply(chain, HiddenEdit.keep(k, np.arange(k), consumer_weight=refit.weight, consumer_bias=refit.bias))
-        if not held.count:
-            return f"ls: ridge {refit.lam:g} (too few samples to hold any out)"
-        return (f"ls: ridge {refit.lam:g}, held-out relative error {refit.heldout_error:.3g}"
-                f" (plain fold {refit.kept_error:.3g})")
+        return refit, held.count
 
 
 def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:

@@ -43,9 +43,10 @@ from ..find.dense import DenseOp, LinearPath
 from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet, load_calibration
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import stream_tensors
+from ..measure.stream import _known_types, needed_part, stream_tensors
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import LayerReport, PassContext, PassResult
+from .cache import model_digest
 
 #: Ops that only move elements around: bounds of their output are the hull of
 #: their input's bounds (used to carry IBP bounds through Flatten/Reshape).
@@ -224,7 +225,9 @@ class LinearityPass:
 
         evidence = None
         if data is not None:
-            stats = _measure_neurons(current, chain, data, ctx)
+            stats = _cached_measure(ctx, current, [chain.activation.input], data,
+                                    f"neurons {chain.activation.describe()}",
+                                    lambda: _measure_neurons(current, chain, data, ctx))
             evidence = decide.PieceEvidence.from_counts(stats.count, stats.piece_counts, stats.mean_z, stats.mean_a,
                                                         min_z=stats.min_z, max_z=stats.max_z, pieces=pieces)
         classes = decide.classify_neurons(pieces, self.threshold, evidence=evidence, z_bounds=z_bounds,
@@ -238,7 +241,9 @@ class LinearityPass:
         if data is not None and n_lin and self.extended and self.path_form in ("auto", "svd"):
             # a second run, only for layers that have linear neurons: most have none,
             # and a Gram costs rows × width² per input
-            grams = _measure_grams(current, chain, [name for name, _f in sources], data, ctx)
+            inputs = [name for name, _f in sources]
+            grams = _cached_measure(ctx, current, inputs, data, "grams",
+                                    lambda: _measure_grams(current, chain, inputs, data, ctx))
 
         shape = _layer_shape(chain, sinks)
         if self.extended:
@@ -302,6 +307,7 @@ class LinearityPass:
                     acc = grams.get(src_input)
                     choice = decide.choose_path_form(
                         factors, self.path_form, gram=None if acc is None else acc.XtX,
+                        gram_eig=None if acc is None else acc.xtx_eigh(),
                         mean_input=None if acc is None else acc.mean_x, tolerance=tolerance)
                     if choice.bias_shift is not None:
                         delta = delta + choice.bias_shift
@@ -366,6 +372,20 @@ def _layer_shape(chain: Chain, sinks: list[_Sink]) -> decide.LayerShape:
     row_cost = prod.in_features + (prod.bias is not None) + sum(p.factors[-1].shape[0] for p in prod.paths)
     col_cost = sum(s.factors[0].shape[1] for s in sinks)
     return decide.LayerShape(row_cost=int(row_cost), col_cost=int(col_cost), params=_chain_params(chain))
+
+
+def _cached_measure(ctx: PassContext, model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, what: str,
+                    compute):
+    """``compute()`` - statistics of ``tensors`` of ``model`` on ``data`` - shared
+    within a budget search by every candidate whose model computes those
+    tensors identically (keyed by the model part that computes them)."""
+    if ctx.cache is None:
+        return compute()
+    types = _known_types(model)
+    part = needed_part(model, {name: onnx.helper.tensor_dtype_to_np_dtype(types.get(name, onnx.TensorProto.FLOAT))
+                               for name in tensors})
+    key = (what, model_digest(part), tuple(tensors), ctx.cache.data_key(data), ctx.batch_size)
+    return ctx.cache.get_or_compute(key, compute)
 
 
 def _measure_neurons(model: onnx.ModelProto, chain: Chain, data: CalibrationSet, ctx: PassContext) -> NeuronStats:

@@ -1,0 +1,102 @@
+"""Values a budget search would otherwise compute again for every candidate.
+
+The search turns each candidate setting into a model by running the passes
+from the same start. Most of what a pass measures or decomposes does not
+depend on the candidate's own setting: the statistics of layer i depend only
+on the part of the model that computes its tensors, which is the same for
+every candidate that changes nothing upstream of layer i. So a value is keyed
+by what it really depends on:
+
+* a model part by its serialized bytes (:func:`model_digest`): the part of the
+  current model that computes the measured tensors (``stream.needed_part``) -
+  after an upstream rewrite those bytes differ, so a downstream statistic taken
+  on the rewritten model never reuses one taken on the original;
+* a data split by its identity (the cache holds a reference to every set it
+  keyed, so an id cannot be reused by another object while the cache lives);
+* arrays by their bytes (:func:`array_digest`).
+
+A hit returns the very object computed on the miss (accumulators keep their
+own cached eigendecompositions), so results are bit-identical to recomputing.
+The cache lives for one search (``PassContext.cache``); outside a search it is
+``None`` and passes compute as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+
+T = TypeVar("T")
+
+#: what the cache may hold (least recently used dropped first): Gram
+#: matrices of wide layers are tens of MiB each
+MAX_BYTES = 1 << 30
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """Content key of a model (or model part): its serialized bytes."""
+    return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def array_digest(a: np.ndarray | None) -> str | None:
+    if a is None:
+        return None
+    a = np.ascontiguousarray(a)
+    return hashlib.sha1(a.view(np.uint8).reshape(-1)).hexdigest() + f"{a.dtype.str}{a.shape}"
+
+
+class SearchCache:
+    def __init__(self, max_bytes: int = MAX_BYTES):
+        self._values: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._data: dict[int, Any] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def data_key(self, data: Any) -> int | None:
+        """Identity of a data split for a key (None: no data)."""
+        if data is None:
+            return None
+        self._data[id(data)] = data  # keeps the id from being reused
+        return id(data)
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
+        if key in self._values:
+            self._values.move_to_end(key)
+            self.hits += 1
+            return self._values[key][0]
+        self.misses += 1
+        value = compute()
+        size = _nbytes(value)
+        self._values[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self._values) > 1:
+            _, (_, dropped) = self._values.popitem(last=False)
+            self.bytes -= dropped
+        return value
+
+
+def _nbytes(value: Any, depth: int = 0) -> int:
+    """The arrays a cached value holds, roughly (accumulators, tuples, dicts)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if depth > 3:
+        return 0
+    if isinstance(value, dict):
+        return sum(_nbytes(v, depth + 1) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v, depth + 1) for v in value)
+    if hasattr(value, "__dict__"):
+        return _nbytes(vars(value), depth + 1)
+    return 0
+
+
+def cached(cache: SearchCache | None, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, through ``cache`` when there is one."""
+    return compute() if cache is None else cache.get_or_compute(key, compute)

@@ -157,7 +157,9 @@ def test_cli_data_loader_script(tmp_path, loader_script):
 
     r = json.loads(rep.read_text())
     assert r["settings"]["calibration_samples"] == len(_data("digits_mlp", "calib")["input"])
-    assert r["status"] == "optimized"
+    # the fold asked for is returned (397 test samples cannot show the default budget for it, so the
+    # report says so rather than "optimized")
+    assert r["status"] == "budget_not_met_on_evaluation" and r["ratios"]["parameters"] < 0.6
     # default function name, like Polygraphy
     assert main(args + ["--data-loader-script", str(loader_script)]) == 0
 

@@ -324,3 +324,18 @@ def test_little_data_is_said_up_front(digits):
                             provider="cpu", notify=heard.append)
     assert len(heard) == 1 and "needs 598 samples per held-out part" in heard[0]
     assert heard[0] in res.report["notes"]
+
+
+def test_confidence_option_sets_the_bounds_level(digits, capsys):
+    rep = digits.with_name("r.json")
+    # at 50 % confidence 0.5 % needs 139 samples per part, not 598
+    assert main(["optimize", str(digits), "--min-agreement", "99.5", "--confidence", "0.5", "--max-evaluations", "3",
+                 "--report", str(rep), "--no-latency", "--quiet", "--provider", "cpu"]) in (0, 1)
+    r = json.loads(rep.read_text())
+    assert r["budget"]["spec"]["confidence"] == 0.5
+    agreement = [lc for lc in r["budget"]["limits"] if lc["kind"] == "agreement"]
+    assert agreement and all(lc["needed"] == 139 for lc in agreement)
+    capsys.readouterr()
+    assert main(["optimize", str(digits), "--confidence", "1.5", "--quiet", "--provider", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--confidence" in err

@@ -141,7 +141,8 @@ def render_report(report: dict, console) -> None:
 
 def _render_budget(budget: dict | None, console) -> None:
     """Each limit with its observed value and upper confidence bound."""
-    limits = (budget or {}).get("returned_check", budget or {}).get("limits") if budget else None
+    # after a failed final check, the bounds of the model that was returned (none for the original)
+    limits = (budget.get("returned_check") or budget).get("limits") if budget else None
     if not limits:
         return
     conf = 100 * budget.get("confidence", 0.95)

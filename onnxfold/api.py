@@ -123,7 +123,8 @@ def resolution_warning(budget: Budget, select, final, *, has_eval: bool) -> str 
     if not small:
         return None
     parts = ", ".join(f"{what} {n}" for what, n in small)
-    more = (f"give an --eval set and calibration data of at least {needed} samples each"
+    more = (f"give at least {int(-(-needed // HELD_OUT_CAP_WITH_EVAL))} calibration samples and an --eval set of "
+            f"at least {needed}"
             if has_eval else
             f"give at least {int(-(-needed // HELD_OUT_CAP_WITHOUT_EVAL))} calibration samples, or an --eval set "
             f"of at least {needed}")

@@ -219,22 +219,31 @@ class RayStats:
                progress: Callable[[int, int], None] | None = None) -> Accumulators:
         """``job`` over every shard of ``data``, merged in shard order. ``providers``
         is ignored: each worker resolved its own."""
+        from onnxfold.measure.stream import MEASURING_STAGES
+        from onnxfold.profile import stage
+
+        with stage("calibration", unless_in=MEASURING_STAGES):
+            return self._reduce(job, data, batch_size, progress)
+
+    def _reduce(self, job: StatsJob, data: CalibrationSet, batch_size: int,
+                progress: Callable[[int, int], None] | None) -> Accumulators:
         ray = self._ray
         parts = self._shards_of(data, batch_size)
         models = ray.put([(m.SerializeToString(), list(names)) for m, names in job.models])
         refs = [self.workers[i % len(self.workers)].run.remote(models, job.init, job.update, ref, first, batch_size)
                 for i, (first, _count, ref) in enumerate(parts)]
-        total, done, merged = data.num_samples, 0, None
+        # a fresh, writable start: what ray.get returns is read-only, shared with the object store
+        total, done, merged = data.num_samples, 0, job.init()
         try:
             for ref, (_first, count, _r) in zip(refs, parts):
                 accs = self._get(ref)
-                merged = accs if merged is None else merge_accumulators(merged, accs)
+                merge_accumulators(merged, accs)
                 done += count
                 if progress is not None:
                     progress(done, total)
         except BaseException:
             for ref in refs:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)  # actor tasks: queued ones are dropped, a running one finishes
             raise
         return merged
 

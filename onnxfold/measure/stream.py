@@ -220,6 +220,11 @@ def stream_tensors(
         session = _make_session(exposed_model, providers)
     del exposed_model  # the session holds its own copy
     sess_inputs = {i.name for i in session.get_inputs()}
+    missing = sorted(sess_inputs - set(data.input_names))
+    if missing:  # onnxruntime would raise a bare ValueError per batch; say which names do not match
+        raise CalibrationDataError(
+            f"the {data.what} data has no input {', '.join(repr(m) for m in missing)} (has: "
+            f"{', '.join(repr(n) for n in data.input_names)}); name the arrays after the model's inputs")
     output_names = list(dict.fromkeys(existing + run_names))
     run_errors = _run_error_types()
     run_options = _quiet_run_options()

@@ -242,8 +242,7 @@ class RayStats:
                 if progress is not None:
                     progress(done, total)
         except BaseException:
-            for ref in refs:
-                ray.cancel(ref)  # actor tasks: queued ones are dropped, a running one finishes
+            self._drop(refs)
             raise
         return merged
 
@@ -261,6 +260,19 @@ class RayStats:
             raise
         except ray.exceptions.RayActorError as e:
             raise ScaleOutError(f"a Ray worker died and was not restarted ({_first_line(e)})") from None
+
+    def _drop(self, refs) -> None:
+        """Cancel what is left of a failed job and collect the other shards'
+        errors, so that Ray does not log each of them as unhandled."""
+        ray = self._ray
+        for ref in refs:
+            ray.cancel(ref)  # actor tasks: queued ones are dropped, a running one finishes
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 - the first error is the one reported
+                pass
 
     def worker_info(self) -> list[dict]:
         return self._ray.get([w.info.remote() for w in self.workers], timeout=self.timeout_s)

@@ -140,6 +140,9 @@ def _short(e: Exception) -> str:
     from onnxfold.runtime import ort_message
 
     text = ort_message(e)
+    if text.endswith("for the following indices"):  # the dims that differ follow on the next lines
+        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip() and not ln.strip().startswith("Please")]
+        text = f"{text}: {'; '.join(detail)}" if detail else text
     # node failures read "Non-zero status code returned while running X node. Name:'n' Status Message: ..."
     if "Status Message:" in text:
         head, _, tail = text.partition("Status Message:")

@@ -79,15 +79,16 @@ def merge_accumulators(into: Accumulators, other: Accumulators) -> Accumulators:
 
 
 def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, providers: list[str] | None,
-                  first_sample: int = 0, progress: Callable[[int, int], None] | None = None) -> Accumulators:
+                  first_sample: int = 0, progress: Callable[[int, int], None] | None = None,
+                  intra_op_threads: int | None = None) -> Accumulators:
     """Run ``job`` over ``data`` in this process. ``first_sample``: index of
     ``data``'s first sample in the whole data set (a shard's offset), which
-    ``update`` receives per batch."""
+    ``update`` receives per batch. ``intra_op_threads``: see ``stream_tensors``."""
     from onnxfold.measure.stream import stream_tensors
 
     accs = job.init()
     streams = [stream_tensors(model, list(names), data, batch_size=batch_size, providers=providers,
-                              progress=progress if i == 0 else None)
+                              progress=progress if i == 0 else None, intra_op_threads=intra_op_threads)
                for i, (model, names) in enumerate(job.models)]
     start = first_sample
     for batches in zip(*streams):
@@ -125,15 +126,17 @@ class _StatsWorker:
     """A Ray actor: runs statistics jobs on the shards it is given. It
     resolves its own provider (a worker host may have a GPU the driver lacks)."""
 
-    def __init__(self, provider: str):
+    def __init__(self, provider: str, threads: int):
         from onnxfold.runtime import resolve_provider
 
         self.providers, self.notice = resolve_provider(provider)
+        self.threads = threads  # the CPUs this actor reserved: onnxruntime would otherwise take every core
 
     def run(self, models: list[tuple[bytes, list[str]]], init, update, shard: CalibrationSet, first_sample: int,
             batch_size: int) -> Accumulators:
         job = StatsJob([(onnx.load_from_string(b), names) for b, names in models], init, update)
-        return run_stats_job(job, shard, batch_size=batch_size, providers=self.providers, first_sample=first_sample)
+        return run_stats_job(job, shard, batch_size=batch_size, providers=self.providers, first_sample=first_sample,
+                             intra_op_threads=self.threads)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "providers": self.providers, "notice": self.notice}
@@ -148,7 +151,8 @@ class _Shards:
 
 class RayStats:
     """Statistics on a Ray cluster: a pool of ``workers`` actors, each holding
-    one onnxruntime session per job (``provider``, ``gpus_per_worker`` GPUs).
+    one onnxruntime session per job (``provider``; ``cpus_per_worker`` CPUs,
+    which its session uses as threads, and ``gpus_per_worker`` GPUs).
 
     address: ``"local"`` starts a local Ray instance (shut down by
     :meth:`close`); anything else (``"HOST:6379"``, ``"auto"``,
@@ -163,7 +167,8 @@ class RayStats:
     name = "ray"
 
     def __init__(self, address: str = "local", *, workers: int | None = None, provider: str = "auto",
-                 gpus_per_worker: float = 0.0, max_restarts: int = 3, timeout_s: float = 3600.0):
+                 cpus_per_worker: int = 1, gpus_per_worker: float = 0.0, max_restarts: int = 3,
+                 timeout_s: float = 3600.0):
         ray = import_ray()
         self._ray = ray
         self._started = False
@@ -176,20 +181,21 @@ class RayStats:
                                     "with 'ray start --head' or use --ray without an address for a local instance"
                                     ) from None
             self._started = True
-        if gpus_per_worker < 0 or (workers is not None and workers < 1):
-            raise UsageError("Ray workers must be >= 1 and GPUs per worker >= 0")
+        if gpus_per_worker < 0 or cpus_per_worker < 1 or (workers is not None and workers < 1):
+            self.close()
+            raise UsageError("Ray workers and CPUs per worker must be >= 1, GPUs per worker >= 0")
         resources = ray.cluster_resources()
         if workers is None:
             workers = int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else \
-                int(resources.get("CPU", 1))
+                int(resources.get("CPU", 1) // cpus_per_worker)
         if gpus_per_worker and resources.get("GPU", 0) < gpus_per_worker:
             self.close()
             raise ScaleOutError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; a worker asks for "
                                 f"{gpus_per_worker:g}")
         self.timeout_s = float(timeout_s)
-        actor = ray.remote(_StatsWorker).options(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=max_restarts,
-                                                 max_task_retries=max_restarts)
-        self.workers = [actor.remote(provider) for _ in range(max(1, workers))]
+        actor = ray.remote(_StatsWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                                                 max_restarts=max_restarts, max_task_retries=max_restarts)
+        self.workers = [actor.remote(provider, cpus_per_worker) for _ in range(max(1, workers))]
         self._shards: dict[int, _Shards] = {}
 
     # -- data ---------------------------------------------------------------

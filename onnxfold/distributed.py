@@ -138,6 +138,10 @@ class _StatsWorker:
         return run_stats_job(job, shard, batch_size=batch_size, providers=self.providers, first_sample=first_sample,
                              intra_op_threads=self.threads)
 
+    def call(self, fn, item):
+        """``fn(item)``: a decision task (one budget-search candidate) on this worker."""
+        return fn(item)
+
     def info(self) -> dict:
         return {"pid": os.getpid(), "providers": self.providers, "notice": self.notice}
 
@@ -266,6 +270,20 @@ class RayStats:
             raise
         except ray.exceptions.RayActorError as e:
             raise ScaleOutError(f"a Ray worker died and was not restarted ({_first_line(e)})") from None
+
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
+        """``[fn(item) for item in items]`` as tasks spread over the workers
+        (independent decisions, e.g. budget-search candidates); results in the
+        order of ``items``. ``fn`` is pickled once; a task whose worker dies is
+        retried on the restarted worker."""
+        ray = self._ray
+        fn_ref = ray.put(fn)
+        refs = [self.workers[i % len(self.workers)].call.remote(fn_ref, item) for i, item in enumerate(items)]
+        try:
+            return [self._get(ref) for ref in refs]
+        except BaseException:
+            self._drop(refs)
+            raise
 
     def _drop(self, refs) -> None:
         """Cancel what is left of a failed job and collect the other shards'

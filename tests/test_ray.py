@@ -45,20 +45,30 @@ def digits(tmp_path):
     return tmp_path / "digits_mlp.onnx"
 
 
-@pytest.mark.parametrize("settings", [dict(fold_ratio=0.5), dict(max_evaluations=4)], ids=["fixed", "search"])
-def test_ray_gives_the_single_process_result(digits, settings):
-    common = dict(eval_data=digits.with_suffix(".test.npz"), provider="cpu", batch_size=64, seed=3, latency=False,
+@pytest.mark.parametrize("model, settings", [
+    ("digits_mlp", dict(fold_ratio=0.5)),  # linearity + folding with least-squares refits
+    ("cancer_mlp_paper", dict(max_evaluations=12)),  # budget search, down to its per-layer step
+], ids=["fixed", "search"])
+def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, settings):
+    for suffix in (".onnx", ".calib.npz", ".test.npz"):
+        shutil.copy(MODELS / f"{model}{suffix}", tmp_path / f"{model}{suffix}")
+    path = tmp_path / f"{model}.onnx"
+    tasks = []
+    map_tasks = RayStats.map_tasks
+    monkeypatch.setattr(RayStats, "map_tasks", lambda self, fn, items: tasks.extend(items) or map_tasks(self, fn, items))
+    common = dict(eval_data=path.with_suffix(".test.npz"), provider="cpu", batch_size=64, seed=3, latency=False,
                   **settings)
-    calib = digits.with_suffix(".calib.npz")
-    single = onnxfold.optimize(digits, calib, **common)
-    on_ray = onnxfold.optimize(digits, calib, ray_address="local", **common)
+    single = onnxfold.optimize(path, path.with_suffix(".calib.npz"), **common)
+    on_ray = onnxfold.optimize(path, path.with_suffix(".calib.npz"), ray_address="local", **common)
     assert "calibration statistics computed by 2 Ray workers" in on_ray.report["notes"]
+    if "max_evaluations" in settings:  # the per-layer step's candidates were judged by Ray tasks
+        assert len(tasks) >= 2
     assert single.changed and on_ray.changed
     assert on_ray.report["settings"] == single.report["settings"]
     assert on_ray.report["search"] == single.report["search"]  # same candidates, same choice
     assert [lr.to_dict() for lr in on_ray.layers] == [lr.to_dict() for lr in single.layers]
     assert on_ray.report["after"]["parameters"] == single.report["after"]["parameters"]
-    x = np.load(digits.with_suffix(".test.npz"))["input"]
+    x = np.load(path.with_suffix(".test.npz"))["input"]
     (y_single,), (y_ray,) = ort_run(single.model, {"input": x}), ort_run(on_ray.model, {"input": x})
     np.testing.assert_allclose(y_ray, y_single, rtol=0, atol=1e-5)
 

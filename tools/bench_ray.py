@@ -166,10 +166,11 @@ def _section(r: dict) -> str:
         lines.append(f"| {row['backend']} | {row['seconds']:.3f} | {row['samples_per_s']:,.0f} | "
                      f"{row['vs_single_process']:.2f}x | {vs1} | {row['max_rel_diff_vs_single']:.1e} |")
     lines += ["", "Ray pays per job: shipping the model to the workers and one session per worker per job; the",
-              "shards stay in the object store between the jobs of one run. With 2 CPUs shared by the driver, the",
-              "workers and the Ray daemons (and, when this was run, other jobs: 1-minute load average",
-              f"{r['load_average_1min_after']} afterwards), 2 workers cannot reach 2x here; on a cluster each worker",
-              "brings its own cores (or GPU, `--ray-gpus-per-worker`). Raw numbers: `tools/results/ray.json`.", END]
+              "shards stay in the object store between the jobs of one run. Here the driver, the workers and the",
+              "Ray daemons share 2 cores with whatever else runs (1-minute load average "
+              f"{r['load_average_1min_after']} right after the run),",
+              "so the ratios are noisy; on a cluster each worker brings its own cores (or a GPU,",
+              "`--ray-gpus-per-worker`). Raw numbers: `tools/results/ray.json`.", END]
     return "\n".join(lines)
 
 

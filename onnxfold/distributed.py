@@ -25,7 +25,9 @@ Ray is optional (``pip install 'onnxfold[ray]'``) and imported only when a
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -177,9 +179,12 @@ class RayStats:
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
+            if address not in ("local", "auto"):
+                _check_reachable(address)
             try:
+                # Ray's own INFO/WARNING lines would break the CLI's one-line errors and --quiet
                 ray.init(address=None if address == "local" else address, include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+                         log_to_driver=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ScaleOutError(f"cannot connect to the Ray cluster at {address!r} ({_first_line(e)}); start one "
                                     "with 'ray start --head' or use --ray without an address for a local instance"
@@ -310,6 +315,21 @@ class RayStats:
         if self._started and ray.is_initialized():
             ray.shutdown()
         self._started = False
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an address nothing answers on: Ray would keep retrying it
+    for minutes, logging from C++ to stderr."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not HOST:PORT: Ray judges the form
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ScaleOutError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
+                            "'ray start --head --port=6379' on that host, or use --ray without an address for a "
+                            "local instance") from None
 
 
 def _first_line(e: BaseException) -> str:

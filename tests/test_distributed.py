@@ -114,6 +114,18 @@ def test_ray_option_without_ray_installed_is_one_line_and_exit_2(tmp_path, monke
     assert not out.exists()
 
 
+def test_an_unreachable_ray_address_is_one_line_and_exit_2_not_a_hang(tmp_path, capsys):
+    pytest.importorskip("ray")
+    for suffix in (".onnx", ".calib.npz", ".test.npz"):
+        shutil.copy(MODELS / f"digits_mlp{suffix}", tmp_path / f"digits_mlp{suffix}")
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(tmp_path / "digits_mlp.onnx"), "-o", str(out), "--ray", "127.0.0.1:1",
+                 "--provider", "cpu"]) == 2  # port 1: nothing listens there
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot reach the Ray cluster at '127.0.0.1:1'" in err
+    assert not out.exists()
+
+
 def test_importing_onnxfold_does_not_import_ray():
     code = ("import sys, onnxfold, onnxfold.api, onnxfold.cli, onnxfold.distributed; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")

@@ -244,8 +244,10 @@ class RayStats:
                 progress: Callable[[int, int], None] | None) -> Accumulators:
         ray = self._ray
         parts = self._shards_of(data, batch_size)
+        # put once, shared by every shard's task: the models and what the update closes over (weights, masks)
         models = ray.put([(m.SerializeToString(), list(names)) for m, names in job.models])
-        refs = [self.workers[i % len(self.workers)].run.remote(models, job.init, job.update, ref, first, batch_size)
+        init, update = ray.put(job.init), ray.put(job.update)
+        refs = [self.workers[i % len(self.workers)].run.remote(models, init, update, ref, first, batch_size)
                 for i, (first, _count, ref) in enumerate(parts)]
         # a fresh, writable start: what ray.get returns is read-only, shared with the object store
         total, done, merged = data.num_samples, 0, job.init()

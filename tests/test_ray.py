@@ -46,8 +46,8 @@ def digits(tmp_path):
 
 
 @pytest.mark.parametrize("model, settings", [
-    ("digits_mlp", dict(fold_ratio=0.5)),  # linearity + folding with least-squares refits
-    ("cancer_mlp_paper", dict(max_evaluations=12)),  # budget search, down to its per-layer step
+    ("digits_mlp", dict(fold_ratio=0.5, batch_size=64)),  # linearity + folding with least-squares refits, 4 shards
+    ("cancer_mlp_paper", dict(max_evaluations=12, batch_size=256)),  # budget search down to its per-layer step
 ], ids=["fixed", "search"])
 def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, settings):
     for suffix in (".onnx", ".calib.npz", ".test.npz"):
@@ -56,8 +56,7 @@ def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, setti
     tasks = []
     map_tasks = RayStats.map_tasks
     monkeypatch.setattr(RayStats, "map_tasks", lambda self, fn, items: tasks.extend(items) or map_tasks(self, fn, items))
-    common = dict(eval_data=path.with_suffix(".test.npz"), provider="cpu", batch_size=64, seed=3, latency=False,
-                  **settings)
+    common = dict(eval_data=path.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, **settings)
     single = onnxfold.optimize(path, path.with_suffix(".calib.npz"), **common)
     on_ray = onnxfold.optimize(path, path.with_suffix(".calib.npz"), ray_address="local", **common)
     assert "calibration statistics computed by 2 Ray workers" in on_ray.report["notes"]
@@ -116,21 +115,24 @@ def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
     np.testing.assert_allclose(got["gram"].XtX, expected["gram"].XtX, rtol=1e-10)
 
 
+@pytest.fixture(scope="module")
+def backend():
+    stats = RayStats(workers=2, provider="cpu", timeout_s=60)
+    yield stats
+    stats.close()
+
+
 @pytest.mark.parametrize("shard, words", [
     ({"inp": np.zeros((40, 6), np.float32)}, "has no input 'x' (has: 'inp')"),
     ({"x": np.zeros((40, 5), np.float32)}, "for input: x for the following indices: index: 1 Got: 5 Expected: 6"),
 ], ids=["wrong-name", "wrong-shape"])
-def test_a_bad_shard_on_a_worker_is_one_clear_error(shard, words):
+def test_a_bad_shard_on_a_worker_is_one_clear_error(backend, shard, words):
     model = build_mlp([6, 10, 4], "relu", seed=3)
-    backend = RayStats(workers=2, provider="cpu", timeout_s=60)
-    try:
-        t0 = time.perf_counter()
-        with pytest.raises(CalibrationDataError) as e:
-            backend.reduce(StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update),
-                           CalibrationSet(shard), batch_size=8)
-        assert time.perf_counter() - t0 < 30
-    finally:
-        backend.close()
+    t0 = time.perf_counter()
+    with pytest.raises(CalibrationDataError) as e:
+        backend.reduce(StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update),
+                       CalibrationSet(shard), batch_size=8)
+    assert time.perf_counter() - t0 < 30
     assert words in str(e.value) and "\n" not in str(e.value)
 
 

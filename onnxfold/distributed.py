@@ -41,7 +41,7 @@ from onnxfold.measure.data import CalibrationSet
 __all__ = ["StatsJob", "StatsBackend", "LocalStats", "RayStats", "merge_accumulators", "run_stats_job",
            "import_ray", "RAY_INSTALL_HINT"]
 
-RAY_INSTALL_HINT = "--ray needs Ray, which is not installed: pip install 'onnxfold[ray]'"
+RAY_INSTALL_HINT = "--ray needs Ray, which is not installed; install it with pip install 'onnxfold[ray]'"
 
 #: accumulators by name; every value has ``merge(other)`` (in place, returns self)
 Accumulators = dict[str, Any]

@@ -92,6 +92,16 @@ def _die_once(marker, accs, start, feed, labels, tensors):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _square_or_die(marker, x):
+    """A decision task: the first worker to run one is killed (SIGKILL)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return x * x
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
     model = build_mlp([6, 10, 4], "relu", seed=3)
     x = np.random.default_rng(0).normal(size=(400, 6)).astype(np.float32)
@@ -105,6 +115,8 @@ def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
         job = StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), functools.partial(_die_once, str(marker)))
         got = backend.reduce(job, data, batch_size=50)
         after = {w["pid"] for w in backend.worker_info()}
+        # decision tasks (budget-search candidates) are retried the same way
+        squares = backend.map_tasks(functools.partial(_square_or_die, str(tmp_path / "killed-task")), [1, 2, 3, 4])
     finally:
         backend.close()
     killed = int(marker.read_text())
@@ -113,6 +125,7 @@ def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
     np.testing.assert_array_equal(got["z"].piece_counts, expected["z"].piece_counts)
     np.testing.assert_allclose(got["z"].mean_z, expected["z"].mean_z, rtol=1e-12)
     np.testing.assert_allclose(got["gram"].XtX, expected["gram"].XtX, rtol=1e-10)
+    assert (tmp_path / "killed-task").exists() and squares == [1, 4, 9, 16]
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,30 @@ def _time(backend, job, data, batch_size: int, repeats: int):
     return best, result
 
 
+def _driver_rss_growth(backend, job, data, batch_size: int) -> float:
+    """Peak growth of this (driver) process's resident memory during one job, MB
+    (sampled every 2 ms; the baseline is taken just before the job)."""
+    import threading
+
+    from onnxfold.profile import current_rss
+
+    base = current_rss()
+    peak, stop = [base], threading.Event()
+
+    def sample():
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], current_rss())
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        backend.reduce(job, data, batch_size=batch_size, providers=["CPUExecutionProvider"])
+    finally:
+        stop.set()
+        t.join()
+    return (max(peak[0], current_rss()) - base) / 2**20
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mnist_mlp", help="a shipped model in models/ (default mnist_mlp)")
@@ -131,6 +155,18 @@ def main(argv=None) -> int:
                 backend.close()
             rows.append({"backend": f"Ray, {n} worker{'s' if n > 1 else ''}", "workers": n, "seconds": t,
                          "samples_per_s": args.samples / t, "max_rel_diff_vs_single": _max_rel_diff(got, ref)})
+        # the driver's memory: a job merges per-shard accumulators, never per-sample tensors
+        memory = []
+        backend = RayStats(workers=max(args.workers), provider="cpu")
+        try:
+            for n in (args.samples // 4, args.samples):
+                sub = load_calibration({"input": x[:n]}, model)
+                first = _driver_rss_growth(backend, job, sub, args.batch_size)  # also cuts and stores the shards
+                later = _driver_rss_growth(backend, job, sub, args.batch_size)
+                memory.append({"samples": n, "data_mb": x[:n].nbytes / 2**20, "first_job_growth_mb": first,
+                               "later_job_growth_mb": later})
+        finally:
+            backend.close()
     finally:
         ray.shutdown()
     one = next((r for r in rows if r["workers"] == 1), None)
@@ -142,7 +178,7 @@ def main(argv=None) -> int:
               "repeats": args.repeats, "machine": machine(), "ray": ray.__version__,
               "load_average_1min_after": round(os.getloadavg()[0], 2),
               "job": f"NeuronStats of {len(find_dense_graph(model).chains)} hidden layers + Gram of the first",
-              "rows": rows}
+              "rows": rows, "driver_memory": memory, "memory_workers": max(args.workers)}
     out_json = ROOT / "tools" / "results" / "ray.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
@@ -165,6 +201,14 @@ def _section(r: dict) -> str:
         vs1 = "" if row["vs_1_worker"] is None else f"{row['vs_1_worker']:.2f}x"
         lines.append(f"| {row['backend']} | {row['seconds']:.3f} | {row['samples_per_s']:,.0f} | "
                      f"{row['vs_single_process']:.2f}x | {vs1} | {row['max_rel_diff_vs_single']:.1e} |")
+    lines += ["", f"Driver memory during one job ({r['memory_workers']} workers): growth of the driver's resident set over",
+              "its level just before the job (the data set itself is already loaded). The first job on a data set",
+              "also cuts it into shards and puts them in the object store; later jobs reuse them.", "",
+              "| samples | data (MB) | first job: driver growth (MB) | later job: driver growth (MB) |",
+              "|---:|---:|---:|---:|"]
+    for m in r["driver_memory"]:
+        lines.append(f"| {m['samples']} | {m['data_mb']:.1f} | {m['first_job_growth_mb']:.1f} | "
+                     f"{m['later_job_growth_mb']:.1f} |")
     lines += ["", "Ray pays per job: shipping the model to the workers and one session per worker per job; the",
               "shards stay in the object store between the jobs of one run. Here the driver, the workers and the",
               "Ray daemons share 2 cores with whatever else runs (1-minute load average "

@@ -183,8 +183,8 @@ class RayStats:
                 _check_reachable(address)
             try:
                 # Ray's own INFO/WARNING lines would break the CLI's one-line errors and --quiet
-                ray.init(address=None if address == "local" else address, include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.ERROR)
+                # "local" always starts a new instance (None would join a 'ray start' cluster of this host)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ScaleOutError(f"cannot connect to the Ray cluster at {address!r} ({_first_line(e)}); start one "
                                     "with 'ray start --head' or use --ray without an address for a local instance"

@@ -28,18 +28,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import onnx
 
 from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError
 from onnxfold.measure.data import CalibrationSet
 
 __all__ = ["StatsJob", "StatsBackend", "LocalStats", "RayStats", "merge_accumulators", "run_stats_job",
-           "import_ray", "RAY_INSTALL_HINT"]
+           "make_backend", "import_ray", "RAY_INSTALL_HINT"]
 
 RAY_INSTALL_HINT = "--ray needs Ray, which is not installed; install it with pip install 'onnxfold[ray]'"
 

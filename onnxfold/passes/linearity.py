@@ -38,13 +38,13 @@ import numpy as np
 import onnx
 
 from ..decide import linearity as decide
+from ..distributed import StatsJob
 from ..errors import UsageError
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..find.dense import DenseOp, LinearPath
 from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet, load_calibration
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..distributed import StatsJob
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import LayerReport, PassContext, PassResult
 

@@ -53,9 +53,13 @@ def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, setti
     for suffix in (".onnx", ".calib.npz", ".test.npz"):
         shutil.copy(MODELS / f"{model}{suffix}", tmp_path / f"{model}{suffix}")
     path = tmp_path / f"{model}.onnx"
-    tasks = []
-    map_tasks = RayStats.map_tasks
-    monkeypatch.setattr(RayStats, "map_tasks", lambda self, fn, items: tasks.extend(items) or map_tasks(self, fn, items))
+    tasks, map_tasks = [], RayStats.map_tasks
+
+    def counted_map_tasks(self, fn, items):
+        tasks.extend(items)
+        return map_tasks(self, fn, items)
+
+    monkeypatch.setattr(RayStats, "map_tasks", counted_map_tasks)
     common = dict(eval_data=path.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, **settings)
     single = onnxfold.optimize(path, path.with_suffix(".calib.npz"), **common)
     on_ray = onnxfold.optimize(path, path.with_suffix(".calib.npz"), ray_address="local", **common)

@@ -197,7 +197,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
              batch_size: int = 256, seed: int = 0, positive_threshold: float | None = None,
              max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None,
              profile_memory: bool = False, fold_residual: bool = False, fold_heads=None,
-             notify: Callable[[str], None] | None = None) -> OptimizeResult:
+             notify: Callable[[str], None] | None = None, ray_address: str | None = None,
+             ray_workers: int | None = None, ray_gpus_per_worker: float = 0.0) -> OptimizeResult:
     """Compress ``model`` (path or ModelProto) and verify the result.
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
@@ -247,7 +248,20 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     reference the input's data file - save it with ``result.save`` /
     :func:`onnxfold.io.save_model`, or call :func:`onnxfold.tensors.load_deferred`
     on it for a self-contained proto.
+
+    Scale-out: ``ray_address`` computes the streamed calibration statistics on
+    a Ray cluster (``"local"`` starts a local instance; ``"HOST:6379"`` or
+    ``"auto"`` joins a running cluster; a Ray instance already initialised in
+    this process is used as it is), ``ray_workers`` actors (default: one per
+    CPU of the cluster, or per ``ray_gpus_per_worker`` GPUs), each holding
+    its own onnxruntime session; see :mod:`onnxfold.distributed`. Decisions,
+    rewrite, verification and saving stay in this process. Needs
+    ``pip install 'onnxfold[ray]'``.
     """
+    if ray_address is not None:
+        from .distributed import import_ray
+
+        import_ray()  # before any work: a missing install is a one-line error
     with StageProfiler(memory=profile_memory) as profiler:
         result = _optimize(model, calibration, eval_data=eval_data, budget=budget, linear=linear,
                            linear_threshold=linear_threshold, linear_mode=linear_mode, linear_path=linear_path,
@@ -255,7 +269,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
                            provider=provider, batch_size=batch_size, seed=seed,
                            positive_threshold=positive_threshold, max_evaluations=max_evaluations,
                            latency=latency, progress=progress, timer=profiler.stage, fold_residual=fold_residual,
-                           fold_heads=fold_heads, notify=notify)
+                           fold_heads=fold_heads, notify=notify, ray_address=ray_address, ray_workers=ray_workers,
+                           ray_gpus_per_worker=ray_gpus_per_worker)
     result.report["timings_s"] = profiler.timings()
     memory = profiler.memory()
     if memory is not None:
@@ -265,7 +280,32 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 
 def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
               fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
-              max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify) -> OptimizeResult:
+              max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify, ray_address=None,
+              ray_workers=None, ray_gpus_per_worker=0.0) -> OptimizeResult:
+    from .distributed import make_backend
+
+    backend = None
+    try:
+        if ray_address is not None:
+            with timer("ray_start"):
+                backend = make_backend(ray_address, provider=provider, workers=ray_workers,
+                                       gpus_per_worker=ray_gpus_per_worker)
+        return _optimize_with(model, calibration, eval_data=eval_data, budget=budget, linear=linear,
+                              linear_threshold=linear_threshold, linear_mode=linear_mode, linear_path=linear_path,
+                              fold_ratio=fold_ratio, fold_select=fold_select, fold_repair=fold_repair,
+                              provider=provider, batch_size=batch_size, seed=seed,
+                              positive_threshold=positive_threshold, max_evaluations=max_evaluations,
+                              latency=latency, progress=progress, timer=timer, fold_residual=fold_residual,
+                              fold_heads=fold_heads, notify=notify, backend=backend)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
+                   fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
+                   max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify,
+                   backend) -> OptimizeResult:
     from .measure.batching import restore_fixed_batch, run_in_batches
     from .measure.data import load_calibration
     from .runtime import resolve_provider
@@ -310,6 +350,9 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
                 notify(warning)
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
                       progress=progress)
+    if backend is not None:
+        ctx.stats_backend = backend
+        notes.append(f"calibration statistics computed by {len(backend.workers)} Ray workers")
     view = find_dense_graph(original)
     # only names and skips are needed here (the views read no weights)
     chain_names, skipped = [c.name for c in view.chains], view.skipped

@@ -68,7 +68,7 @@ def _threshold_arg(text: str) -> float:
 def _add_data_options(p: argparse.ArgumentParser, *, eval_too: bool) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--calib", metavar="DATA", help="calibration data: .npz (keys = input names, optional 'labels') "
-                   "or a directory of .npy files; default: <model stem>.calib.npz next to the model, if present")
+                   "or a directory of .npy files (one per input) or of .npz shards; default: <model stem>.calib.npz next to the model, if present")
     if eval_too:
         g.add_argument("--eval", metavar="DATA", help="separate evaluation data for the final report (never used "
                        "to decide); default: <model stem>.test.npz or .eval.npz next to the model, if present")
@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
     g.add_argument("--plot", metavar="PNG", help="draw the budget search (parameter ratio vs budget spent of every "
                    "candidate, chosen one marked); needs matplotlib (pip install 'onnxfold[plot]')")
+    g = opt.add_argument_group("scale-out (Ray)", "compute the calibration statistics on a Ray cluster; "
+                               "decisions, rewrite, verification and saving stay here (pip install 'onnxfold[ray]')")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="use Ray: without ADDRESS a local Ray instance is started; HOST:6379 (or auto) joins a "
+                   "cluster started with 'ray start --head'")
+    g.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray workers, each one onnxruntime session (default: one per CPU of the cluster)")
+    g.add_argument("--ray-gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="GPUs each Ray worker reserves (with --provider cuda; default 0)")
 
     ins = sub.add_parser("inspect", help="list dense chains and, with data, per-layer neuron statistics")
     ins.add_argument("model", help="input .onnx model")
@@ -329,7 +338,8 @@ def _cmd_optimize(args, console) -> int:
                           seed=args.seed, positive_threshold=args.positive_threshold,
                           max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress,
                           profile_memory=args.profile_memory, fold_residual=args.fold_residual,
-                          fold_heads=args.fold_heads, notify=notify)
+                          fold_heads=args.fold_heads, notify=notify, ray_address=args.ray,
+                          ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker)
     external = True if (args.external_data or model_has_external_data(model)) else None
     with StageProfiler(memory=args.profile_memory) as profiler, profiler.stage("save"):
         saved = result.save(out, external_data=external)

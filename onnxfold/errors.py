@@ -42,3 +42,11 @@ class BudgetNotMetError(OnnxFoldError):
 
 class UsageError(OnnxFoldError):
     """Inconsistent or invalid options."""
+
+
+class RayNotInstalledError(UsageError):
+    """``--ray`` / ``ray_address`` was asked for but Ray is not installed."""
+
+
+class ScaleOutError(OnnxFoldError):
+    """The Ray cluster could not be reached, lost its workers or timed out."""

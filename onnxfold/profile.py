@@ -26,7 +26,7 @@ from collections.abc import Iterator
 _ACTIVE: contextvars.ContextVar[StageProfiler | None] = contextvars.ContextVar("onnxfold_profiler", default=None)
 
 #: the stage names the library reports, in pipeline order
-STAGES = ("load", "load_data", "calibration", "decide", "rewrite", "verify", "latency", "save")
+STAGES = ("ray_start", "load", "load_data", "calibration", "decide", "rewrite", "verify", "latency", "save")
 
 
 def current_rss() -> int | None:

@@ -146,6 +146,51 @@ def run_passes(model: onnx.ModelProto, passes: list, ctx: PassContext):
     return current, changed, layers, notes
 
 
+@dataclass
+class _Evaluator:
+    """Turns a setting into a judged Candidate: run its passes (from the shared
+    lossless start when there is one), compare with the original on the select
+    split. Holds no search state, so a Ray task can run it."""
+
+    original: onnx.ModelProto
+    budget: Budget
+    ctx: PassContext
+    reference: dict
+    lossless: tuple | None  # (model, layer reports, notes) after linearity folding at T = 1.0
+
+    def __call__(self, setting: Setting) -> Candidate:
+        from .io import count_parameters
+
+        ctx = self.ctx
+        passes = passes_for(setting, seed=ctx.seed)
+        if setting.lossless and self.lossless is not None:
+            # every candidate starts with the same lossless step: reuse it
+            start, prefix_layers, prefix_notes = self.lossless
+            model, _, layers, notes = run_passes(start, passes[1:], ctx)
+            layers = merge_layer_reports([replace(lr) for lr in prefix_layers], layers)
+            notes = prefix_notes + notes
+        else:
+            model, _, layers, notes = run_passes(self.original, passes, ctx)
+            if setting == Setting():
+                self.lossless = (model, [replace(lr) for lr in layers], list(notes))
+        # settings that change nothing more give the same model: judged once
+        comp = ctx.cache.get_or_compute(("judged", model_digest(model)), lambda: self._compare(model)) \
+            if ctx.cache is not None else self._compare(model)
+        check = self.budget.check(comp)
+        params = count_parameters(model)
+        if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
+            # a pure target-ratio budget is judged on size at the end; the error
+            # it minimises is measured against the default limits
+            spent = Budget.default(self.budget.positive_threshold).check(comp).spent
+            check = BudgetCheck(met=True, spent=spent, failures=[], confidence=self.budget.confidence)
+        return Candidate(setting, model, params, check, layers, notes, comp.to_dict())
+
+    def _compare(self, model: onnx.ModelProto):
+        return compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
+                              batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
+                              original_outputs=self.reference)
+
+
 class BudgetSearch:
     def __init__(self, original: onnx.ModelProto, budget: Budget, ctx: PassContext, *, max_evaluations: int = 60,
                  progress: Callable[[str, int, int], None] | None = None):
@@ -163,39 +208,41 @@ class BudgetSearch:
         self.reference = reference_outputs(original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
 
     # ------------------------------------------------------------------
-    def evaluate(self, setting: Setting) -> Candidate:
-        if setting in self.cache:
-            return self.cache[setting]
-        passes = passes_for(setting, seed=self.ctx.seed)
-        if setting.lossless and self._lossless is not None:
-            # every candidate starts with the same lossless step: reuse it
-            start, prefix_layers, prefix_notes = self._lossless
-            model, _, layers, notes = run_passes(start, passes[1:], self.ctx)
-            layers = merge_layer_reports([replace(lr) for lr in prefix_layers], layers)
-            notes = prefix_notes + notes
-        else:
-            model, _, layers, notes = run_passes(self.original, passes, self.ctx)
-            if setting == Setting():
-                self._lossless = (model, [replace(lr) for lr in layers], list(notes))
-        # settings that change nothing more give the same model: judged once
-        comp = self.ctx.cache.get_or_compute(("judged", model_digest(model)), lambda: self._compare(model))
-        check = self.budget.check(comp)
-        params = self._count_parameters(model)
-        if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
-            # a pure target-ratio budget is judged on size at the end; the error
-            # it minimises is measured against the default limits
-            spent = Budget.default(self.budget.positive_threshold).check(comp).spent
-            check = BudgetCheck(met=True, spent=spent, failures=[], confidence=self.budget.confidence)
-        cand = Candidate(setting, model, params, check, layers, notes, comp.to_dict())
+    def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
+        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless)
+
+    def _remember(self, setting: Setting, cand: Candidate) -> Candidate:
         self.cache[setting] = cand
         if self.progress:
             self.progress("budget search", len(self.cache), self.max_evaluations)
         return cand
 
-    def _compare(self, model: onnx.ModelProto):
-        return compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
-                              batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
-                              original_outputs=self.reference)
+    def evaluate(self, setting: Setting) -> Candidate:
+        if setting in self.cache:
+            return self.cache[setting]
+        evaluator = self._evaluator()
+        cand = evaluator(setting)
+        if setting == Setting() and evaluator.lossless is not None:
+            self._lossless = evaluator.lossless  # every later candidate starts from it
+        return self._remember(setting, cand)
+
+    def prefetch(self, settings: list[Setting]) -> None:
+        """Evaluate, side by side, the settings a sequential walk over
+        ``settings`` would evaluate next (the uncached ones, up to the
+        evaluations left) when the statistics backend runs tasks (Ray); the
+        results enter the cache in that order, so the search takes the same
+        path as without. Each task measures in its own process, with its own
+        (empty) SearchCache: the driver's is not shipped."""
+        run_tasks = getattr(self.ctx.stats_backend, "map_tasks", None)
+        todo = [s for s in dict.fromkeys(settings) if s not in self.cache]
+        todo = todo[:max(0, self.max_evaluations - len(self.cache))]
+        if run_tasks is None or len(todo) < 2:
+            return
+        from .distributed import LocalStats
+
+        task_ctx = replace(self.ctx, progress=None, stats_backend=LocalStats(), cache=SearchCache())
+        for setting, cand in zip(todo, run_tasks(self._evaluator(task_ctx), todo)):
+            self._remember(setting, cand)
 
     def _ratio_ok(self, c: Candidate) -> bool:
         return self.budget.target_ratio is None or c.parameters <= self.budget.target_ratio * self.original_params
@@ -305,6 +352,7 @@ class BudgetSearch:
                 # threshold that met the budget (small steps rarely change anything)
                 if threshold_pays and current.setting.threshold_of(layer) < best_threshold_step:
                     moves.append(current.setting.with_threshold(layer, best_threshold_step))
+            self.prefetch(moves)  # independent candidates: Ray tasks when the backend has them
             scored = []
             for s in moves:
                 if not self._budget_left():

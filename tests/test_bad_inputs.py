@@ -42,7 +42,7 @@ import onnxfold  # noqa: E402
 from onnxfold import io as fio  # noqa: E402
 from onnxfold.cli import main  # noqa: E402
 from onnxfold.errors import (BudgetNotMetError, CalibrationDataError, ModelLoadError, ModelSaveError,  # noqa: E402
-                             OnnxFoldError, UsageError)
+                             OnnxFoldError, RayNotInstalledError, UsageError)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "errors.md"
@@ -190,6 +190,14 @@ def _api_calib(arrays: Callable[[], dict], model: Callable[[], onnx.ModelProto] 
         onnxfold.optimize(model(), arrays(), provider="cpu")
 
     return api
+
+
+def _shards(env: Env, *shards: dict) -> list:
+    """optimize with --calib a directory of .npz shards (a.npz, b.npz, ...)."""
+    (env.src / "shards").mkdir()
+    for i, arrays in enumerate(shards):
+        env.npz(f"shards/{chr(97 + i)}.npz", **arrays)
+    return _opt(env, env.model(), "--calib", str(env.src / "shards"))
 
 
 def _truncated(env: Env) -> list:
@@ -387,6 +395,15 @@ CASES: list[Case] = [
     Case("save_interrupted", "Ctrl-C while the output is written",
          lambda e: _opt(e, e.model()), code=130, prefix="interrupted", words=("nothing was written",),
          patches=_interrupt(KeyboardInterrupt())),
+    # ---- scale-out (--ray)
+    Case("calib_shard_bad", "--calib names a directory of .npz shards, one of them with a wrong input name",
+         lambda e: _shards(e, {"x": calib_x()}, {"inp": calib_x()}), words=("calibration shard", "b.npz", "missing input 'x'")),
+    Case("ray_not_installed", "--ray without Ray installed",
+         lambda e: _opt(e, e.model(), "--ray"), words=("needs Ray", "pip install 'onnxfold[ray]'"),
+         patches=lambda e: [mock.patch.dict(sys.modules, {"ray": None})],
+         api=lambda e: onnxfold.optimize(dense_model(), ray_address="local"), error=RayNotInstalledError),
+    Case("ray_unreachable", "--ray HOST:PORT where no Ray cluster listens (checked before Ray retries for minutes)",
+         lambda e: _opt(e, e.model(), "--ray", "127.0.0.1:1"), words=("cannot reach the Ray cluster", "ray start")),
     # ---- onnxfold inspect
     Case("inspect_missing_model", "`onnxfold inspect` on a missing file",
          lambda e: ["inspect", str(e.src / "nope.onnx"), "--provider", "cpu", "--no-auto-data"],

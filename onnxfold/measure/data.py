@@ -326,7 +326,7 @@ def _read_path(path: Path, specs: dict[str, _InputSpec], what: str) -> dict[str,
         files = sorted(path.glob("*.npy"))
         if not files:
             raise CalibrationDataError(
-                f"{what} directory '{path}' has no .npy files; save one <input_name>.npy per model input"
+                f"{what} directory '{path}' has no .npy files; save one <input_name>.npy per model input (or .npz shards)"
             )
         by_sanitized = {_sanitize(n): n for n in specs}
         out: dict[str, Any] = {}
@@ -518,13 +518,38 @@ def _fixed_batch(arrays: Mapping[str, np.ndarray], specs: dict[str, _InputSpec])
     return vals.pop()
 
 
+def _is_shard_dir(path: Path) -> bool:
+    """A directory of ``.npz`` shards (and no ``.npy`` files, which mean one file per input)."""
+    return path.is_dir() and not any(path.glob("*.npy")) and any(path.glob("*.npz"))
+
+
+def _load_shards(path: Path, model: onnx.ModelProto, what: str) -> CalibrationSet:
+    parts: list[CalibrationSet] = []
+    for f in sorted(path.glob("*.npz")):
+        try:
+            part = load_calibration(f, model, what=what)
+        except CalibrationDataError as e:
+            raise CalibrationDataError(f"{what} shard '{f}': {e}") from None
+        if parts and (part.has_labels != parts[0].has_labels or part.input_names != parts[0].input_names):
+            raise CalibrationDataError(
+                f"{what} shard '{f}' has inputs {_q(part.input_names)}{' and labels' if part.has_labels else ''}"
+                f" but the first shard has {_q(parts[0].input_names)}{' and labels' if parts[0].has_labels else ''};"
+                " give every shard the same keys")
+        parts.append(part)
+    arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].input_names}
+    labels = np.concatenate([p.labels for p in parts]) if parts[0].has_labels else None
+    return CalibrationSet(arrays, labels, fixed_batch=parts[0].fixed_batch, what=what)
+
+
 def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibration") -> CalibrationSet:
     """Read and validate data for ``model``'s inputs into a :class:`CalibrationSet`.
 
     ``source`` may be:
 
     * a path (str / PathLike) to an ``.npz`` archive (keys = model input names,
-      optional ``labels``), to a directory of ``<input_name>.npy`` files (plus
+      optional ``labels``), to a directory of such ``.npz`` shards (read in
+      name order and concatenated; a shard that does not fit is named in the
+      error), to a directory of ``<input_name>.npy`` files (plus
       optional ``labels.npy``; names with characters not allowed in file names
       may use ``_`` in their place), or to a single ``.npy`` for a one-input model;
     * a ``dict`` ``{input_name: array}`` (optional ``labels`` key);
@@ -552,6 +577,8 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
         raw: dict[str, Any] = dict(source.arrays)
         if source.labels is not None and not labels_is_input:
             raw[LABELS_KEY] = source.labels
+    elif isinstance(source, (str, os.PathLike)) and _is_shard_dir(Path(source)):
+        return _load_shards(Path(source), model, what)
     elif isinstance(source, (str, os.PathLike)):
         raw = _read_path(Path(source), specs, what)
     elif isinstance(source, Mapping):

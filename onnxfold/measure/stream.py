@@ -109,12 +109,12 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
     }
 
 
-def _make_session(model: onnx.ModelProto, providers: list[str] | None):
+def _make_session(model: onnx.ModelProto, providers: list[str] | None, intra_op_threads: int | None = None):
     from onnxfold.runtime import create_session, resolve_provider
 
     if providers is None:
         providers, _notice = resolve_provider("auto")
-    return create_session(model, providers)
+    return create_session(model, providers, intra_op_threads=intra_op_threads)
 
 
 def _run_error_types() -> tuple:
@@ -140,6 +140,9 @@ def _short(e: Exception) -> str:
     from onnxfold.runtime import ort_message
 
     text = ort_message(e)
+    if text.endswith("for the following indices"):  # the dims that differ follow on the next lines
+        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip() and not ln.strip().startswith("Please")]
+        text = f"{text}: {'; '.join(detail)}" if detail else text
     # node failures read "Non-zero status code returned while running X node. Name:'n' Status Message: ..."
     if "Status Message:" in text:
         head, _, tail = text.partition("Status Message:")
@@ -189,6 +192,7 @@ def stream_tensors(
     batch_size: int = 256,
     providers: list[str] | None = None,
     progress: ProgressFn | None = None,
+    intra_op_threads: int | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray]]]:
     """Run ``model`` on ``data`` batch by batch, yielding ``(feed, labels, tensors)``.
 
@@ -202,6 +206,8 @@ def stream_tensors(
     :meth:`CalibrationSet.labeled_batches`, so a model with a fixed batch axis
     of 1 is run one sample at a time. Nothing is kept between batches.
     ``progress(done_samples, total_samples)`` is called after every batch.
+    ``intra_op_threads``: onnxruntime's thread count (default: its own, all
+    cores); a Ray worker sets the CPUs it reserved.
     """
     if not isinstance(data, CalibrationSet):
         raise TypeError("stream_tensors needs a CalibrationSet (use load_calibration)")
@@ -217,9 +223,14 @@ def stream_tensors(
     existing = [o.name for o in g.output]
     exposed_model = model if all(n in existing for n in run_names) else expose_outputs(model, run_names)
     with stage("calibration", unless_in=MEASURING_STAGES):
-        session = _make_session(exposed_model, providers)
+        session = _make_session(exposed_model, providers, intra_op_threads)
     del exposed_model  # the session holds its own copy
     sess_inputs = {i.name for i in session.get_inputs()}
+    missing = sorted(sess_inputs - set(data.input_names))
+    if missing:  # onnxruntime would raise a bare ValueError per batch; say which names do not match
+        raise CalibrationDataError(
+            f"the {data.what} data has no input {', '.join(repr(m) for m in missing)} (has: "
+            f"{', '.join(repr(n) for n in data.input_names)}); name the arrays after the model's inputs")
     output_names = list(dict.fromkeys(existing + run_names))
     run_errors = _run_error_types()
     run_options = _quiet_run_options()

@@ -19,6 +19,12 @@ import numpy as np
 import onnx
 
 
+def _local_stats():
+    from ..distributed import LocalStats
+
+    return LocalStats()
+
+
 @dataclass
 class PassContext:
     calibration: Any = None  # measure.CalibrationSet used to measure/fit, or None (data-free)
@@ -28,6 +34,13 @@ class PassContext:
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
     cache: Any = None  # passes.cache.SearchCache shared by a budget search's candidates, or None
+    # where streamed statistics are computed (onnxfold.distributed): this process, or a Ray cluster
+    stats_backend: Any = field(default_factory=_local_stats)
+
+    def measure(self, job, data, task: str) -> dict[str, Any]:
+        """Accumulators of the statistics ``job`` (a ``distributed.StatsJob``) over ``data``."""
+        return self.stats_backend.reduce(job, data, batch_size=self.batch_size, providers=self.providers,
+                                         progress=lambda done, total: self.report_progress(task, done, total))
 
     def report_progress(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
 
 from ..decide import channels as dch
 from ..decide import folding as decide
+from ..distributed import StatsJob
 from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..find.conv import (
@@ -214,6 +216,9 @@ class _ChannelRun:
         self.edited = True
         self._current = None
 
+    # The least-squares refit streams here, in this process, on every backend: its row
+    # subsample draws from one RNG stream across the batches in order, which shards
+    # run on other workers could not reproduce (the statistics jobs below can).
     def _stream(self, model, tensors: Mapping[str, np.dtype], data: CalibrationSet,
                 task: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         ctx = self.ctx
@@ -273,14 +278,7 @@ class _ChannelRun:
     def _measure(self, chain: ConvChain) -> tuple[GramAccumulator, GramAccumulator]:
         """(original's, current model's) per-channel moments of the producer's
         pre-activation, over every position of every calibration sample."""
-        prod = chain.producer
-        pre = {prod.output: prod.dtype}
-        target, current = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
-        for _, cur, orig in self._stream_both(self.ctx.calibration, pre, pre,
-                                              f"channel folding {chain.name}: measuring"):
-            current.update(dch.nchw_rows(cur[prod.output]))
-            target.update(dch.nchw_rows(orig[prod.output]))
-        return target, current
+        return self._measure_ops([chain.producer], chain.name)[chain.producer.output]
 
     # -- least-squares refit ---------------------------------------------
     def _conv_geometry(self, op: ConvOp) -> tuple[tuple, str]:
@@ -436,11 +434,27 @@ class _ChannelRun:
         return report
 
     def _measure_ops(self, ops: list[ConvOp], what: str) -> dict:
+        """{output: (original's, current model's) per-channel moments} of ``ops``' outputs."""
         tensors = {op.output: op.dtype for op in ops}
-        out = {t: (GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)) for t in tensors}
-        for _, cur, orig in self._stream_both(self.ctx.calibration, tensors, tensors,
-                                              f"channel folding {what}: measuring"):
-            for t, (target, current) in out.items():
-                current.update(dch.nchw_rows(cur[t]))
-                target.update(dch.nchw_rows(orig[t]))
-        return out
+        if not self.edited:  # one run: both models are the same
+            models = [(needed_part(self.current_model(), tensors), list(tensors))]
+        else:
+            models = [(needed_part(self.current_model(), tensors), list(tensors)),
+                      (needed_part(self.original, tensors), list(tensors))]
+        job = StatsJob(models, partial(_new_channel_moments, list(tensors)), _add_channel_moments)
+        accs = self.ctx.measure(job, self.ctx.calibration, f"channel folding {what}: measuring")
+        return {t: (accs["target:" + t], accs["current:" + t]) for t in tensors}
+
+
+def _new_channel_moments(tensors: list[str]) -> dict:
+    out = {}
+    for t in tensors:
+        out["target:" + t], out["current:" + t] = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
+    return out
+
+
+def _add_channel_moments(accs: dict, _start, _feed, _labels, tensors: list) -> None:
+    cur, orig = tensors[0], tensors[-1]
+    for key, acc in accs.items():
+        which, t = key.split(":", 1)
+        acc.update(dch.nchw_rows((orig if which == "target" else cur)[t]))

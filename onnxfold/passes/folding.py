@@ -19,20 +19,21 @@ Method: ``docs/methods.md`` section 2; the math is in ``decide/folding.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 
 import numpy as np
 import onnx
 
 from ..decide import folding as decide
+from ..distributed import StatsJob
 from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import needed_part, stream_tensors
+from ..measure.stream import needed_part
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import HELDOUT_SHARE, LayerReport, PassContext, PassResult, heldout_mask
 from .cache import array_digest, model_digest
@@ -202,28 +203,18 @@ class _FoldRun:
         self.edited = True
         self._current = None
 
-    def _stream(self, model: onnx.ModelProto, tensors: Mapping[str, np.dtype], data: CalibrationSet,
-                task: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(samples in the batch, ``tensors`` (name → dtype) of ``model``) batch
-        by batch; only the part of the model that computes them is run."""
-        ctx = self.ctx
-        for feed, _labels, values in stream_tensors(
-                needed_part(model, tensors), list(tensors), data, batch_size=ctx.batch_size,
-                providers=ctx.providers, progress=lambda done, total: ctx.report_progress(task, done, total)):
-            yield next(iter(feed.values())).shape[0], values
-
-    def _stream_both(self, data: CalibrationSet, current: Mapping[str, np.dtype], original: Mapping[str, np.dtype],
-                     task: str) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """(samples in the batch, current model's tensors, original model's
-        tensors) per batch, the two models in lockstep over the same batches;
-        a single run while nothing has been edited (then both are the same)."""
+    def _job(self, current: Mapping[str, np.dtype], original: Mapping[str, np.dtype], init, update) -> StatsJob:
+        """A statistics job over the current model's ``current`` tensors and the
+        original model's ``original`` tensors (name → dtype), the two models in
+        lockstep over the same batches (``update`` gets their tensors in that
+        order); a single run while nothing has been edited (then both are the
+        same, and the update gets one tensor dict). Only the part of each model
+        that computes its tensors is run."""
         if not self.edited or not original:
-            for count, values in self._stream(self.current_model(), {**current, **original}, data, task):
-                yield count, values, values
-            return
-        orig = self._stream(self.original, original, data, task)
-        for count, values in self._stream(self.current_model(), current, data, task):
-            yield count, values, next(orig)[1]
+            both = {**current, **original}
+            return StatsJob([(needed_part(self.current_model(), both), list(both))], init, update)
+        return StatsJob([(needed_part(self.current_model(), current), list(current)),
+                         (needed_part(self.original, original), list(original))], init, update)
 
     # -- one chain -----------------------------------------------------------
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
@@ -294,20 +285,12 @@ class _FoldRun:
         current: GramAccumulator (no targets) of it - mean and covariance, so the
             moments of any merge ``row_map @ z`` follow without another run;
         target: NeuronStats of the original model's pre-activation."""
-        prod, act, n = chain.producer, chain.activation, chain.width
+        prod = chain.producer
         pre = {prod.output: prod.dtype}
-        out: dict = {"constant": NeuronStats(act, n)} if constants else {}
-        if repair:
-            out["current"], out["target"] = GramAccumulator(with_bias=True), NeuronStats(act, n)
-        for _, cur, orig in self._stream_both(self.ctx.calibration, pre, pre if repair else {},
-                                              f"folding {chain.name}: measuring"):
-            z = _rows(cur[prod.output])
-            if constants:
-                out["constant"].update(z)
-            if repair:
-                out["current"].update(z)
-                out["target"].update(_rows(orig[prod.output]))
-        return out
+        job = self._job(pre, pre if repair else {},
+                        partial(_new_fold_moments, chain.activation, chain.width, constants, repair),
+                        partial(_add_fold_moments, prod.output, constants, repair))
+        return self.ctx.measure(job, self.ctx.calibration, f"folding {chain.name}: measuring")
 
     # -- least-squares refit -------------------------------------------------
     def _heldout_samples(self) -> np.ndarray | None:
@@ -326,23 +309,12 @@ class _FoldRun:
         original − (current consumer output − b_prior). Using the current
         consumer output (not just W x) keeps linear paths the consumer also
         sums (from other tensors) out of the fit without modelling them."""
-        prod, cons, act = chain.producer, chain.consumer, chain.activation
-        fit, held = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
-        held_target = NeuronStats(ActivationSpec("identity"), cons.out_features)
-        start = 0
-        for count, cur, orig in self._stream_both(data, {prod.output: prod.dtype, cons.output: cons.dtype},
-                                                  {cons.output: cons.dtype}, f"folding {chain.name}: refit"):
-            z, current, target = cur[prod.output], cur[cons.output], orig[cons.output]
-            out = np.zeros(z.shape[0], dtype=bool) if held_samples is None \
-                else _held_rows(held_samples[start:start + count], z.shape[0])
-            start += count
-            for acc, rows in ((fit, ~out), (held, out)):
-                if rows.any():
-                    y = target[rows].astype(np.float64) - current[rows] + b_prior
-                    acc.update(act.apply(z[rows]), y)
-            if out.any():
-                held_target.update(target[out])
-        return fit, held, float(held_target.m2_z.sum())
+        prod, cons = chain.producer, chain.consumer
+        job = self._job({prod.output: prod.dtype, cons.output: cons.dtype}, {cons.output: cons.dtype},
+                        partial(_new_refit_stats, cons.out_features),
+                        partial(_add_refit_rows, prod.output, cons.output, chain.activation, b_prior, held_samples))
+        accs = self.ctx.measure(job, data, f"folding {chain.name}: refit")
+        return accs["fit"], accs["held"], float(accs["held_target"].m2_z.sum())
 
     def _refit(self, chain: Chain) -> str:
         """Refit the consumer's main weight and bias; returns the report note.
@@ -398,6 +370,46 @@ class _FoldRun:
         refit = decide.refit_consumer(fit, held if held.count else None, w_prior, b_prior, final=final,
                                       target_ss=spread)
         return refit, held.count
+
+
+def _new_fold_moments(activation: ActivationSpec, n: int, constants: bool, repair: bool) -> dict:
+    out: dict = {"constant": NeuronStats(activation, n)} if constants else {}
+    if repair:
+        out["current"], out["target"] = GramAccumulator(with_bias=True), NeuronStats(activation, n)
+    return out
+
+
+def _add_fold_moments(pre: str, constants: bool, repair: bool, accs: dict, _start, _feed, _labels,
+                      tensors: list) -> None:
+    z = _rows(tensors[0][pre])
+    if constants:
+        accs["constant"].update(z)
+    if repair:
+        accs["current"].update(z)
+        accs["target"].update(_rows(tensors[-1][pre]))
+
+
+def _new_refit_stats(out_features: int) -> dict:
+    return {"fit": GramAccumulator(with_bias=True), "held": GramAccumulator(with_bias=True),
+            "held_target": NeuronStats(ActivationSpec("identity"), out_features)}
+
+
+def _add_refit_rows(pre: str, out: str, activation: ActivationSpec, b_prior: np.ndarray,
+                    held_samples: np.ndarray | None, accs: dict, start: int, feed: dict, _labels,
+                    tensors: list) -> None:
+    """One batch of the consumer's least-squares rows (see ``_FoldRun._refit_grams``);
+    ``start``: index of the batch's first sample in the data."""
+    cur, orig = tensors[0], tensors[-1]
+    z, current, target = cur[pre], cur[out], orig[out]
+    count = next(iter(feed.values())).shape[0]
+    held = np.zeros(z.shape[0], dtype=bool) if held_samples is None \
+        else _held_rows(held_samples[start:start + count], z.shape[0])
+    for acc, rows in ((accs["fit"], ~held), (accs["held"], held)):
+        if rows.any():
+            y = target[rows].astype(np.float64) - current[rows] + b_prior
+            acc.update(activation.apply(z[rows]), y)
+    if held.any():
+        accs["held_target"].update(target[held])
 
 
 def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:

@@ -23,17 +23,19 @@ Method: ``docs/methods.md`` section 3.3-3.4; the math is in ``decide/heads.py``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import onnx
 
 from ..decide import folding as fold
 from ..decide import heads as dh
+from ..distributed import StatsJob
 from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..find.attention import AttentionBlock, GatedMLP, Projection, find_transformer
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import needed_part, stream_tensors
+from ..measure.stream import needed_part
 from ..rewrite.attention import ProjectionEdit, ShapeEdit, rewrite_projections
 from .base import LayerReport, PassContext, PassResult, heldout_mask
 
@@ -81,41 +83,12 @@ class _Refitter:
         return heldout_mask(self.ctx.calibration.num_samples, self.seed)
 
     def _grams(self, current, x_name, orig_names, dtype, data, w_prior, w_orig, groups, held, task):
-        accs = [(GramAccumulator(with_bias=True), GramAccumulator(with_bias=True),
-                 NeuronStats(ActivationSpec("identity"), w_prior.shape[0])) for _ in groups]
-        ctx = self.ctx
-        kw = {"batch_size": ctx.batch_size, "providers": ctx.providers}
-        cur = stream_tensors(needed_part(current, {x_name: dtype}), [x_name], data, **kw,
-                             progress=lambda d, t: ctx.report_progress(task, d, t))
-        orig = stream_tensors(needed_part(self.original, {n: dtype for n in orig_names}), list(orig_names), data,
-                              **kw)
-        start = 0
-        for (feed, _, cv), (_, _, ov) in zip(cur, orig):
-            x = np.asarray(cv[x_name])
-            count = next(iter(feed.values())).shape[0]
-            x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            o2 = {n: np.asarray(ov[n]).reshape(x2.shape[0], -1).astype(np.float64) for n in orig_names}
-            if held is None or x2.shape[0] % count:
-                rows = np.zeros(x2.shape[0], dtype=bool)
-            else:  # every sample contributes the same number of rows (its tokens)
-                rows = np.repeat(held[start:start + count], x2.shape[0] // count)
-            start += count
-            for (fit, hold, spread), g in zip(accs, groups):
-                if g[0] == "output":
-                    cols = slice(None) if g[1] is None else g[1]
-                    t = o2[orig_names[0]]
-                    y = t - x2 @ w_prior.T
-                else:
-                    cols, ocols = g[1], g[2]
-                    t = o2[orig_names[0]][:, ocols] @ w_orig[:, ocols].T
-                    y = t - x2[:, cols] @ w_prior[:, cols].T
-                xs = x2[:, cols]
-                for acc, sel in ((fit, ~rows), (hold, rows)):
-                    if sel.any():
-                        acc.update(xs[sel], y[sel])
-                if rows.any():
-                    spread.update(t[rows])
-        return [(fit, hold, float(spread.m2_z.sum())) for fit, hold, spread in accs]
+        job = StatsJob([(needed_part(current, {x_name: dtype}), [x_name]),
+                        (needed_part(self.original, {n: dtype for n in orig_names}), list(orig_names))],
+                       partial(_new_group_grams, len(groups), w_prior.shape[0]),
+                       partial(_add_group_rows, x_name, list(orig_names), w_prior, w_orig, groups, held))
+        accs = self.ctx.measure(job, data, task)
+        return [(accs[f"fit{i}"], accs[f"held{i}"], float(accs[f"spread{i}"].m2_z.sum())) for i in range(len(groups))]
 
     def refit(self, current: onnx.ModelProto, proj: Projection, x_name: str, orig_name: str, task: str,
               groups: list[tuple] | None = None, w_orig: np.ndarray | None = None):
@@ -165,6 +138,46 @@ def _targets(spec, names: list[str], what: str) -> dict[str, object]:
             raise UsageError(f"unknown {what} {unknown[0]!r}; the model has: {', '.join(names) or 'none'}")
         return dict(spec)
     return {n: spec for n in names}
+
+
+def _new_group_grams(groups: int, out_features: int) -> dict:
+    out = {}
+    for i in range(groups):
+        out[f"fit{i}"], out[f"held{i}"] = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
+        out[f"spread{i}"] = NeuronStats(ActivationSpec("identity"), out_features)
+    return out
+
+
+def _add_group_rows(x_name: str, orig_names: list[str], w_prior: np.ndarray, w_orig: np.ndarray | None,
+                    groups: list[tuple], held: np.ndarray | None, accs: dict, start: int, feed: dict, _labels,
+                    tensors: list) -> None:
+    """One batch of every group's least-squares rows (see ``_Refitter``);
+    ``start``: index of the batch's first sample in the data."""
+    cv, ov = tensors
+    x = np.asarray(cv[x_name])
+    count = next(iter(feed.values())).shape[0]
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    o2 = {n: np.asarray(ov[n]).reshape(x2.shape[0], -1).astype(np.float64) for n in orig_names}
+    if held is None or x2.shape[0] % count:
+        rows = np.zeros(x2.shape[0], dtype=bool)
+    else:  # every sample contributes the same number of rows (its tokens)
+        rows = np.repeat(held[start:start + count], x2.shape[0] // count)
+    for i, g in enumerate(groups):
+        fit, hold, spread = accs[f"fit{i}"], accs[f"held{i}"], accs[f"spread{i}"]
+        if g[0] == "output":
+            cols = slice(None) if g[1] is None else g[1]
+            t = o2[orig_names[0]]
+            y = t - x2 @ w_prior.T
+        else:
+            cols, ocols = g[1], g[2]
+            t = o2[orig_names[0]][:, ocols] @ w_orig[:, ocols].T
+            y = t - x2[:, cols] @ w_prior[:, cols].T
+        xs = x2[:, cols]
+        for acc, sel in ((fit, ~rows), (hold, rows)):
+            if sel.any():
+                acc.update(xs[sel], y[sel])
+        if rows.any():
+            spread.update(t[rows])
 
 
 class HeadFoldingPass:

@@ -32,18 +32,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx
 
 from ..decide import linearity as decide
+from ..distributed import StatsJob
 from ..errors import UsageError
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..find.dense import DenseOp, LinearPath
 from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet, load_calibration
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import _known_types, needed_part, stream_tensors
+from ..measure.stream import _known_types, needed_part
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import LayerReport, PassContext, PassResult
 from .cache import model_digest
@@ -391,26 +393,34 @@ def _cached_measure(ctx: PassContext, model: onnx.ModelProto, tensors: list[str]
 def _measure_neurons(model: onnx.ModelProto, chain: Chain, data: CalibrationSet, ctx: PassContext) -> NeuronStats:
     """Piece statistics of the chain's pre-activation on ``data`` (one streamed run)."""
     pre = chain.activation.input
-    stats = NeuronStats(chain.activation, chain.width)
-    task = f"linearity: measure {chain.name}"
-    for _feed, _labels, tensors in stream_tensors(model, [pre], data, batch_size=ctx.batch_size,
-                                                  providers=ctx.providers,
-                                                  progress=lambda done, total: ctx.report_progress(task, done, total)):
-        stats.update(np.asarray(tensors[pre]))
-    return stats
+    job = StatsJob([(model, [pre])], partial(_new_neuron_stats, chain.activation, chain.width),
+                   partial(_add_neuron_rows, pre))
+    return ctx.measure(job, data, f"linearity: measure {chain.name}")["neurons"]
+
+
+def _new_neuron_stats(activation, width: int) -> dict:
+    return {"neurons": NeuronStats(activation, width)}
+
+
+def _add_neuron_rows(pre: str, accs: dict, _start, _feed, _labels, tensors: list) -> None:
+    accs["neurons"].update(np.asarray(tensors[0][pre]))
 
 
 def _measure_grams(model: onnx.ModelProto, chain: Chain, inputs: list[str], data: CalibrationSet,
                    ctx: PassContext) -> dict[str, GramAccumulator]:
     """XᵀX and the mean of every tensor in ``inputs`` on ``data`` (one streamed run)."""
-    grams = {name: GramAccumulator(with_bias=False) for name in dict.fromkeys(inputs)}
-    task = f"linearity: path inputs of {chain.name}"
-    for _feed, _labels, tensors in stream_tensors(model, list(grams), data, batch_size=ctx.batch_size,
-                                                  providers=ctx.providers,
-                                                  progress=lambda done, total: ctx.report_progress(task, done, total)):
-        for name, acc in grams.items():
-            acc.update(np.asarray(tensors[name]))
-    return grams
+    names = list(dict.fromkeys(inputs))
+    job = StatsJob([(model, names)], partial(_new_grams, names), _add_gram_rows)
+    return ctx.measure(job, data, f"linearity: path inputs of {chain.name}")
+
+
+def _new_grams(names: list[str]) -> dict:
+    return {name: GramAccumulator(with_bias=False) for name in names}
+
+
+def _add_gram_rows(accs: dict, _start, _feed, _labels, tensors: list) -> None:
+    for name, acc in accs.items():
+        acc.update(np.asarray(tensors[0][name]))
 
 
 class _Bounds:

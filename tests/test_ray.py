@@ -1,0 +1,168 @@
+"""The Ray backend on a local Ray instance (2 CPUs, started once for the module):
+the same result as one process, a killed worker retried, bad shards one clear
+error. Kept few: starting Ray and its workers costs seconds."""
+
+import functools
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import onnxfold  # noqa: E402
+from helpers import build_mlp, ort_run  # noqa: E402
+from onnxfold.cli import main  # noqa: E402
+from onnxfold.distributed import LocalStats, RayStats, StatsJob  # noqa: E402
+from onnxfold.errors import CalibrationDataError  # noqa: E402
+from onnxfold.find.activations import ActivationSpec  # noqa: E402
+from onnxfold.measure.data import CalibrationSet, load_calibration  # noqa: E402
+from onnxfold.measure.stats import GramAccumulator, NeuronStats  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+CPU = ["CPUExecutionProvider"]
+
+# the workers cannot import this test module: ship its functions by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def digits(tmp_path):
+    for suffix in (".onnx", ".calib.npz", ".test.npz"):
+        shutil.copy(MODELS / f"digits_mlp{suffix}", tmp_path / f"digits_mlp{suffix}")
+    return tmp_path / "digits_mlp.onnx"
+
+
+@pytest.mark.parametrize("model, settings", [
+    ("digits_mlp", dict(fold_ratio=0.5, batch_size=64)),  # linearity + folding with least-squares refits, 4 shards
+    ("cancer_mlp_paper", dict(max_evaluations=12, batch_size=256)),  # budget search down to its per-layer step
+], ids=["fixed", "search"])
+def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, settings):
+    for suffix in (".onnx", ".calib.npz", ".test.npz"):
+        shutil.copy(MODELS / f"{model}{suffix}", tmp_path / f"{model}{suffix}")
+    path = tmp_path / f"{model}.onnx"
+    tasks, map_tasks = [], RayStats.map_tasks
+
+    def counted_map_tasks(self, fn, items):
+        tasks.extend(items)
+        return map_tasks(self, fn, items)
+
+    monkeypatch.setattr(RayStats, "map_tasks", counted_map_tasks)
+    common = dict(eval_data=path.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, **settings)
+    single = onnxfold.optimize(path, path.with_suffix(".calib.npz"), **common)
+    on_ray = onnxfold.optimize(path, path.with_suffix(".calib.npz"), ray_address="local", **common)
+    assert "calibration statistics computed by 2 Ray workers" in on_ray.report["notes"]
+    if "max_evaluations" in settings:  # the per-layer step's candidates were judged by Ray tasks
+        assert len(tasks) >= 2
+    assert single.changed and on_ray.changed
+    assert on_ray.report["settings"] == single.report["settings"]
+    assert on_ray.report["search"] == single.report["search"]  # same candidates, same choice
+    assert [lr.to_dict() for lr in on_ray.layers] == [lr.to_dict() for lr in single.layers]
+    assert on_ray.report["after"]["parameters"] == single.report["after"]["parameters"]
+    x = np.load(path.with_suffix(".test.npz"))["input"]
+    (y_single,), (y_ray,) = ort_run(single.model, {"input": x}), ort_run(on_ray.model, {"input": x})
+    np.testing.assert_allclose(y_ray, y_single, rtol=0, atol=1e-5)
+
+
+def _init(n):
+    return {"z": NeuronStats(ActivationSpec("relu"), n), "gram": GramAccumulator(with_bias=False)}
+
+
+def _update(accs, _start, _feed, _labels, tensors):
+    accs["z"].update(tensors[0]["h0.pre"])
+    accs["gram"].update(tensors[0]["h0.pre"])
+
+
+def _die_once(marker, accs, start, feed, labels, tensors):
+    """The first worker to get here is killed (SIGKILL, mid-task); later ones work."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return _update(accs, start, feed, labels, tensors)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _square_or_die(marker, x):
+    """A decision task: the first worker to run one is killed (SIGKILL)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return x * x
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
+    model = build_mlp([6, 10, 4], "relu", seed=3)
+    x = np.random.default_rng(0).normal(size=(400, 6)).astype(np.float32)
+    data = load_calibration({"x": x}, model)
+    expected = LocalStats().reduce(StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update), data,
+                                   batch_size=50, providers=CPU)
+    marker = tmp_path / "killed"
+    backend = RayStats(workers=2, provider="cpu", max_restarts=2, timeout_s=60)
+    try:
+        before = {w["pid"] for w in backend.worker_info()}
+        job = StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), functools.partial(_die_once, str(marker)))
+        got = backend.reduce(job, data, batch_size=50)
+        after = {w["pid"] for w in backend.worker_info()}
+        # decision tasks (budget-search candidates) are retried the same way
+        squares = backend.map_tasks(functools.partial(_square_or_die, str(tmp_path / "killed-task")), [1, 2, 3, 4])
+    finally:
+        backend.close()
+    killed = int(marker.read_text())
+    assert killed in before and killed not in after  # a worker really died and was replaced
+    assert got["z"].count == got["gram"].count == 400
+    np.testing.assert_array_equal(got["z"].piece_counts, expected["z"].piece_counts)
+    np.testing.assert_allclose(got["z"].mean_z, expected["z"].mean_z, rtol=1e-12)
+    np.testing.assert_allclose(got["gram"].XtX, expected["gram"].XtX, rtol=1e-10)
+    assert (tmp_path / "killed-task").exists() and squares == [1, 4, 9, 16]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    stats = RayStats(workers=2, provider="cpu", timeout_s=60)
+    yield stats
+    stats.close()
+
+
+@pytest.mark.parametrize("shard, words", [
+    ({"inp": np.zeros((40, 6), np.float32)}, "has no input 'x' (has: 'inp')"),
+    ({"x": np.zeros((40, 5), np.float32)}, "for input: x for the following indices: index: 1 Got: 5 Expected: 6"),
+], ids=["wrong-name", "wrong-shape"])
+def test_a_bad_shard_on_a_worker_is_one_clear_error(backend, shard, words):
+    model = build_mlp([6, 10, 4], "relu", seed=3)
+    t0 = time.perf_counter()
+    with pytest.raises(CalibrationDataError) as e:
+        backend.reduce(StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update),
+                       CalibrationSet(shard), batch_size=8)
+    assert time.perf_counter() - t0 < 30
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_shard_file_with_ray_is_one_line_and_exit_2(digits, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    np.savez(shards / "part-000.npz", input=calib["input"][:100], labels=calib["labels"][:100])
+    np.savez(shards / "part-001.npz", input=calib["input"][100:, :10], labels=calib["labels"][100:])
+    out = tmp_path / "out.onnx"
+    code = main(["optimize", str(digits), "--calib", str(shards), "-o", str(out), "--ray", "--provider", "cpu",
+                 "--fold-ratio", "0.5", "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "part-001.npz" in err and "input" in err
+    assert not out.exists()

@@ -8,6 +8,8 @@ anything else escaping is a bug and gets a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class OnnxFoldError(Exception):
     """Base class: an expected failure with a one-line message for the user."""
@@ -50,3 +52,63 @@ class RayNotInstalledError(UsageError):
 
 class ScaleOutError(OnnxFoldError):
     """The Ray cluster could not be reached, lost its workers or timed out."""
+
+
+# ---------------------------------------------------------------------------
+# one-line messages from other libraries' exceptions
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+")
+
+
+def _strip_signature(text: str) -> str:
+    """Drop a leading C++ function signature (``ns::f(args) const``)."""
+    paren = text.find("(")
+    if paren <= 0 or "::" not in text[:paren]:
+        return text
+    depth = 0
+    for i in range(paren, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                rest = text[i + 1 :].lstrip()
+                if rest.startswith("const "):
+                    rest = rest[len("const ") :]
+                return rest or text
+    return text
+
+
+def ort_message(exc: BaseException | str, limit: int = 300) -> str:
+    """The useful part of onnxruntime's error: its first line, without the
+    ``[ONNXRuntimeError] : 1 : FAIL :`` code, source location and C++
+    signature noise."""
+    text = ANSI_ESCAPE.sub("", str(exc)).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        return type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
+    line = _ORT_PREFIX.sub("", line)
+    line = re.sub(r"^Load model from .*? failed:\s*", "", line)  # the caller knows which model
+    # "Load model from X failed:/src/...cc:12 sig(...) message"
+    m = re.search(r"(?:^|:\s*)(/\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+.*)$", line)
+    if m:
+        head = line[: m.start(1)]
+        tail = _strip_signature(_SOURCE_LOCATION.sub("", m.group(1)))
+        line = f"{head.rstrip()} {tail}".strip() if head.strip() else tail
+    elif _SOURCE_LOCATION.match(line):
+        line = _strip_signature(_SOURCE_LOCATION.sub("", line))
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line

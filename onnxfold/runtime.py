@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
-from onnxfold.errors import ModelLoadError, UnsupportedModelError, UsageError
+from onnxfold.errors import ANSI_ESCAPE, ModelLoadError, UnsupportedModelError, UsageError, ort_message
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -32,52 +32,7 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 # ModelProtos above this go to onnxruntime through a file, not as bytes
 SESSION_BYTES_LIMIT = 512 * 2**20
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
-_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+")
 _LOG_PREFIX = re.compile(r"^\S+ \S+ \[[EWIVF]:onnxruntime:[^\]]*\]\s*(?:\S+\.(?:cc|cpp|h):\d+ \S+\]\s*)?")
-
-
-def _strip_signature(text: str) -> str:
-    """Drop a leading C++ function signature (``ns::f(args) const``)."""
-    paren = text.find("(")
-    if paren <= 0 or "::" not in text[:paren]:
-        return text
-    depth = 0
-    for i in range(paren, len(text)):
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                rest = text[i + 1 :].lstrip()
-                if rest.startswith("const "):
-                    rest = rest[len("const ") :]
-                return rest or text
-    return text
-
-
-def ort_message(exc: BaseException | str, limit: int = 300) -> str:
-    """The useful part of onnxruntime's error: its first line, without the
-    ``[ONNXRuntimeError] : 1 : FAIL :`` code, source location and C++
-    signature noise."""
-    text = _ANSI.sub("", str(exc)).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    if not line:
-        return type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
-    line = _ORT_PREFIX.sub("", line)
-    line = re.sub(r"^Load model from .*? failed:\s*", "", line)  # the caller knows which model
-    # "Load model from X failed:/src/...cc:12 sig(...) message"
-    m = re.search(r"(?:^|:\s*)(/\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+.*)$", line)
-    if m:
-        head = line[: m.start(1)]
-        tail = _strip_signature(_SOURCE_LOCATION.sub("", m.group(1)))
-        line = f"{head.rstrip()} {tail}".strip() if head.strip() else tail
-    elif _SOURCE_LOCATION.match(line):
-        line = _strip_signature(_SOURCE_LOCATION.sub("", line))
-    if len(line) > limit:
-        line = line[: limit - 3] + "..."
-    return line
 
 
 # --------------------------------------------------------------------------
@@ -120,7 +75,7 @@ def _probe_model() -> bytes:
 
 
 def _reason_from_log(log: str) -> str | None:
-    lines = [_ANSI.sub("", ln).strip() for ln in log.splitlines()]
+    lines = [ANSI_ESCAPE.sub("", ln).strip() for ln in log.splitlines()]
     lines = [ln for ln in lines if ln]
     for ln in lines:
         m = re.search(r"Failed to load library (\S+) with error: (.*)$", ln)
@@ -235,7 +190,7 @@ def create_session(
     """
     import onnxruntime as ort
 
-    from onnxfold import io as fio
+    from onnxfold.io import load as io_load, sizes as io_sizes, write as io_write
     from onnxfold.tensors import has_deferred
 
     so = _session_options(intra_op_threads)
@@ -258,12 +213,12 @@ def create_session(
             raise ModelLoadError(f"model file not found: {p}")
         return build(str(p))
     deferred = has_deferred(model)  # weights left on disk by load_model: copied into the scratch files
-    if fio.model_has_external_data(model) and not deferred:
+    if io_load.model_has_external_data(model) and not deferred:
         raise ModelLoadError(
             "the model still references external data that was never loaded; "
             "load it with onnxfold.io.load_model or pass the model's path"
         )
-    if not deferred and fio._estimate_serialized_size(model) <= min(SESSION_BYTES_LIMIT, fio.EXTERNAL_THRESHOLD):
+    if not deferred and io_sizes.estimate_serialized_size(model) <= min(SESSION_BYTES_LIMIT, io_sizes.EXTERNAL_THRESHOLD):
         data = model.SerializeToString()
         try:
             return build(data)
@@ -273,7 +228,7 @@ def create_session(
     try:
         path = tmp / "model.onnx"
         try:
-            fio.write_external(model, path, "model.onnx.data", durable=False)
+            io_write.write_external(model, path, "model.onnx.data", durable=False)
         except OSError as e:
             raise ModelLoadError(
                 f"cannot write the model to {tmp} for onnxruntime: {e.strerror or e}; "

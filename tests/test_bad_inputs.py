@@ -245,7 +245,10 @@ def _interrupt(exc: BaseException):
             f.write(b"partial")
         raise exc
 
-    return lambda env: [mock.patch.object(fio, "write_inline", boom), mock.patch.object(fio, "write_external", boom)]
+    from onnxfold.io import write as io_write
+
+    return lambda env: [mock.patch.object(io_write, "write_inline", boom),
+                        mock.patch.object(io_write, "write_external", boom)]
 
 
 CASES: list[Case] = [

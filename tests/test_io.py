@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold import io as fio
+from onnxfold.io import checks as io_checks, sizes as io_sizes, versions as io_versions, wire as io_wire, write as io_write
 from onnxfold.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
 
 RNG = np.random.default_rng(0)
@@ -176,7 +179,7 @@ def test_automatic_external_data_above_threshold(tmp_path, monkeypatch):
     model = mlp(hidden=128)
     fio.save_model(model, tmp_path / "small.onnx")
     assert_only(tmp_path, {"small.onnx"})
-    monkeypatch.setattr(fio, "EXTERNAL_THRESHOLD", 1000)  # pretend 1000 bytes is "over 2 GB"
+    monkeypatch.setattr(io_sizes, "EXTERNAL_THRESHOLD", 1000)  # pretend 1000 bytes is "over 2 GB"
     out = fio.save_model(model, tmp_path / "big.onnx")
     assert fio.model_has_external_data(out)
     assert (tmp_path / "big.onnx.data").is_file()
@@ -202,13 +205,13 @@ def test_runtime_limits_are_real():
     assert 7 <= max_ir and 13 <= max_opset
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    ort.InferenceSession(fio._identity_model(max_ir, max_opset).SerializeToString(), so,
+    ort.InferenceSession(io_versions.identity_model(max_ir, max_opset).SerializeToString(), so,
                          providers=["CPUExecutionProvider"])  # fmt: skip
     with pytest.raises(Exception):
-        ort.InferenceSession(fio._identity_model(max_ir + 1, 13).SerializeToString(), so,
+        ort.InferenceSession(io_versions.identity_model(max_ir + 1, 13).SerializeToString(), so,
                              providers=["CPUExecutionProvider"])  # fmt: skip
     with pytest.raises(Exception):
-        ort.InferenceSession(fio._identity_model(max_ir, max_opset + 1).SerializeToString(), so,
+        ort.InferenceSession(io_versions.identity_model(max_ir, max_opset + 1).SerializeToString(), so,
                              providers=["CPUExecutionProvider"])  # fmt: skip
     assert fio.runtime_limits() == (max_ir, max_opset)
 
@@ -413,7 +416,7 @@ def test_save_write_failure_cleans_up(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fio.os, "fsync", full)
+    monkeypatch.setattr(io_write.os, "fsync", full)
     (tmp_path / "m.onnx").write_bytes(b"previous output")
     with pytest.raises(ModelSaveError, match="No space left"):
         fio.save_model(mlp(hidden=128), tmp_path / "m.onnx", external_data=True)
@@ -475,9 +478,9 @@ def test_save_rejects_unloaded_external_refs(tmp_path):
 
 
 def test_default_output_path(tmp_path):
-    assert fio.default_output_path("/a/b/model.onnx") == fio.Path("/a/b/model.fold.onnx")
-    assert fio.default_output_path("model") == fio.Path("model.fold.onnx")
-    assert fio.default_output_path("x/m.v2.ONNX") == fio.Path("x/m.v2.fold.onnx")
+    assert fio.default_output_path("/a/b/model.onnx") == Path("/a/b/model.fold.onnx")
+    assert fio.default_output_path("model") == Path("model.fold.onnx")
+    assert fio.default_output_path("x/m.v2.ONNX") == Path("x/m.v2.fold.onnx")
 
 
 def test_count_parameters():
@@ -495,7 +498,7 @@ def test_model_bytes():
     model = mlp(hidden=128)
     assert fio.model_bytes(model) == model.ByteSize()
     big = mlp(hidden=4096)
-    estimate = fio._estimate_serialized_size(big)
+    estimate = io_sizes.estimate_serialized_size(big)
     assert abs(estimate - big.ByteSize()) < 0.01 * big.ByteSize()
     assert estimate >= 4 * (4 * 4096 + 4096 + 4096 * 3)
 
@@ -557,9 +560,9 @@ def test_chunked_parse_equals_plain_parse(tmp_path, monkeypatch):
     model = rich_model()
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
-    monkeypatch.setattr(fio, "_MERGE_CHUNK", 700)  # force many chunks
+    monkeypatch.setattr(io_wire, "MERGE_CHUNK", 700)  # force many chunks
     with open(path, "rb") as f:
-        parsed = fio._parse_in_chunks(f, path.stat().st_size)
+        parsed = io_wire.parse_in_chunks(f, path.stat().st_size)
     assert parsed.SerializeToString() == model.SerializeToString()
 
 
@@ -568,7 +571,7 @@ def test_chunked_parse_skips_big_fields(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
     with open(path, "rb") as f:
-        parsed = fio._parse_in_chunks(f, path.stat().st_size, skip_fields_over=1000)
+        parsed = io_wire.parse_in_chunks(f, path.stat().st_size, skip_fields_over=1000)
     # over 1000 bytes: pad (1200 B), W1 (1 KiB), typed (1200 B) and the 40x40 Constant node
     assert {t.name for t in parsed.graph.initializer} == {"b1", "W2", "names", "ints", "empty", "cond"}
     assert [n.op_type for n in parsed.graph.node] == [n.op_type for n in model.graph.node][1:]
@@ -579,12 +582,12 @@ def test_chunked_parse_skips_big_fields(tmp_path):
 @pytest.fixture
 def big_mode(monkeypatch):
     """Treat every file and model as 'big': chunked parsing, checks on the sparse twin."""
-    monkeypatch.setattr(fio, "_DIRECT_LIMIT", 0)
-    monkeypatch.setattr(fio, "_MERGE_CHUNK", 4096)
-    monkeypatch.setattr(fio, "_ALIGN_MIN_BYTES", 1024)  # twin externalizes tensors >= 1 KiB
+    monkeypatch.setattr(io_sizes, "DIRECT_LIMIT", 0)
+    monkeypatch.setattr(io_wire, "MERGE_CHUNK", 4096)
+    monkeypatch.setattr(io_sizes, "ALIGN_MIN_BYTES", 1024)  # twin externalizes tensors >= 1 KiB
     twins: list[str] = []
-    real = fio._check_twin
-    monkeypatch.setattr(fio, "_check_twin", lambda model, d, what, *a, **k: twins.append(what) or real(model, d, what, *a, **k))
+    real = io_checks.check_twin
+    monkeypatch.setattr(io_checks, "check_twin", lambda model, d, what, *a, **k: twins.append(what) or real(model, d, what, *a, **k))
     return twins
 
 

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold import io as fio
+from onnxfold.io import write as io_write
 from onnxfold import runtime as rt
 from onnxfold.errors import ModelLoadError, UnsupportedModelError, UsageError
 
@@ -242,8 +243,8 @@ def test_create_session_huge_model_goes_through_scratch_dir(tmp_path, monkeypatc
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     calls = []
-    real_write = fio.write_external
-    monkeypatch.setattr(fio, "write_external", lambda *a, **k: calls.append(a[1]) or real_write(*a, **k))
+    real_write = io_write.write_external
+    monkeypatch.setattr(io_write, "write_external", lambda *a, **k: calls.append(a[1]) or real_write(*a, **k))
     model = affine(n_out=300)
     before = model.SerializeToString()
     session = rt.create_session(model, ["CPUExecutionProvider"], scratch_dir=scratch)

@@ -89,6 +89,15 @@ def _split(calib, eval_set, seed: int):
     return fit, select, final
 
 
+def _import_clustering() -> None:
+    """Import the libraries folding clusters with now, as part of loading:
+    scikit-learn takes 1-2 s to import whatever the model, which would
+    otherwise land in the first k-means of the decide stage and hide what
+    deciding costs."""
+    import sklearn.cluster  # noqa: F401
+    import threadpoolctl  # noqa: F401
+
+
 def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
                  linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int,
                  conv_chains: Sequence[str] = (), fold_residual: bool = False, fold_heads=None,
@@ -213,6 +222,8 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     notes: list[str] = []
     with timer("load"):
         original, input_path = _load(model)
+        if calibration is not None or fold_ratio is not None or fold_heads is not None:
+            _import_clustering()
     providers, notice = resolve_provider(provider)
     if notice:
         notes.append(notice)
@@ -315,7 +326,8 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
     if latency and changed and (final is not None or fit is not None):
         with timer("latency"):
             latency_info = measure_latency(original, current, final if final is not None else fit,
-                                           providers=providers)
+                                           providers=providers,
+                                           **({"batch_sizes": (1,)} if batching else {}))  # as exported
     if search_info is not None:
         notes.append(f"budget search evaluated {len(search_info['evaluated'])} candidates")
     report = build_report(

@@ -11,8 +11,8 @@ by what it really depends on:
   current model that computes the measured tensors (``stream.needed_part``) -
   after an upstream rewrite those bytes differ, so a downstream statistic taken
   on the rewritten model never reuses one taken on the original;
-* a data split by its identity (the cache holds a reference to every set it
-  keyed, so an id cannot be reused by another object while the cache lives);
+* a data split by its identity (the cache holds a reference to every object
+  it keyed, so an id cannot be reused by another object while the cache lives);
 * arrays by their bytes (:func:`array_digest`).
 
 A hit returns the very object computed on the miss (accumulators keep their
@@ -53,18 +53,25 @@ def array_digest(a: np.ndarray | None) -> str | None:
 class SearchCache:
     def __init__(self, max_bytes: int = MAX_BYTES):
         self._values: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
-        self._data: dict[int, Any] = {}
+        self._kept: dict[int, Any] = {}
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def data_key(self, data: Any) -> int | None:
-        """Identity of a data split for a key (None: no data)."""
-        if data is None:
+    def identity(self, obj: Any) -> int | None:
+        """Identity of an object (a data split, a model no pass modifies) for a
+        key; None for None."""
+        if obj is None:
             return None
-        self._data[id(data)] = data  # keeps the id from being reused
-        return id(data)
+        self._kept[id(obj)] = obj  # keeps the id from being reused while the cache lives
+        return id(obj)
+
+    def input_digest(self, model: onnx.ModelProto, key: Hashable, part: Callable[[], onnx.ModelProto]) -> str:
+        """:func:`model_digest` of ``part()``, a part of ``model`` named by ``key``,
+        computed once per model object: for a pass's *input* model, which
+        passes never modify (many candidates start from the same one)."""
+        return self.get_or_compute(("input part", self.identity(model), key), lambda: model_digest(part()))
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
         if key in self._values:

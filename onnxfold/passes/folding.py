@@ -379,8 +379,9 @@ class _FoldRun:
         prod, cons = chain.producer, chain.consumer
         key = ("ls refit",
                model_digest(needed_part(self.current_model(), {prod.output: prod.dtype, cons.output: cons.dtype})),
-               model_digest(needed_part(self.original, {cons.output: cons.dtype})),
-               cache.data_key(self.ctx.calibration), cache.data_key(self.ctx.heldout), self.ctx.batch_size,
+               cache.input_digest(self.original, cons.output,
+                                  lambda: needed_part(self.original, {cons.output: cons.dtype})),
+               cache.identity(self.ctx.calibration), cache.identity(self.ctx.heldout), self.ctx.batch_size,
                self.seed, array_digest(w_prior), array_digest(b_prior))
         return cache.get_or_compute(key, lambda: self._solve_refit(chain, w_prior, b_prior))
 

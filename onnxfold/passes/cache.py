@@ -13,7 +13,8 @@ by what it really depends on:
   on the rewritten model never reuses one taken on the original;
 * a data split by its identity (the cache holds a reference to every object
   it keyed, so an id cannot be reused by another object while the cache lives);
-* arrays by their bytes (:func:`array_digest`).
+* a pass's progress by what it did so far (the layers a fold pass folded,
+  with their ratios), on top of the digest of the model the pass started from.
 
 A hit returns the very object computed on the miss (accumulators keep their
 own cached eigendecompositions), so results are bit-identical to recomputing.
@@ -36,6 +37,8 @@ T = TypeVar("T")
 #: what the cache may hold (least recently used dropped first): Gram
 #: matrices of wide layers are tens of MiB each
 MAX_BYTES = 1 << 30
+#: input models whose digests are remembered (see SearchCache.input_digest)
+DIGESTED_MODELS = 4
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -43,25 +46,19 @@ def model_digest(model: onnx.ModelProto) -> str:
     return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def array_digest(a: np.ndarray | None) -> str | None:
-    if a is None:
-        return None
-    a = np.ascontiguousarray(a)
-    return hashlib.sha1(a.view(np.uint8).reshape(-1)).hexdigest() + f"{a.dtype.str}{a.shape}"
-
-
 class SearchCache:
     def __init__(self, max_bytes: int = MAX_BYTES):
         self._values: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._kept: dict[int, Any] = {}
+        self._digests: OrderedDict[int, tuple[onnx.ModelProto, dict]] = OrderedDict()
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
     def identity(self, obj: Any) -> int | None:
-        """Identity of an object (a data split, a model no pass modifies) for a
-        key; None for None."""
+        """Identity of an object (a data split) for a key; None for None. The
+        cache keeps the object alive: only for the few objects a search shares."""
         if obj is None:
             return None
         self._kept[id(obj)] = obj  # keeps the id from being reused while the cache lives
@@ -69,9 +66,20 @@ class SearchCache:
 
     def input_digest(self, model: onnx.ModelProto, key: Hashable, part: Callable[[], onnx.ModelProto]) -> str:
         """:func:`model_digest` of ``part()``, a part of ``model`` named by ``key``,
-        computed once per model object: for a pass's *input* model, which
-        passes never modify (many candidates start from the same one)."""
-        return self.get_or_compute(("input part", self.identity(model), key), lambda: model_digest(part()))
+        computed once per model object while that object is among the last few
+        asked about: for a pass's *input* model, which passes never modify
+        (most candidates start from the same one). The memo holds the model,
+        so its id cannot be reused meanwhile; it holds only a few, so models
+        of finished candidates are not kept alive."""
+        entry = self._digests.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = self._digests[id(model)] = (model, {})
+        self._digests.move_to_end(id(model))
+        while len(self._digests) > DIGESTED_MODELS:
+            self._digests.popitem(last=False)
+        if key not in entry[1]:
+            entry[1][key] = model_digest(part())
+        return entry[1][key]
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
         if key in self._values:

@@ -25,6 +25,7 @@ The cache lives for one search (``PassContext.cache``); outside a search it is
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -40,10 +41,18 @@ MAX_BYTES = 1 << 30
 #: input models whose digests are remembered (see SearchCache.input_digest)
 DIGESTED_MODELS = 4
 
+_UNIQUE = itertools.count()
+
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """Content key of a model (or model part): its serialized bytes."""
-    return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
+    """Content key of a model (or model part): its serialized bytes. A model
+    protobuf cannot serialize (over 2 GB in memory) gets a key of its own,
+    equal to no other: nothing is shared, nothing is wrong."""
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except Exception:  # noqa: BLE001 - protobuf's size limit (ValueError / EncodeError)
+        return f"unserializable {next(_UNIQUE)}"
+    return hashlib.sha1(data).hexdigest()
 
 
 class SearchCache:

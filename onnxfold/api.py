@@ -133,6 +133,15 @@ def resolution_warning(budget: Budget, select, final, *, has_eval: bool) -> str 
             f"can be accepted ({more} for more compression)")
 
 
+def _import_clustering() -> None:
+    """Import the libraries folding clusters with now, as part of loading:
+    scikit-learn takes 1-2 s to import whatever the model, which would
+    otherwise land in the first k-means of the decide stage and hide what
+    deciding costs."""
+    import sklearn.cluster  # noqa: F401
+    import threadpoolctl  # noqa: F401
+
+
 def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
                  linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int,
                  conv_chains: Sequence[str] = (), fold_residual: bool = False, fold_heads=None,
@@ -314,6 +323,8 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     notes: list[str] = []
     with timer("load"):
         original, input_path = _load(model)
+        if calibration is not None or fold_ratio is not None or fold_heads is not None:
+            _import_clustering()
     providers, notice = resolve_provider(provider)
     if notice:
         notes.append(notice)

@@ -145,22 +145,25 @@ def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.n
     n = features.shape[0]
     if not 1 <= k:
         raise ValueError("k must be at least 1")
-    distinct, first, inverse, counts = np.unique(features, axis=0, return_index=True, return_inverse=True,
-                                                 return_counts=True)
-    inverse = inverse.reshape(-1)
-    if distinct.shape[0] <= k:
-        return _canonical(inverse)
+    if _rows_all_distinct(features):  # what np.unique below would find, without sorting n long rows
+        X, w, to_rows = features, np.ones(n, dtype=np.intp), None
+    else:
+        distinct, first, inverse, counts = np.unique(features, axis=0, return_index=True, return_inverse=True,
+                                                     return_counts=True)
+        inverse = inverse.reshape(-1)
+        # np.unique sorts rows; restore first-occurrence order so the result does
+        # not depend on how rows happen to sort.
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        X, w, to_rows = distinct[order], counts[order], rank[inverse]
+    if X.shape[0] <= k:
+        return _canonical(np.arange(n) if to_rows is None else to_rows)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    # np.unique sorts rows; restore first-occurrence order so the result does
-    # not depend on how rows happen to sort.
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    X, w = distinct[order], counts[order]
     big = X.shape[0] * k * X.shape[1] >= BIG_KMEANS
     # One thread for the usual small problems: OpenMP/BLAS threads fighting
     # over busy cores made k-means several times slower in our measurements.
@@ -179,7 +182,19 @@ def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.n
         else:
             km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, init=_greedy_kmeans_plusplus(w))
         distinct_labels = km.fit(X, sample_weight=w).labels_
-    return _canonical(distinct_labels[rank][inverse])
+    return _canonical(distinct_labels if to_rows is None else distinct_labels[to_rows])
+
+
+def _rows_all_distinct(features: np.ndarray) -> bool:
+    """True only if no two rows are equal (as ``np.unique(axis=0)`` compares
+    them: -0.0 equals 0.0, NaN equals nothing): an exact integer hash of each
+    row's bits (-0.0 made 0.0) is different for every row. Equal rows always
+    hash alike, so a False only means "look closer" (np.unique does)."""
+    bits = np.ascontiguousarray(features + 0.0).view(np.uint64)  # + 0.0: -0.0 becomes 0.0
+    mult = np.random.default_rng(0).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (bits * mult).sum(axis=1, dtype=np.uint64)
+    return np.unique(h).size == h.size
 
 
 def _greedy_kmeans_plusplus(sample_weight: np.ndarray):
@@ -201,12 +216,13 @@ def _greedy_kmeans_plusplus(sample_weight: np.ndarray):
     def init(X: np.ndarray, n_clusters: int, random_state) -> np.ndarray:
         # X: the centred data KMeans.fit seeds on; norms as sklearn's row_norms
         x_sq = np.einsum("ij,ij->i", X, X)
+        x_sq_row, weight_col = x_sq[None, :], weight.reshape(-1, 1)
         gram = X @ X.T
 
         def sq_distances(rows: np.ndarray) -> np.ndarray:  # as sklearn's _euclidean_distances(squared=True)
             d = -2 * gram[rows]
             d += x_sq[rows][:, None]
-            d += x_sq[None, :]
+            d += x_sq_row
             return np.maximum(d, 0, out=d)
 
         n = X.shape[0]
@@ -220,7 +236,7 @@ def _greedy_kmeans_plusplus(sample_weight: np.ndarray):
             np.clip(picks, None, closest.size - 1, out=picks)
             dist = sq_distances(picks)
             np.minimum(closest, dist, out=dist)
-            pots = dist @ weight.reshape(-1, 1)
+            pots = dist @ weight_col
             best = np.argmin(pots)
             pot, closest = pots[best], dist[best]
             indices[c] = picks[best]

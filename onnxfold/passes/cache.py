@@ -11,9 +11,10 @@ by what it really depends on:
   current model that computes the measured tensors (``stream.needed_part``) -
   after an upstream rewrite those bytes differ, so a downstream statistic taken
   on the rewritten model never reuses one taken on the original;
-* a data split by its identity (the cache holds a reference to every set it
-  keyed, so an id cannot be reused by another object while the cache lives);
-* arrays by their bytes (:func:`array_digest`).
+* a data split by its identity (the cache holds a reference to every object
+  it keyed, so an id cannot be reused by another object while the cache lives);
+* a pass's progress by what it did so far (the layers a fold pass folded,
+  with their ratios), on top of the digest of the model the pass started from.
 
 A hit returns the very object computed on the miss (accumulators keep their
 own cached eigendecompositions), so results are bit-identical to recomputing.
@@ -24,6 +25,7 @@ The cache lives for one search (``PassContext.cache``); outside a search it is
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -36,35 +38,57 @@ T = TypeVar("T")
 #: what the cache may hold (least recently used dropped first): Gram
 #: matrices of wide layers are tens of MiB each
 MAX_BYTES = 1 << 30
+#: input models whose digests are remembered (see SearchCache.input_digest)
+DIGESTED_MODELS = 4
+
+_UNIQUE = itertools.count()
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """Content key of a model (or model part): its serialized bytes."""
-    return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
-
-
-def array_digest(a: np.ndarray | None) -> str | None:
-    if a is None:
-        return None
-    a = np.ascontiguousarray(a)
-    return hashlib.sha1(a.view(np.uint8).reshape(-1)).hexdigest() + f"{a.dtype.str}{a.shape}"
+    """Content key of a model (or model part): its serialized bytes. A model
+    protobuf cannot serialize (over 2 GB in memory) gets a key of its own,
+    equal to no other: nothing is shared, nothing is wrong."""
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except Exception:  # noqa: BLE001 - protobuf's size limit (ValueError / EncodeError)
+        return f"unserializable {next(_UNIQUE)}"
+    return hashlib.sha1(data).hexdigest()
 
 
 class SearchCache:
     def __init__(self, max_bytes: int = MAX_BYTES):
         self._values: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
-        self._data: dict[int, Any] = {}
+        self._kept: dict[int, Any] = {}
+        self._digests: OrderedDict[int, tuple[onnx.ModelProto, dict]] = OrderedDict()
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def data_key(self, data: Any) -> int | None:
-        """Identity of a data split for a key (None: no data)."""
-        if data is None:
+    def identity(self, obj: Any) -> int | None:
+        """Identity of an object (a data split) for a key; None for None. The
+        cache keeps the object alive: only for the few objects a search shares."""
+        if obj is None:
             return None
-        self._data[id(data)] = data  # keeps the id from being reused
-        return id(data)
+        self._kept[id(obj)] = obj  # keeps the id from being reused while the cache lives
+        return id(obj)
+
+    def input_digest(self, model: onnx.ModelProto, key: Hashable, part: Callable[[], onnx.ModelProto]) -> str:
+        """:func:`model_digest` of ``part()``, a part of ``model`` named by ``key``,
+        computed once per model object while that object is among the last few
+        asked about: for a pass's *input* model, which passes never modify
+        (most candidates start from the same one). The memo holds the model,
+        so its id cannot be reused meanwhile; it holds only a few, so models
+        of finished candidates are not kept alive."""
+        entry = self._digests.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = self._digests[id(model)] = (model, {})
+        self._digests.move_to_end(id(model))
+        while len(self._digests) > DIGESTED_MODELS:
+            self._digests.popitem(last=False)
+        if key not in entry[1]:
+            entry[1][key] = model_digest(part())
+        return entry[1][key]
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
         if key in self._values:

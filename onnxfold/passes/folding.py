@@ -36,7 +36,6 @@ from ..measure.stats import GramAccumulator, NeuronStats
 from ..measure.stream import needed_part
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import HELDOUT_SHARE, LayerReport, PassContext, PassResult, heldout_mask
-from .cache import array_digest, model_digest
 
 SELECTS = ("kmeans", "magnitude")
 REPAIRS = ("auto", "none", "ar", "repair", "ls")
@@ -185,6 +184,7 @@ class _FoldRun:
         self.drop_constant = drop_constant
         self.edited = False
         self._current: onnx.ModelProto | None = model
+        self.folded: list[tuple[str, float]] = []  # (chain, ratio) in the order folded: what the model now is
 
     # -- model state ---------------------------------------------------------
     def current_model(self) -> onnx.ModelProto:
@@ -218,6 +218,7 @@ class _FoldRun:
 
     # -- one chain -----------------------------------------------------------
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
+        self.folded.append((chain.name, ratio))
         n = chain.width
         k = decide.target_width(n, ratio)
         need_repair_stats = self.repair == "repair"
@@ -342,18 +343,16 @@ class _FoldRun:
 
     def _cached_refit(self, chain: Chain, w_prior: np.ndarray, b_prior: np.ndarray) -> tuple[decide.Refit, int]:
         """:meth:`_solve_refit`; in a budget search shared by every candidate
-        whose model computes the layer's tensors identically (the same
-        settings up to this layer), keyed by the two model parts the refit
-        runs, the data and the weights it starts from."""
+        that folds the same model the same way up to this layer. The model
+        the refit runs is a function of the pass's input model (keyed by its
+        content), the pass's settings and the layers folded so far with their
+        ratios - a cheaper key than the model's bytes after every fold."""
         cache = self.ctx.cache
         if cache is None:
             return self._solve_refit(chain, w_prior, b_prior)
-        prod, cons = chain.producer, chain.consumer
-        key = ("ls refit",
-               model_digest(needed_part(self.current_model(), {prod.output: prod.dtype, cons.output: cons.dtype})),
-               model_digest(needed_part(self.original, {cons.output: cons.dtype})),
-               cache.data_key(self.ctx.calibration), cache.data_key(self.ctx.heldout), self.ctx.batch_size,
-               self.seed, array_digest(w_prior), array_digest(b_prior))
+        key = ("ls refit", cache.input_digest(self.original, "whole model", lambda: self.original),
+               self.select, self.repair, self.seed, self.drop_constant, tuple(self.folded),
+               cache.identity(self.ctx.calibration), cache.identity(self.ctx.heldout), self.ctx.batch_size)
         return cache.get_or_compute(key, lambda: self._solve_refit(chain, w_prior, b_prior))
 
     def _solve_refit(self, chain: Chain, w_prior: np.ndarray, b_prior: np.ndarray) -> tuple[decide.Refit, int]:

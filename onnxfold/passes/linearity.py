@@ -386,7 +386,7 @@ def _cached_measure(ctx: PassContext, model: onnx.ModelProto, tensors: list[str]
     types = _known_types(model)
     part = needed_part(model, {name: onnx.helper.tensor_dtype_to_np_dtype(types.get(name, onnx.TensorProto.FLOAT))
                                for name in tensors})
-    key = (what, model_digest(part), tuple(tensors), ctx.cache.data_key(data), ctx.batch_size)
+    key = (what, model_digest(part), tuple(tensors), ctx.cache.identity(data), ctx.batch_size)
     return ctx.cache.get_or_compute(key, compute)
 
 

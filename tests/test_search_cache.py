@@ -1,0 +1,39 @@
+"""The budget search's shared cache: a candidate's model does not depend on
+which candidates were evaluated before it."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxfold.decide.budget import Budget
+from onnxfold.measure.data import load_calibration
+from onnxfold.passes.base import PassContext
+from onnxfold.search import BudgetSearch, Setting
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _search(model, fit, select) -> BudgetSearch:
+    return BudgetSearch(model, Budget.default(), PassContext(calibration=fit, heldout=select))
+
+
+def test_candidates_equal_their_fresh_evaluation():
+    model = onnx.load(MODELS / "digits_mlp.onnx")
+    data = load_calibration(str(MODELS / "digits_mlp.calib.npz"), model)
+    fit, select = data.split((0.75, 0.25), seed=0)
+    layers = ("layer0", "layer1", "layer2")
+    uniform = Setting(ratios=tuple((n, 2) for n in layers))
+    # each differs from the one before in one layer: later ones reuse the earlier layers' refits
+    settings = [Setting(), uniform, uniform.with_ratio("layer2", 4), uniform.with_ratio("layer1", 4),
+                uniform.with_ratio("layer0", 4), Setting(thresholds=(("layer1", 4),)),
+                Setting(thresholds=(("layer1", 4),), ratios=(("layer2", 3),))]
+    shared = _search(model, fit, select)
+    for s in settings:
+        got = shared.evaluate(s)
+        want = _search(model, fit, select).evaluate(s)
+        assert got.model.SerializeToString() == want.model.SerializeToString(), s
+        assert (got.parameters, got.met, got.spent) == (want.parameters, want.met, want.spent)
+    cache = shared.ctx.cache
+    assert cache.hits > 0  # the sharing happened
+    assert cache.misses > 0 and np.isfinite(cache.bytes)

@@ -326,9 +326,12 @@ def _cmd_optimize(args, console) -> int:
     elif statistics:  # the default budget, judged at another level
         budget = replace(Budget.default(args.positive_threshold), **statistics)
 
-    def notify(text: str) -> None:  # said before the long run, not only in the final report
+    said: list[str] = []
+
+    def notify(text: str) -> None:  # said before the long run; the final report does not repeat it
         if not args.quiet:
             console.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
+            said.append(text)
 
     with _ProgressSink(console, enabled=not args.quiet) as progress:
         result = optimize(model, calib, eval_data=evald, budget=budget, linear=not args.no_linear,
@@ -360,7 +363,7 @@ def _cmd_optimize(args, console) -> int:
     if not args.quiet:
         from .report import render_report
 
-        render_report(result.report, console)
+        render_report(result.report, console, already_said=said)
         console.print(f"wrote {saved}" + (f" and {args.report}" if args.report else ""))
     status = result.report["status"]
     budget_info = result.report.get("budget") or {}

@@ -7,6 +7,8 @@ changes meaning. The library builds the dict; only the CLI prints.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +92,8 @@ def _fmt_pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def render_report(report: dict, console) -> None:
+def render_report(report: dict, console, already_said: Collection[str] = ()) -> None:
+    """The report as console tables and notes; ``already_said``: notes printed during the run."""
 
     layers = report.get("layers") or []
     if layers:
@@ -134,6 +137,8 @@ def render_report(report: dict, console) -> None:
     for s in report.get("skipped") or []:
         console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
     for n in report.get("notes") or []:
+        if n in already_said:
+            continue
         if n.startswith("CUDA not available"):
             continue  # the CLI printed the provider line before the run
         console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)

@@ -290,6 +290,9 @@ def test_failed_final_check_without_check_still_warns(digits, capsys):
     assert code == 0 and "warning: the chosen model" in captured.err
     # the console report shows each limit with its bound, here for the lossless model returned
     assert "Budget on the final check (95% one-sided bounds)" in captured.out and "unresolved" in captured.out
+    # said once, before the run, not repeated among the report's notes
+    assert captured.out.count("too little held-out data") == 1
+    assert captured.out.index("too little held-out data") < captured.out.index("Hidden layers")
 
 
 def test_search_result_failing_on_unseen_data_is_never_written(digits, tmp_path):

@@ -27,6 +27,7 @@ import onnx
 
 from .decide.budget import Budget, BudgetCheck
 from .passes.base import LayerReport, PassContext
+from .pipeline import merge_layer_reports, run_passes
 from .passes.cache import SearchCache, model_digest
 from .verify import compare_models, reference_outputs
 
@@ -116,34 +117,6 @@ def passes_for(setting: Setting, *, seed: int) -> list:
         passes.append(FoldingPass(ratio={k: RATIO_STEPS[v] for k, v in setting.ratios}, select=setting.select,
                                   repair="ls", seed=seed))
     return passes
-
-
-def merge_layer_reports(old: list[LayerReport], new: list[LayerReport]) -> list[LayerReport]:
-    """Combine per-layer reports of consecutive passes into one row per layer."""
-    by = {lr.layer: lr for lr in old}
-    for lr in new:
-        if lr.layer not in by:
-            by[lr.layer] = replace(lr)
-            continue
-        o = by[lr.layer]
-        o.width_after = lr.width_after
-        for k in ("linear", "constant", "merged", "pruned"):
-            setattr(o, k, getattr(o, k) + getattr(lr, k))
-        o.path_form = lr.path_form or o.path_form
-        o.path_rank = lr.path_rank if lr.path_rank is not None else o.path_rank
-        o.params_after = lr.params_after
-        o.note = "; ".join(x for x in (o.note, lr.note) if x)
-    return list(by.values())
-
-
-def run_passes(model: onnx.ModelProto, passes: list, ctx: PassContext):
-    current, changed, layers, notes = model, False, [], []
-    for p in passes:
-        res = p(current, ctx)
-        current, changed = res.model, changed or res.changed
-        layers = merge_layer_reports(layers, res.layers)
-        notes.extend(res.notes)
-    return current, changed, layers, notes
 
 
 @dataclass

@@ -12,11 +12,14 @@ layer (``decide``), and rewrite (``rewrite.apply_edit`` + ``materialize``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx
+
+from ..errors import UsageError
 
 
 def _local_stats():
@@ -98,3 +101,55 @@ def heldout_mask(n: int, seed: int) -> np.ndarray | None:
     held = np.zeros(n, dtype=bool)
     held[np.random.default_rng(seed).permutation(n)[:max(1, round(n * HELDOUT_SHARE))]] = True
     return held
+
+
+# ---------------------------------------------------------------------------
+# the options every ratio-driven folding pass takes, validated one way
+
+FOLD_SELECTS = ("kmeans", "magnitude")
+FOLD_REPAIRS = ("auto", "none", "ar", "repair", "ls")
+DATA_REPAIRS = ("repair", "ls")  # need calibration data
+
+
+class FoldSettings:
+    """Ratio (one for all, or per layer), selection, repair, seed and layer
+    filter of a folding pass. ``what`` names the pass in messages ("fold",
+    "channel fold")."""
+
+    def __init__(self, what: str, ratio, select: str, repair: str, seed: int, layers):
+        if select not in FOLD_SELECTS:
+            raise UsageError(f"unknown {what} selection {select!r}; choose one of {', '.join(FOLD_SELECTS)}")
+        if repair not in FOLD_REPAIRS:
+            raise UsageError(f"unknown {what} repair {repair!r}; choose one of {', '.join(FOLD_REPAIRS)}")
+        ratios = dict(ratio) if isinstance(ratio, Mapping) else {None: ratio}
+        for where, r in ratios.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
+                at = "" if where is None else f" for {where}"
+                raise UsageError(f"{what} ratio{at} must be a number in [0, 1), got {r!r}")
+        self.what, self.ratio, self.select, self.repair = what, ratio, select, repair
+        self.seed = int(seed)
+        self.layers = None if layers is None else list(layers)
+
+    def ratios(self, names: Sequence[str], unknown: str, plural: str) -> dict[str, float]:
+        """Ratio per layer among ``names``. A layer the user named that the model
+        lacks is a UsageError: ``unknown`` formats its name ("unknown conv chain
+        {!r}"), ``plural`` names what the model has ("conv chains")."""
+        asked = list(self.layers or []) + (list(self.ratio) if isinstance(self.ratio, Mapping) else [])
+        missing = [n for n in asked if n not in names]
+        if missing:
+            have = ", ".join(names) or "none"
+            raise UsageError(f"{unknown.format(missing[0])}; the model's foldable {plural} are: {have}")
+        chosen = names if self.layers is None else [n for n in names if n in self.layers]
+        if isinstance(self.ratio, Mapping):
+            return {n: float(self.ratio[n]) for n in chosen if n in self.ratio}
+        return {n: float(self.ratio) for n in chosen}
+
+    def repair_mode(self, ctx: "PassContext") -> str:
+        """'auto' is the least-squares refit with calibration data, Fold-AR without."""
+        repair = self.repair
+        if repair == "auto":
+            repair = "ls" if ctx.calibration is not None else "ar"
+        if ctx.calibration is None and repair in DATA_REPAIRS:
+            raise UsageError(f"{self.what} repair {repair!r} needs calibration data; give calibration data or use"
+                             " repair 'ar' or 'none'")
+        return repair

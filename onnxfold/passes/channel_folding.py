@@ -39,7 +39,6 @@ import onnx
 from ..decide import channels as dch
 from ..decide import folding as decide
 from ..distributed import StatsJob
-from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..find.conv import (
     ConvChain,
@@ -60,11 +59,8 @@ from ..rewrite.conv import (
     merge_output_channels,
     sum_input_channels,
 )
-from .base import LayerReport, PassContext, PassResult, heldout_mask
+from .base import FoldSettings, LayerReport, PassContext, PassResult, heldout_mask
 
-SELECTS = ("kmeans", "magnitude")
-REPAIRS = ("auto", "none", "ar", "repair", "ls")
-DATA_REPAIRS = ("repair", "ls")
 
 #: Patch rows (output positions) used per batch by the least-squares refit:
 #: neighbouring positions are highly redundant, a random subset is enough and
@@ -104,44 +100,17 @@ class ChannelFoldingPass:
 
     def __init__(self, ratio: float | Mapping[str, float], select: str = "kmeans", repair: str = "auto",
                  seed: int = 0, fold_residual: bool = False, layers: Sequence[str] | None = None):
-        if select not in SELECTS:
-            raise UsageError(f"unknown channel fold selection {select!r}; choose one of {', '.join(SELECTS)}")
-        if repair not in REPAIRS:
-            raise UsageError(f"unknown channel fold repair {repair!r}; choose one of {', '.join(REPAIRS)}")
-        ratios = dict(ratio) if isinstance(ratio, Mapping) else {None: ratio}
-        for where, r in ratios.items():
-            if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
-                at = "" if where is None else f" for {where}"
-                raise UsageError(f"channel fold ratio{at} must be a number in [0, 1), got {r!r}")
-        self.ratio = ratio
-        self.select = select
-        self.repair = repair
-        self.seed = int(seed)
+        self.settings = FoldSettings("channel fold", ratio, select, repair, seed, layers)
+        self.ratio, self.select, self.repair, self.seed = ratio, select, repair, self.settings.seed
+        self.layers = self.settings.layers
         self.fold_residual = bool(fold_residual)
-        self.layers = None if layers is None else list(layers)
 
     def _ratios(self, view: ConvGraph) -> dict[str, float]:
         names = [c.name for c in view.chains] + ([g.name for g in view.residual] if self.fold_residual else [])
-        asked = list(self.layers or []) + (list(self.ratio) if isinstance(self.ratio, Mapping) else [])
-        unknown = [n for n in asked if n not in names]
-        if unknown:
-            have = ", ".join(names) or "none"
-            raise UsageError(f"unknown conv chain {unknown[0]!r}; the model's foldable conv chains are: {have}")
-        chosen = names if self.layers is None else [n for n in names if n in self.layers]
-        if isinstance(self.ratio, Mapping):
-            return {n: float(self.ratio[n]) for n in chosen if n in self.ratio}
-        return {n: float(self.ratio) for n in chosen}
-
-    def _repair_mode(self, ctx: PassContext) -> str:
-        if self.repair == "auto":
-            return "ls" if ctx.calibration is not None else "ar"
-        return self.repair
+        return self.settings.ratios(names, "unknown conv chain {!r}", "conv chains")
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        repair = self._repair_mode(ctx)
-        if ctx.calibration is None and repair in DATA_REPAIRS:
-            raise UsageError(f"channel fold repair {repair!r} needs calibration data; give calibration data or"
-                             " use repair 'ar' or 'none'")
+        repair = self.settings.repair_mode(ctx)
         view = find_conv_graph(model)
         ratios = self._ratios(view)
         notes = [describe_residual(g, self.fold_residual) for g in view.residual]

@@ -35,11 +35,8 @@ from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
 from ..measure.stream import needed_part
 from ..rewrite import HiddenEdit, apply_edit, materialize
-from .base import HELDOUT_SHARE, LayerReport, PassContext, PassResult, heldout_mask
+from .base import HELDOUT_SHARE, FoldSettings, LayerReport, PassContext, PassResult, heldout_mask
 
-SELECTS = ("kmeans", "magnitude")
-REPAIRS = ("auto", "none", "ar", "repair", "ls")
-DATA_REPAIRS = ("repair", "ls")
 
 
 #: layers wider than this get their fold maps as sparse matrices (a dense
@@ -85,51 +82,19 @@ class FoldingPass:
 
     def __init__(self, ratio: float | Mapping[str, float], select: str = "kmeans", repair: str = "auto",
                  seed: int = 0, layers: Sequence[str] | None = None, drop_constant: bool = False):
-        if select not in SELECTS:
-            raise UsageError(f"unknown fold selection {select!r}; choose one of {', '.join(SELECTS)}")
-        if repair not in REPAIRS:
-            raise UsageError(f"unknown fold repair {repair!r}; choose one of {', '.join(REPAIRS)}")
-        ratios = dict(ratio) if isinstance(ratio, Mapping) else {None: ratio}
-        for where, r in ratios.items():
-            if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
-                at = "" if where is None else f" for {where}"
-                raise UsageError(f"fold ratio{at} must be a number in [0, 1), got {r!r}")
-        self.ratio = ratio
-        self.select = select
-        self.repair = repair
-        self.seed = int(seed)
-        self.layers = None if layers is None else list(layers)
+        self.settings = FoldSettings("fold", ratio, select, repair, seed, layers)
+        self.ratio, self.select, self.repair, self.seed = ratio, select, repair, self.settings.seed
+        self.layers = self.settings.layers
         self.drop_constant = bool(drop_constant)
-
-    # ------------------------------------------------------------------ setup
-    def _ratios(self, view: DenseGraph) -> dict[str, float]:
-        names = [c.name for c in view.chains]
-        asked = list(self.layers or []) + (list(self.ratio) if isinstance(self.ratio, Mapping) else [])
-        unknown = [n for n in asked if n not in names]
-        if unknown:
-            have = ", ".join(names) or "none"
-            raise UsageError(f"unknown layer {unknown[0]!r} for folding; the model's foldable layers are: {have}")
-        chosen = names if self.layers is None else [n for n in names if n in self.layers]
-        if isinstance(self.ratio, Mapping):
-            return {n: float(self.ratio[n]) for n in chosen if n in self.ratio}
-        return {n: float(self.ratio) for n in chosen}
-
-    def _repair_mode(self, ctx: PassContext) -> str:
-        if self.repair == "auto":
-            return "ls" if ctx.calibration is not None else "ar"
-        return self.repair
 
     # ------------------------------------------------------------------ run
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        repair = self._repair_mode(ctx)
-        if ctx.calibration is None and repair in DATA_REPAIRS:
-            raise UsageError(f"fold repair {repair!r} needs calibration data; give calibration data or use"
-                             " repair 'ar' or 'none'")
+        repair = self.settings.repair_mode(ctx)
         if ctx.calibration is None and self.drop_constant:
             raise UsageError("dropping constant neurons needs calibration data; give calibration data or do not"
                              " ask for drop_constant")
         view = find_dense_graph(model)
-        ratios = self._ratios(view)
+        ratios = self.settings.ratios([c.name for c in view.chains], "unknown layer {!r} for folding", "layers")
         if not view.chains:
             return PassResult(model, False, [], ["folding: no foldable hidden layer found"])
         run = _FoldRun(model, view, ctx, select=self.select, repair=repair, seed=self.seed,

@@ -326,19 +326,20 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
-        if not chain_names and not ((conv_chains or gated) and fold_ratio is not None) and fold_heads is None:
+        searchable = mode == "search" and (chain_names or conv_chains)
+        if not searchable and not chain_names and not ((conv_chains or gated) and fold_ratio is not None) \
+                and fold_heads is None:
             current, changed, layers = original, False, []
-            if conv_chains:
-                notes.append(f"{len(conv_chains)} foldable conv chains found: fold their channels with an explicit "
-                             "fold ratio (--fold-ratio); the budget search covers dense layers")
-            else:
-                notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
+            notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
         elif mode == "search":
             from .search import BudgetSearch
 
             searcher = BudgetSearch(original, budget, ctx, max_evaluations=max_evaluations, progress=progress)
-            res = search_result = searcher.run(chain_names)
+            res = search_result = searcher.run(chain_names, conv_layers=conv_chains)
             notes.extend(res.notes)
+            if gated or attention:
+                notes.append("the budget search covers dense layers and conv channels; fold attention heads and "
+                             "gated MLPs with explicit settings (--fold-heads, --fold-ratio)")
             search_info = {"evaluated": res.evaluated,
                            "chosen": None if res.best is None else res.best.setting.describe(),
                            "best_uniform": None if res.baseline_uniform is None

@@ -21,6 +21,7 @@ Every evaluated setting is cached, so the result is deterministic for a seed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Callable
 
 import onnx
@@ -101,7 +102,10 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def passes_for(setting: Setting, *, seed: int) -> list:
+def passes_for(setting: Setting, *, seed: int, conv_layers: frozenset[str] = frozenset()) -> list:
+    """The passes a setting stands for; ratios of ``conv_layers`` (conv chain
+    names) fold channels, the others dense neurons."""
+    from .passes.channel_folding import ChannelFoldingPass
     from .passes.folding import FoldingPass
     from .passes.linearity import LinearityPass
 
@@ -113,9 +117,12 @@ def passes_for(setting: Setting, *, seed: int) -> list:
         by_t.setdefault(step, set()).add(layer)
     for step in sorted(by_t):
         passes.append(LinearityPass(threshold=THRESHOLD_STEPS[step], layers=by_t[step]))
-    if setting.ratios:
-        passes.append(FoldingPass(ratio={k: RATIO_STEPS[v] for k, v in setting.ratios}, select=setting.select,
-                                  repair="ls", seed=seed))
+    dense = {k: RATIO_STEPS[v] for k, v in setting.ratios if k not in conv_layers}
+    conv = {k: RATIO_STEPS[v] for k, v in setting.ratios if k in conv_layers}
+    if dense:
+        passes.append(FoldingPass(ratio=dense, select=setting.select, repair="ls", seed=seed))
+    if conv:
+        passes.append(ChannelFoldingPass(ratio=conv, select=setting.select, repair="ls", seed=seed))
     return passes
 
 
@@ -130,12 +137,13 @@ class _Evaluator:
     ctx: PassContext
     reference: dict
     lossless: tuple | None  # (model, layer reports, notes) after linearity folding at T = 1.0
+    conv_layers: frozenset[str] = frozenset()
 
     def __call__(self, setting: Setting) -> Candidate:
         from .io import count_parameters
 
         ctx = self.ctx
-        passes = passes_for(setting, seed=ctx.seed)
+        passes = passes_for(setting, seed=ctx.seed, conv_layers=self.conv_layers)
         if setting.lossless and self.lossless is not None:
             # every candidate starts with the same lossless step: reuse it
             start, prefix_layers, prefix_notes = self.lossless
@@ -166,7 +174,10 @@ class _Evaluator:
 
 class BudgetSearch:
     def __init__(self, original: onnx.ModelProto, budget: Budget, ctx: PassContext, *, max_evaluations: int = 60,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None,
+                 judge: Callable[[Setting], Candidate] | None = None):
+        """``judge``: evaluates a setting instead of running passes and
+        onnxruntime (tests drive the search's phases with a stub)."""
         from .io import count_parameters
 
         # statistics and decompositions shared by the candidates (see passes.cache)
@@ -176,13 +187,17 @@ class BudgetSearch:
         self.progress = progress
         self.cache: dict[Setting, Candidate] = {}
         self._lossless = None  # (model, layer reports, notes) after linearity folding at T = 1.0
+        self.conv_layers: frozenset[str] = frozenset()  # conv chains among the searched layers (set by run)
         self.original_params = count_parameters(original)
         self._count_parameters = count_parameters
-        self.reference = reference_outputs(original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
+        self._judge = judge
+        self.reference = None if judge is not None else reference_outputs(
+            original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
-        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless)
+        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless,
+                          self.conv_layers)
 
     def _remember(self, setting: Setting, cand: Candidate) -> Candidate:
         self.cache[setting] = cand
@@ -193,6 +208,8 @@ class BudgetSearch:
     def evaluate(self, setting: Setting) -> Candidate:
         if setting in self.cache:
             return self.cache[setting]
+        if self._judge is not None:
+            return self._remember(setting, self._judge(setting))
         evaluator = self._evaluator()
         cand = evaluator(setting)
         if setting == Setting() and evaluator.lossless is not None:
@@ -259,8 +276,13 @@ class BudgetSearch:
         return len(self.cache) < self.max_evaluations
 
     # ------------------------------------------------------------------
-    def run(self, layer_names: list[str]) -> SearchResult:
+    def run(self, layer_names: list[str], conv_layers: Sequence[str] = ()) -> SearchResult:
+        """Search fold ratios over ``layer_names`` (dense hidden layers, which
+        also get linearity thresholds) and ``conv_layers`` (conv chains, whose
+        channels fold)."""
         from threadpoolctl import threadpool_limits
+
+        self.conv_layers = frozenset(conv_layers)
 
         # Numpy's BLAS on one thread: the search's matrices (Grams, eigh, refits
         # of layers up to a few thousand wide) gain little from threads, and
@@ -268,9 +290,9 @@ class BudgetSearch:
         # made an eigh 10-15x slower on a loaded 2-core machine.
         limit = 1 if self.original_params <= ONE_BLAS_THREAD_UP_TO else None
         with threadpool_limits(limits=limit, user_api="blas"):
-            return self._run(layer_names)
+            return self._run(list(layer_names), sorted(self.conv_layers))
 
-    def _run(self, layer_names: list[str]) -> SearchResult:
+    def _run(self, dense_names: list[str], conv_names: list[str]) -> SearchResult:
         notes: list[str] = []
         base = self.evaluate(Setting())
         # the select split's resolution: the same for every candidate, said once
@@ -286,17 +308,20 @@ class BudgetSearch:
         # meets the budget is found by bisection (quality falls with the step)
         uniform_best = best
         lossless = base.met
-        layers = sorted(layer_names)
+        layers = sorted(dense_names + conv_names)  # fold ratios
+        dense = sorted(dense_names)  # linearity thresholds
 
         def uniform(kind: str, step: int, select: str = "kmeans") -> Setting:
             if kind == "ratio":
                 return Setting(ratios=tuple((n, step) for n in layers), select=select, lossless=lossless)
-            return Setting(thresholds=tuple((n, step) for n in layers), lossless=lossless)
+            return Setting(thresholds=tuple((n, step) for n in dense), lossless=lossless)
 
         threshold_pays = False
         best_threshold_step = 0
-        for kind, select, steps in (("ratio", "kmeans", RATIO_STEPS), ("ratio", "magnitude", RATIO_STEPS),
-                                    ("threshold", "kmeans", THRESHOLD_STEPS)):
+        kinds = [("ratio", "kmeans", RATIO_STEPS), ("ratio", "magnitude", RATIO_STEPS)]
+        if dense:
+            kinds.append(("threshold", "kmeans", THRESHOLD_STEPS))
+        for kind, select, steps in kinds:
             lo, hi = 0, len(steps)  # lo: largest step known to meet (0 = untouched), hi: smallest known to fail
             while hi - lo > 1 and self._budget_left():
                 mid = (lo + hi) // 2
@@ -317,13 +342,13 @@ class BudgetSearch:
             if self.budget.target_ratio is not None and self._ratio_ok(current) and not self.budget.has_quality_limit:
                 break
             moves = []
-            for layer in sorted(layer_names):
+            for layer in layers:
                 r = current.setting.ratio_of(layer)
                 if r + 1 < len(RATIO_STEPS):
                     moves.append(current.setting.with_ratio(layer, r + 1))
                 # thresholds: one move per layer, straight to the lowest uniform
                 # threshold that met the budget (small steps rarely change anything)
-                if threshold_pays and current.setting.threshold_of(layer) < best_threshold_step:
+                if threshold_pays and layer in dense and current.setting.threshold_of(layer) < best_threshold_step:
                     moves.append(current.setting.with_threshold(layer, best_threshold_step))
             self.prefetch(moves)  # independent candidates: Ray tasks when the backend has them
             scored = []

@@ -456,4 +456,9 @@ def test_cli_folds_conv_channels_with_an_explicit_ratio(tmp_path):
     assert main(["optimize", str(src), "-o", str(out), "--report", str(rep), "--quiet", "--no-latency",
                  "--provider", "cpu"]) == 0
     r = json.loads(rep.read_text())
-    assert r["status"] == "unchanged" and any("--fold-ratio" in n for n in r["notes"])
+    # without settings the budget search covers the conv channels; the held-out samples of 500
+    # cannot show that a lossy fold keeps the default budget, so the model comes back unchanged
+    chains = {c.name for c in find_conv_graph(onnx.load(src)).chains}
+    assert r["status"] == "unchanged"
+    assert any(set(e["setting"]["fold_ratios"]) & chains for e in r["search"]["evaluated"])
+    assert any("cannot resolve" in n for n in r["notes"])

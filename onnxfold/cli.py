@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = opt.add_argument_group("budget and checks",
                                "With calibration data and no explicit --fold-ratio/--linear-threshold, onnxfold "
                                "searches for the smallest model meeting the budget (default: top-1 agreement >= "
-                               "99.5%%, or the 99%% error quantile <= 1e-3 relative for non-classifier outputs). "
+                               "99.5%, or the 99% error quantile <= 1e-3 relative for non-classifier outputs). "
                                "Every limit is judged by a one-sided upper confidence bound on held-out samples, "
                                "and a model that fails the final check is never the output.")
     g.add_argument("--max-accuracy-drop", type=float, default=None, metavar="PP",

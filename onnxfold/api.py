@@ -326,9 +326,12 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
-        searchable = mode == "search" and (chain_names or conv_chains)
-        if not searchable and not chain_names and not ((conv_chains or gated) and fold_ratio is not None) \
-                and fold_heads is None:
+        if mode == "search":  # the search covers dense layers and conv chains
+            nothing_to_do = not chain_names and not conv_chains
+        else:  # explicit settings: what they name must exist
+            nothing_to_do = not chain_names and not ((conv_chains or gated) and fold_ratio is not None) \
+                and fold_heads is None
+        if nothing_to_do:
             current, changed, layers = original, False, []
             notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
         elif mode == "search":

@@ -201,10 +201,20 @@ class RayStats:
             raise ScaleOutError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; a worker asks for "
                                 f"{gpus_per_worker:g}")
         self.timeout_s = float(timeout_s)
-        actor = ray.remote(_StatsWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                                 max_restarts=max_restarts, max_task_retries=max_restarts)
-        self.workers = [actor.remote(provider, cpus_per_worker) for _ in range(max(1, workers))]
+        self.num_workers, self.provider = max(1, workers), provider
+        self.cpus_per_worker, self.gpus_per_worker, self.max_restarts = cpus_per_worker, gpus_per_worker, max_restarts
+        self._workers: list | None = None  # started on first use: Ray Data jobs need the CPUs a pool would hold
         self._shards: dict[int, _Shards] = {}
+
+    @property
+    def workers(self) -> list:
+        """The actor pool (started on first use)."""
+        if self._workers is None:
+            actor = self._ray.remote(_StatsWorker).options(
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=self.max_restarts,
+                max_task_retries=self.max_restarts)
+            self._workers = [actor.remote(self.provider, self.cpus_per_worker) for _ in range(self.num_workers)]
+        return self._workers
 
     # -- data ---------------------------------------------------------------
     def _shards_of(self, data: CalibrationSet, batch_size: int) -> list[tuple[int, int, Any]]:
@@ -237,7 +247,51 @@ class RayStats:
         from onnxfold.profile import stage
 
         with stage("calibration", unless_in=MEASURING_STAGES):
+            if getattr(data, "is_ray_dataset", False):
+                return self._reduce_dataset(job, data, batch_size, progress)
             return self._reduce(job, data, batch_size, progress)
+
+    def _reduce_dataset(self, job: StatsJob, data, batch_size: int,
+                        progress: Callable[[int, int], None] | None) -> Accumulators:
+        """``job`` over a :class:`~onnxfold.measure.raydata.RayFitData`: Ray Data
+        maps its batches over a pool of actors (one onnxruntime session per
+        model each), which return their batches' accumulators; merged here as
+        they arrive, in the data's order."""
+        import pickle
+
+        from onnxfold.measure.raydata import DatasetStatsWorker
+
+        if self._workers is not None:  # the pool would hold the CPUs the Ray Data actors need
+            for w in self._workers:
+                self._ray.kill(w)
+            self._workers = None
+        ray = self._ray
+        parent = data.parent
+        models = [(m.SerializeToString(), list(names)) for m, names in job.models]
+        # rows per map_batches call: a few stats batches, so that each call's accumulators (width^2) stay cheap
+        rows = max(batch_size, min(data.num_samples, 4 * batch_size))
+        out = parent.ds.map_batches(
+            DatasetStatsWorker, batch_format="numpy", batch_size=rows, zero_copy_batch=True,
+            fn_constructor_args=(self.provider, self.cpus_per_worker, models, job.init, job.update, batch_size,
+                                 data.held, parent.dims, parent.has_labels, parent.what),
+            compute=ray.data.ActorPoolStrategy(size=self.num_workers), num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker or None)
+        merged, done = job.init(), 0
+        try:
+            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                for blob, count in zip(batch["accs"], batch["rows"]):
+                    merge_accumulators(merged, pickle.loads(blob))
+                    done += int(count)
+                if progress is not None:
+                    progress(done, data.num_samples)
+        except Exception as e:
+            cause = _onnxfold_cause(e)
+            if cause is not None:  # the data or model's fault, not the cluster's: the user's error, one line
+                raise type(cause)(str(cause)) from None
+            raise ScaleOutError(f"the Ray Data statistics job failed ({_first_line(e)})") from None
+        if done != data.num_samples:
+            raise ScaleOutError(f"the Ray Data statistics job saw {done} of {data.num_samples} samples")
+        return merged
 
     def _reduce(self, job: StatsJob, data: CalibrationSet, batch_size: int,
                 progress: Callable[[int, int], None] | None) -> Accumulators:
@@ -309,9 +363,9 @@ class RayStats:
 
     def close(self) -> None:
         ray = self._ray
-        for w in getattr(self, "workers", []):
+        for w in getattr(self, "_workers", None) or []:
             ray.kill(w)
-        self.workers = []
+        self._workers = None
         self._shards = {}
         if self._started and ray.is_initialized():
             ray.shutdown()
@@ -331,6 +385,17 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise ScaleOutError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
                             "'ray start --head --port=6379' on that host, or use --ray without an address for a "
                             "local instance") from None
+
+
+def _onnxfold_cause(e: BaseException | None) -> OnnxFoldError | None:
+    """The OnnxFoldError a (Ray Data) error wraps, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OnnxFoldError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -142,6 +142,10 @@ class ChannelFoldingPass:
         if ctx.calibration is None and repair in DATA_REPAIRS:
             raise UsageError(f"channel fold repair {repair!r} needs calibration data; give calibration data or"
                              " use repair 'ar' or 'none'")
+        if repair == "ls" and getattr(ctx.calibration, "is_ray_dataset", False):
+            raise UsageError("conv channel folding with the least-squares refit streams its data in this process "
+                             "and does not take a Parquet / Ray Dataset source; give the calibration data as .npz "
+                             "or use --fold-repair ar")
         view = find_conv_graph(model)
         ratios = self._ratios(view)
         notes = [describe_residual(g, self.fold_residual) for g in view.residual]

@@ -203,7 +203,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
     arrays, or an iterable of feed dicts (e.g. an onnxruntime
-    CalibrationDataReader).
+    CalibrationDataReader); with ``ray_address`` also a Parquet path (file or
+    directory) or a ``ray.data.Dataset`` (see :mod:`onnxfold.measure.raydata`).
 
     Modes (see ``choose_mode``):
     - with calibration data and no explicit settings, search for the smallest

@@ -267,6 +267,7 @@ class RayStats:
             self._workers = None
         ray = self._ray
         parent = data.parent
+        size = self._dataset_pool_size()
         models = [(m.SerializeToString(), list(names)) for m, names in job.models]
         # rows per map_batches call: a few stats batches, so that each call's accumulators (width^2) stay cheap
         rows = max(batch_size, min(data.num_samples, 4 * batch_size))
@@ -274,7 +275,7 @@ class RayStats:
             DatasetStatsWorker, batch_format="numpy", batch_size=rows, zero_copy_batch=True,
             fn_constructor_args=(self.provider, self.cpus_per_worker, models, job.init, job.update, batch_size,
                                  data.held, parent.dims, parent.has_labels, parent.what),
-            compute=ray.data.ActorPoolStrategy(size=self.num_workers), num_cpus=self.cpus_per_worker,
+            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=self.cpus_per_worker,
             num_gpus=self.gpus_per_worker or None)
         merged, done = job.init(), 0
         try:
@@ -315,6 +316,26 @@ class RayStats:
             self._drop(refs)
             raise
         return merged
+
+    def _dataset_pool_size(self, wait_s: float = 10.0) -> int:
+        """Ray Data actors that fit in the cluster's free resources now (up to
+        ``num_workers``): Ray Data would wait forever for resources that other
+        actors hold, so none fitting is an error, not a hang."""
+        import time
+
+        deadline = time.monotonic() + wait_s  # resources of just-killed actors come back within moments
+        while True:
+            free = self._ray.available_resources()
+            fit = int(free.get("CPU", 0) // self.cpus_per_worker)
+            if self.gpus_per_worker:
+                fit = min(fit, int(free.get("GPU", 0) // self.gpus_per_worker))
+            if fit >= self.num_workers or (fit >= 1 and time.monotonic() > deadline):
+                return min(fit, self.num_workers)
+            if time.monotonic() > deadline:
+                need = f"{self.cpus_per_worker} CPU" + (f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
+                raise ScaleOutError(f"the Ray cluster has no free resources for a Ray Data worker ({need}): other "
+                                    "actors hold them; free them or add nodes")
+            time.sleep(0.2)
 
     def _get(self, ref):
         ray = self._ray

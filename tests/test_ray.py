@@ -132,44 +132,9 @@ def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
     assert (tmp_path / "killed-task").exists() and squares == [1, 4, 9, 16]
 
 
-@pytest.fixture(scope="module")
-def backend():
-    stats = RayStats(workers=2, provider="cpu", timeout_s=60)
-    yield stats
-    stats.close()
-
-
-@pytest.mark.parametrize("shard, words", [
-    ({"inp": np.zeros((40, 6), np.float32)}, "has no input 'x' (has: 'inp')"),
-    ({"x": np.zeros((40, 5), np.float32)}, "for input: x for the following indices: index: 1 Got: 5 Expected: 6"),
-], ids=["wrong-name", "wrong-shape"])
-def test_a_bad_shard_on_a_worker_is_one_clear_error(backend, shard, words):
-    model = build_mlp([6, 10, 4], "relu", seed=3)
-    t0 = time.perf_counter()
-    with pytest.raises(CalibrationDataError) as e:
-        backend.reduce(StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update),
-                       CalibrationSet(shard), batch_size=8)
-    assert time.perf_counter() - t0 < 30
-    assert words in str(e.value) and "\n" not in str(e.value)
-
-
-def test_a_bad_shard_file_with_ray_is_one_line_and_exit_2(digits, tmp_path, capsys):
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    calib = np.load(digits.with_suffix(".calib.npz"))
-    np.savez(shards / "part-000.npz", input=calib["input"][:100], labels=calib["labels"][:100])
-    np.savez(shards / "part-001.npz", input=calib["input"][100:, :10], labels=calib["labels"][100:])
-    out = tmp_path / "out.onnx"
-    code = main(["optimize", str(digits), "--calib", str(shards), "-o", str(out), "--ray", "--provider", "cpu",
-                 "--fold-ratio", "0.5", "--no-latency"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.count("\n") == 0
-    assert "part-001.npz" in err and "input" in err
-    assert not out.exists()
-
-
 # ---------------------------------------------------------------------------
-# Parquet files and Ray Dataset objects (Ray Data)
+# Parquet files and Ray Dataset objects (Ray Data). Before the module's `backend`
+# fixture: its actors hold the CPUs that Ray Data's actors need.
 def _write_parquet(path, x, labels=None, name="input", tensor=True):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -230,3 +195,39 @@ def test_parquet_without_ray_is_one_line_and_exit_2(digits, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "--ray" in err and "onnxfold[ray]" in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    stats = RayStats(workers=2, provider="cpu", timeout_s=60)
+    yield stats
+    stats.close()
+
+
+@pytest.mark.parametrize("shard, words", [
+    ({"inp": np.zeros((40, 6), np.float32)}, "has no input 'x' (has: 'inp')"),
+    ({"x": np.zeros((40, 5), np.float32)}, "for input: x for the following indices: index: 1 Got: 5 Expected: 6"),
+], ids=["wrong-name", "wrong-shape"])
+def test_a_bad_shard_on_a_worker_is_one_clear_error(backend, shard, words):
+    model = build_mlp([6, 10, 4], "relu", seed=3)
+    t0 = time.perf_counter()
+    with pytest.raises(CalibrationDataError) as e:
+        backend.reduce(StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update),
+                       CalibrationSet(shard), batch_size=8)
+    assert time.perf_counter() - t0 < 30
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_shard_file_with_ray_is_one_line_and_exit_2(digits, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    np.savez(shards / "part-000.npz", input=calib["input"][:100], labels=calib["labels"][:100])
+    np.savez(shards / "part-001.npz", input=calib["input"][100:, :10], labels=calib["labels"][100:])
+    out = tmp_path / "out.onnx"
+    code = main(["optimize", str(digits), "--calib", str(shards), "-o", str(out), "--ray", "--provider", "cpu",
+                 "--fold-ratio", "0.5", "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "part-001.npz" in err and "input" in err
+    assert not out.exists()

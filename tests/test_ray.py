@@ -154,7 +154,8 @@ def test_parquet_and_a_dataset_give_the_npz_result(digits, tmp_path):
     same samples; the fit part's statistics (and the least-squares refit's
     Grams, whose ridge hold-out is chosen by sample index) come from Ray Data
     actors, whose batches are cut elsewhere: float64 rounding only. Fixed
-    settings without linearity keep the Ray Data jobs (a few seconds each) few."""
+    settings without linearity keep the Ray Data jobs (a few seconds each) few:
+    4 on 2 actors for Parquet (least-squares refit), 2 on 1 actor for the Dataset."""
     calib = np.load(digits.with_suffix(".calib.npz"))
     pq_path = _write_parquet(tmp_path / "calib.parquet", calib["input"], calib["labels"])
     common = dict(eval_data=digits.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, linear=False,
@@ -164,8 +165,9 @@ def test_parquet_and_a_dataset_give_the_npz_result(digits, tmp_path):
     # a Dataset object; without an evaluation set (the final check is gathered too), averaging repair
     ds = ray.data.from_items([{"input": x, "labels": y} for x, y in zip(calib["input"], calib["labels"])])
     common.update(eval_data=None, fold_repair="ar")
-    from_dataset = onnxfold.optimize(digits, ds, ray_address="local", **common)
+    from_dataset = onnxfold.optimize(digits, ds, ray_address="local", ray_workers=1, **common)
     single_ar = onnxfold.optimize(digits, digits.with_suffix(".calib.npz"), **common)
+    assert "calibration statistics computed by 1 Ray workers" in from_dataset.report["notes"]
     x = np.load(digits.with_suffix(".test.npz"))["input"]
     for got, want in ((from_parquet, single), (from_dataset, single_ar)):
         assert want.changed and got.changed

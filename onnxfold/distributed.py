@@ -280,11 +280,16 @@ class RayStats:
         merged, done = job.init(), 0
         try:
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                for blob, count in zip(batch["accs"], batch["rows"]):
+                for blob, count, error in zip(batch["accs"], batch["rows"], batch["error"]):
+                    if len(error):  # the data's fault (a bad value in a fit row): the user's error, one line
+                        kind, message = pickle.loads(error)
+                        raise kind(message)
                     merge_accumulators(merged, pickle.loads(blob))
                     done += int(count)
                 if progress is not None:
                     progress(done, data.num_samples)
+        except OnnxFoldError:
+            raise
         except Exception as e:
             cause = _onnxfold_cause(e)
             if cause is not None:  # the data or model's fault, not the cluster's: the user's error, one line

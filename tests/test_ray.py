@@ -188,6 +188,21 @@ def test_a_parquet_file_with_a_wrong_column_is_one_clear_error(digits, tmp_path)
     assert "has no column for input 'input' (has: 'image', 'labels')" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_bad_value_in_a_fit_row_is_one_clear_error_from_the_actor(digits, tmp_path):
+    """A row the driver never sees (fit part) is validated on its actor; the
+    error comes back as the same one line."""
+    from onnxfold.measure.data import split_indices
+
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    x = calib["input"].copy()
+    x[split_indices(len(x), (0.6, 0.2, 0.2), 0)[0][5], 3] = np.nan
+    pq_path = _write_parquet(tmp_path / "calib.parquet", x, calib["labels"], tensor=False)  # list column
+    with pytest.raises(CalibrationDataError) as e:
+        onnxfold.optimize(digits, pq_path, ray_address="local", ray_workers=1, provider="cpu", fold_ratio=0.5,
+                          linear=False, fold_repair="ar", latency=False, seed=0)
+    assert str(e.value).startswith("calibration input 'input' has 1 non-finite values") and "\n" not in str(e.value)
+
+
 def test_parquet_without_ray_is_one_line_and_exit_2(digits, tmp_path, capsys):
     calib = np.load(digits.with_suffix(".calib.npz"))
     pq_path = _write_parquet(tmp_path / "calib.parquet", calib["input"], calib["labels"], tensor=False)

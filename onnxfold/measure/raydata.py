@@ -198,6 +198,17 @@ class DatasetStatsWorker:
         self.check_model = self.job.models[0][0]  # same inputs as the original: validates and casts batches
 
     def __call__(self, batch: dict) -> dict:
+        from onnxfold.errors import OnnxFoldError
+
+        try:
+            accs, count = self._accumulate(batch)
+        except OnnxFoldError as e:  # the data's fault: handed back (Ray Data would keep only its traceback text)
+            return {"accs": np.array([b""], dtype=object), "rows": np.array([0]),
+                    "error": np.array([pickle.dumps((type(e), str(e)))], dtype=object)}
+        return {"accs": np.array([pickle.dumps(accs)], dtype=object), "rows": np.array([count]),
+                "error": np.array([b""], dtype=object)}
+
+    def _accumulate(self, batch: dict):
         from onnxfold.distributed import merge_accumulators, run_stats_job
 
         rows = np.asarray(batch[ROW])
@@ -217,7 +228,7 @@ class DatasetStatsWorker:
                 merge_accumulators(accs, run_stats_job(self.job, run, batch_size=self.batch_size,
                                                        providers=self.providers, first_sample=int(fit_ids[a]),
                                                        intra_op_threads=self.threads))
-        return {"accs": np.array([pickle.dumps(accs)], dtype=object), "rows": np.array([int(fit_ids.size)])}
+        return accs, int(fit_ids.size)
 
 
 # ---------------------------------------------------------------------------

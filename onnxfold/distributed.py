@@ -10,7 +10,10 @@ and returns the accumulators:
   in this process, batch by batch - exactly what the passes always did;
 * :class:`RayStats` cuts the data into contiguous shards, lets a pool of Ray
   actors (one onnxruntime session per job each) run the same job on their
-  shards, and merges the shards' accumulators on the driver, in shard order.
+  shards, and merges the shards' accumulators on the driver, in shard order;
+  for a Parquet / ``ray.data.Dataset`` source (:mod:`onnxfold.measure.raydata`)
+  each job is a Ray Data ``map_batches`` over an actor pool instead, whose
+  per-batch accumulators the driver merges as they stream in.
 
 Every accumulator (``NeuronStats``, ``GramAccumulator``) is float64 and merges
 exactly (counts and sums add; centred moments follow Chan's update), so the
@@ -328,14 +331,18 @@ class RayStats:
         actors hold, so none fitting is an error, not a hang."""
         import time
 
+        def fitting(resources: dict) -> int:
+            fit = int(resources.get("CPU", 0) // self.cpus_per_worker)
+            if self.gpus_per_worker:
+                fit = min(fit, int(resources.get("GPU", 0) // self.gpus_per_worker))
+            return fit
+
+        want = max(1, min(self.num_workers, fitting(self._ray.cluster_resources())))
         deadline = time.monotonic() + wait_s  # resources of just-killed actors come back within moments
         while True:
-            free = self._ray.available_resources()
-            fit = int(free.get("CPU", 0) // self.cpus_per_worker)
-            if self.gpus_per_worker:
-                fit = min(fit, int(free.get("GPU", 0) // self.gpus_per_worker))
-            if fit >= self.num_workers or (fit >= 1 and time.monotonic() > deadline):
-                return min(fit, self.num_workers)
+            fit = fitting(self._ray.available_resources())
+            if fit >= want or (fit >= 1 and time.monotonic() > deadline):
+                return min(fit, want)
             if time.monotonic() > deadline:
                 need = f"{self.cpus_per_worker} CPU" + (f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
                 raise ScaleOutError(f"the Ray cluster has no free resources for a Ray Data worker ({need}): other "
@@ -425,7 +432,9 @@ def _onnxfold_cause(e: BaseException | None) -> OnnxFoldError | None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # Ray colours its task names
     return text.splitlines()[0] if text else type(e).__name__
 
 

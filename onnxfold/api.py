@@ -153,7 +153,8 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
     arrays, or an iterable of feed dicts (e.g. an onnxruntime
-    CalibrationDataReader).
+    CalibrationDataReader); with ``ray_address`` also a Parquet path (file or
+    directory) or a ``ray.data.Dataset`` (see :mod:`onnxfold.measure.raydata`).
 
     Modes (see ``choose_mode``):
     - with calibration data and no explicit settings, search for the smallest
@@ -252,12 +253,30 @@ def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold
             backend.close()
 
 
+def _load_data(source, model, what: str, backend):
+    """A CalibrationSet, or with Ray a Parquet / Ray Dataset source as a
+    :class:`~onnxfold.measure.raydata.RayCalibration` (an evaluation set is
+    gathered into memory: it is only compared on)."""
+    from .measure.data import load_calibration
+    from .measure.raydata import is_ray_source, load_ray_calibration
+
+    if source is None:
+        return None
+    if backend is not None and is_ray_source(source):
+        data = load_ray_calibration(source, model, what=what)
+        if what == "evaluation" and getattr(data, "is_ray_dataset", False):
+            import numpy as np
+
+            data = data.gather(np.arange(data.num_samples))
+        return data
+    return load_calibration(source, model, what=what)
+
+
 def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
                    fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
                    max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify,
                    backend) -> OptimizeResult:
     from .measure.batching import restore_fixed_batch, run_in_batches
-    from .measure.data import load_calibration
     from .runtime import resolve_provider
     from .verify import compare_models
 
@@ -270,8 +289,8 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     if notice:
         notes.append(notice)
     with timer("load_data"):
-        calib = load_calibration(calibration, original) if calibration is not None else None
-        evalset = load_calibration(eval_data, original, what="evaluation") if eval_data is not None else None
+        calib = _load_data(calibration, original, "calibration", backend)
+        evalset = _load_data(eval_data, original, "evaluation", backend)
         # a batch axis fixed at 1: work on a copy that runs in batches when it can
         loaded = original
         original, batching, batching_note = run_in_batches(loaded, [calib, evalset], providers)
@@ -304,7 +323,7 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
                       progress=progress)
     if backend is not None:
         ctx.stats_backend = backend
-        notes.append(f"calibration statistics computed by {len(backend.workers)} Ray workers")
+        notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers")
     view = find_dense_graph(original)
     # only names and skips are needed here (the views read no weights)
     chain_names, skipped = [c.name for c in view.chains], view.skipped

@@ -10,7 +10,10 @@ and returns the accumulators:
   in this process, batch by batch - exactly what the passes always did;
 * :class:`RayStats` cuts the data into contiguous shards, lets a pool of Ray
   actors (one onnxruntime session per job each) run the same job on their
-  shards, and merges the shards' accumulators on the driver, in shard order.
+  shards, and merges the shards' accumulators on the driver, in shard order;
+  for a Parquet / ``ray.data.Dataset`` source (:mod:`onnxfold.measure.raydata`)
+  each job is a Ray Data ``map_batches`` over an actor pool instead, whose
+  per-batch accumulators the driver merges as they stream in.
 
 Every accumulator (``NeuronStats``, ``GramAccumulator``) is float64 and merges
 exactly (counts and sums add; centred moments follow Chan's update), so the
@@ -201,10 +204,20 @@ class RayStats:
             raise ScaleOutError(f"the Ray cluster has {resources.get('GPU', 0):g} GPUs; a worker asks for "
                                 f"{gpus_per_worker:g}")
         self.timeout_s = float(timeout_s)
-        actor = ray.remote(_StatsWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                                                 max_restarts=max_restarts, max_task_retries=max_restarts)
-        self.workers = [actor.remote(provider, cpus_per_worker) for _ in range(max(1, workers))]
+        self.num_workers, self.provider = max(1, workers), provider
+        self.cpus_per_worker, self.gpus_per_worker, self.max_restarts = cpus_per_worker, gpus_per_worker, max_restarts
+        self._workers: list | None = None  # started on first use: Ray Data jobs need the CPUs a pool would hold
         self._shards: dict[int, _Shards] = {}
+
+    @property
+    def workers(self) -> list:
+        """The actor pool (started on first use)."""
+        if self._workers is None:
+            actor = self._ray.remote(_StatsWorker).options(
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=self.max_restarts,
+                max_task_retries=self.max_restarts)
+            self._workers = [actor.remote(self.provider, self.cpus_per_worker) for _ in range(self.num_workers)]
+        return self._workers
 
     # -- data ---------------------------------------------------------------
     def _shards_of(self, data: CalibrationSet, batch_size: int) -> list[tuple[int, int, Any]]:
@@ -237,7 +250,57 @@ class RayStats:
         from onnxfold.profile import stage
 
         with stage("calibration", unless_in=MEASURING_STAGES):
+            if getattr(data, "is_ray_dataset", False):
+                return self._reduce_dataset(job, data, batch_size, progress)
             return self._reduce(job, data, batch_size, progress)
+
+    def _reduce_dataset(self, job: StatsJob, data, batch_size: int,
+                        progress: Callable[[int, int], None] | None) -> Accumulators:
+        """``job`` over a :class:`~onnxfold.measure.raydata.RayFitData`: Ray Data
+        maps its batches over a pool of actors (one onnxruntime session per
+        model each), which return their batches' accumulators; merged here as
+        they arrive, in the data's order."""
+        import pickle
+
+        from onnxfold.measure.raydata import DatasetStatsWorker
+
+        if self._workers is not None:  # the pool would hold the CPUs the Ray Data actors need
+            for w in self._workers:
+                self._ray.kill(w)
+            self._workers = None
+        ray = self._ray
+        parent = data.parent
+        size = self._dataset_pool_size()
+        models = [(m.SerializeToString(), list(names)) for m, names in job.models]
+        # rows per map_batches call: a few stats batches, so that each call's accumulators (width^2) stay cheap
+        rows = max(batch_size, min(data.num_samples, 4 * batch_size))
+        out = parent.ds.map_batches(
+            DatasetStatsWorker, batch_format="numpy", batch_size=rows, zero_copy_batch=True,
+            fn_constructor_args=(self.provider, self.cpus_per_worker, models, job.init, job.update, batch_size,
+                                 data.held, parent.dims, parent.has_labels, parent.what),
+            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker or None)
+        merged, done = job.init(), 0
+        try:
+            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                for blob, count, error in zip(batch["accs"], batch["rows"], batch["error"]):
+                    if len(error):  # the data's fault (a bad value in a fit row): the user's error, one line
+                        kind, message = pickle.loads(error)
+                        raise kind(message)
+                    merge_accumulators(merged, pickle.loads(blob))
+                    done += int(count)
+                if progress is not None:
+                    progress(done, data.num_samples)
+        except OnnxFoldError:
+            raise
+        except Exception as e:
+            cause = _onnxfold_cause(e)
+            if cause is not None:  # the data or model's fault, not the cluster's: the user's error, one line
+                raise type(cause)(str(cause)) from None
+            raise ScaleOutError(f"the Ray Data statistics job failed ({_first_line(e)})") from None
+        if done != data.num_samples:
+            raise ScaleOutError(f"the Ray Data statistics job saw {done} of {data.num_samples} samples")
+        return merged
 
     def _reduce(self, job: StatsJob, data: CalibrationSet, batch_size: int,
                 progress: Callable[[int, int], None] | None) -> Accumulators:
@@ -261,6 +324,30 @@ class RayStats:
             self._drop(refs)
             raise
         return merged
+
+    def _dataset_pool_size(self, wait_s: float = 10.0) -> int:
+        """Ray Data actors that fit in the cluster's free resources now (up to
+        ``num_workers``): Ray Data would wait forever for resources that other
+        actors hold, so none fitting is an error, not a hang."""
+        import time
+
+        def fitting(resources: dict) -> int:
+            fit = int(resources.get("CPU", 0) // self.cpus_per_worker)
+            if self.gpus_per_worker:
+                fit = min(fit, int(resources.get("GPU", 0) // self.gpus_per_worker))
+            return fit
+
+        want = max(1, min(self.num_workers, fitting(self._ray.cluster_resources())))
+        deadline = time.monotonic() + wait_s  # resources of just-killed actors come back within moments
+        while True:
+            fit = fitting(self._ray.available_resources())
+            if fit >= want or (fit >= 1 and time.monotonic() > deadline):
+                return min(fit, want)
+            if time.monotonic() > deadline:
+                need = f"{self.cpus_per_worker} CPU" + (f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
+                raise ScaleOutError(f"the Ray cluster has no free resources for a Ray Data worker ({need}): other "
+                                    "actors hold them; free them or add nodes")
+            time.sleep(0.2)
 
     def _get(self, ref):
         ray = self._ray
@@ -309,9 +396,9 @@ class RayStats:
 
     def close(self) -> None:
         ray = self._ray
-        for w in getattr(self, "workers", []):
+        for w in getattr(self, "_workers", None) or []:
             ray.kill(w)
-        self.workers = []
+        self._workers = None
         self._shards = {}
         if self._started and ray.is_initialized():
             ray.shutdown()
@@ -333,8 +420,21 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
                             "local instance") from None
 
 
+def _onnxfold_cause(e: BaseException | None) -> OnnxFoldError | None:
+    """The OnnxFoldError a (Ray Data) error wraps, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OnnxFoldError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # Ray colours its task names
     return text.splitlines()[0] if text else type(e).__name__
 
 

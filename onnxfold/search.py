@@ -226,8 +226,8 @@ class BudgetSearch:
         run_tasks = getattr(self.ctx.stats_backend, "map_tasks", None)
         todo = [s for s in dict.fromkeys(settings) if s not in self.cache]
         todo = todo[:max(0, self.max_evaluations - len(self.cache))]
-        if run_tasks is None or len(todo) < 2:
-            return
+        if run_tasks is None or len(todo) < 2 or getattr(self.ctx.calibration, "is_ray_dataset", False):
+            return  # a Ray Dataset fit part: each candidate's statistics are Ray Data jobs run from here
         from .distributed import LocalStats
 
         task_ctx = replace(self.ctx, progress=None, stats_backend=LocalStats(), cache=SearchCache())

@@ -132,6 +132,88 @@ def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
     assert (tmp_path / "killed-task").exists() and squares == [1, 4, 9, 16]
 
 
+# ---------------------------------------------------------------------------
+# Parquet files and Ray Dataset objects (Ray Data). Before the module's `backend`
+# fixture: its actors hold the CPUs that Ray Data's actors need.
+def _write_parquet(path, x, labels=None, name="input", tensor=True):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    cols = {name: ArrowTensorArray.from_numpy(x) if tensor else pa.array([list(r) for r in x.reshape(len(x), -1)])}
+    if labels is not None:
+        cols["labels"] = labels
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def test_parquet_and_a_dataset_give_the_npz_result(digits, tmp_path):
+    """A Parquet file of the shipped calibration data, and the same data as a
+    ray.data Dataset object, give the .npz result: the rows are numbered in
+    order and split by the same seeded permutation, so every part holds the
+    same samples; the fit part's statistics (and the least-squares refit's
+    Grams, whose ridge hold-out is chosen by sample index) come from Ray Data
+    actors, whose batches are cut elsewhere: float64 rounding only. Fixed
+    settings without linearity keep the Ray Data jobs (a few seconds each) few:
+    4 on 2 actors for Parquet (least-squares refit), 2 on 1 actor for the Dataset."""
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    pq_path = _write_parquet(tmp_path / "calib.parquet", calib["input"], calib["labels"])
+    common = dict(eval_data=digits.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, linear=False,
+                  fold_ratio=0.5, batch_size=64)
+    single = onnxfold.optimize(digits, digits.with_suffix(".calib.npz"), **common)
+    from_parquet = onnxfold.optimize(digits, pq_path, ray_address="local", **common)
+    # a Dataset object; without an evaluation set (the final check is gathered too), averaging repair
+    ds = ray.data.from_items([{"input": x, "labels": y} for x, y in zip(calib["input"], calib["labels"])])
+    common.update(eval_data=None, fold_repair="ar")
+    from_dataset = onnxfold.optimize(digits, ds, ray_address="local", ray_workers=1, **common)
+    single_ar = onnxfold.optimize(digits, digits.with_suffix(".calib.npz"), **common)
+    assert "calibration statistics computed by 1 Ray workers" in from_dataset.report["notes"]
+    x = np.load(digits.with_suffix(".test.npz"))["input"]
+    for got, want in ((from_parquet, single), (from_dataset, single_ar)):
+        assert want.changed and got.changed
+        assert got.report["settings"] == want.report["settings"]  # same split sizes, same settings
+        assert [lr.to_dict() for lr in got.layers] == [lr.to_dict() for lr in want.layers]
+        assert got.report["verification"]["samples"] == want.report["verification"]["samples"]
+        (y_want,), (y_got,) = ort_run(want.model, {"input": x}), ort_run(got.model, {"input": x})
+        np.testing.assert_allclose(y_got, y_want, rtol=0, atol=1e-5)
+
+
+def test_a_parquet_file_with_a_wrong_column_is_one_clear_error(digits, tmp_path):
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    pq_path = _write_parquet(tmp_path / "calib.parquet", calib["input"], calib["labels"], name="image", tensor=False)
+    t0 = time.perf_counter()
+    with pytest.raises(CalibrationDataError) as e:
+        onnxfold.optimize(digits, pq_path, ray_address="local", provider="cpu", fold_ratio=0.5, latency=False)
+    assert time.perf_counter() - t0 < 30
+    assert "has no column for input 'input' (has: 'image', 'labels')" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_value_in_a_fit_row_is_one_clear_error_from_the_actor(digits, tmp_path):
+    """A row the driver never sees (fit part) is validated on its actor; the
+    error comes back as the same one line."""
+    from onnxfold.measure.data import split_indices
+
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    x = calib["input"].copy()
+    x[split_indices(len(x), (0.6, 0.2, 0.2), 0)[0][5], 3] = np.nan
+    pq_path = _write_parquet(tmp_path / "calib.parquet", x, calib["labels"], tensor=False)  # list column
+    with pytest.raises(CalibrationDataError) as e:
+        onnxfold.optimize(digits, pq_path, ray_address="local", ray_workers=1, provider="cpu", fold_ratio=0.5,
+                          linear=False, fold_repair="ar", latency=False, seed=0)
+    assert str(e.value).startswith("calibration input 'input' has 1 non-finite values") and "\n" not in str(e.value)
+
+
+def test_parquet_without_ray_is_one_line_and_exit_2(digits, tmp_path, capsys):
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    pq_path = _write_parquet(tmp_path / "calib.parquet", calib["input"], calib["labels"], tensor=False)
+    out = tmp_path / "out.onnx"
+    code = main(["optimize", str(digits), "--calib", str(pq_path), "-o", str(out), "--provider", "cpu",
+                 "--fold-ratio", "0.5", "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "--ray" in err and "onnxfold[ray]" in err and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def backend():
     stats = RayStats(workers=2, provider="cpu", timeout_s=60)

@@ -223,27 +223,33 @@ class CalibrationSet:
         least one sample, else :class:`CalibrationDataError` says how many
         samples are needed.
         """
-        fr = np.asarray(list(fractions), dtype=np.float64)
-        if fr.ndim != 1 or fr.size == 0 or not np.all(np.isfinite(fr)) or np.any(fr <= 0):
-            raise UsageError(f"split fractions must be positive numbers, got {list(fractions)}")
-        if abs(fr.sum() - 1.0) > 1e-6:
-            raise UsageError(f"split fractions must sum to 1, got {list(fractions)} (sum {fr.sum():g})")
-        sizes = _part_sizes(fr, self._n)
-        if sizes.min() < 1:
-            need = len(fr)
-            while _part_sizes(fr, need).min() < 1:
-                need += 1
-            parts = ", ".join(f"{f:g}" for f in fr)
-            raise CalibrationDataError(
-                f"{self.what} data has {self._n} samples, too few to split into fractions ({parts});"
-                f" give at least {need} samples"
-            )
-        perm = np.random.default_rng(seed).permutation(self._n)
-        out, start = [], 0
-        for s in sizes:
-            out.append(self.subset(np.sort(perm[start:start + s])))
-            start += s
-        return out
+        return [self.subset(idx) for idx in split_indices(self._n, fractions, seed, self.what)]
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int, what: str = "calibration") -> list[np.ndarray]:
+    """The sorted sample indices of each part of :meth:`CalibrationSet.split`
+    (also used for data that is not in memory, see :mod:`onnxfold.measure.raydata`)."""
+    fr = np.asarray(list(fractions), dtype=np.float64)
+    if fr.ndim != 1 or fr.size == 0 or not np.all(np.isfinite(fr)) or np.any(fr <= 0):
+        raise UsageError(f"split fractions must be positive numbers, got {list(fractions)}")
+    if abs(fr.sum() - 1.0) > 1e-6:
+        raise UsageError(f"split fractions must sum to 1, got {list(fractions)} (sum {fr.sum():g})")
+    sizes = _part_sizes(fr, n)
+    if sizes.min() < 1:
+        need = len(fr)
+        while _part_sizes(fr, need).min() < 1:
+            need += 1
+        parts = ", ".join(f"{f:g}" for f in fr)
+        raise CalibrationDataError(
+            f"{what} data has {n} samples, too few to split into fractions ({parts});"
+            f" give at least {need} samples"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    out, start = [], 0
+    for s in sizes:
+        out.append(np.sort(perm[start:start + s]))
+        start += s
+    return out
 
 
 def _part_sizes(fr: np.ndarray, n: int) -> np.ndarray:
@@ -573,6 +579,10 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
     required = [s.name for s in specs.values() if not s.optional]
     labels_is_input = LABELS_KEY in specs
 
+    from .raydata import is_ray_source, needs_ray_error
+
+    if is_ray_source(source):  # Parquet / a Ray Dataset: read with Ray Data (onnxfold.api with ray_address)
+        raise needs_ray_error(source, what)
     if isinstance(source, CalibrationSet):
         raw: dict[str, Any] = dict(source.arrays)
         if source.labels is not None and not labels_is_input:

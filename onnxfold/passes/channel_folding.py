@@ -39,6 +39,7 @@ import onnx
 from ..decide import channels as dch
 from ..decide import folding as decide
 from ..distributed import StatsJob
+from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..find.conv import (
     ConvChain,
@@ -111,6 +112,10 @@ class ChannelFoldingPass:
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         repair = self.settings.repair_mode(ctx)
+        if repair == "ls" and getattr(ctx.calibration, "is_ray_dataset", False):
+            raise UsageError("conv channel folding with the least-squares refit streams its data in this process "
+                             "and does not take a Parquet / Ray Dataset source; give the calibration data as .npz "
+                             "or use --fold-repair ar")
         view = find_conv_graph(model)
         ratios = self._ratios(view)
         notes = [describe_residual(g, self.fold_residual) for g in view.residual]

@@ -162,7 +162,7 @@ class LinearityPass:
         view = find_dense_graph(work)
         index = GraphIndex(work)
         data = ctx.calibration
-        if data is not None and not isinstance(data, CalibrationSet):
+        if data is not None and not isinstance(data, CalibrationSet) and not getattr(data, "is_ray_dataset", False):
             data = load_calibration(data, work)
         notes: list[str] = []
         if data is None:

@@ -1,0 +1,317 @@
+"""Calibration data as a Ray Dataset: Parquet files, or a ``ray.data.Dataset``
+passed to the API (``--ray`` / ``ray_address=`` only).
+
+Columns are the model's input names (a column may hold fixed-shape tensors:
+Ray's tensor extension type, or flat lists that reshape to the input's
+shape) plus an optional ``labels`` column.
+
+:func:`load_ray_calibration` reads the data once into the cluster's object
+store (Ray spills it to disk when it is large; the driver holds one reference
+per block), in a fixed order, and numbers the rows. The pipeline then splits it
+exactly as it splits an in-memory :class:`~onnxfold.measure.data.CalibrationSet`
+(same seeded permutation, same part sizes: the same samples land in the same
+parts as from an ``.npz``): the small held-out parts (select, final check) are
+gathered on the driver as ordinary ``CalibrationSet`` s; the fit part stays a
+:class:`RayFitData`, whose statistics jobs run as ``ds.map_batches`` over a
+pool of actors (:class:`DatasetStatsWorker`, one onnxruntime session per
+model each), each returning the float64 accumulators of its batches, which
+the driver merges while it iterates the results (see
+:meth:`onnxfold.distributed.RayStats.reduce`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxfold.errors import CalibrationDataError, RayNotInstalledError, UsageError
+
+from .data import LABELS_KEY, CalibrationSet, _input_specs, _q, load_calibration, split_indices
+
+__all__ = ["is_ray_source", "describe_ray_source", "load_ray_calibration", "RayCalibration", "RayFitData",
+           "DatasetStatsWorker", "RAY_DATA_HINT"]
+
+ROW = "_onnxfold_row"  # a row's index in the whole data set
+MIN_BLOCK_ROWS = 64
+RAY_DATA_HINT = "pip install 'onnxfold[ray]'"
+
+
+def _is_dataset(source: Any) -> bool:
+    return type(source).__module__.startswith("ray.data") and hasattr(source, "map_batches")
+
+
+def _is_parquet(source: Any) -> bool:
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    p = Path(source)
+    return p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("*.parquet")))
+
+
+def is_ray_source(source: Any) -> bool:
+    """A Parquet file / directory of ``.parquet`` files, or a ``ray.data.Dataset``."""
+    return _is_dataset(source) or _is_parquet(source)
+
+
+def describe_ray_source(source: Any) -> str:
+    return "a Ray Dataset" if _is_dataset(source) else f"Parquet data '{source}'"
+
+
+def _import_ray_data():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - needs pandas and pyarrow (ray[data])
+    except ImportError:
+        raise RayNotInstalledError(f"Parquet and Ray Dataset calibration sources need Ray Data, which is not "
+                                   f"installed; install it with {RAY_DATA_HINT}") from None
+    return ray
+
+
+# ---------------------------------------------------------------------------
+# batches -> arrays (driver and actors)
+def column_array(values: Any, dims: list | None) -> np.ndarray:
+    """A numpy batch column as an array (n, ...): object columns (lists,
+    ragged tensors) are stacked; flat rows reshape to the input's fixed shape."""
+    arr = np.asarray(values)
+    if arr.dtype == object and arr.size:
+        try:
+            arr = np.stack([np.asarray(v) for v in arr])
+        except ValueError:
+            pass  # ragged: load_calibration names the problem
+    if dims is not None and arr.dtype != object and arr.ndim >= 1 and len(dims) > 1 \
+            and all(d is not None for d in dims[1:]) and arr.ndim != len(dims):
+        size = int(np.prod(dims[1:]))
+        if arr.shape[0] and int(np.prod(arr.shape[1:])) == size:
+            arr = arr.reshape(arr.shape[0], *dims[1:])
+    return arr
+
+
+def _batch_to_dict(batch: dict, dims: dict[str, list | None], labels: bool) -> dict[str, np.ndarray]:
+    out = {name: column_array(batch[name], d) for name, d in dims.items()}
+    if labels:
+        out[LABELS_KEY] = column_array(batch[LABELS_KEY], None)
+    return out
+
+
+def _number_rows(table, offset: int, a: int, b: int):
+    """Rows ``a:b`` of ``table`` (whose first row is row ``offset`` of the data set), numbered."""
+    import pyarrow as pa
+
+    return table.slice(a, b - a).append_column(ROW, pa.array(np.arange(offset + a, offset + b, dtype=np.int64)))
+
+
+def _pick_rows(batch: dict, rows: np.ndarray) -> dict:
+    keep = np.isin(batch[ROW], rows)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------
+class RayCalibration:
+    """All calibration samples, numbered, in the object store (see the module
+    docstring). Only :meth:`split` and the facts below are used on it."""
+
+    is_ray_dataset = True
+    fixed_batch = None
+
+    def __init__(self, ds, num_samples: int, model: onnx.ModelProto, dims: dict, has_labels: bool, what: str,
+                 source: str):
+        self.ds, self._n, self.model, self.dims = ds, num_samples, model, dims
+        self.has_labels, self.what, self.source = has_labels, what, source
+
+    @property
+    def num_samples(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.dims)
+
+    def gather(self, rows: np.ndarray) -> CalibrationSet:
+        """The samples at ``rows`` (sorted indices) as an in-memory set, in row order."""
+        picked = self.ds.map_batches(_pick_rows, fn_kwargs={"rows": rows}, batch_format="numpy")
+        parts = [b for b in picked.iter_batches(batch_size=None, batch_format="numpy") if len(b[ROW])]
+        order = np.argsort(np.concatenate([b[ROW] for b in parts]), kind="stable")
+        data = {k: np.concatenate([column_array(b[k], self.dims.get(k)) for b in parts])[order]
+                for k in parts[0] if k != ROW}
+        return load_calibration(data, self.model, what=self.what)
+
+    def split(self, fractions, seed: int) -> list:
+        """Like :meth:`CalibrationSet.split` (same samples in the same parts): the
+        first (fit) part a :class:`RayFitData`, the held-out parts gathered."""
+        parts = split_indices(self._n, fractions, seed, self.what)
+        if len(parts) == 1:
+            return [RayFitData(self, self._n, np.zeros(0, np.int64))]
+        held = np.sort(np.concatenate(parts[1:]))
+        gathered = self.gather(held)  # one pass over the data for every held-out part
+        return [RayFitData(self, len(parts[0]), held), *(gathered.subset(np.searchsorted(held, p)) for p in parts[1:])]
+
+
+class RayFitData:
+    """The fit part of a :class:`RayCalibration`: every row not in ``held``
+    (sorted row indices of the held-out parts), numbered 0.. in row order, as
+    :meth:`CalibrationSet.split` numbers its fit part."""
+
+    is_ray_dataset = True
+    fixed_batch = None
+
+    def __init__(self, parent: RayCalibration, num_samples: int, held: np.ndarray):
+        self.parent, self._n, self.held = parent, num_samples, held
+        self.what, self.has_labels = parent.what, parent.has_labels
+
+    @property
+    def num_samples(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.parent.input_names
+
+    def __repr__(self) -> str:
+        return f"RayFitData({self._n} samples of {self.parent.source})"
+
+
+class DatasetStatsWorker:
+    """A Ray Data actor (``map_batches``): one onnxruntime session per model of
+    a statistics job; each batch of rows becomes the job's accumulators over
+    those rows (``run_stats_job``, the single-process code), returned pickled
+    with the number of rows."""
+
+    def __init__(self, provider: str, threads: int, models: list[tuple[bytes, list[str]]], init, update,
+                 batch_size: int, held: np.ndarray, dims: dict, has_labels: bool, what: str):
+        from onnxfold.distributed import StatsJob
+        from onnxfold.runtime import resolve_provider
+
+        self.providers, _ = resolve_provider(provider)
+        self.threads, self.batch_size, self.held, self.dims = threads, batch_size, held, dims
+        self.has_labels, self.what = has_labels, what
+        self.job = StatsJob([(onnx.load_from_string(b), names) for b, names in models], init, update)
+        self.check_model = self.job.models[0][0]  # same inputs as the original: validates and casts batches
+
+    def __call__(self, batch: dict) -> dict:
+        from onnxfold.errors import OnnxFoldError
+
+        try:
+            accs, count = self._accumulate(batch)
+        except OnnxFoldError as e:  # the data's fault: handed back (Ray Data would keep only its traceback text)
+            return {"accs": np.array([b""], dtype=object), "rows": np.array([0]),
+                    "error": np.array([pickle.dumps((type(e), str(e)))], dtype=object)}
+        return {"accs": np.array([pickle.dumps(accs)], dtype=object), "rows": np.array([count]),
+                "error": np.array([b""], dtype=object)}
+
+    def _accumulate(self, batch: dict):
+        from onnxfold.distributed import merge_accumulators, run_stats_job
+
+        rows = np.asarray(batch[ROW])
+        keep = ~np.isin(rows, self.held)
+        fit_ids = rows[keep] - np.searchsorted(self.held, rows[keep])
+        order = np.argsort(fit_ids, kind="stable")
+        fit_ids = fit_ids[order]
+        accs = self.job.init()
+        if fit_ids.size:
+            data = _batch_to_dict({k: np.asarray(v)[keep][order] for k, v in batch.items() if k != ROW},
+                                  self.dims, self.has_labels)
+            data = load_calibration(data, self.check_model, what=self.what)
+            # runs of consecutive fit ids: run_stats_job numbers a run's samples from its first
+            cuts = [0, *(np.flatnonzero(np.diff(fit_ids) != 1) + 1).tolist(), fit_ids.size]
+            for a, b in zip(cuts, cuts[1:]):
+                run = data if (a, b) == (0, fit_ids.size) else data.subset(slice(a, b))
+                merge_accumulators(accs, run_stats_job(self.job, run, batch_size=self.batch_size,
+                                                       providers=self.providers, first_sample=int(fit_ids[a]),
+                                                       intra_op_threads=self.threads))
+        return accs, int(fit_ids.size)
+
+
+# ---------------------------------------------------------------------------
+def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibration"
+                         ) -> RayCalibration | CalibrationSet:
+    """Read ``source`` (Parquet path or ``ray.data.Dataset``) for ``model``:
+    columns checked against the model's inputs, the first rows validated like
+    any data (dtype, shape, NaN), all rows numbered in the object store. Fewer
+    samples than are worth splitting come back as an in-memory set."""
+    ray = _import_ray_data()
+    label = describe_ray_source(source)
+    if _is_dataset(source):
+        ds = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CalibrationDataError(f"{what} data '{path}' does not exist; give a .parquet file or a directory "
+                                       "of .parquet files")
+        try:
+            ds = ray.data.read_parquet(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure is a data problem
+            raise CalibrationDataError(f"cannot read {label}: {_first_line(e)}") from None
+    specs = _input_specs(model)
+    required = [s.name for s in specs.values() if not s.optional]
+    labels_is_input = LABELS_KEY in specs
+    try:
+        columns = list(ds.columns())
+    except Exception as e:  # noqa: BLE001
+        raise CalibrationDataError(f"cannot read {label}: {_first_line(e)}") from None
+    missing = [n for n in required if n not in columns]
+    if missing:
+        raise CalibrationDataError(f"{what} {label} has no column for input '{missing[0]}' (has: {_q(columns)}); "
+                                   f"the model's inputs are {_q(required)}")
+    extra = [c for c in columns if c not in specs and c != LABELS_KEY]
+    if extra:
+        raise CalibrationDataError(f"{what} {label} has {_q(extra)} which {'is' if len(extra) == 1 else 'are'} not "
+                                   f"a model input (inputs: {_q(required)}; labels go under '{LABELS_KEY}'); "
+                                   "remove or rename it")
+    dims = {n: specs[n].dims for n in specs if n in columns}
+    has_labels = LABELS_KEY in columns and not labels_is_input
+    # a fixed order (the numbering depends on it), on a copy: the caller's dataset keeps its context
+    ds = type(ds).copy(ds, _deep_copy=True)
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    fixed = [specs[n].dims[0] for n in dims if specs[n].dims and specs[n].dims[0] is not None]
+    if fixed:
+        raise CalibrationDataError(f"the model's batch axis is fixed to {fixed[0]}: {label} needs a dynamic batch "
+                                   "axis; give the data as .npz instead")
+    try:
+        tables = ds.to_arrow_refs()  # the columns were checked: inputs and labels only
+        counts = ray.get([ray.remote(_num_rows).remote(t) for t in tables])
+    except Exception as e:  # noqa: BLE001 - unreadable files
+        raise CalibrationDataError(f"cannot read {label}: {_first_line(e)}") from None
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    n = int(offsets[-1])
+    if n == 0:
+        raise CalibrationDataError(f"{what} {label} has zero rows; give at least one sample")
+    # blocks of a share of the rows: two per CPU of the cluster, so that every actor gets some
+    per_block = max(MIN_BLOCK_ROWS, -(-n // max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))))
+    numbered = ray.remote(_number_rows)
+    rows_ds = ray.data.from_arrow_refs([numbered.remote(t, int(o), a, min(a + per_block, c))
+                                        for t, o, c in zip(tables, offsets, counts) for a in range(0, c, per_block)])
+    rows_ds = type(rows_ds).copy(rows_ds, _deep_copy=True)  # its own context, not the process-wide one
+    rows_ds.context.execution_options.preserve_order = True
+    rows_ds.context.enable_progress_bars = False
+    data = RayCalibration(rows_ds, n, model, dims, has_labels, what, label)
+    from onnxfold.api import MIN_SAMPLES_TO_SPLIT
+
+    if n < MIN_SAMPLES_TO_SPLIT:
+        return data.gather(np.arange(n))
+    return data
+
+
+def _num_rows(table) -> int:
+    return table.num_rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def needs_ray_error(source: Any, what: str = "calibration") -> UsageError:
+    """The one-line error for a Ray source without --ray."""
+    return UsageError(f"{what} {describe_ray_source(source)} is read with Ray Data: add --ray (API: ray_address=) "
+                      f"and install it with {RAY_DATA_HINT}")

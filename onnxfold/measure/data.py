@@ -46,7 +46,20 @@ def _q(names: Iterable[str]) -> str:
     return ", ".join(f"'{n}'" for n in names) if names else "nothing"
 
 
-class CalibrationSet:
+class SampleCount:
+    """``num_samples`` and ``len()`` of a set of samples (``self._n``)."""
+
+    _n: int
+
+    @property
+    def num_samples(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+
+class CalibrationSet(SampleCount):
     """In-memory samples ``{input_name: array}`` (+ optional labels).
 
     ``arrays`` maps input names to arrays whose first axis is the sample axis;
@@ -121,13 +134,6 @@ class CalibrationSet:
         return np.take(self._labels, self._rows, axis=0)
 
     # -- basic facts ---------------------------------------------------------
-    @property
-    def num_samples(self) -> int:
-        return self._n
-
-    def __len__(self) -> int:
-        return self._n
-
     @property
     def input_names(self) -> list[str]:
         return list(self._arrays)

@@ -31,7 +31,7 @@ import onnx
 
 from onnxfold.errors import CalibrationDataError, RayNotInstalledError, UsageError
 
-from .data import LABELS_KEY, CalibrationSet, _input_specs, _q, load_calibration, split_indices
+from .data import LABELS_KEY, CalibrationSet, SampleCount, _input_specs, _q, load_calibration, split_indices
 
 __all__ = ["is_ray_source", "describe_ray_source", "load_ray_calibration", "RayCalibration", "RayFitData",
            "DatasetStatsWorker", "RAY_DATA_HINT"]
@@ -110,7 +110,7 @@ def _pick_rows(batch: dict, rows: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------
-class RayCalibration:
+class RayCalibration(SampleCount):
     """All calibration samples, numbered, in the object store (see the module
     docstring). Only :meth:`split` and the facts below are used on it."""
 
@@ -121,13 +121,6 @@ class RayCalibration:
                  source: str):
         self.ds, self._n, self.model, self.dims = ds, num_samples, model, dims
         self.has_labels, self.what, self.source = has_labels, what, source
-
-    @property
-    def num_samples(self) -> int:
-        return self._n
-
-    def __len__(self) -> int:
-        return self._n
 
     @property
     def input_names(self) -> list[str]:
@@ -153,7 +146,7 @@ class RayCalibration:
         return [RayFitData(self, len(parts[0]), held), *(gathered.subset(np.searchsorted(held, p)) for p in parts[1:])]
 
 
-class RayFitData:
+class RayFitData(SampleCount):
     """The fit part of a :class:`RayCalibration`: every row not in ``held``
     (sorted row indices of the held-out parts), numbered 0.. in row order, as
     :meth:`CalibrationSet.split` numbers its fit part."""
@@ -164,13 +157,6 @@ class RayFitData:
     def __init__(self, parent: RayCalibration, num_samples: int, held: np.ndarray):
         self.parent, self._n, self.held = parent, num_samples, held
         self.what, self.has_labels = parent.what, parent.has_labels
-
-    @property
-    def num_samples(self) -> int:
-        return self._n
-
-    def __len__(self) -> int:
-        return self._n
 
     @property
     def input_names(self) -> list[str]:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import onnx
 
-from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError
+from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError, first_line
 from onnxfold.measure.data import CalibrationSet
 
 __all__ = ["StatsJob", "StatsBackend", "LocalStats", "RayStats", "merge_accumulators", "run_stats_job",
@@ -188,7 +188,7 @@ class RayStats:
                 # "local" always starts a new instance (None would join a 'ray start' cluster of this host)
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise ScaleOutError(f"cannot connect to the Ray cluster at {address!r} ({_first_line(e)}); start one "
+                raise ScaleOutError(f"cannot connect to the Ray cluster at {address!r} ({first_line(e)}); start one "
                                     "with 'ray start --head' or use --ray without an address for a local instance"
                                     ) from None
             self._started = True
@@ -297,7 +297,7 @@ class RayStats:
             cause = _onnxfold_cause(e)
             if cause is not None:  # the data or model's fault, not the cluster's: the user's error, one line
                 raise type(cause)(str(cause)) from None
-            raise ScaleOutError(f"the Ray Data statistics job failed ({_first_line(e)})") from None
+            raise ScaleOutError(f"the Ray Data statistics job failed ({first_line(e)})") from None
         if done != data.num_samples:
             raise ScaleOutError(f"the Ray Data statistics job saw {done} of {data.num_samples} samples")
         return merged
@@ -362,7 +362,7 @@ class RayStats:
                 raise type(cause)(str(cause)) from None
             raise
         except ray.exceptions.RayActorError as e:
-            raise ScaleOutError(f"a Ray worker died and was not restarted ({_first_line(e)})") from None
+            raise ScaleOutError(f"a Ray worker died and was not restarted ({first_line(e)})") from None
 
     def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
         """``[fn(item) for item in items]`` as tasks spread over the workers
@@ -431,17 +431,9 @@ def _onnxfold_cause(e: BaseException | None) -> OnnxFoldError | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # Ray colours its task names
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def make_backend(ray_address: str | None, *, provider: str = "auto", workers: int | None = None,
                  gpus_per_worker: float = 0.0) -> StatsBackend:
     """:class:`LocalStats` without an address, else a :class:`RayStats` on it."""
     if ray_address is None:
         return LocalStats()
     return RayStats(ray_address, workers=workers, provider=provider, gpus_per_worker=gpus_per_worker)
-

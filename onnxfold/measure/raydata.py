@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxfold.errors import CalibrationDataError, RayNotInstalledError, UsageError
+from onnxfold.errors import CalibrationDataError, RayNotInstalledError, UsageError, first_line
 
 from .data import LABELS_KEY, CalibrationSet, SampleCount, _input_specs, _q, load_calibration, split_indices
 
@@ -236,14 +236,14 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
         try:
             ds = ray.data.read_parquet(str(path))
         except Exception as e:  # noqa: BLE001 - any failure is a data problem
-            raise CalibrationDataError(f"cannot read {label}: {_first_line(e)}") from None
+            raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
     specs = _input_specs(model)
     required = [s.name for s in specs.values() if not s.optional]
     labels_is_input = LABELS_KEY in specs
     try:
         columns = list(ds.columns())
     except Exception as e:  # noqa: BLE001
-        raise CalibrationDataError(f"cannot read {label}: {_first_line(e)}") from None
+        raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
     missing = [n for n in required if n not in columns]
     if missing:
         raise CalibrationDataError(f"{what} {label} has no column for input '{missing[0]}' (has: {_q(columns)}); "
@@ -267,7 +267,7 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
         tables = ds.to_arrow_refs()  # the columns were checked: inputs and labels only
         counts = ray.get([ray.remote(_num_rows).remote(t) for t in tables])
     except Exception as e:  # noqa: BLE001 - unreadable files
-        raise CalibrationDataError(f"cannot read {label}: {_first_line(e)}") from None
+        raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     n = int(offsets[-1])
     if n == 0:
@@ -290,11 +290,6 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
 
 def _num_rows(table) -> int:
     return table.num_rows
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def needs_ray_error(source: Any, what: str = "calibration") -> UsageError:

@@ -35,7 +35,7 @@ ProgressFn = Callable[[int, int], None]
 MEASURING_STAGES = ("verify", "latency")
 
 
-def _known_types(model: onnx.ModelProto) -> dict[str, int]:
+def known_types(model: onnx.ModelProto) -> dict[str, int]:
     g = model.graph
     types: dict[str, int] = {}
     for t in g.initializer:
@@ -83,7 +83,7 @@ def expose_outputs(model: onnx.ModelProto, tensor_names: Sequence[str]) -> onnx.
     new = [n for n in names if n not in existing]
     if not new:
         return out
-    types = _known_types(model)
+    types = known_types(model)
     if any(n not in types for n in new):
         types.update({k: v for k, v in _inferred_types(model).items() if k not in types})
     for n in new:

@@ -45,7 +45,7 @@ from ..find.dense import DenseOp, LinearPath
 from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet, load_calibration
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import _known_types, needed_part
+from ..measure.stream import known_types, needed_part
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import LayerReport, PassContext, PassResult
 from .cache import model_digest
@@ -383,7 +383,7 @@ def _cached_measure(ctx: PassContext, model: onnx.ModelProto, tensors: list[str]
     tensors identically (keyed by the model part that computes them)."""
     if ctx.cache is None:
         return compute()
-    types = _known_types(model)
+    types = known_types(model)
     part = needed_part(model, {name: onnx.helper.tensor_dtype_to_np_dtype(types.get(name, onnx.TensorProto.FLOAT))
                                for name in tensors})
     key = (what, model_digest(part), tuple(tensors), ctx.cache.identity(data), ctx.batch_size)

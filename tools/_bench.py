@@ -1,24 +1,110 @@
-"""Helpers shared by the benchmark scripts in tools/ (not a public API)."""
+"""The harness the benchmark scripts in tools/ share (not a public API).
+
+Every script judges a model the same way: :class:`Judge` runs the original
+once on a split and compares each candidate with it through
+``onnxfold.verify.compare_models``, the engine onnxfold's own final check and
+budget search use; a :class:`Verdict` holds what the scripts report (accuracy,
+agreement, the counts behind them, the output error).
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxfold.find import find_dense_graph  # noqa: E402
-from onnxfold.measure.stream import run_model  # noqa: E402
+from onnxfold.measure.data import CalibrationSet, load_calibration  # noqa: E402
+from onnxfold.verify import compare_models, reference_outputs  # noqa: E402
 
 PROVIDERS = ["CPUExecutionProvider"]
+
+
+# --------------------------------------------------------------------------
+# judging
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A candidate against the original on one split, for the output that
+    carries the decision (``Comparison.primary``)."""
+
+    samples: int
+    agreement: float | None  # same top-1 / label as the original (None: not a classifier output)
+    accuracy: float | None  # the candidate's, against the labels (None: no labels)
+    accuracy_original: float | None
+    correct: int | None  # labelled samples the candidate gets right
+    newly_wrong: int  # ... the original got right and the candidate gets wrong
+    newly_right: int
+    max_abs_error: float
+    max_abs_reference: float
+
+    @property
+    def accuracy_drop_pp(self) -> float | None:
+        if self.accuracy is None or self.accuracy_original is None:
+            return None
+        return 100.0 * (self.accuracy_original - self.accuracy)
+
+    @property
+    def relative_error(self) -> float:
+        """Largest |Δ output| relative to max(1, largest |original output|)."""
+        return self.max_abs_error / max(1.0, self.max_abs_reference)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "accuracy_drop_pp": self.accuracy_drop_pp, "relative_error": self.relative_error}
+
+
+class Judge:
+    """Judges candidates of ``original`` on ``data`` (a CalibrationSet); the
+    original's outputs are computed once, here."""
+
+    def __init__(self, original: onnx.ModelProto, data: CalibrationSet, batch_size: int = 256):
+        self.original, self.data, self.batch_size = original, data, batch_size
+        self.reference = reference_outputs(original, data, providers=PROVIDERS, batch_size=batch_size)
+
+    def __call__(self, candidate: onnx.ModelProto) -> Verdict:
+        comp = compare_models(self.original, candidate, self.data, providers=PROVIDERS, batch_size=self.batch_size,
+                              original_outputs=self.reference)
+        o = comp.primary
+        correct = None if o.accuracy_candidate is None else round(o.accuracy_candidate * o.labeled)
+        return Verdict(samples=o.count, agreement=o.agreement, accuracy=o.accuracy_candidate,
+                       accuracy_original=o.accuracy_original, correct=correct, newly_wrong=o.newly_wrong,
+                       newly_right=o.newly_right, max_abs_error=o.max_abs_error,
+                       max_abs_reference=o.max_abs_reference)
+
+
+@dataclass
+class Shipped:
+    """A shipped model with its calibration and test splits."""
+
+    name: str
+    model: onnx.ModelProto
+    calib: CalibrationSet
+    test: CalibrationSet
+
+    def judge_on_test(self) -> Judge:
+        return Judge(self.model, self.test)
+
+
+def load_shipped(models_dir: Path, name: str) -> Shipped:
+    model = onnx.load(models_dir / f"{name}.onnx")
+    return Shipped(name, model, load_calibration(models_dir / f"{name}.calib.npz", model),
+                   load_calibration(models_dir / f"{name}.test.npz", model, what="evaluation"))
+
+
+# --------------------------------------------------------------------------
+# counting
 
 
 def dense_params(model: onnx.ModelProto) -> tuple[int, int]:
@@ -33,10 +119,8 @@ def dense_params(model: onnx.ModelProto) -> tuple[int, int]:
     return total, input_layer
 
 
-def logits(model, data) -> np.ndarray:
-    out = run_model(model, data, providers=PROVIDERS)
-    name = model.graph.output[0].name
-    return out[name]
+# --------------------------------------------------------------------------
+# where and when; writing results
 
 
 def machine() -> str:
@@ -52,6 +136,31 @@ def machine() -> str:
 
     return (f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, onnx {onnx.__version__},"
             f" onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)")
+
+
+def now() -> str:
+    return dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def header(title: str, script: str, when: str, where: str, extra: str = "") -> list[str]:
+    """The first lines of a generated results file: what made it, how to
+    regenerate it, when and where it ran."""
+    return [f"# {title}", "",
+            f"Generated by `tools/{script}` - do not edit by hand. Regenerate with",
+            f"`PYTHONPATH=. python tools/{script}` (from the repository root).", "",
+            f"Run: {when} on {where}{extra}.", ""]
+
+
+def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
+    """``OUT/STEM.md`` and ``OUT/STEM.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
+
+
+# --------------------------------------------------------------------------
+# which models
 
 
 def wait_for(models_dir: Path, names, timeout_s: float) -> list[str]:

@@ -30,21 +30,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import onnx
+from _bench import ROOT, Judge, load_shipped
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-
-import onnxfold  # noqa: E402
-from onnxfold.api import split_data  # noqa: E402
-from onnxfold.decide.budget import Budget  # noqa: E402
-from onnxfold.find import find_dense_graph  # noqa: E402
-from onnxfold.io import count_parameters, load_model  # noqa: E402
-from onnxfold.measure.data import load_calibration  # noqa: E402
-from onnxfold.passes.base import PassContext  # noqa: E402
-from onnxfold.search import RATIO_STEPS, THRESHOLD_STEPS, BudgetSearch, Setting  # noqa: E402
-from onnxfold.verify import compare_models  # noqa: E402
+import onnxfold
+from onnxfold.api import split_data
+from onnxfold.decide.budget import Budget
+from onnxfold.find import find_dense_graph
+from onnxfold.io import count_parameters
+from onnxfold.passes.base import PassContext
+from onnxfold.search import RATIO_STEPS, THRESHOLD_STEPS, BudgetSearch, Setting
 
 THRESHOLDS = (1.0, 0.99, 0.95, 0.9)
 METHODS = ("kmeans", "magnitude")
@@ -69,9 +65,9 @@ def run_model(name: str) -> dict:
                 "evaluations": len((rep.get("search") or {}).get("evaluated") or []), "seconds": search_s,
                 "notes": [n for n in rep["notes"] if "cannot resolve" in n]}
     # judge fixed settings exactly as the search judges candidates, on the same splits
-    original = load_model(model)
-    calib_set = load_calibration(str(calib), original)
-    test_set = load_calibration(str(test), original, what="evaluation")
+    shipped = load_shipped(ROOT / "models", name)
+    original, calib_set, test_set = shipped.model, shipped.calib, shipped.test
+    on_test = shipped.judge_on_test()
     fit, select, _ = split_data(calib_set, test_set, 0, Budget.default().samples_needed())
     ctx = PassContext(calibration=fit, heldout=select, providers=["CPUExecutionProvider"])
     searcher = BudgetSearch(original, Budget.default(), ctx, max_evaluations=10**6)
@@ -85,7 +81,7 @@ def run_model(name: str) -> dict:
                 setting = Setting(thresholds=tuple((n, ti) for n in layers if ti),
                                   ratios=tuple((n, ri) for n in layers if ri), select=method)
                 c = searcher.evaluate(setting)
-                test_agreement = compare_models(original, c.model, test_set).primary.agreement
+                test_agreement = on_test(c.model).agreement
                 fixed.append({"threshold": t, "ratio": r, "method": method if r > 0 else "-",
                               "parameter_ratio": c.parameters / searcher.original_params,
                               "meets_on_select": c.met, "agreement": test_agreement})
@@ -130,7 +126,7 @@ def meets_on_test(spec: dict, out) -> bool:
     return 100 * out.agreement >= spec["min_agreement"] - 1e-9
 
 
-def onnxsim_curve(original: onnx.ModelProto, calib_set, test_set) -> list[dict]:
+def onnxsim_curve(original: onnx.ModelProto, calib_set, on_test: Judge) -> list[dict]:
     """onnxsim's structured Wanda pruning + ridge refit at every sparsity, judged on the test split."""
     import onnxsim
 
@@ -141,7 +137,7 @@ def onnxsim_curve(original: onnx.ModelProto, calib_set, test_set) -> list[dict]:
         try:
             pruned = onnxsim.apply_structured_wanda_pruning(original, calibration_data=feeds, sparsity=sparsity)
             refit = onnxsim.apply_pruning_finetune(original, pruned, calibration_data=feeds)
-            out = compare_models(original, refit, test_set).primary
+            out = on_test(refit)
         except Exception as e:  # noqa: BLE001 - the peer's failure is a result, not a crash
             rows.append({"sparsity": sparsity, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
@@ -152,12 +148,10 @@ def onnxsim_curve(original: onnx.ModelProto, calib_set, test_set) -> list[dict]:
 
 
 def study_model(name: str, seeds: int) -> dict:
-    model = ROOT / "models" / f"{name}.onnx"
-    calib, test = ROOT / "models" / f"{name}.calib.npz", ROOT / "models" / f"{name}.test.npz"
-    original = load_model(model)
-    calib_set = load_calibration(str(calib), original)
-    test_set = load_calibration(str(test), original, what="evaluation")
-    peer = onnxsim_curve(original, calib_set, test_set)
+    model, calib = ROOT / "models" / f"{name}.onnx", ROOT / "models" / f"{name}.calib.npz"
+    shipped = load_shipped(ROOT / "models", name)
+    original, on_test = shipped.model, shipped.judge_on_test()
+    peer = onnxsim_curve(original, shipped.calib, on_test)
     rows = []
     for budget_name, spec in STUDY_BUDGETS.items():
         runs = []
@@ -165,7 +159,7 @@ def study_model(name: str, seeds: int) -> dict:
             t0 = time.perf_counter()
             res = onnxfold.optimize(model, str(calib), budget=Budget(**spec), seed=seed, provider="cpu",
                                     latency=False)
-            out = compare_models(original, res.model, test_set).primary
+            out = on_test(res.model)
             rep = res.report
             runs.append({"seed": seed, "parameter_ratio": rep["ratios"]["parameters"], "status": rep["status"],
                          "fallback": (rep.get("budget") or {}).get("fallback", {}).get("returned"),

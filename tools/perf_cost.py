@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from _bench import load_shipped
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("mnist_mlp", "digits_mlp", "digits_seq_mlp", "cancer_mlp_paper")
@@ -143,10 +144,9 @@ def bench_onnxsim(name: str, models_dir: Path, onnxfold_report: dict) -> dict:
         import onnxsim
     except ImportError:
         return {"model": name, "note": "onnxsim not installed"}
-    model = onnx.load(models_dir / f"{name}.onnx")
-    arrays = {k: v for k, v in np.load(models_dir / f"{name}.calib.npz").items() if k != "labels"}
-    n = len(next(iter(arrays.values())))
-    batches = [{k: v[i:i + 256] for k, v in arrays.items()} for i in range(0, n, 256)]
+    shipped = load_shipped(models_dir, name)
+    model = shipped.model
+    batches = [dict(feed) for feed in shipped.calib.batches(256)]
     t0 = time.perf_counter()
     pruned = onnxsim.apply_structured_pruning(model, sparsity=ONNXSIM_SPARSITY)
     tuned = onnxsim.apply_pruning_finetune(model, pruned, calibration_data=batches)
@@ -157,7 +157,7 @@ def bench_onnxsim(name: str, models_dir: Path, onnxfold_report: dict) -> dict:
             "onnxsim_params_ratio": count_parameters(tuned) / count_parameters(model),
             "onnxfold_wall_s": onnxfold_report["_wall_s"],
             "onnxfold_params_ratio": onnxfold_report["ratios"]["parameters"],
-            "onnxsim_agreement": _agreement(model, tuned, models_dir / f"{name}.test.npz"),
+            "onnxsim_agreement": shipped.judge_on_test()(tuned).agreement,
             "onnxfold_agreement": _primary_agreement(onnxfold_report)}
 
 
@@ -166,16 +166,6 @@ def _primary_agreement(rep: dict) -> float | None:
     return next((o["agreement"] for o in outs if o.get("agreement") is not None), None)
 
 
-def _agreement(original: onnx.ModelProto, candidate: onnx.ModelProto, test: Path) -> float | None:
-    """Top-1 agreement of the first output on the test data (the measure onnxfold's report gives)."""
-    import onnxruntime as ort
-
-    feed = {k: v for k, v in np.load(test).items() if k != "labels"}
-    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-            for m in (original, candidate)]
-    if runs[0].ndim < 2 or runs[0].shape[-1] < 2:
-        return None
-    return float(np.mean(runs[0].argmax(-1) == runs[1].argmax(-1)))
 
 
 def prepare_minilm() -> tuple[Path | None, Path | None]:

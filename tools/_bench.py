@@ -159,6 +159,39 @@ def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
     print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
 
 
+def against_previous(out: Path, stem: str, current: dict, flatten, lower_is_better=frozenset(),
+                     reason: str | None = None) -> list[str]:
+    """Markdown lines comparing this run with the ``OUT/STEM.json`` it is about
+    to replace: how many numbers got better or stayed, each one that got worse,
+    and the reason given for those (``--reason``). ``flatten(payload)`` maps a
+    payload to ``{row label: {metric: value}}``; higher is better unless the
+    metric is in ``lower_is_better``."""
+    path = out / f"{stem}.json"
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    old, new = flatten(previous), flatten(current)
+    counts, worse = {"better": 0, "the same": 0}, []
+    for row, metrics in new.items():
+        for metric, value in metrics.items():
+            before = old.get(row, {}).get(metric)
+            if before is None or value is None:
+                continue
+            gain = (before - value) if metric in lower_is_better else (value - before)
+            if gain < -1e-9:
+                worse.append(f"- {row}: {metric} {before:.4g} → {value:.4g}")
+            else:
+                counts["better" if gain > 1e-9 else "the same"] += 1
+    when = previous.get("generated") or previous.get("run") or previous.get("meta", {}).get("date", "?")
+    where = previous.get("machine") or previous.get("meta", {}).get("machine", "?")
+    lines = ["## Against the previous run", "",
+             f"The results this file replaced ran {when} on {where}: {counts['better']} numbers got better,"
+             f" {counts['the same']} stayed the same, {len(worse)} got worse" + (":" if worse else "."), ""]
+    if worse:
+        lines += worse + ["", f"Why: {reason or 'no reason given (regenerate with --reason TEXT)'}", ""]
+    return lines
+
+
 # --------------------------------------------------------------------------
 # which models
 
@@ -183,7 +216,13 @@ def model_arguments(description: str, models, wait_s: float = 0.0) -> argparse.A
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
     ap.add_argument("--only", action="append", choices=models)
     ap.add_argument("--wait", type=float, default=wait_s, help="seconds to wait for the models to appear")
+    reason_argument(ap)
     return ap
+
+
+def reason_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--reason", help="why numbers got worse than in the results file this run replaces"
+                                     " (written into it)")
 
 
 def ready_models(args, models) -> list[str]:

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from _bench import PROVIDERS, dense_params, header, load_shipped, machine, model_arguments, now, ready_models, \
-    write_results
+from _bench import PROVIDERS, against_previous, dense_params, header, load_shipped, machine, model_arguments, now, \
+    ready_models, write_results
 
 from onnxfold.passes.base import PassContext
 from onnxfold.passes.folding import FoldingPass
@@ -80,6 +80,13 @@ def check(result: dict) -> tuple[bool, str]:
     return ok, line
 
 
+def flatten(payload: dict) -> dict:
+    """Every cell of the tables, for the comparison with the previous run."""
+    return {f"{res['model']} r={x['ratio']:g} {label((x['select'], x['repair']))}":
+            {"accuracy": x["accuracy"], "agreement": x["agreement"], "size": x["size"]}
+            for res in payload["results"] for x in res["runs"]}
+
+
 def render(results: list[dict], checks: list[str], when: str, where: str) -> str:
     out = header("Neuron folding benchmark", "bench_folding.py", when, where) + [
         "r: share of every hidden layer's neurons removed (k = round(n·(1−r)) kept). Size: parameters of all"
@@ -125,8 +132,9 @@ def main(argv=None) -> int:
             ok &= passed
             checks.append(line)
             print(line, flush=True)
-    write_results(args.out, "folding", render(results, checks, when, where),
-                  dict(generated=when, machine=where, results=results))
+    payload = dict(generated=when, machine=where, results=results)
+    previous = against_previous(args.out, "folding", payload, flatten, {"size"}, args.reason)
+    write_results(args.out, "folding", render(results, checks, when, where) + "\n".join(["", *previous]), payload)
     return 0 if ok else 1
 
 

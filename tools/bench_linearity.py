@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from _bench import (PROVIDERS, Judge, dense_params, header, load_shipped, machine, model_arguments, now,
-                    ready_models, write_results)
+from _bench import (PROVIDERS, Judge, against_previous, dense_params, header, load_shipped, machine, model_arguments,
+                    now, ready_models, write_results)
 
 from onnxfold.find import find_dense_graph
 from onnxfold.measure.stats import collect_neuron_stats
@@ -150,6 +150,15 @@ def paper_claim(result: dict, extra: dict | None) -> str:
     return "\n".join(lines) + "\n\n" + verdict + "\n\n" + "\n".join(table) + "\n\n" + why + extra_rows
 
 
+def flatten(payload: dict) -> dict:
+    """Every row of the tables (the lower thresholds of the claim included), for
+    the comparison with the previous run (calib err is float rounding at T = 1.0,
+    which its CHECK line judges)."""
+    return {f"{res['model']} {r['mode']} T={r['threshold']:g}":
+            {k: r[k] for k in ("size", "size_excl_input", "accuracy", "agreement")}
+            for res in payload["results"] for r in res["runs"] + res.get("claim_runs", [])}
+
+
 def render(results: list[dict], checks: list[str], claim: str | None, when: str, where: str) -> str:
     out = header("Linearity folding benchmark", "bench_linearity.py", when, where) + [
         "Size: parameters of all dense layers (weights, biases and linear paths) relative to the original;"
@@ -212,8 +221,10 @@ def main(argv=None) -> int:
         ok &= exact["calib_rel_err"] <= 1e-5
         checks.append(line)
         print(line, flush=True)
-    write_results(args.out, "linearity", render(results, checks, claim, when, where),
-                  dict(generated=when, machine=where, results=results))
+    payload = dict(generated=when, machine=where, results=results)
+    previous = against_previous(args.out, "linearity", payload, flatten, {"size", "size_excl_input"}, args.reason)
+    write_results(args.out, "linearity", render(results, checks, claim, when, where) + "\n".join(["", *previous]),
+                  payload)
     return 0 if ok else 1
 
 

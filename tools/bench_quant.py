@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _bench import ROOT, Judge, header, load_shipped, machine, now, write_results
+from _bench import ROOT, Judge, against_previous, header, load_shipped, machine, now, reason_argument, write_results
 
 import onnxfold
 from onnxfold.find import find_dense_graph
@@ -100,11 +100,18 @@ def bench(model: Path) -> list[dict]:
     return rows
 
 
+def flatten(payload: dict) -> dict:
+    """Every row of the table, for the comparison with the previous run."""
+    return {f"{r['model']} {r['variant']}": {k: r[k] for k in ("accuracy", "agreement", "parameter_ratio")}
+            for r in payload["rows"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--out", default=str(ROOT / "tools" / "results"))
     ap.add_argument("--only", action="append")
+    reason_argument(ap)
     a = ap.parse_args(argv)
     models = sorted(p for p in Path(a.models).glob("*.onnx") if not p.name.endswith(".fold.onnx")
                     and p.with_name(p.name[:-5] + ".calib.npz").exists()
@@ -136,7 +143,9 @@ def main(argv=None) -> int:
         lines.append(f"| {r['model']} | {r['variant']} | {100 * r['accuracy']:.2f} % | {100 * r['agreement']:.2f} % "
                      f"| {r['parameters']:,} | {r['parameter_ratio']:.3f} | {r['bytes'] / 1024:,.1f} KiB "
                      f"| {r.get('fold_status', '')} |")
-    write_results(Path(a.out), "quant", "\n".join(lines) + "\n", {"meta": meta, "rows": rows})
+    payload = {"meta": meta, "rows": rows}
+    lines += ["", *against_previous(Path(a.out), "quant", payload, flatten, {"parameter_ratio"}, a.reason)]
+    write_results(Path(a.out), "quant", "\n".join(lines) + "\n", payload)
     print("\n".join(lines))
     return 0
 

@@ -21,6 +21,14 @@ from pathlib import Path
 from . import __version__
 from .decide.budget import Budget, parse_max_error
 from .errors import OnnxFoldError, UsageError
+from .options import (
+    FoldOptions,
+    LinearityOptions,
+    OptimizeOptions,
+    ReportOptions,
+    RuntimeOptions,
+    SearchOptions,
+)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -183,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def options_from_args(args, budget: Budget | None) -> OptimizeOptions:
+    """``optimize``'s options, one group per option group of the parser."""
+    return OptimizeOptions(
+        linearity=LinearityOptions(enabled=not args.no_linear, threshold=args.linear_threshold,
+                                   mode=args.linear_mode, path=args.linear_path),
+        fold=FoldOptions(ratio=args.fold_ratio, select=args.fold_select, repair=args.fold_repair,
+                         heads=args.fold_heads, residual=args.fold_residual),
+        search=SearchOptions(budget=budget, positive_threshold=args.positive_threshold,
+                             max_evaluations=args.max_evaluations),
+        runtime=RuntimeOptions(provider=args.provider, batch_size=args.batch_size, seed=args.seed,
+                               ray_address=args.ray, ray_workers=args.ray_workers,
+                               ray_gpus_per_worker=args.ray_gpus_per_worker),
+        report=ReportOptions(latency=not args.no_latency, profile_memory=args.profile_memory))
+
+
 def _auto_data(model: Path, given: str | None, suffixes: tuple[str, ...], disabled: bool) -> str | None:
     if given is not None or disabled:
         return given
@@ -311,7 +334,7 @@ def _cmd_optimize(args, console) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib()  # before any work
-        if args.fold_ratio is not None or args.linear_threshold is not None or args.linear_mode == "paper":
+        if options_from_args(args, None).explicit:
             raise UsageError("--plot draws the budget search; explicit --fold-ratio/--linear-threshold/"
                              "--linear-mode paper settings do not search")
     calib = _calibration_source(args, model, console)
@@ -337,15 +360,8 @@ def _cmd_optimize(args, console) -> int:
             said.append(text)
 
     with _ProgressSink(console, enabled=not args.quiet) as progress:
-        result = optimize(model, calib, eval_data=evald, budget=budget, linear=not args.no_linear,
-                          linear_threshold=args.linear_threshold, linear_mode=args.linear_mode,
-                          linear_path=args.linear_path, fold_ratio=args.fold_ratio, fold_select=args.fold_select,
-                          fold_repair=args.fold_repair, provider=args.provider, batch_size=args.batch_size,
-                          seed=args.seed, positive_threshold=args.positive_threshold,
-                          max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress,
-                          profile_memory=args.profile_memory, fold_residual=args.fold_residual,
-                          fold_heads=args.fold_heads, notify=notify, ray_address=args.ray,
-                          ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker)
+        result = optimize(model, calib, eval_data=evald, options=options_from_args(args, budget), progress=progress,
+                          notify=notify)
     external = True if (args.external_data or model_has_external_data(model)) else None
     with StageProfiler(memory=args.profile_memory) as profiler, profiler.stage("save"):
         saved = result.save(out, external_data=external)

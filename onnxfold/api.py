@@ -117,10 +117,17 @@ def split_data(calib, eval_set, seed: int, needed: int | None):
     return fit, select, final
 
 
-def resolution_warning(budget: Budget, select, final, *, has_eval: bool) -> str | None:
+def has_sequence_output(model: onnx.ModelProto) -> bool:
+    """Does the model have a float output of rank 3 ([batch, positions, classes]), judged per position?"""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    return any(o.type.tensor_type.elem_type in floats and o.type.tensor_type.HasField("shape")
+               and len(o.type.tensor_type.shape.dim) == 3 for o in model.graph.output)
+
+
+def resolution_warning(budget: Budget, select, final, *, has_eval: bool, sequences: bool = False) -> str | None:
     """Said before the search starts when the held-out parts are too small for
     the budget at its confidence, with the number of samples that would do."""
-    needed = budget.samples_needed()
+    needed = budget.samples_needed(sequences=sequences)
     small = [(what, part.num_samples) for what, part in (("select", select), ("final check", final))
              if part is not None and part.num_samples < needed]
     if not small:
@@ -285,6 +292,10 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     with timer("load_data"):
         calib = _load_data(calibration, original, "calibration", backend)
         evalset = _load_data(eval_data, original, "evaluation", backend)
+        if opts.data.labels == "next-token":
+            from .measure.labels import next_token_labels
+
+            calib, evalset = (None if d is None else next_token_labels(d) for d in (calib, evalset))
         # a batch axis fixed at 1: work on a copy that runs in batches when it can
         loaded = original
         original, batching, batching_note = run_in_batches(loaded, [calib, evalset], providers)
@@ -307,9 +318,11 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
         budget.validate(has_labels=(calib is not None and calib.has_labels)
                         and (evalset is None or evalset.has_labels))
     with timer("load_data"):
-        fit, select, final = split_data(calib, evalset, seed, budget.samples_needed() if enforced and budget else None)
+        needed = budget.samples_needed(sequences=has_sequence_output(original)) if enforced and budget else None
+        fit, select, final = split_data(calib, evalset, seed, needed)
     if enforced and budget is not None and mode != "exact":
-        warning = resolution_warning(budget, select, final, has_eval=evalset is not None)
+        warning = resolution_warning(budget, select, final, has_eval=evalset is not None,
+                                     sequences=has_sequence_output(original))
         if warning:
             notes.append(warning)
             if notify:

@@ -1,8 +1,8 @@
 """What one ``optimize`` run is asked to do: one typed options object.
 
 The settings are grouped by concern, as the CLI's option groups are
-(``onnxfold optimize --help``): linearity folding, neuron folding, the budget
-search, the runtime and what the report measures. The CLI builds one
+(``onnxfold optimize --help``): the data, linearity folding, neuron folding,
+the budget search, the runtime and what the report measures. The CLI builds one
 :class:`OptimizeOptions` from its arguments; :func:`onnxfold.optimize` takes
 one (``options=``) or the same settings as flat keywords
 (``fold_ratio=0.5``; :data:`KEYWORDS` lists them), and the pipeline reads
@@ -30,6 +30,7 @@ LINEAR_PATHS = ("auto", "dense", "factored", "svd")
 FOLD_SELECTS = ("kmeans", "magnitude")
 FOLD_REPAIRS = ("auto", "none", "ar", "repair", "ls")
 PROVIDERS = ("auto", "cpu", "cuda")
+LABEL_KINDS = ("next-token",)
 
 
 def _choice(what: str, value, choices) -> None:
@@ -46,6 +47,17 @@ def _ratio(what: str, value) -> None:
         if not _number(r) or not 0 <= r < 1:
             at = "" if where is None else f" for {where}"
             raise UsageError(f"{what}{at} must be a number in [0, 1), got {r!r}; give e.g. 0.5")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What the data carries beyond its inputs."""
+
+    labels: str | None = None  # "next-token": a language model's labels are its input ids shifted by one
+
+    def validate(self) -> None:
+        if self.labels is not None:
+            _choice("label kind", self.labels, LABEL_KINDS)
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,7 @@ class ReportOptions:
 
 @dataclass(frozen=True)
 class OptimizeOptions:
+    data: DataOptions = field(default_factory=DataOptions)
     linearity: LinearityOptions = field(default_factory=LinearityOptions)
     fold: FoldOptions = field(default_factory=FoldOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
@@ -173,6 +186,7 @@ class OptimizeOptions:
 
 #: optimize()'s flat keywords → (group, field) of OptimizeOptions
 KEYWORDS: dict[str, tuple[str, str]] = {
+    "labels": ("data", "labels"),
     "linear": ("linearity", "enabled"),
     "linear_threshold": ("linearity", "threshold"),
     "linear_mode": ("linearity", "mode"),

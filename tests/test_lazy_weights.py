@@ -14,7 +14,7 @@ from unittest import mock
 import numpy as np
 import onnx
 import pytest
-from helpers import build_bn_mlp, make_model, ort_run, tensor_info
+from helpers import attention_graph, build_bn_mlp, make_model, ort_run, tensor_info
 from onnx import helper, numpy_helper
 
 import onnxfold.find.graph_index as graph_index
@@ -80,28 +80,7 @@ def _transformer_model(seed=3):
         w[n][:, d:] = w[n][:, :d]
         b[n][d:] = b[n][:d]
     w["o"][d:] = w["o"][:d]
-    inits, nodes = [], []
-    for n in "qkvo":
-        _init(inits, f"W{n}", w[n])
-        _init(inits, f"B{n}", b[n])
-    inits += [numpy_helper.from_array(np.array([0, 0, HEADS, d], np.int64), "split_shape"),
-              numpy_helper.from_array(np.array([0, 0, HEADS * d], np.int64), "merge_shape")]
-    _init(inits, "scale", np.float32(d ** -.5))
-    for n in "qkv":
-        nodes += [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}_mm"], name=f"{n}_proj"),
-                  helper.make_node("Add", [f"{n}_mm", f"B{n}"], [f"{n}_lin"], name=f"{n}_bias"),
-                  helper.make_node("Reshape", [f"{n}_lin", "split_shape"], [f"{n}_4d"], name=f"{n}_split")]
-    nodes += [helper.make_node("Transpose", ["q_4d"], ["qt"], perm=[0, 2, 1, 3], name="qt"),
-              helper.make_node("Transpose", ["k_4d"], ["kt"], perm=[0, 2, 3, 1], name="kt"),
-              helper.make_node("Transpose", ["v_4d"], ["vt"], perm=[0, 2, 1, 3], name="vt"),
-              helper.make_node("MatMul", ["qt", "kt"], ["sc"], name="scores"),
-              helper.make_node("Mul", ["sc", "scale"], ["scs"], name="scale"),
-              helper.make_node("Softmax", ["scs"], ["p"], axis=-1, name="softmax"),
-              helper.make_node("MatMul", ["p", "vt"], ["ctx"], name="pv"),
-              helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3], name="ctxt"),
-              helper.make_node("Reshape", ["ctxt", "merge_shape"], ["merged"], name="merge"),
-              helper.make_node("MatMul", ["merged", "Wo"], ["o_mm"], name="o_proj"),
-              helper.make_node("Add", ["o_mm", "Bo"], ["a"], name="o_bias")]
+    nodes, inits = attention_graph(w, b, HEADS, d, out="a")
     for n, shape in (("gate", (HID, INNER)), ("up", (HID, INNER)), ("down", (INNER, HID))):
         _init(inits, f"W{n}", rng.standard_normal(shape) * .3)
     nodes += [helper.make_node("MatMul", ["a", "Wgate"], ["g"], name="gate"),

@@ -8,9 +8,8 @@ Python API::
     print(result.report["ratios"])
 """
 
-__version__ = "0.1.0"
-
-from .api import OptimizeResult, inspect, optimize  # noqa: E402
-from .errors import OnnxFoldError  # noqa: E402
+from .version import __version__
+from .api import OptimizeResult, inspect, optimize
+from .errors import OnnxFoldError
 
 __all__ = ["optimize", "inspect", "OptimizeResult", "OnnxFoldError", "__version__"]

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from .activations import ActivationSpec
-from .chains import FLOAT_TYPES, Skipped, _match_activation
+from .chains import FLOAT_TYPES, Skipped, match_activation
 from .graph_index import GraphIndex
 from .weights import LazyWeight, constant_loader
 
@@ -460,7 +460,7 @@ def _match_gated(ix: GraphIndex, mul: onnx.NodeProto, taken: set[str]) -> GatedM
             gate = projection_at(ix, cand)
             if gate is None or gate.node == up.node:
                 continue
-            spec, _ = _match_activation(ix, cand)
+            spec, _ = match_activation(ix, cand)
             if spec is None or spec.output != act_out or ix.single_consumer(act_out) is not mul:
                 continue
             if gate.out_features != up.out_features or gate.input != up.input:

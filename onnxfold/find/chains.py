@@ -269,8 +269,9 @@ def _float_attr(ix: GraphIndex, node, name, default):
     return float(v) if v is not None else default
 
 
-def _match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
-    """The activation reading pre-activation ``pre``; (None, reason) if none."""
+def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
+    """The activation reading pre-activation ``pre`` (dense chains here, gate
+    activations of gated MLPs in :mod:`.attention`); (None, reason) if none."""
     if pre in ix.graph_outputs:
         return None, "output layer: its result is a graph output (nothing after it to fold into)"
     cs = ix.consumers.get(pre, [])
@@ -407,7 +408,7 @@ def find_dense_graph(model: onnx.ModelProto) -> DenseGraph:
     chains: list[Chain] = []
     activations: dict[str, ActivationSpec] = {}
     for op in ops.values():
-        act, why = _match_activation(ix, op.output)
+        act, why = match_activation(ix, op.output)
         if act is None:
             skipped.append(Skipped(op.name, f"no chain: {why}"))
             continue

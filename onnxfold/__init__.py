@@ -11,11 +11,10 @@ Settings come as flat keywords (``fold_ratio=0.5``) or as one typed
 ``OptimizeOptions`` grouped by concern (``onnxfold.options``).
 """
 
-__version__ = "0.1.0"
-
-from .api import OptimizeResult, inspect, optimize  # noqa: E402
-from .decide.budget import Budget  # noqa: E402
-from .errors import OnnxFoldError  # noqa: E402
-from .options import OptimizeOptions  # noqa: E402
+from .version import __version__
+from .api import OptimizeResult, inspect, optimize
+from .decide.budget import Budget
+from .errors import OnnxFoldError
+from .options import OptimizeOptions
 
 __all__ = ["optimize", "inspect", "OptimizeResult", "OptimizeOptions", "Budget", "OnnxFoldError", "__version__"]

@@ -24,7 +24,9 @@ from .decide.budget import Budget
 from .errors import CalibrationDataError, UsageError
 from .find import find_dense_graph
 from .io import count_parameters
+from .io import load_working_copy as _load
 from .latency import measure_latency
+from .measure.data import MIN_SAMPLES_TO_SPLIT
 from .passes.base import LayerReport, PassContext
 from .profile import StageProfiler
 from .report import build_report, summarize_model
@@ -37,7 +39,6 @@ ProgressFn = Callable[[str, int, int], None]
 # fractions of the calibration data: (fit, select[, final check]).
 SPLIT_WITH_EVAL = (0.75, 0.25)
 SPLIT_WITHOUT_EVAL = (0.6, 0.2, 0.2)
-MIN_SAMPLES_TO_SPLIT = 10
 # With a budget, the held-out parts (select and final check) get the samples
 # the budget needs before the fit part takes the rest, within reason:
 HELD_OUT_FACTOR = 2  # twice what an unchanged candidate needs, so a candidate with a flip or two can pass
@@ -65,19 +66,6 @@ class OptimizeResult:
         if src and Path(src).exists() and Path(path).resolve() == Path(src).resolve():
             raise ModelSaveError(f"output path equals the input path ({src}); choose another output path")
         return save_model(self.model, path, external_data=external_data)
-
-
-def _load(model_or_path) -> tuple[onnx.ModelProto, str | None]:
-    from .io import clamp_versions, load_model
-
-    if isinstance(model_or_path, onnx.ModelProto):
-        m = onnx.ModelProto()
-        m.CopyFrom(model_or_path)  # never touch the caller's object
-        return clamp_versions(m), None
-    if isinstance(model_or_path, (str, Path)):
-        # external weights stay on disk until a pass reads them (see onnxfold.tensors)
-        return clamp_versions(load_model(model_or_path, defer_external=True)), str(model_or_path)
-    raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
 
 
 def held_out_size(n: int, needed: int, cap: float, floor: float) -> int:

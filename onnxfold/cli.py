@@ -18,7 +18,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .decide.budget import Budget, parse_max_error
 from .errors import OnnxFoldError, UsageError
 from .options import (

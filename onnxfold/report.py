@@ -50,7 +50,7 @@ def build_report(*, input_path: str | None, output_path: str | None, status: str
                  settings: dict, before: ModelSummary, after: ModelSummary, layers: list, skipped: list,
                  verification: dict | None, timings: dict, notes: list[str], budget: dict | None = None,
                  latency: dict | None = None, search: dict | None = None) -> dict[str, Any]:
-    from . import __version__
+    from .version import __version__
 
     return {
         "schema_version": SCHEMA_VERSION,

@@ -356,9 +356,9 @@ def _session(model: onnx.ModelProto, providers):
 
 
 def _quiet():
-    from .measure.stream import _quiet_run_options
+    from .runtime import quiet_run_options
 
-    return _quiet_run_options()
+    return quiet_run_options()
 
 
 def _run_on_data(sess, names, feed, data):
@@ -366,13 +366,13 @@ def _run_on_data(sess, names, feed, data):
     there means the data does not fit the model (a CalibrationDataError, one
     line), not a bug."""
     from .errors import CalibrationDataError
-    from .measure.stream import _run_error_types, _short
+    from .runtime import run_error_message, run_error_types
 
     try:
         with _in_runtime():
             return sess.run(names, feed, _quiet())
-    except _run_error_types() as e:
+    except run_error_types() as e:
         raise CalibrationDataError(
-            f"onnxruntime failed on the {getattr(data, 'what', 'calibration')} data ({_short(e)});"
+            f"onnxruntime failed on the {getattr(data, 'what', 'calibration')} data ({run_error_message(e)});"
             " make the data match what the model expects"
         ) from None

@@ -130,6 +130,7 @@ class ChannelFoldingPass:
             rep = run.fold_residual(grp, ratios[grp.name])
             reports.append(rep)
         for i, chain in enumerate(view.chains):
+            view.release_except(chain)  # unedited kernels are read again when needed
             ctx.report_progress("channel folding", i, len(view.chains))
             if chain.name in ratios:
                 reports.append(run.fold(chain, ratios[chain.name]))

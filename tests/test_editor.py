@@ -257,8 +257,8 @@ def test_materialize_convs_keeps_a_weight_only_a_subgraph_reads():
     _assert_branch_reads_original(out, model, "p.W", {"x": x})
 
 
-def _projection_reshape(seed=8):
-    """x[N, 6] → MatMul(W) → Add(B) → Reshape(shape = [0, 2, 3]) → y."""
+def _projection_reshape(seed=8, shape=(0, 2, 3)):
+    """x[N, 6] → MatMul(W) → Add(B) → Reshape(shape) → y."""
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((6, 6)).astype(F32)
     B = rng.standard_normal(6).astype(F32)
@@ -267,7 +267,7 @@ def _projection_reshape(seed=8):
              helper.make_node("Reshape", ["lin", "shape"], ["y"], name="split")]
     model = make_model(nodes, [tensor_info("x", F32, ["N", 6])], [tensor_info("y", F32, ["N", "h", "d"])],
                        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B"),
-                        numpy_helper.from_array(np.array([0, 2, 3], np.int64), "shape")])
+                        numpy_helper.from_array(np.array(shape, np.int64), "shape")])
     return model, W, B
 
 
@@ -305,3 +305,15 @@ def test_rewrite_projections_adds_a_bias_where_there_was_none():
     onnx.checker.check_model(onnx.shape_inference.infer_shapes(out, strict_mode=True), full_check=True)
     x = random_input(model, batch=2)
     np.testing.assert_allclose(ort_run(out, {"x": x})[0], (x @ W2.T + B2).reshape(2, 2, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_two_shape_edits_of_one_constant_compose():
+    model, W, B = _projection_reshape(seed=11, shape=(0, 6, 1))
+    proj = Projection(node="proj", input="x", output="lin", weight_input="W", weight=W.T.astype(np.float64),
+                      dtype=np.dtype(F32), bias_node="bias", bias_input="B", bias_slot=1, bias=B.astype(np.float64))
+    W2, B2 = np.full((4, 6), 0.5), np.arange(4.0)
+    out = _valid(rewrite_projections(model, [ProjectionEdit(proj, W2, B2)],
+                                     [ShapeEdit(ShapeRef("split", 1, 6, 1), 2), ShapeEdit(ShapeRef("split", 2, 1, 1), 2)],
+                                     {"proj", "bias", "split"}))
+    x = random_input(model, batch=3)
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], (x @ W2.T + B2).reshape(3, 2, 2), rtol=1e-5, atol=1e-5)

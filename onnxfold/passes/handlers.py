@@ -33,7 +33,7 @@ from ..find.attention import Projection
 from ..find.conv import ConvOp, GemmReader
 from ..find.dense import DenseOp
 from ..find.graph_index import GraphIndex
-from ..rewrite.conv import merge_output_channels, sum_input_channels
+from ..rewrite.conv import merge_depthwise_channels, merge_output_channels, sum_input_channels
 from ..rewrite.edits import (
     column_selection,
     merge_dense_rows,
@@ -200,15 +200,10 @@ class ConvHandler(OpHandler):
         return readers if units is None else readers[units]
 
     def merge_rows(self, op: ConvOp, row_map, scale=None, shift=None, unit=1):
-        R = _dense(row_map)
-        if op.is_depthwise:  # a bias-less depthwise conv stays bias-less
-            k = R.shape[0]
-            op.weight = (R @ op.rows()).reshape((k,) + op.weight.shape[1:])
-            op.bias = None if op.bias is None else R @ op.bias
-            op.group = k
-            op.changed = True
-            return
-        merge_output_channels(op, R, scale, shift)
+        if op.is_depthwise:
+            merge_depthwise_channels(op, _dense(row_map))
+        else:
+            merge_output_channels(op, _dense(row_map), scale, shift)
 
     def sum_columns(self, op: ConvOp, col_map, unit=1):
         sum_input_channels(op, _dense(col_map))

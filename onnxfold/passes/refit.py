@@ -60,9 +60,11 @@ class FoldState:
         return self._current
 
     def edit(self) -> None:
-        """The view was edited: the current model is rebuilt when next needed."""
+        """The view was edited: the current model is rebuilt when next needed
+        (a pass without a view sets it with :meth:`replace`)."""
         self.edited = True
-        self._current = None
+        if self._materialize is not None:
+            self._current = None
 
     def replace(self, model: onnx.ModelProto) -> None:
         """The current model, rewritten by the pass."""

@@ -153,3 +153,30 @@ class FoldSettings:
             raise UsageError(f"{self.what} repair {repair!r} needs calibration data; give calibration data or use"
                              " repair 'ar' or 'none'")
         return repair
+
+    def auto_note(self, ctx: "PassContext", repair: str, what: str) -> list[str]:
+        """The note saying which repair 'auto' chose, if it was asked for."""
+        if self.repair != "auto":
+            return []
+        data = "with" if ctx.calibration is not None else "no"
+        return [f"{what}: repair {repair!r} chosen automatically ({data} calibration data)"]
+
+
+def fold_in_order(groups: Sequence, ratios: Mapping[str, float], ctx: PassContext, task: str, fold: Callable,
+                  unselected: Callable, params: Callable, before_each: Callable | None = None,
+                  before: Mapping[str, int] | None = None) -> list[LayerReport]:
+    """One report per group (chain, block...), in order: ``fold(group,
+    ratio)`` for those with a ratio, ``unselected(group)`` for the others;
+    parameters before (``before``, default ``params(group)`` now) and after
+    (``params(group)``) filled in."""
+    before = {g.name: params(g) for g in groups} if before is None else before
+    reports = []
+    for i, g in enumerate(groups):
+        if before_each is not None:
+            before_each(g)
+        ctx.report_progress(task, i, len(groups))
+        reports.append(fold(g, ratios[g.name]) if g.name in ratios else unselected(g))
+    ctx.report_progress(task, len(groups), len(groups))
+    for rep, g in zip(reports, groups):
+        rep.params_before, rep.params_after = before[g.name], params(g)
+    return reports

@@ -40,7 +40,7 @@ from ..errors import UsageError
 from ..find.conv import ConvChain, ConvGraph, ResidualGroup, find_conv_graph
 from ..find.graph_index import GraphIndex
 from ..rewrite.conv import materialize_convs
-from .base import FoldSettings, LayerReport, PassContext, PassResult
+from .base import FoldSettings, LayerReport, PassContext, PassResult, fold_in_order
 from .foldcore import FoldCore
 from .refit import FoldState, refit_note
 from .units import conv_chain_group, residual_group
@@ -91,22 +91,12 @@ class ChannelFoldingPass:
             return PassResult(model, False, [], ["channel folding: no foldable conv chain found", *notes])
         run = _ChannelRun(model, view, ctx, select=self.select, repair=repair, seed=self.seed)
         before = {c.name: c.num_params for c in view.chains}
-        reports: list[LayerReport] = []
-        for grp in groups:  # streams first: the chains' refits then also correct their error
-            rep = run.fold_residual(grp, ratios[grp.name])
-            reports.append(rep)
-        for i, chain in enumerate(view.chains):
-            ctx.report_progress("channel folding", i, len(view.chains))
-            if chain.name in ratios:
-                reports.append(run.fold(chain, ratios[chain.name]))
-            else:
-                reports.append(_report(chain, chain.width, note="not selected for folding"))
-        ctx.report_progress("channel folding", len(view.chains), len(view.chains))
-        for rep, chain in zip(reports[len(groups):], view.chains):
-            rep.params_before, rep.params_after = before[chain.name], chain.num_params
-        if self.repair == "auto":
-            data = "with" if ctx.calibration is not None else "no"
-            notes.append(f"channel folding: repair {repair!r} chosen automatically ({data} calibration data)")
+        # streams first: the chains' refits then also correct their error
+        reports = [run.fold_residual(grp, ratios[grp.name]) for grp in groups]
+        reports += fold_in_order(view.chains, ratios, ctx, "channel folding", run.fold,
+                                 lambda c: _report(c, c.width, note="not selected for folding"),
+                                 lambda c: c.num_params, before=before)
+        notes += self.settings.auto_note(ctx, repair, "channel folding")
         out = run.state.current_model() if run.state.edited else model
         return PassResult(out, run.state.edited, reports, notes)
 

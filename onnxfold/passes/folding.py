@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..measure.stats import NeuronStats
 from ..rewrite import materialize
-from .base import FoldSettings, LayerReport, PassContext, PassResult
+from .base import FoldSettings, LayerReport, PassContext, PassResult, fold_in_order
 from .foldcore import FoldCore
 from .refit import FoldState, refit_note
 from .units import dense_group
@@ -79,23 +79,11 @@ class FoldingPass:
             return PassResult(model, False, [], ["folding: no foldable hidden layer found"])
         run = _FoldRun(model, view, ctx, select=self.select, repair=repair, seed=self.seed,
                        drop_constant=self.drop_constant)
-        before = {c.name: _chain_params(c) for c in view.chains}
-        reports: list[LayerReport] = []
-        for i, chain in enumerate(view.chains):
-            view.release_except(chain)  # unedited weights are read again when needed
-            ctx.report_progress("folding", i, len(view.chains))
-            if chain.name in ratios:
-                reports.append(run.fold(chain, ratios[chain.name]))
-            else:
-                reports.append(_report(chain, chain.width, note="not selected for folding"))
-        ctx.report_progress("folding", len(view.chains), len(view.chains))
-        for rep, chain in zip(reports, view.chains):
-            rep.params_before, rep.params_after = before[chain.name], _chain_params(chain)
+        reports = fold_in_order(view.chains, ratios, ctx, "folding", run.fold,
+                                lambda c: _report(c, c.width, note="not selected for folding"), _chain_params,
+                                before_each=view.release_except)  # unedited weights are read again when needed
         out = run.state.final_model() if run.state.edited else model
-        notes = []
-        if self.repair == "auto":
-            data = "with" if ctx.calibration is not None else "no"
-            notes.append(f"folding: repair {repair!r} chosen automatically ({data} calibration data)")
+        notes = self.settings.auto_note(ctx, repair, "folding")
         return PassResult(out, run.state.edited, reports, notes)
 
 

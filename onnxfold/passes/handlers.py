@@ -91,6 +91,15 @@ class OpHandler:
         """How the op reads each unit, one row per unit (its input columns)."""
         raise NotImplementedError(f"{type(self).__name__} reads no units")
 
+    def reader_factors(self, op) -> list[np.ndarray]:
+        """How the op reads the units as a product of factors, the first with
+        one row per unit (what linearity folding composes new paths with)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no units")
+
+    def owner(self, op):
+        """The op whose parameters (bias, paths) the edit changes."""
+        return op
+
     def merge_rows(self, op, row_map, scale=None, shift=None, unit: int = 1) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot merge rows")
 
@@ -134,6 +143,9 @@ class DenseHandler(OpHandler):
     def reader_block(self, op: DenseOp, unit=1, units=None):
         return (op.weight if units is None else op.weight[:, units]).T
 
+    def reader_factors(self, op: DenseOp):
+        return [op.weight.T]
+
     def merge_rows(self, op: DenseOp, row_map, scale=None, shift=None, unit=1):
         M, rows = row_selection(row_map)
         merge_dense_rows(op, M, rows, scale, shift)
@@ -164,6 +176,12 @@ class PathRead:
 
 
 class PathReadHandler(OpHandler):
+    def reader_factors(self, read: PathRead):
+        return list(read.op.paths[read.index].factors)
+
+    def owner(self, read: PathRead):
+        return read.op
+
     def sum_columns(self, read: PathRead, col_map, unit=1):
         C, cols = column_selection(col_map)
         sum_path_rows(read.op, read.index, C, cols)

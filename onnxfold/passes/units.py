@@ -83,6 +83,18 @@ class UnitGroup:
     #: clustering features that replace the handlers' (heads' circuits)
     features: Callable[[], np.ndarray] | None = None
 
+    def ops(self) -> list:
+        """The ops whose parameters the group's units hold (each once)."""
+        ops: dict[int, Any] = {}
+        for m in self.producers + self.consumers:
+            op = m.handler.owner(m.op)
+            ops.setdefault(id(op), op)
+        return list(ops.values())
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(op.num_params for op in self.ops()))
+
     def own_blocks(self, units: np.ndarray | None = None) -> list[np.ndarray]:
         return [b for m in self.producers + self.followers if m.features
                 for b in m.handler.own_blocks(m.op, m.unit, units)]

@@ -36,28 +36,25 @@ from ..decide import heads as dh
 from ..errors import UsageError
 from ..find.attention import AttentionBlock, GatedMLP, Projection, find_transformer
 from ..rewrite.attention import ProjectionEdit, ShapeEdit, rewrite_projections
-from .base import LayerReport, PassContext, PassResult
+from .base import FoldSettings, LayerReport, PassContext, PassResult
 from .foldcore import FoldCore
 from .handlers import ProjectionRows
 from .refit import FoldState
 from .units import gated_group, head_group
 
-SELECTS = ("kmeans", "magnitude")
+#: what the transformer passes offer: REPAIR's moment matching is not implemented for them
 REPAIRS = ("auto", "none", "ar", "ls")
+#: what 'auto' means here: no repair. The medoid merge needs no variance
+#: repair, Fold-AR made the mean merge worse on MiniLM, and the ls refit only
+#: generalises as far as the calibration data's input lengths
+#: (tools/results/heads.md): it is there on request, not by default.
+AUTO_REPAIR = "none"
 
 
-def _check(select: str, repair: str) -> None:
-    if select not in SELECTS:
-        raise UsageError(f"unknown selection {select!r}; choose one of {', '.join(SELECTS)}")
-    if repair not in REPAIRS:
-        raise UsageError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
-
-
-def _repair_mode(repair: str, ctx: PassContext) -> str:
-    mode = ("ls" if ctx.calibration is not None else "ar") if repair == "auto" else repair
-    if mode == "ls" and ctx.calibration is None:
-        raise UsageError("repair 'ls' needs calibration data; give calibration data or use repair 'ar' or 'none'")
-    return mode
+def _check_heads(what: str, where: str | None, v) -> None:
+    ok = (isinstance(v, (int, np.integer)) and v >= 1) or (isinstance(v, float) and 0 <= v < 1)
+    if isinstance(v, bool) or not ok:
+        raise UsageError(f"heads must be a head count >= 1 or a share in [0, 1), got {v!r}")
 
 
 def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: str, task: str,
@@ -106,15 +103,6 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
     return w_new, b_new, f"{what}: " + "; ".join(notes)
 
 
-def _targets(spec, names: list[str], what: str) -> dict[str, object]:
-    if isinstance(spec, Mapping):
-        unknown = [n for n in spec if n not in names]
-        if unknown:
-            raise UsageError(f"unknown {what} {unknown[0]!r}; the model has: {', '.join(names) or 'none'}")
-        return dict(spec)
-    return {n: spec for n in names}
-
-
 class HeadFoldingPass:
     """Fold whole attention heads of every (matched) attention block.
 
@@ -146,7 +134,8 @@ class HeadFoldingPass:
     def __init__(self, heads: float | Mapping[str, float], select: str = "kmeans",
                  merge: str = "medoid", repair: str = "auto", seed: int = 0, blocks: Sequence[str] | None = None,
                  refit: str = "all", features: str = "weights"):
-        _check(select, repair)
+        self.settings = FoldSettings("head fold", heads, select, repair, seed, blocks, repairs=REPAIRS,
+                                     auto_repair=AUTO_REPAIR, check_value=_check_heads, as_value=lambda v: v)
         if features not in dh.FEATURES:
             raise UsageError(f"unknown head features {features!r}; choose one of {', '.join(dh.FEATURES)}")
         self.features = features
@@ -155,28 +144,18 @@ class HeadFoldingPass:
         self.refit = refit
         if merge not in dh.MERGES:
             raise UsageError(f"unknown head merge {merge!r}; choose one of {', '.join(dh.MERGES)}")
-        for v in (heads.values() if isinstance(heads, Mapping) else [heads]):
-            ok = (isinstance(v, (int, np.integer)) and v >= 1) or (isinstance(v, float) and 0 <= v < 1)
-            if isinstance(v, bool) or not ok:
-                raise UsageError(f"heads must be a head count >= 1 or a share in [0, 1), got {v!r}")
         self.heads, self.select, self.merge, self.repair = heads, select, merge, repair
-        self.seed = int(seed)
-        self.blocks = None if blocks is None else list(blocks)
+        self.seed = self.settings.seed
+        self.blocks = self.settings.layers
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        # auto: no repair. The medoid merge needs no variance repair, Fold-AR
-        # made the mean merge worse on MiniLM, and the ls refit only generalises
-        # as far as the calibration data's input lengths (tools/results/heads.md):
-        # it is there on request, not by default.
-        repair = _repair_mode("none" if self.repair == "auto" else self.repair, ctx)
+        repair = self.settings.repair_mode(ctx)
         view = find_transformer(model)
         notes = [f"head_folding: {s.where}: {s.reason}" for s in view.skipped]
         if not view.attention:
             return PassResult(model, False, [], notes + ["head_folding: no foldable attention block found"])
-        names = [b.name for b in view.attention]
-        wanted = _targets(self.heads, names, "attention block")
-        if self.blocks is not None:
-            wanted = {n: v for n, v in wanted.items() if n in self.blocks}
+        wanted = self.settings.ratios([b.name for b in view.attention], "unknown attention block {!r}",
+                                      "attention blocks")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
         reports = []
@@ -275,22 +254,16 @@ class GatedFoldingPass:
 
     def __init__(self, ratio: float | Mapping[str, float], select: str = "kmeans", repair: str = "auto",
                  seed: int = 0):
-        _check(select, repair)
-        for v in (ratio.values() if isinstance(ratio, Mapping) else [ratio]):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                raise UsageError(f"gated fold ratio must be a number in [0, 1), got {v!r}")
-        self.ratio, self.select, self.repair, self.seed = ratio, select, repair, int(seed)
+        self.settings = FoldSettings("gated fold", ratio, select, repair, seed, None, repairs=REPAIRS,
+                                     auto_repair=AUTO_REPAIR)
+        self.ratio, self.select, self.repair, self.seed = ratio, select, repair, self.settings.seed
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        # auto: no repair. The medoid merge needs no variance repair, Fold-AR
-        # made the mean merge worse on MiniLM, and the ls refit only generalises
-        # as far as the calibration data's input lengths (tools/results/heads.md):
-        # it is there on request, not by default.
-        repair = _repair_mode("none" if self.repair == "auto" else self.repair, ctx)
+        repair = self.settings.repair_mode(ctx)
         view = find_transformer(model)
         if not view.gated:
             return PassResult(model, False, [], ["gated_folding: no gated MLP found"])
-        wanted = _targets(self.ratio, [g.name for g in view.gated], "gated MLP")
+        wanted = self.settings.ratios([g.name for g in view.gated], "unknown gated MLP {!r}", "gated MLPs")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
         reports = []
@@ -303,7 +276,7 @@ class GatedFoldingPass:
             if g.name not in wanted:
                 rep.note = "not selected for folding"
                 continue
-            k = fold.target_width(n, float(wanted[g.name]))
+            k = fold.target_width(n, wanted[g.name])
             if k >= n:
                 rep.note = "nothing to fold"
                 continue

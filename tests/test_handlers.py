@@ -19,6 +19,7 @@ from test_channel_folding import chain_model, residual_model
 from onnxfold.find.activations import ActivationSpec
 from onnxfold.find.attention import Projection
 from onnxfold.find.chains import find_dense_graph
+from onnxfold.find.dense import LinearPath
 from onnxfold.find.conv import find_conv_graph
 from onnxfold.find.graph_index import GraphIndex
 from onnxfold.measure.data import CalibrationSet
@@ -27,7 +28,7 @@ from onnxfold.passes.foldcore import FoldCore
 from onnxfold.passes.handlers import HANDLERS, OpHandler, OutputRows, RowSource, handler_for
 from onnxfold.passes.refit import FoldState
 from onnxfold.passes.units import Member, UnitGroup, conv_chain_group, dense_group, residual_group
-from onnxfold.rewrite import materialize
+from onnxfold.rewrite import HiddenEdit, apply_edit, materialize
 from onnxfold.rewrite.attention import ProjectionEdit, rewrite_projections
 from onnxfold.rewrite.conv import materialize_convs
 
@@ -88,6 +89,31 @@ def test_dense_handler_reads_merges_and_slices_like_onnxruntime():
     w2[:, 2] = 0
     reference = build_mlp([5, 6, 3], weights=[weights[0], (w2, weights[1][1])])
     _close(ort_run(materialize(model, view), x)[0], ort_run(reference, x)[0])
+
+
+def test_activation_slopes_and_path_reads_follow_the_merge():
+    """PReLU slopes (a follower) and a linear path reading the hidden layer
+    (a consumer through its first factor) merge with the dense neurons."""
+    weights = _dup_mlp(seed=2)
+    rng = np.random.default_rng(3)
+    w2, b2 = rng.standard_normal((6, 6)), rng.standard_normal(6) * 0.1
+    w3, b3 = rng.standard_normal((3, 6)), rng.standard_normal(3) * 0.1
+    slope = rng.uniform(0.05, 0.5, 6)
+    slope[4] = slope[1]
+    base = build_mlp([5, 6, 6, 3], "prelu", act_params={"slope": slope}, weights=[*weights[:1], (w2, b2), (w3, b3)])
+    # fc2 also reads h0 through a linear path: a reader of layer0's units
+    view = find_dense_graph(base)
+    apply_edit(view.chain("layer1"), HiddenEdit.keep(6, np.arange(6), new_paths=[
+        LinearPath("h0", [rng.standard_normal((6, 3))])]))
+    model = materialize(base, view)
+    view = find_dense_graph(model)
+    group = dense_group(view.chain("layer0"))
+    assert [type(m.op).__name__ for m in group.consumers] == ["DenseOp", "PathRead"]
+    _merge(group, [0, 1, 2, 3, 1, 4])
+    folded = materialize(model, view)
+    assert view.ops["fc2"].paths[0].factors[0].shape == (5, 3)
+    x = np.random.default_rng(4).standard_normal((7, 5)).astype(np.float32)
+    _close(ort_run(folded, x)[0], ort_run(model, x)[0])
 
 
 # ------------------------------------------------------------------ conv

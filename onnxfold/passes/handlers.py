@@ -237,6 +237,8 @@ class ConvHandler(OpHandler):
     def geometry(self, op: ConvOp) -> tuple[tuple, str]:
         """(kernel, strides, pads, dilations) of a refittable conv, or () and why not."""
         ix = self.index
+        if ix is None:
+            return (), "ls: the conv's geometry is unknown here (no graph index); kept the plain fold"
         node = ix.node_by_name[op.name]
         kernel = tuple(op.weight.shape[2:])
         if op.group != 1:

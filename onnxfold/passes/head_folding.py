@@ -158,24 +158,10 @@ class HeadFoldingPass:
                                       "attention blocks")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
-        reports = []
-        for i, b0 in enumerate(view.attention):
-            ctx.report_progress("head folding", i, len(view.attention))
-            b = _same_block(state.current_model(), b0)
-            h = b.num_heads
-            rep = LayerReport(layer=b.name, producer=b.q.node, activation="attention (heads)", width_before=h,
-                              width_after=h, params_before=b.num_params, params_after=b.num_params)
-            reports.append(rep)
-            if b.name not in wanted:
-                rep.note = "not selected for head folding"
-                continue
-            k = dh.heads_after(h, wanted[b.name])
-            if k >= h:
-                rep.note = "nothing to fold"
-                continue
-            self._fold_block(core, b0, b, k, rep)
-            rep.params_after = _same_block(state.current_model(), b0).num_params
-        ctx.report_progress("head folding", len(view.attention), len(view.attention))
+        reports = _fold_in_order(core, view.attention, _same_block, wanted, "head folding", self._fold_block,
+                                 lambda b: LayerReport(layer=b.name, producer=b.q.node, activation="attention (heads)",
+                                                       width_before=b.num_heads, width_after=b.num_heads),
+                                 dh.heads_after, "not selected for head folding")
         return PassResult(state.current_model(), state.edited, reports, notes)
 
     def _fold_block(self, core: FoldCore, b0: AttentionBlock, b: AttentionBlock, k: int, rep: LayerReport) -> None:
@@ -266,38 +252,60 @@ class GatedFoldingPass:
         wanted = self.settings.ratios([g.name for g in view.gated], "unknown gated MLP {!r}", "gated MLPs")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
-        reports = []
-        for g0 in view.gated:
-            g = _same_glu(state.current_model(), g0)
-            n = g.width
-            rep = LayerReport(layer=g.name, producer=g.gate.node, activation=f"gated {g.activation.describe()}",
-                              width_before=n, width_after=n, params_before=g.num_params, params_after=g.num_params)
-            reports.append(rep)
-            if g.name not in wanted:
-                rep.note = "not selected for folding"
-                continue
-            k = fold.target_width(n, wanted[g.name])
-            if k >= n:
-                rep.note = "nothing to fold"
-                continue
-            group = gated_group(g)
-            plan = core.plan(group, k)
-            current = state.current_model()
-            core.rewrite(group, plan)
-            edits = [ProjectionEdit(p, p.weight, p.bias) for p in (g.gate, g.up)]  # rows merged
-            edits.append(ProjectionEdit(g.down, g.down.weight, None))  # columns summed, bias as it was
-            state.replace(rewrite_projections(current, edits, [], set(g.gate.nodes + g.up.nodes + [g.mul] + g.down.nodes
-                                                                     + g.activation.nodes)))
-            rep.width_after, rep.merged, rep.pruned = plan.width_after, plan.merged, plan.pruned
-            if repair == "ls":
-                g2 = _same_glu(state.current_model(), g0)
-                wr, br, rep.note = _refit_projection(core, g2.down, g2.hidden, g0.down.output,
-                                                     f"gated folding {g.name}: refit")
-                if wr is not None:
-                    state.replace(rewrite_projections(state.current_model(), [ProjectionEdit(g2.down, wr, br)], [],
-                                                      set(g2.down.nodes)))
-            rep.params_after = _same_glu(state.current_model(), g0).num_params
+        reports = _fold_in_order(core, view.gated, _same_glu, wanted, "gated folding", self._fold_glu,
+                                 lambda g: LayerReport(layer=g.name, producer=g.gate.node,
+                                                       activation=f"gated {g.activation.describe()}",
+                                                       width_before=g.width, width_after=g.width),
+                                 fold.target_width, "not selected for folding")
         return PassResult(state.current_model(), state.edited, reports, [])
+
+    def _fold_glu(self, core: FoldCore, g0: GatedMLP, g: GatedMLP, k: int, rep: LayerReport) -> None:
+        """Fold (the core's: gate and up rows merged, down columns summed), write, refit."""
+        state = core.state
+        group = gated_group(g)
+        plan = core.plan(group, k)
+        current = state.current_model()
+        core.rewrite(group, plan)
+        edits = [ProjectionEdit(p, p.weight, p.bias) for p in (g.gate, g.up)]  # rows merged
+        edits.append(ProjectionEdit(g.down, g.down.weight, None))  # columns summed, bias as it was
+        state.replace(rewrite_projections(current, edits, [], set(g.gate.nodes + g.up.nodes + [g.mul] + g.down.nodes
+                                                                 + g.activation.nodes)))
+        rep.width_after, rep.merged, rep.pruned = plan.width_after, plan.merged, plan.pruned
+        if core.repair != "ls":
+            return
+        g2 = _same_glu(state.current_model(), g0)
+        wr, br, rep.note = _refit_projection(core, g2.down, g2.hidden, g0.down.output, f"gated folding {g.name}: refit")
+        if wr is not None:
+            state.replace(rewrite_projections(state.current_model(), [ProjectionEdit(g2.down, wr, br)], [],
+                                              set(g2.down.nodes)))
+
+
+def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str, fold_one, report, target,
+                   unselected: str) -> list[LayerReport]:
+    """One report per block (as ``found`` in the input model), in order: each
+    is found again in the current model (``refind``: earlier rewrites moved
+    it), folded to ``target(width, wanted[name])`` units by ``fold_one(core,
+    found, current, k, report)`` unless that removes nothing, and its
+    parameters counted before and after."""
+    state, ctx = core.state, core.ctx
+    reports = []
+    for i, x0 in enumerate(found):
+        ctx.report_progress(task, i, len(found))
+        x = refind(state.current_model(), x0)
+        rep = report(x)
+        rep.params_before = rep.params_after = x.num_params
+        reports.append(rep)
+        if x.name not in wanted:
+            rep.note = unselected
+            continue
+        k = target(rep.width_before, wanted[x.name])
+        if k >= rep.width_before:
+            rep.note = "nothing to fold"
+            continue
+        fold_one(core, x0, x, k, rep)
+        rep.params_after = refind(state.current_model(), x0).num_params
+    ctx.report_progress(task, len(found), len(found))
+    return reports
 
 
 def _same_glu(model: onnx.ModelProto, glu: GatedMLP) -> GatedMLP:

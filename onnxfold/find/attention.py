@@ -30,49 +30,65 @@ tensors read outside the pattern. Discovery never changes the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from .activations import ActivationSpec
-from .chains import FLOAT_TYPES, Skipped, _match_activation
+from .chains import FLOAT_TYPES, Skipped, match_activation
 from .graph_index import GraphIndex
+from .weights import LazyWeight, constant_loader
 
 FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention")
 
 
-@dataclass
-class Projection:
+class Projection(LazyWeight):
     """A MatMul with a constant 2-D weight and an optional constant bias Add.
 
-    ``weight`` is out × in (``Bᵀ``), float64; ``weight_input`` / ``bias_input``
-    are the tensors the rewrite replaces (input ``weight_slot`` of ``node``,
-    input ``bias_slot`` of ``bias_node``)."""
+    ``weight`` is out × in (``Bᵀ``), read on first use and kept in float32
+    (float64 for float64 models); ``bias`` float64. ``weight_input`` /
+    ``bias_input`` are the tensors the rewrite replaces (input
+    ``weight_slot`` of ``node``, input ``bias_slot`` of ``bias_node``)."""
 
-    node: str
-    input: str
-    output: str  # after the bias Add when there is one
-    weight_input: str
-    weight: np.ndarray
-    dtype: np.dtype
-    bias_node: str | None = None
-    bias_input: str | None = None
-    bias_slot: int = 1
-    bias: np.ndarray | None = None
+    weight_rank = 2
+
+    def __init__(self, node: str, input: str, output: str, weight_input: str, weight: np.ndarray | None = None,
+                 dtype=np.float32, bias_node: str | None = None, bias_input: str | None = None, bias_slot: int = 1,
+                 bias: np.ndarray | None = None, *, weight_loader: Callable[[], np.ndarray] | None = None,
+                 weight_shape: tuple[int, int] | None = None):
+        self.node = node
+        self.input = input
+        self.output = output  # after the bias Add when there is one
+        self.weight_input = weight_input
+        self.dtype = np.dtype(dtype)
+        self.bias_node = bias_node
+        self.bias_input = bias_input
+        self.bias_slot = bias_slot
+        self.bias = bias
+        self.changed = False  # a rewrite writes new weights from ProjectionEdits: the view is never edited
+        self._init_weight(weight, weight_loader, weight_shape)
+
+    @property
+    def name(self) -> str:
+        return self.node
+
+    def __repr__(self) -> str:
+        return f"Projection({self.node!r}, {self.weight_shape})"
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight_shape[1]
 
     @property
     def num_params(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+        return int(self.weight_shape[0] * self.weight_shape[1] + (0 if self.bias is None else self.bias.size))
 
     def bias_or_zero(self) -> np.ndarray:
         return np.zeros(self.out_features) if self.bias is None else self.bias
@@ -107,8 +123,12 @@ class AttentionBlock:
     nodes: list[str] = field(default_factory=list)
 
     @property
+    def projections(self) -> list[Projection]:
+        return [self.q, self.k, self.v, self.o]
+
+    @property
     def num_params(self) -> int:
-        return sum(p.num_params for p in (self.q, self.k, self.v, self.o))
+        return sum(p.num_params for p in self.projections)
 
 
 @dataclass
@@ -126,8 +146,12 @@ class GatedMLP:
         return self.gate.out_features
 
     @property
+    def projections(self) -> list[Projection]:
+        return [self.gate, self.up, self.down]
+
+    @property
     def num_params(self) -> int:
-        return sum(p.num_params for p in (self.gate, self.up, self.down))
+        return sum(p.num_params for p in self.projections)
 
 
 @dataclass
@@ -135,6 +159,15 @@ class TransformerView:
     attention: list[AttentionBlock]
     gated: list[GatedMLP]
     skipped: list[Skipped]
+
+    def release_except(self, group: AttentionBlock | GatedMLP | None = None) -> None:
+        """Drop the weights of all projections but ``group``'s (they are read
+        from the model again on use)."""
+        keep = set() if group is None else {id(p) for p in group.projections}
+        for g in [*self.attention, *self.gated]:
+            for p in g.projections:
+                if id(p) not in keep:
+                    p.release()
 
 
 class _NoMatch(Exception):
@@ -158,23 +191,23 @@ def projection_at(ix: GraphIndex, tensor: str) -> Projection | None:
         mm = ix.producer.get(p.input[1 - slot])
         if mm is None or mm.op_type != "MatMul" or ix.single_consumer(mm.output[0]) is not p:
             return None
-        b = np.asarray(ix.const(p.input[slot]))
         bias_node, bias_input, bias_slot = p.name, p.input[slot], slot
-        bias = b
         p = mm
     if p.op_type != "MatMul" or ix.is_const(p.input[0]) or not ix.is_const(p.input[1]):
         return None
-    B = ix.const(p.input[1])
-    if B.ndim != 2 or B.dtype.type not in FLOAT_TYPES:
+    meta = ix.const_meta(p.input[1])
+    if meta is None or len(meta[0]) != 2 or meta[1].type not in FLOAT_TYPES:
         return None
-    W = B.T.astype(np.float64)
-    if bias is not None:
-        if bias.size != W.shape[0] or bias.ndim > 1 and bias.shape[-1] != W.shape[0]:
+    shape = meta[0][::-1]  # W = Bᵀ: out × in
+    if bias_input is not None:
+        bias_meta = ix.const_meta(bias_input)  # checked before reading: a big constant is no bias
+        if bias_meta is None or int(np.prod(bias_meta[0])) != shape[0] \
+                or len(bias_meta[0]) > 1 and bias_meta[0][-1] != shape[0]:
             return None
-        bias = bias.reshape(-1).astype(np.float64)
-    return Projection(node=p.name, input=p.input[0], output=tensor, weight_input=p.input[1], weight=W,
-                      dtype=np.dtype(B.dtype), bias_node=bias_node, bias_input=bias_input, bias_slot=bias_slot,
-                      bias=bias)
+        bias = np.asarray(ix.const(bias_input)).reshape(-1).astype(np.float64)
+    return Projection(node=p.name, input=p.input[0], output=tensor, weight_input=p.input[1], dtype=meta[1],
+                      bias_node=bias_node, bias_input=bias_input, bias_slot=bias_slot, bias=bias,
+                      weight_loader=constant_loader(ix, p.input[1], np.transpose), weight_shape=shape)
 
 
 def shape_elements(ix: GraphIndex, tensor: str) -> list[tuple[int | None, int, int]] | None:
@@ -203,8 +236,8 @@ def shape_elements(ix: GraphIndex, tensor: str) -> list[tuple[int | None, int, i
 
 def _scalar_const(ix: GraphIndex, node: onnx.NodeProto, t: str) -> bool:
     other = node.input[1] if node.input[0] == t else node.input[0]
-    v = ix.const(other)
-    return v is not None and np.asarray(v).size == 1
+    meta = ix.const_meta(other)  # the size says it: a big constant is not read
+    return meta is not None and int(np.prod(meta[0])) == 1
 
 
 # --------------------------------------------------------------------------
@@ -326,8 +359,8 @@ class _AttnFinder:
                 if scores_in is None:
                     raise _NoMatch("scores: Add before Softmax has no scores input")
                 mask = p.input[1] if p.input[0] == scores_in else p.input[0]
-                mv = ix.const(mask)
-                if mv is not None and np.asarray(mv).ndim == 4 and np.asarray(mv).shape[1] > 1:
+                mask_meta = ix.const_meta(mask)  # the shape says it all: the values are not read
+                if mask_meta is not None and len(mask_meta[0]) == 4 and mask_meta[0][1] > 1:
                     raise _NoMatch("scores: a constant per-head score bias is added (not supported)")
                 self.nodes.append(p.name)
                 t = scores_in
@@ -427,7 +460,7 @@ def _match_gated(ix: GraphIndex, mul: onnx.NodeProto, taken: set[str]) -> GatedM
             gate = projection_at(ix, cand)
             if gate is None or gate.node == up.node:
                 continue
-            spec, _ = _match_activation(ix, cand)
+            spec, _ = match_activation(ix, cand)
             if spec is None or spec.output != act_out or ix.single_consumer(act_out) is not mul:
                 continue
             if gate.out_features != up.out_features or gate.input != up.input:

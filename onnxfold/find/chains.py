@@ -15,6 +15,7 @@ import onnx
 from .activations import ActivationSpec
 from .dense import DenseOp, LinearPath
 from .graph_index import GraphIndex
+from .weights import constant_loader
 
 FLOAT_TYPES = (np.float32, np.float64, np.float16)
 
@@ -91,14 +92,18 @@ def _weight_loader(ix: GraphIndex, name: str, trans_b: bool, alpha: float):
     """Reads the out × in weight of a Gemm/MatMul when first needed: a find
     over a multi-GB model reads no weight until a pass asks for it."""
 
-    def load() -> np.ndarray:
-        B = ix.const(name)
+    def out_by_in(B: np.ndarray) -> np.ndarray:
         W = B if trans_b else B.T  # a view: no copy before the storage cast
         if alpha != 1.0:
             W = W.astype(np.float64) * alpha
         return W
 
-    return load
+    return constant_loader(ix, name, out_by_in)
+
+
+def _factors_loader(ix: GraphIndex, names: list[str]):
+    """Reads a linear path's factors when first needed."""
+    return lambda: [ix.const(n) for n in names]
 
 
 class _OpFinder:
@@ -151,7 +156,7 @@ class _OpFinder:
     def _path_from(self, tensor: str, out_features: int) -> LinearPath | None:
         """A bias-free chain of constant MatMuls ending in ``tensor``."""
         ix = self.ix
-        factors, nodes = [], []
+        names, shapes, nodes = [], [], []
         t = tensor
         while True:
             p = ix.producer.get(t)
@@ -159,15 +164,16 @@ class _OpFinder:
                 break
             if ix.single_consumer(t) is None:
                 break
-            F = ix.const(p.input[1])
-            if F.ndim != 2:
+            meta = ix.const_meta(p.input[1])
+            if meta is None or len(meta[0]) != 2:
                 break
-            factors.insert(0, F.astype(np.float64))
+            names.insert(0, p.input[1])
+            shapes.insert(0, meta[0])
             nodes.insert(0, p.name)
             t = p.input[0]
-        if not factors or factors[-1].shape[1] != out_features:
+        if not shapes or shapes[-1][1] != out_features:
             return None
-        return LinearPath(input=t, factors=factors, nodes=nodes)
+        return LinearPath(input=t, nodes=nodes, factor_loader=_factors_loader(ix, names), factor_shapes=shapes)
 
     def _is_path_head(self, node: onnx.NodeProto) -> bool:
         """A const-weight MatMul feeding input 1 of an Add whose input 0 is a
@@ -214,8 +220,11 @@ class _OpFinder:
             if c.op_type == "Add" and len(c.input) == 2:
                 other = c.input[1] if c.input[0] == op.output else c.input[0]
                 if ix.is_const(other):
+                    meta = ix.const_meta(other)  # a big constant is no bias: never read it
+                    if meta is None or len(meta[0]) > 3 or int(np.prod(meta[0])) not in (1, op.out_features):
+                        break
                     vec = _as_vector(ix.const(other), op.out_features)
-                    if vec is None or ix.const(other).ndim > 3:
+                    if vec is None:
                         break
                     op.bias = op.bias_or_zero() + vec
                     op.nodes += [c.name] + ix.const_source_nodes(other)
@@ -240,7 +249,7 @@ class _OpFinder:
                 scale, b, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
                 eps = float(ix.attr(c, "epsilon", 1e-5))
                 s = scale / np.sqrt(var + eps)
-                op.weight = op.weight * s[:, None]
+                op.scale_rows(s)  # applied when the weight is read
                 op.bias = (op.bias_or_zero() - mean) * s + b
                 op.nodes.append(c.name)
                 op.output = c.output[0]
@@ -260,8 +269,9 @@ def _float_attr(ix: GraphIndex, node, name, default):
     return float(v) if v is not None else default
 
 
-def _match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
-    """The activation reading pre-activation ``pre``; (None, reason) if none."""
+def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
+    """The activation reading pre-activation ``pre`` (dense chains here, gate
+    activations of gated MLPs in :mod:`.attention`); (None, reason) if none."""
     if pre in ix.graph_outputs:
         return None, "output layer: its result is a graph output (nothing after it to fold into)"
     cs = ix.consumers.get(pre, [])
@@ -398,7 +408,7 @@ def find_dense_graph(model: onnx.ModelProto) -> DenseGraph:
     chains: list[Chain] = []
     activations: dict[str, ActivationSpec] = {}
     for op in ops.values():
-        act, why = _match_activation(ix, op.output)
+        act, why = match_activation(ix, op.output)
         if act is None:
             skipped.append(Skipped(op.name, f"no chain: {why}"))
             continue

@@ -95,7 +95,8 @@ class ChannelFoldingPass:
         reports = [run.fold_residual(grp, ratios[grp.name]) for grp in groups]
         reports += fold_in_order(view.chains, ratios, ctx, "channel folding", run.fold,
                                  lambda c: _report(c, c.width, note="not selected for folding"),
-                                 lambda c: c.num_params, before=before)
+                                 lambda c: c.num_params, before_each=view.release_except,
+                                 before=before)  # unedited kernels are read again when needed
         notes += self.settings.auto_note(ctx, repair, "channel folding")
         out = run.state.current_model() if run.state.edited else model
         return PassResult(out, run.state.edited, reports, notes)

@@ -230,7 +230,7 @@ class ConvHandler(OpHandler):
         return op.rows().copy(), op.bias_or_zero().copy()
 
     def set_refit(self, op: ConvOp, weight, bias):
-        op.weight = weight.reshape(op.weight.shape)
+        op.weight = weight.reshape(op.weight_shape)
         op.bias = bias
         op.changed = True
 

@@ -52,6 +52,17 @@ def merge_output_channels(op: ConvOp, row_map: np.ndarray, scale: np.ndarray | N
     op.weight, op.bias, op.changed = w, b, True
 
 
+def merge_depthwise_channels(op: ConvOp, row_map: np.ndarray) -> None:
+    """A depthwise conv's per-channel kernels and biases become ``row_map @ old``
+    and its group count the new width (a bias-less one stays bias-less)."""
+    R = np.asarray(row_map, dtype=np.float64)
+    k = R.shape[0]
+    op.weight = (R @ op.rows()).reshape((k,) + op.weight.shape[1:])
+    op.bias = None if op.bias is None else R @ op.bias
+    op.group = k
+    op.changed = True
+
+
 def sum_input_channels(op: ConvOp | GemmReader, col_map: np.ndarray) -> None:
     """Input channels (conv) or input features (Gemm) of ``op`` become ``old @ col_map``."""
     C = np.asarray(col_map, dtype=np.float64)
@@ -71,10 +82,7 @@ def apply_channel_edit(chain: ConvChain, edit: ChannelEdit) -> None:
         raise ValueError("row_map / col_map do not match the chain's width")
     merge_output_channels(prod, R, edit.row_scale, edit.row_shift)
     for m, _act in chain.mids:  # depthwise: same assignment on its per-channel kernels and biases
-        m.weight = (R @ m.rows()).reshape((k,) + m.weight.shape[1:])
-        m.bias = None if m.bias is None else R @ m.bias
-        m.group = k
-        m.changed = True
+        merge_depthwise_channels(m, R)
     if edit.consumer_weight is not None:
         cons.weight = np.asarray(edit.consumer_weight, dtype=np.float64)
     else:  # sum the input-channel slices of each cluster: W[:, j] -> Σ_j W[:, j] C[j, c]

@@ -163,3 +163,19 @@ def test_fused_onnxruntime_ops_are_reported_once_per_type():
     assert [(s.where, "2 fused com.microsoft SkipLayerNormalization" in s.reason) for s in view.skipped] == \
         [("sln0", True)]
     assert model.SerializeToString() == before
+
+
+# the shipped byte-level decoders, where this checkout has them (models/README.md: 4 layers, hidden 128,
+# 4 query heads of 32 dims, SwiGLU MLP 344; llama_gqa has 2 key/value heads)
+@pytest.mark.parametrize("name,kv_heads", [("llama_mha", 4), ("llama_gqa", 2)])
+def test_shipped_decoders_when_present(name, kv_heads):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "models" / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"models/{name}.onnx is not in this checkout")
+    view = find_transformer(onnx.load(str(path)))
+    assert [(b.num_heads, b.num_kv_heads, b.head_dim, b.rotary, b.q.in_features) for b in view.blocks] == \
+        [(4, kv_heads, 32, True, 128)] * 4
+    assert (len(view.attention), len(view.grouped)) == ((4, 0) if kv_heads == 4 else (0, 4))
+    assert [(g.width, g.activation.kind) for g in view.gated] == [(344, "silu")] * 4

@@ -328,16 +328,19 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     from .find.conv import find_conv_graph
 
     conv_chains = [c.name for c in find_conv_graph(original).chains]
-    gated, attention = [], []
+    gated, attention, grouped = [], [], []
     if any(n.op_type in ("Softmax", "Mul") for n in original.graph.node):  # attention / gated MLPs may be there
         from .find.attention import find_transformer
 
         tview = find_transformer(original)
         gated, attention = [g.name for g in tview.gated], [b.name for b in tview.attention]
+        grouped = [f"{b.name}: {b.num_heads} heads over {b.num_kv_heads} key/value heads" for b in tview.grouped]
         del tview
     if opts.fold.heads is not None and not attention:
-        raise UsageError("--fold-heads: no foldable attention block found in the model"
-                         " (fused or grouped-query attention is not folded; see the report's notes)")
+        why = (f"; it has grouped-query attention ({'; '.join(grouped)}), whose key/value groups head folding"
+               " does not fold yet" if grouped else
+               " (fused or grouped-query attention is not folded; see the report's notes)")
+        raise UsageError(f"--fold-heads: no foldable attention block found in the model{why}")
     search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
@@ -482,15 +485,25 @@ def _lossless_fallback(original, search_result, linear: bool, ctx: PassContext, 
 
 def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,
             progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Dense chains of ``model`` and, with calibration data, per-layer neuron
-    statistics: how many neurons are always on / never on / mixed."""
+    """Dense chains, attention blocks and gated MLPs of ``model`` and, with
+    calibration data, per-layer neuron statistics of the dense chains: how
+    many neurons are always on / never on / mixed."""
+    from .find.attention import find_transformer
     from .measure.data import load_calibration
     from .measure.stats import collect_neuron_stats
     from .runtime import resolve_provider
 
     m, path = _load(model)
     view = find_dense_graph(m)
-    out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in view.skipped], "notes": []}
+    tview = find_transformer(m)
+    # a projection of an attention block or gated MLP is no dense chain, and is not reported as a failed one
+    covered = {n for b in tview.blocks for n in b.nodes} | {n for g in tview.gated for p in g.projections
+                                                            for n in p.nodes}
+    skipped = [s for s in view.skipped if s.where not in covered] + tview.skipped
+    out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in skipped], "notes": []}
+    # every attention block found, in graph order; grouped-query ones are listed, not folded yet (see skipped)
+    out["attention"] = [{**b.summary(), "foldable": not b.grouped} for b in tview.blocks]
+    out["gated"] = [g.summary() for g in tview.gated]
     stats = {}
     if calibration is not None:
         providers, notice = resolve_provider(provider)

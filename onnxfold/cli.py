@@ -412,8 +412,6 @@ def _cmd_optimize(args, console) -> int:
 
 
 def _cmd_inspect(args, console) -> int:
-    from rich.table import Table
-
     from .api import inspect
 
     model = Path(args.model)
@@ -439,7 +437,20 @@ def _cmd_inspect(args, console) -> int:
                      f"({info.get('calibration_samples')} calibration samples)")
         if not args.quiet:
             console.print(f"wrote {args.plot}")
-    t = Table(title=f"Dense chains in {model.name}", title_justify="left")
+    if info["chains"] or not (info["attention"] or info["gated"]):  # transformers: their blocks' tables below
+        _print_dense_chains(info, model.name, console)
+    _print_transformer_blocks(info, model.name, console)
+    for s in info["skipped"]:
+        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
+    for n in info["notes"]:
+        console.print(f"note: {n}")
+    return EXIT_OK
+
+
+def _print_dense_chains(info: dict, model_name: str, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Dense chains in {model_name}", title_justify="left")
     cols = ["layer", "producer", "activation", "in", "neurons", "out"]
     stats = any("mixed" in c for c in info["chains"])
     if stats:
@@ -457,11 +468,28 @@ def _cmd_inspect(args, console) -> int:
     if stats:
         console.print(f"statistics over {info['calibration_samples']} calibration samples "
                       "(always on: one linear piece on every row; never on: constant on every row)")
-    for s in info["skipped"]:
-        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
-    for n in info["notes"]:
-        console.print(f"note: {n}")
-    return EXIT_OK
+
+
+def _print_transformer_blocks(info: dict, model_name: str, console) -> None:
+    """inspect's attention and gated-MLP tables (when the model has any)."""
+    from rich.table import Table
+
+    tables = (("attention", f"Attention blocks in {model_name}",
+               [("block", "block"), ("q projection", "q"), ("heads", "heads"), ("kv heads", "kv_heads"),
+                ("head dim", "head_dim"), ("hidden", "hidden"), ("rotary", "rotary"), ("foldable", "foldable")]),
+              ("gated", f"Gated MLPs in {model_name}",
+               [("block", "block"), ("gate", "gate"), ("activation", "activation"), ("in", "in"),
+                ("neurons", "neurons"), ("out", "out")]))
+    for key, title, cols in tables:
+        if not info.get(key):
+            continue
+        t = Table(title=title, title_justify="left")
+        for head, _ in cols:
+            t.add_column(head, justify="right" if head in ("heads", "kv heads", "head dim", "hidden", "in", "neurons",
+                                                           "out") else "left")
+        for row in info[key]:
+            t.add_row(*[("yes" if row[k] else "no") if isinstance(row[k], bool) else str(row[k]) for _, k in cols])
+        console.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,6 +310,8 @@ def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, s
             spec = ActivationSpec("sigmoid")
         elif k == "Tanh":
             spec = ActivationSpec("tanh")
+        elif k == "Swish" and _float_attr(ix, n, "alpha", 1.0) == 1.0:  # opset 24: x·sigmoid(αx), SiLU at α = 1
+            spec = ActivationSpec("silu")
         elif k == "Gelu":
             approx = ix.attr(n, "approximate", b"none")
             approx = approx.decode() if isinstance(approx, bytes) else approx
@@ -332,7 +334,8 @@ def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, s
 
 
 def _match_erf_gelu(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
-    """Gelu as exporters decompose it: x*0.5*(1+Erf(x/√2)) in its usual orders."""
+    """Gelu as exporters decompose it: x*0.5*(1+Erf(x/√2)) in its usual orders
+    (legacy torch: (x·(1+erf))·0.5 or (x·0.5)·(1+erf); dynamo: x·(0.5·(1+erf)))."""
     cs = ix.consumers.get(pre, [])
     nodes = []
     scale = next((c for c in cs if c.op_type in ("Div", "Mul") and _erf_follows(ix, c)), None)
@@ -357,12 +360,19 @@ def _match_erf_gelu(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, st
     others = [c for c in cs if c is not scale]
     if len(others) != 1 or others[0].op_type != "Mul":
         return None, "Gelu pattern incomplete"
+    half_of_sum = ix.const(m1.input[1] if m1.input[0] == add.output[0] else m1.input[0])
     if others[0] is m1:  # Mul(pre, 1+erf) -> Mul(·, 0.5)
         m2 = ix.single_consumer(m1.output[0])
         if m2 is None or m2.op_type != "Mul":
             return None, "Gelu pattern incomplete"
         half = ix.const(m2.input[1] if m2.input[0] == m1.output[0] else m2.input[0])
         out = m2.output[0]
+        nodes += [m1.name, m2.name]
+    elif half_of_sum is not None:  # Mul(0.5, 1+erf) -> Mul(pre, ·), as torch.onnx dynamo writes it
+        m2 = others[0]
+        if ix.single_consumer(m1.output[0]) is not m2 or sorted(m2.input) != sorted([pre, m1.output[0]]):
+            return None, "Gelu pattern incomplete"
+        half, out = half_of_sum, m2.output[0]
         nodes += [m1.name, m2.name]
     else:  # Mul(pre, 0.5) -> Mul(·, 1+erf)
         h = others[0]

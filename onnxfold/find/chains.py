@@ -15,7 +15,7 @@ import onnx
 from .activations import ActivationSpec
 from .dense import DenseOp, LinearPath
 from .graph_index import GraphIndex
-from .weights import constant_loader
+from .weights import OpsView, constant_loader
 
 FLOAT_TYPES = (np.float32, np.float64, np.float16)
 
@@ -46,23 +46,13 @@ class Chain:
 
 
 @dataclass
-class DenseGraph:
+class DenseGraph(OpsView):
     """What ``find`` returns: dense ops (topological order), chains, skips."""
 
     ops: dict[str, DenseOp]
     chains: list[Chain]
     skipped: list[Skipped]
     activations: dict[str, ActivationSpec]  # by pre-activation tensor
-
-    def chain(self, name: str) -> Chain:
-        for c in self.chains:
-            if c.name == name:
-                return c
-        raise KeyError(name)
-
-    @property
-    def changed(self) -> bool:
-        return any(op.changed for op in self.ops.values())
 
     def release_except(self, chain: Chain | None = None) -> None:
         """Drop the unedited weights of all ops but ``chain``'s (they are read

@@ -39,7 +39,7 @@ import onnx
 from .activations import ActivationSpec
 from .chains import FLOAT_TYPES, Skipped
 from .graph_index import GraphIndex
-from .weights import LazyWeight, constant_loader
+from .weights import OpsView, LazyWeight, constant_loader
 
 #: Element-wise ops that leave the channel layout as it is (one channel in,
 #: the same channel out): channel spaces are traced through them.
@@ -198,22 +198,12 @@ class ResidualGroup:
 
 
 @dataclass
-class ConvGraph:
+class ConvGraph(OpsView):
     ops: dict[str, ConvOp]
     chains: list[ConvChain]
     residual: list[ResidualGroup]
     skipped: list[Skipped]
     gemms: dict[str, GemmReader] = field(default_factory=dict)
-
-    def chain(self, name: str) -> ConvChain:
-        for c in self.chains:
-            if c.name == name:
-                return c
-        raise KeyError(name)
-
-    @property
-    def changed(self) -> bool:
-        return any(op.changed for op in self.ops.values())
 
     def release_except(self, group: ConvChain | ResidualGroup | None = None) -> None:
         """Drop the unedited weights of all ops but ``group``'s (a chain or a

@@ -130,3 +130,21 @@ class LazyWeight:
             self.weight = self._weight * s.reshape((-1,) + (1,) * (self._weight.ndim - 1))
         else:
             self._loader = scaled_rows(self._loader, scale)
+
+
+class OpsView:
+    """What the dense and conv views share: ops by name and chains by name."""
+
+    ops: dict
+    chains: list
+
+    def chain(self, name: str):
+        for c in self.chains:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def changed(self) -> bool:
+        """Has any op been edited since the view was found?"""
+        return any(op.changed for op in self.ops.values())

@@ -6,11 +6,15 @@ Python API::
     result = onnxfold.optimize("model.onnx", calibration="model.calib.npz")
     result.save("model.fold.onnx")
     print(result.report["ratios"])
+
+Settings come as flat keywords (``fold_ratio=0.5``) or as one typed
+``OptimizeOptions`` grouped by concern (``onnxfold.options``).
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+from .api import OptimizeResult, inspect, optimize
+from .decide.budget import Budget
+from .errors import OnnxFoldError
+from .options import OptimizeOptions
 
-from .api import OptimizeResult, inspect, optimize  # noqa: E402
-from .errors import OnnxFoldError  # noqa: E402
-
-__all__ = ["optimize", "inspect", "OptimizeResult", "OnnxFoldError", "__version__"]
+__all__ = ["optimize", "inspect", "OptimizeResult", "OptimizeOptions", "Budget", "OnnxFoldError", "__version__"]

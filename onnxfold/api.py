@@ -14,7 +14,7 @@ one, a third part of the calibration data is held back for the final report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,10 +24,13 @@ from .decide.budget import Budget
 from .errors import CalibrationDataError, UsageError
 from .find import find_dense_graph
 from .io import count_parameters
+from .io import load_working_copy as _load
 from .latency import measure_latency
+from .measure.data import MIN_SAMPLES_TO_SPLIT
 from .passes.base import LayerReport, PassContext
 from .profile import StageProfiler
 from .report import build_report, summarize_model
+from .options import OptimizeOptions
 from .pipeline import build_passes, choose_mode, run_passes
 
 ProgressFn = Callable[[str, int, int], None]
@@ -36,12 +39,14 @@ ProgressFn = Callable[[str, int, int], None]
 # fractions of the calibration data: (fit, select[, final check]).
 SPLIT_WITH_EVAL = (0.75, 0.25)
 SPLIT_WITHOUT_EVAL = (0.6, 0.2, 0.2)
-MIN_SAMPLES_TO_SPLIT = 10
 # With a budget, the held-out parts (select and final check) get the samples
 # the budget needs before the fit part takes the rest, within reason:
 HELD_OUT_FACTOR = 2  # twice what an unchanged candidate needs, so a candidate with a flip or two can pass
 HELD_OUT_CAP_WITHOUT_EVAL = 0.3  # per held-out part: the fit part keeps at least 40 %
 HELD_OUT_CAP_WITH_EVAL = 0.4  # the select part, when --eval is the final check: fit keeps at least 60 %
+# the settings the report's "settings" object records (report schema, flat keyword names)
+REPORTED_SETTINGS = ("linear", "linear_threshold", "linear_mode", "linear_path", "fold_ratio", "fold_select",
+                     "fold_repair", "fold_residual", "fold_heads", "seed", "batch_size")
 
 
 @dataclass
@@ -61,19 +66,6 @@ class OptimizeResult:
         if src and Path(src).exists() and Path(path).resolve() == Path(src).resolve():
             raise ModelSaveError(f"output path equals the input path ({src}); choose another output path")
         return save_model(self.model, path, external_data=external_data)
-
-
-def _load(model_or_path) -> tuple[onnx.ModelProto, str | None]:
-    from .io import clamp_versions, load_model
-
-    if isinstance(model_or_path, onnx.ModelProto):
-        m = onnx.ModelProto()
-        m.CopyFrom(model_or_path)  # never touch the caller's object
-        return clamp_versions(m), None
-    if isinstance(model_or_path, (str, Path)):
-        # external weights stay on disk until a pass reads them (see onnxfold.tensors)
-        return clamp_versions(load_model(model_or_path, defer_external=True)), str(model_or_path)
-    raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
 
 
 def held_out_size(n: int, needed: int, cap: float, floor: float) -> int:
@@ -113,10 +105,17 @@ def split_data(calib, eval_set, seed: int, needed: int | None):
     return fit, select, final
 
 
-def resolution_warning(budget: Budget, select, final, *, has_eval: bool) -> str | None:
+def has_sequence_output(model: onnx.ModelProto) -> bool:
+    """Does the model have a float output of rank 3 ([batch, positions, classes]), judged per position?"""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    return any(o.type.tensor_type.elem_type in floats and o.type.tensor_type.HasField("shape")
+               and len(o.type.tensor_type.shape.dim) == 3 for o in model.graph.output)
+
+
+def resolution_warning(budget: Budget, select, final, *, has_eval: bool, sequences: bool = False) -> str | None:
     """Said before the search starts when the held-out parts are too small for
     the budget at its confidence, with the number of samples that would do."""
-    needed = budget.samples_needed()
+    needed = budget.samples_needed(sequences=sequences)
     small = [(what, part.num_samples) for what, part in (("select", select), ("final check", final))
              if part is not None and part.num_samples < needed]
     if not small:
@@ -141,20 +140,22 @@ def _import_clustering() -> None:
     import threadpoolctl  # noqa: F401
 
 
-def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None = None, linear: bool = True,
-             linear_threshold: float | None = None, linear_mode: str = "extended", linear_path: str = "auto",
-             fold_ratio=None, fold_select: str = "kmeans", fold_repair: str = "auto", provider: str = "auto",
-             batch_size: int = 256, seed: int = 0, positive_threshold: float | None = None,
-             max_evaluations: int = 30, latency: bool = False, progress: ProgressFn | None = None,
-             profile_memory: bool = False, fold_residual: bool = False, fold_heads=None,
-             notify: Callable[[str], None] | None = None, ray_address: str | None = None,
-             ray_workers: int | None = None, ray_gpus_per_worker: float = 0.0) -> OptimizeResult:
+def optimize(model, calibration=None, *, eval_data=None, options: OptimizeOptions | None = None,
+             progress: ProgressFn | None = None, notify: Callable[[str], None] | None = None,
+             **settings) -> OptimizeResult:
     """Compress ``model`` (path or ModelProto) and verify the result.
 
     calibration / eval_data: an .npz path, a directory of .npy files, a dict of
     arrays, or an iterable of feed dicts (e.g. an onnxruntime
     CalibrationDataReader); with ``ray_address`` also a Parquet path (file or
     directory) or a ``ray.data.Dataset`` (see :mod:`onnxfold.measure.raydata`).
+
+    Settings: an :class:`~onnxfold.options.OptimizeOptions` (``options=``),
+    grouped by concern like the CLI, and/or the same settings as flat keywords
+    (``fold_ratio=0.5, provider="cpu"``; the names are
+    :data:`onnxfold.options.KEYWORDS`), which override ``options``. Bad values
+    are one-line ``UsageError``s before any work. ``progress(task, done, total)``
+    hears long work; ``notify(text)`` hears what must be said before it starts.
 
     Modes (see ``choose_mode``):
     - with calibration data and no explicit settings, search for the smallest
@@ -209,19 +210,14 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     rewrite, verification and saving stay in this process. Needs
     ``pip install 'onnxfold[ray]'``.
     """
-    if ray_address is not None:
+    opts = (options or OptimizeOptions()).with_keywords(**settings).validate()
+    if opts.runtime.ray_address is not None:
         from .distributed import import_ray
 
         import_ray()  # before any work: a missing install is a one-line error
-    with StageProfiler(memory=profile_memory) as profiler:
-        result = _optimize(model, calibration, eval_data=eval_data, budget=budget, linear=linear,
-                           linear_threshold=linear_threshold, linear_mode=linear_mode, linear_path=linear_path,
-                           fold_ratio=fold_ratio, fold_select=fold_select, fold_repair=fold_repair,
-                           provider=provider, batch_size=batch_size, seed=seed,
-                           positive_threshold=positive_threshold, max_evaluations=max_evaluations,
-                           latency=latency, progress=progress, timer=profiler.stage, fold_residual=fold_residual,
-                           fold_heads=fold_heads, notify=notify, ray_address=ray_address, ray_workers=ray_workers,
-                           ray_gpus_per_worker=ray_gpus_per_worker)
+    with StageProfiler(memory=opts.report.profile_memory) as profiler:
+        result = _optimize(model, calibration, eval_data, opts, progress=progress, notify=notify,
+                           timer=profiler.stage)
     result.report["timings_s"] = profiler.timings()
     memory = profiler.memory()
     if memory is not None:
@@ -229,25 +225,18 @@ def optimize(model, calibration=None, *, eval_data=None, budget: Budget | None =
     return result
 
 
-def _optimize(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
-              fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
-              max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify, ray_address=None,
-              ray_workers=None, ray_gpus_per_worker=0.0) -> OptimizeResult:
+def _optimize(model, calibration, eval_data, opts: OptimizeOptions, *, progress, notify, timer) -> OptimizeResult:
     from .distributed import make_backend
 
     backend = None
+    rt = opts.runtime
     try:
-        if ray_address is not None:
+        if rt.ray_address is not None:
             with timer("ray_start"):
-                backend = make_backend(ray_address, provider=provider, workers=ray_workers,
-                                       gpus_per_worker=ray_gpus_per_worker)
-        return _optimize_with(model, calibration, eval_data=eval_data, budget=budget, linear=linear,
-                              linear_threshold=linear_threshold, linear_mode=linear_mode, linear_path=linear_path,
-                              fold_ratio=fold_ratio, fold_select=fold_select, fold_repair=fold_repair,
-                              provider=provider, batch_size=batch_size, seed=seed,
-                              positive_threshold=positive_threshold, max_evaluations=max_evaluations,
-                              latency=latency, progress=progress, timer=timer, fold_residual=fold_residual,
-                              fold_heads=fold_heads, notify=notify, backend=backend)
+                backend = make_backend(rt.ray_address, provider=rt.provider, workers=rt.ray_workers,
+                                       gpus_per_worker=rt.ray_gpus_per_worker)
+        return _optimize_with(model, calibration, eval_data, opts, progress=progress, notify=notify, timer=timer,
+                              backend=backend)
     finally:
         if backend is not None:
             backend.close()
@@ -272,9 +261,7 @@ def _load_data(source, model, what: str, backend):
     return load_calibration(source, model, what=what)
 
 
-def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_threshold, linear_mode, linear_path,
-                   fold_ratio, fold_select, fold_repair, provider, batch_size, seed, positive_threshold,
-                   max_evaluations, latency, progress, timer, fold_residual, fold_heads, notify,
+def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, progress, notify, timer,
                    backend) -> OptimizeResult:
     from .measure.batching import restore_fixed_batch, run_in_batches
     from .runtime import resolve_provider
@@ -283,27 +270,34 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     notes: list[str] = []
     with timer("load"):
         original, input_path = _load(model)
-        if calibration is not None or fold_ratio is not None or fold_heads is not None:
+        if calibration is not None or opts.fold.ratio is not None or opts.fold.heads is not None:
             _import_clustering()
-    providers, notice = resolve_provider(provider)
+    providers, notice = resolve_provider(opts.runtime.provider)
     if notice:
         notes.append(notice)
+    batch_size, seed = opts.runtime.batch_size, opts.runtime.seed
+    budget, positive_threshold = opts.search.budget, opts.search.positive_threshold
     with timer("load_data"):
         calib = _load_data(calibration, original, "calibration", backend)
         evalset = _load_data(eval_data, original, "evaluation", backend)
+        if opts.data.labels == "next-token":
+            from .measure.labels import next_token_labels
+
+            calib, evalset = (None if d is None else next_token_labels(d) for d in (calib, evalset))
         # a batch axis fixed at 1: work on a copy that runs in batches when it can
         loaded = original
         original, batching, batching_note = run_in_batches(loaded, [calib, evalset], providers)
         if batching_note:
             notes.append(batching_note)
-    mode = choose_mode(has_data=calib is not None, budget=budget, fold_ratio=fold_ratio,
-                       linear_threshold=linear_threshold, linear_mode=linear_mode, fold_heads=fold_heads)
+    mode = choose_mode(opts, has_data=calib is not None)
     # the budget is enforced (a model that misses it is never returned) when it
     # is the user's or the search's; explicit settings without one are only
     # reported against the default budget
     enforced = mode == "search" or (budget is not None and not budget.is_default)
     if budget is None and mode != "exact":
         budget = Budget.default(positive_threshold)
+    elif budget is not None:
+        budget = replace(budget)  # the positive threshold is filled in below: never on the caller's object
     if budget is not None:
         if budget.positive_threshold is None:
             budget.positive_threshold = positive_threshold
@@ -312,9 +306,11 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
         budget.validate(has_labels=(calib is not None and calib.has_labels)
                         and (evalset is None or evalset.has_labels))
     with timer("load_data"):
-        fit, select, final = split_data(calib, evalset, seed, budget.samples_needed() if enforced and budget else None)
+        needed = budget.samples_needed(sequences=has_sequence_output(original)) if enforced and budget else None
+        fit, select, final = split_data(calib, evalset, seed, needed)
     if enforced and budget is not None and mode != "exact":
-        warning = resolution_warning(budget, select, final, has_eval=evalset is not None)
+        warning = resolution_warning(budget, select, final, has_eval=evalset is not None,
+                                     sequences=has_sequence_output(original))
         if warning:
             notes.append(warning)
             if notify:
@@ -332,31 +328,35 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     from .find.conv import find_conv_graph
 
     conv_chains = [c.name for c in find_conv_graph(original).chains]
-    gated, attention = [], []
+    gated, attention, grouped = [], [], []
     if any(n.op_type in ("Softmax", "Mul") for n in original.graph.node):  # attention / gated MLPs may be there
         from .find.attention import find_transformer
 
         tview = find_transformer(original)
         gated, attention = [g.name for g in tview.gated], [b.name for b in tview.attention]
+        grouped = [f"{b.name}: {b.num_heads} heads over {b.num_kv_heads} key/value heads" for b in tview.grouped]
         del tview
-    if fold_heads is not None and not attention:
-        raise UsageError("--fold-heads: no foldable attention block found in the model"
-                         " (fused or grouped-query attention is not folded; see the report's notes)")
+    if opts.fold.heads is not None and not attention:
+        why = (f"; it has grouped-query attention ({'; '.join(grouped)}), whose key/value groups head folding"
+               " does not fold yet" if grouped else
+               " (fused or grouped-query attention is not folded; see the report's notes)")
+        raise UsageError(f"--fold-heads: no foldable attention block found in the model{why}")
     search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
         if mode == "search":  # the search covers dense layers and conv chains
             nothing_to_do = not chain_names and not conv_chains
         else:  # explicit settings: what they name must exist
-            nothing_to_do = not chain_names and not ((conv_chains or gated) and fold_ratio is not None) \
-                and fold_heads is None
+            nothing_to_do = not chain_names and not ((conv_chains or gated) and opts.fold.ratio is not None) \
+                and opts.fold.heads is None
         if nothing_to_do:
             current, changed, layers = original, False, []
             notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
         elif mode == "search":
             from .search import BudgetSearch
 
-            searcher = BudgetSearch(original, budget, ctx, max_evaluations=max_evaluations, progress=progress)
+            searcher = BudgetSearch(original, budget, ctx, max_evaluations=opts.search.max_evaluations,
+                                    progress=progress)
             res = search_result = searcher.run(chain_names, conv_layers=conv_chains)
             notes.extend(res.notes)
             if gated or attention:
@@ -375,11 +375,7 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
                 current, layers = (res.best.model, res.best.layers) if changed else (original, [])
                 notes.extend(res.best.notes)
         else:
-            passes = build_passes(has_data=fit is not None, linear=linear, linear_threshold=linear_threshold,
-                                  linear_mode=linear_mode, linear_path=linear_path, fold_ratio=fold_ratio,
-                                  fold_select=fold_select, fold_repair=fold_repair, seed=seed,
-                                  conv_chains=conv_chains, fold_residual=fold_residual, fold_heads=fold_heads,
-                                  gated=gated)
+            passes = build_passes(opts, has_data=fit is not None, conv_chains=conv_chains, gated=gated)
             current, changed, layers, pass_notes = run_passes(original, passes, ctx)
             notes.extend(pass_notes)
     verification, budget_info = None, None
@@ -396,7 +392,7 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
                 if not check.met and enforced:
                     # never hand back a model known to miss the budget: fall back to the
                     # lossless model if it passes the same final check, else the original
-                    fallback = _lossless_fallback(original, search_result, linear, ctx, budget, final, providers,
+                    fallback = _lossless_fallback(original, search_result, opts.linearity.enabled, ctx, budget, final, providers,
                                                   batch_size)
                     status = "final_check_failed"
                     budget_info["fallback"] = {"chosen_parameter_ratio": count_parameters(current)
@@ -424,7 +420,7 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
     if changed and batching is not None:  # the output keeps the input's fixed batch axis
         current = restore_fixed_batch(current, loaded, batching)
     latency_info = None
-    if latency and changed and (final is not None or fit is not None):
+    if opts.report.latency and changed and (final is not None or fit is not None):
         with timer("latency"):  # the models as the user runs them: a fixed batch axis is timed at 1
             latency_info = measure_latency(loaded, current, final if final is not None else fit,
                                            providers=providers, **({"batch_sizes": (1,)} if batching else {}))
@@ -432,9 +428,7 @@ def _optimize_with(model, calibration, *, eval_data, budget, linear, linear_thre
         notes.append(f"budget search evaluated {len(search_info['evaluated'])} candidates")
     report = build_report(
         input_path=input_path, output_path=None, status=status, provider=providers[0],
-        settings=dict(mode=mode, linear=linear, linear_threshold=linear_threshold, linear_mode=linear_mode,
-                      linear_path=linear_path, fold_ratio=fold_ratio, fold_select=fold_select,
-                      fold_repair=fold_repair, fold_residual=fold_residual, fold_heads=fold_heads, seed=seed, batch_size=batch_size,
+        settings=dict(mode=mode, **{k: v for k, v in opts.keywords().items() if k in REPORTED_SETTINGS},
                       calibration_samples=None if calib is None else calib.num_samples,
                       evaluation_samples=None if evalset is None else evalset.num_samples,
                       split={"fit": None if fit is None else fit.num_samples,
@@ -491,15 +485,25 @@ def _lossless_fallback(original, search_result, linear: bool, ctx: PassContext, 
 
 def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,
             progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Dense chains of ``model`` and, with calibration data, per-layer neuron
-    statistics: how many neurons are always on / never on / mixed."""
+    """Dense chains, attention blocks and gated MLPs of ``model`` and, with
+    calibration data, per-layer neuron statistics of the dense chains: how
+    many neurons are always on / never on / mixed."""
+    from .find.attention import find_transformer
     from .measure.data import load_calibration
     from .measure.stats import collect_neuron_stats
     from .runtime import resolve_provider
 
     m, path = _load(model)
     view = find_dense_graph(m)
-    out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in view.skipped], "notes": []}
+    tview = find_transformer(m)
+    # a projection of an attention block or gated MLP is no dense chain, and is not reported as a failed one
+    covered = {n for b in tview.blocks for n in b.nodes} | {n for g in tview.gated for p in g.projections
+                                                            for n in p.nodes}
+    skipped = [s for s in view.skipped if s.where not in covered] + tview.skipped
+    out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in skipped], "notes": []}
+    # every attention block found, in graph order; grouped-query ones are listed, not folded yet (see skipped)
+    out["attention"] = [{**b.summary(), "foldable": not b.grouped} for b in tview.blocks]
+    out["gated"] = [g.summary() for g in tview.gated]
     stats = {}
     if calibration is not None:
         providers, notice = resolve_provider(provider)

@@ -18,9 +18,18 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .decide.budget import Budget, parse_max_error
 from .errors import OnnxFoldError, UsageError
+from .options import (
+    DataOptions,
+    FoldOptions,
+    LinearityOptions,
+    OptimizeOptions,
+    ReportOptions,
+    RuntimeOptions,
+    SearchOptions,
+)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -73,6 +82,9 @@ def _add_data_options(p: argparse.ArgumentParser, *, eval_too: bool) -> None:
     if eval_too:
         g.add_argument("--eval", metavar="DATA", help="separate evaluation data for the final report (never used "
                        "to decide); default: <model stem>.test.npz or .eval.npz next to the model, if present")
+        g.add_argument("--labels", choices=("next-token",), default=None,
+                       help="language models: label each position with the next input id (input_ids shifted by "
+                       "one), for per-token accuracy, perplexity and --max-perplexity-increase")
     g.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
                    help="calibration data from a Python function (default name load_data) returning an iterable "
                    "of feed dicts {input_name: array}, as in Polygraphy; instead of --calib")
@@ -141,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum top-1 agreement with the original model, in percent")
     g.add_argument("--max-error", type=parse_max_error, default=None, metavar="X",
                    help="maximum absolute output deviation, for all outputs (0.01) or per output (scores=0.01,boxes=0.5)")
+    g.add_argument("--max-perplexity-increase", type=float, default=None, metavar="PCT",
+                   help="sequence outputs with next-token labels: allowed perplexity increase in percent")
     g.add_argument("--error-metric", choices=("max", "mean"), default="max",
                    help="--max-error bounds the max (default) or the mean absolute deviation")
     g.add_argument("--target-ratio", type=float, default=None, metavar="R",
@@ -181,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(ins, eval_too=False)
     _add_runtime_options(ins)
     return parser
+
+
+def options_from_args(args, budget: Budget | None) -> OptimizeOptions:
+    """``optimize``'s options, one group per option group of the parser."""
+    return OptimizeOptions(
+        data=DataOptions(labels=args.labels),
+        linearity=LinearityOptions(enabled=not args.no_linear, threshold=args.linear_threshold,
+                                   mode=args.linear_mode, path=args.linear_path),
+        fold=FoldOptions(ratio=args.fold_ratio, select=args.fold_select, repair=args.fold_repair,
+                         heads=args.fold_heads, residual=args.fold_residual),
+        search=SearchOptions(budget=budget, positive_threshold=args.positive_threshold,
+                             max_evaluations=args.max_evaluations),
+        runtime=RuntimeOptions(provider=args.provider, batch_size=args.batch_size, seed=args.seed,
+                               ray_address=args.ray, ray_workers=args.ray_workers,
+                               ray_gpus_per_worker=args.ray_gpus_per_worker),
+        report=ReportOptions(latency=not args.no_latency, profile_memory=args.profile_memory))
 
 
 def _auto_data(model: Path, given: str | None, suffixes: tuple[str, ...], disabled: bool) -> str | None:
@@ -311,7 +341,7 @@ def _cmd_optimize(args, console) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib()  # before any work
-        if args.fold_ratio is not None or args.linear_threshold is not None or args.linear_mode == "paper":
+        if options_from_args(args, None).explicit:
             raise UsageError("--plot draws the budget search; explicit --fold-ratio/--linear-threshold/"
                              "--linear-mode paper settings do not search")
     calib = _calibration_source(args, model, console)
@@ -322,9 +352,12 @@ def _cmd_optimize(args, console) -> int:
     budget = None
     statistics = {k: v for k, v in (("confidence", args.confidence), ("error_quantile", args.error_quantile))
                   if v is not None}
-    if any(x is not None for x in (args.max_accuracy_drop, args.min_agreement, args.max_error, args.target_ratio)):
+    limits = (args.max_accuracy_drop, args.min_agreement, args.max_error, args.max_perplexity_increase,
+              args.target_ratio)
+    if any(x is not None for x in limits):
         budget = Budget(max_accuracy_drop=args.max_accuracy_drop, min_agreement=args.min_agreement,
                         max_error=args.max_error, error_metric=args.error_metric, target_ratio=args.target_ratio,
+                        max_perplexity_increase=args.max_perplexity_increase,
                         positive_threshold=args.positive_threshold, **statistics)
     elif statistics:  # the default budget, judged at another level
         budget = replace(Budget.default(args.positive_threshold), **statistics)
@@ -337,15 +370,8 @@ def _cmd_optimize(args, console) -> int:
             said.append(text)
 
     with _ProgressSink(console, enabled=not args.quiet) as progress:
-        result = optimize(model, calib, eval_data=evald, budget=budget, linear=not args.no_linear,
-                          linear_threshold=args.linear_threshold, linear_mode=args.linear_mode,
-                          linear_path=args.linear_path, fold_ratio=args.fold_ratio, fold_select=args.fold_select,
-                          fold_repair=args.fold_repair, provider=args.provider, batch_size=args.batch_size,
-                          seed=args.seed, positive_threshold=args.positive_threshold,
-                          max_evaluations=args.max_evaluations, latency=not args.no_latency, progress=progress,
-                          profile_memory=args.profile_memory, fold_residual=args.fold_residual,
-                          fold_heads=args.fold_heads, notify=notify, ray_address=args.ray,
-                          ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker)
+        result = optimize(model, calib, eval_data=evald, options=options_from_args(args, budget), progress=progress,
+                          notify=notify)
     external = True if (args.external_data or model_has_external_data(model)) else None
     with StageProfiler(memory=args.profile_memory) as profiler, profiler.stage("save"):
         saved = result.save(out, external_data=external)
@@ -386,8 +412,6 @@ def _cmd_optimize(args, console) -> int:
 
 
 def _cmd_inspect(args, console) -> int:
-    from rich.table import Table
-
     from .api import inspect
 
     model = Path(args.model)
@@ -413,7 +437,20 @@ def _cmd_inspect(args, console) -> int:
                      f"({info.get('calibration_samples')} calibration samples)")
         if not args.quiet:
             console.print(f"wrote {args.plot}")
-    t = Table(title=f"Dense chains in {model.name}", title_justify="left")
+    if info["chains"] or not (info["attention"] or info["gated"]):  # transformers: their blocks' tables below
+        _print_dense_chains(info, model.name, console)
+    _print_transformer_blocks(info, model.name, console)
+    for s in info["skipped"]:
+        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
+    for n in info["notes"]:
+        console.print(f"note: {n}")
+    return EXIT_OK
+
+
+def _print_dense_chains(info: dict, model_name: str, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Dense chains in {model_name}", title_justify="left")
     cols = ["layer", "producer", "activation", "in", "neurons", "out"]
     stats = any("mixed" in c for c in info["chains"])
     if stats:
@@ -431,11 +468,28 @@ def _cmd_inspect(args, console) -> int:
     if stats:
         console.print(f"statistics over {info['calibration_samples']} calibration samples "
                       "(always on: one linear piece on every row; never on: constant on every row)")
-    for s in info["skipped"]:
-        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
-    for n in info["notes"]:
-        console.print(f"note: {n}")
-    return EXIT_OK
+
+
+def _print_transformer_blocks(info: dict, model_name: str, console) -> None:
+    """inspect's attention and gated-MLP tables (when the model has any)."""
+    from rich.table import Table
+
+    tables = (("attention", f"Attention blocks in {model_name}",
+               [("block", "block"), ("q projection", "q"), ("heads", "heads"), ("kv heads", "kv_heads"),
+                ("head dim", "head_dim"), ("hidden", "hidden"), ("rotary", "rotary"), ("foldable", "foldable")]),
+              ("gated", f"Gated MLPs in {model_name}",
+               [("block", "block"), ("gate", "gate"), ("activation", "activation"), ("in", "in"),
+                ("neurons", "neurons"), ("out", "out")]))
+    for key, title, cols in tables:
+        if not info.get(key):
+            continue
+        t = Table(title=title, title_justify="left")
+        for head, _ in cols:
+            t.add_column(head, justify="right" if head in ("heads", "kv heads", "head dim", "hidden", "in", "neurons",
+                                                           "out") else "left")
+        for row in info[key]:
+            t.add_row(*[("yes" if row[k] else "no") if isinstance(row[k], bool) else str(row[k]) for _, k in cols])
+        console.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,30 +39,12 @@ import onnx
 
 from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError, first_line
 from onnxfold.measure.data import CalibrationSet
+from onnxfold.measure.jobs import Accumulators, StatsJob, UpdateFn, merge_accumulators, run_stats_job
 
 __all__ = ["StatsJob", "StatsBackend", "LocalStats", "RayStats", "merge_accumulators", "run_stats_job",
-           "make_backend", "import_ray", "RAY_INSTALL_HINT"]
+           "make_backend", "import_ray", "RAY_INSTALL_HINT", "Accumulators", "UpdateFn"]
 
 RAY_INSTALL_HINT = "--ray needs Ray, which is not installed; install it with pip install 'onnxfold[ray]'"
-
-#: accumulators by name; every value has ``merge(other)`` (in place, returns self)
-Accumulators = dict[str, Any]
-#: update(accumulators, index of the batch's first sample in the data, feed, labels, tensors per model)
-UpdateFn = Callable[[Accumulators, int, dict, Any, list], None]
-
-
-@dataclass
-class StatsJob:
-    """One streamed run: ``models`` (model, tensor names) run in lockstep over
-    the same batches; ``init()`` makes empty accumulators; ``update`` adds a
-    batch. On Ray, ``init`` and ``update`` are pickled to the workers: make
-    them module-level functions (or ``functools.partial`` of them) holding no
-    model or data."""
-
-    models: Sequence[tuple[onnx.ModelProto, Sequence[str]]]
-    init: Callable[[], Accumulators]
-    update: UpdateFn
-
 
 class StatsBackend(Protocol):
     name: str
@@ -71,35 +53,6 @@ class StatsBackend(Protocol):
                progress: Callable[[int, int], None] | None = None) -> Accumulators: ...
 
     def close(self) -> None: ...
-
-
-def merge_accumulators(into: Accumulators, other: Accumulators) -> Accumulators:
-    """Add ``other``'s accumulators into ``into``, name by name (in place; returns ``into``)."""
-    if into.keys() != other.keys():
-        raise ValueError(f"cannot merge accumulators {sorted(into)} and {sorted(other)}")
-    for name, acc in into.items():
-        acc.merge(other[name])
-    return into
-
-
-def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, providers: list[str] | None,
-                  first_sample: int = 0, progress: Callable[[int, int], None] | None = None,
-                  intra_op_threads: int | None = None) -> Accumulators:
-    """Run ``job`` over ``data`` in this process. ``first_sample``: index of
-    ``data``'s first sample in the whole data set (a shard's offset), which
-    ``update`` receives per batch. ``intra_op_threads``: see ``stream_tensors``."""
-    from onnxfold.measure.stream import stream_tensors
-
-    accs = job.init()
-    streams = [stream_tensors(model, list(names), data, batch_size=batch_size, providers=providers,
-                              progress=progress if i == 0 else None, intra_op_threads=intra_op_threads)
-               for i, (model, names) in enumerate(job.models)]
-    start = first_sample
-    for batches in zip(*streams):
-        feed, labels, _ = batches[0]
-        job.update(accs, start, feed, labels, [tensors for _f, _l, tensors in batches])
-        start += next(iter(feed.values())).shape[0]
-    return accs
 
 
 class LocalStats:

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import onnx
 
-from .decide.budget import Budget
 from .errors import UsageError
+from .options import OptimizeOptions
 from .passes.base import LayerReport, PassContext
 
 
@@ -46,20 +46,20 @@ def run_passes(model: onnx.ModelProto, passes: list, ctx: PassContext):
     return current, changed, layers, notes
 
 
-def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None, linear_mode: str,
-                 linear_path: str, fold_ratio, fold_select: str, fold_repair: str, seed: int,
-                 conv_chains: Sequence[str] = (), fold_residual: bool = False, fold_heads=None,
+def build_passes(opts: OptimizeOptions, *, has_data: bool, conv_chains: Sequence[str] = (),
                  gated: Sequence[str] = ()) -> list:
     """The pass list for explicit settings (the budget search builds its own).
     ``conv_chains``: names of the model's foldable conv chains; a fold ratio
     then also folds their channels (per-layer ratios go to the pass whose
-    layer they name)."""
+    layer they name); ``gated``: names of its gated MLPs, likewise."""
+    lin, fold, seed = opts.linearity, opts.fold, opts.runtime.seed
+    linear, fold_ratio, fold_select, fold_repair = lin.enabled, fold.ratio, fold.select, fold.repair
     passes = []
     if linear:
         from .passes.linearity import LinearityPass
 
-        t = 1.0 if linear_threshold is None else float(linear_threshold)
-        passes.append(LinearityPass(threshold=t, mode=linear_mode, path_form=linear_path))
+        t = 1.0 if lin.threshold is None else float(lin.threshold)
+        passes.append(LinearityPass(threshold=t, mode=lin.mode, path_form=lin.path))
     if fold_ratio is not None:
         from .passes.folding import FoldingPass
 
@@ -74,27 +74,25 @@ def build_passes(*, has_data: bool, linear: bool, linear_threshold: float | None
             from .passes.channel_folding import ChannelFoldingPass
 
             passes.append(ChannelFoldingPass(ratio=conv_ratio, select=fold_select, repair=fold_repair, seed=seed,
-                                             fold_residual=fold_residual))
+                                             fold_residual=fold.residual))
         gated_ratio = {k: v for k, v in fold_ratio.items() if k in gated} if isinstance(fold_ratio, Mapping) \
             else fold_ratio
         if gated and (gated_ratio or not isinstance(gated_ratio, Mapping)):
             from .passes.head_folding import GatedFoldingPass
 
             passes.append(GatedFoldingPass(ratio=gated_ratio, select=fold_select, repair=fold_repair, seed=seed))
-    if fold_heads is not None:
+    if fold.heads is not None:
         from .passes.head_folding import HeadFoldingPass
 
-        passes.append(HeadFoldingPass(heads=fold_heads, select=fold_select, repair=fold_repair, seed=seed))
+        passes.append(HeadFoldingPass(heads=fold.heads, select=fold_select, repair=fold_repair, seed=seed))
     return passes
 
 
-def choose_mode(*, has_data: bool, budget: Budget | None, fold_ratio, linear_threshold, linear_mode: str,
-                fold_heads=None) -> str:
+def choose_mode(opts: OptimizeOptions, *, has_data: bool) -> str:
     """"fixed": the user gave settings; "search": find settings for a budget;
     "exact": no data, only rewrites exact for every input (+ data-free folding
     when a ratio was asked for)."""
-    explicit = fold_ratio is not None or fold_heads is not None or linear_threshold is not None \
-        or linear_mode == "paper"
+    budget, explicit = opts.search.budget, opts.explicit
     if not has_data:
         if budget is not None and (budget.has_quality_limit or budget.target_ratio is not None) and not budget.is_default:
             raise UsageError("a budget needs calibration data to judge candidates: pass --calib")

@@ -62,13 +62,13 @@ def neuron_rates(model, calibration, *, provider: str = "auto", batch_size: int 
     "constant" (a constant piece on every row) or "mixed"; smooth activations
     have no linear pieces, so all their neurons are "mixed".
     """
-    from .api import _load
+    from .io import load_working_copy
     from .find import find_dense_graph
     from .measure.data import load_calibration
     from .measure.stats import collect_neuron_stats
     from .runtime import resolve_provider
 
-    m, _ = _load(model)
+    m, _ = load_working_copy(model)
     view = find_dense_graph(m)
     providers, _ = resolve_provider(provider)
     data = load_calibration(calibration, m)

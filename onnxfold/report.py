@@ -50,7 +50,7 @@ def build_report(*, input_path: str | None, output_path: str | None, status: str
                  settings: dict, before: ModelSummary, after: ModelSummary, layers: list, skipped: list,
                  verification: dict | None, timings: dict, notes: list[str], budget: dict | None = None,
                  latency: dict | None = None, search: dict | None = None) -> dict[str, Any]:
-    from . import __version__
+    from .version import __version__
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -129,10 +129,15 @@ def render_report(report: dict, console, already_said: Collection[str] = ()) -> 
             t.add_column(col, justify="left" if col in ("output", "kind") else "right")
         for name, o in v["outputs"].items():
             pos = "-" if o.get("positive_agreement") is None else _fmt_pct(o["positive_agreement"])
-            t.add_row(name, o["kind"], f"{o['max_abs_error']:.3g}", f"{o['mean_abs_error']:.3g}",
+            kind = o["kind"] if o.get("tokens") is None else f"per token ({o['tokens']} tokens)"
+            t.add_row(name, kind, f"{o['max_abs_error']:.3g}", f"{o['mean_abs_error']:.3g}",
                       _fmt_pct(o.get("agreement")), _fmt_pct(o.get("accuracy_original")),
                       _fmt_pct(o.get("accuracy_candidate")), pos)
         console.print(t)
+        for name, o in v["outputs"].items():
+            if o.get("perplexity_original") is not None:
+                console.print(f"{name}: perplexity {o['perplexity_original']:.4g} -> {o['perplexity_candidate']:.4g}"
+                              f" ({o['perplexity_increase_pct']:+.3g}%)", markup=False, highlight=False)
     _render_budget(report.get("budget"), console)
     for s in report.get("skipped") or []:
         console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")

@@ -295,3 +295,44 @@ def input_specs(session_or_model) -> list[InputSpec]:
             for i in session_or_model.get_inputs()
         ]  # fmt: skip
     raise TypeError(f"input_specs needs an InferenceSession or a ModelProto, not {type(session_or_model).__name__}")
+
+
+# --------------------------------------------------------------------------
+# running
+
+
+def run_error_types() -> tuple:
+    """onnxruntime's errors for inputs it rejects or a node that fails on them."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+
+        return (InvalidArgument, Fail)
+    except Exception:  # noqa: BLE001
+        return ()
+
+
+def quiet_run_options():
+    """RunOptions that keep onnxruntime from logging node failures to stderr (we raise instead)."""
+    import onnxruntime
+
+    ro = onnxruntime.RunOptions()
+    ro.log_severity_level = 4  # fatal only
+    return ro
+
+
+def run_error_message(e: Exception) -> str:
+    """onnxruntime's error for a failed run as one short line: the differing
+    dims of a shape mismatch, or the failing node and its message."""
+    text = ort_message(e)
+    if text.endswith("for the following indices"):  # the dims that differ follow on the next lines
+        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip() and not ln.strip().startswith("Please")]
+        text = f"{text}: {'; '.join(detail)}" if detail else text
+    # node failures read "Non-zero status code returned while running X node. Name:'n' Status Message: ..."
+    if "Status Message:" in text:
+        head, _, tail = text.partition("Status Message:")
+        node = head[head.find("running"):].strip() if "running" in head else ""
+        tail = tail.strip()
+        if " was false. " in tail:  # drop the failed C++ condition, keep the explanation
+            tail = tail.split(" was false. ", 1)[1]
+        text = f"{node} {tail}".strip()
+    return text

@@ -6,8 +6,15 @@ same batches side by side and per-output error statistics are accumulated in
 a streaming fashion, so evaluation sets of any size fit in memory.
 
 Output kinds:
-- classifier-like: float output whose last axis has ≥ 2 entries → top-1
-  agreement (and accuracy against labels when the data has labels);
+- sequence: float output [batch, positions, classes ≥ 2] (a language model's
+  logits, a token classifier) → a classifier per position: per-token top-1
+  agreement, per-token accuracy against labels [batch, positions] (a label
+  < 0 is ignored, as in cross-entropy's ignore index) and the perplexity of
+  the labels; positions an ``attention_mask`` input marks 0 are not judged.
+  Per-sequence counts are kept too: budgets bound per-token rates with the
+  sequence as the independent unit (decide/confidence.py);
+- classifier-like: other float outputs whose last axis has ≥ 2 entries →
+  top-1 agreement (and accuracy against labels when the data has labels);
 - label output: integer output (e.g. skl2onnx's label) → exact agreement;
 - anything else: max / mean absolute error only (regressors, embeddings).
 Non-tensor outputs (e.g. ZipMap's sequence of maps) are skipped with a note.
@@ -42,9 +49,22 @@ class OutputComparison:
     newly_right: int = 0  # ... and the other way round
     decision_flips: int | None = None  # samples whose binary decision changed
     positive_flips: int | None = None  # original's positives the candidate calls negative
+    # sequence outputs: positions judged (count is then the number of sequences; agreement,
+    # flips, accuracies and newly_wrong/right are per token) and the perplexity of the labels
+    tokens: int | None = None
+    perplexity_original: float | None = None
+    perplexity_candidate: float | None = None
     # per-sample largest / mean absolute deviation (not in the JSON report)
     sample_max_abs_error: np.ndarray | None = field(default=None, repr=False)
     sample_mean_abs_error: np.ndarray | None = field(default=None, repr=False)
+    # per sequence (sequence outputs): tokens judged, tokens whose top-1 changed, labelled
+    # tokens, tokens newly wrong / newly right, and the mean log-perplexity change
+    sample_tokens: np.ndarray | None = field(default=None, repr=False)
+    sample_token_flips: np.ndarray | None = field(default=None, repr=False)
+    sample_labeled: np.ndarray | None = field(default=None, repr=False)
+    sample_newly_wrong: np.ndarray | None = field(default=None, repr=False)
+    sample_newly_right: np.ndarray | None = field(default=None, repr=False)
+    sample_nll_increase: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def relative_max_error(self) -> float:
@@ -56,10 +76,17 @@ class OutputComparison:
             return None
         return 100.0 * (self.accuracy_original - self.accuracy_candidate)
 
+    @property
+    def perplexity_increase_pct(self) -> float | None:
+        if self.perplexity_original is None or self.perplexity_candidate is None:
+            return None
+        return 100.0 * (self.perplexity_candidate / self.perplexity_original - 1.0)
+
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if not k.startswith("sample_")}
         d["relative_max_error"] = self.relative_max_error
         d["accuracy_drop_pp"] = self.accuracy_drop_pp
+        d["perplexity_increase_pct"] = self.perplexity_increase_pct
         return d
 
 
@@ -74,7 +101,7 @@ class Comparison:
     def primary(self) -> OutputComparison | None:
         """The output that carries the model's decision: a label output if
         there is one, else the first classifier output, else the first output."""
-        for kind in ("label", "classifier", "values"):
+        for kind in ("label", "sequence", "classifier", "values"):
             for o in self.outputs.values():
                 if o.kind == kind:
                     return o
@@ -107,14 +134,20 @@ class _Acc:
         self.pos_agree = 0
         self.sample_max: list[np.ndarray] = []
         self.sample_mean: list[np.ndarray] = []
+        self.sequences = _SequenceCounts()
 
-    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
+    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None,
+               mask: np.ndarray | None = None) -> None:
+        """One batch; ``mask`` (an attention mask, [batch, positions]) selects
+        the positions of a sequence output that are judged."""
         ref, cand = np.asarray(ref), np.asarray(cand)
         if ref.shape != cand.shape:
             raise ValueError(f"output '{self.name}' changed shape: {ref.shape} -> {cand.shape}")
         if self.kind is None:
             if np.issubdtype(ref.dtype, np.integer) or ref.dtype == bool:
                 self.kind = "label"
+            elif ref.ndim == 3 and ref.shape[-1] >= 2:
+                self.kind = "sequence"
             elif ref.ndim >= 2 and ref.shape[-1] >= 2:
                 self.kind = "classifier"
             else:
@@ -131,6 +164,9 @@ class _Acc:
             per_sample = np.where(np.isnan(err), np.inf, err).reshape(b, -1)
             self.sample_max.append(per_sample.max(axis=1))
             self.sample_mean.append(per_sample.mean(axis=1))
+        if self.kind == "sequence":
+            self.sequences.update(r64, c64, labels, mask)
+            return
         if self.kind == "label":
             pr, pc = ref.reshape(b, -1), cand.reshape(b, -1)
             self.agree += int(np.all(pr == pc, axis=1).sum())
@@ -174,7 +210,63 @@ class _Acc:
         if self.sample_max:
             o.sample_max_abs_error = np.concatenate(self.sample_max)
             o.sample_mean_abs_error = np.concatenate(self.sample_mean)
+        if self.kind == "sequence":
+            self.sequences.fill(o)
         return o
+
+
+class _SequenceCounts:
+    """Per-sequence counts of a sequence output [batch, positions, classes]."""
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "tokens", "flips", "labeled", "right_ref", "right_cand", "newly_wrong", "newly_right", "nll_ref",
+            "nll_cand")}
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, mask: np.ndarray | None) -> None:
+        b, s = ref.shape[:2]
+        judged = np.ones((b, s), dtype=bool)
+        if mask is not None and np.shape(mask) == (b, s):
+            judged = np.asarray(mask) != 0
+        pred_r, pred_c = ref.argmax(-1), cand.argmax(-1)
+        add = {"tokens": judged.sum(1), "flips": ((pred_r != pred_c) & judged).sum(1)}
+        lab = None if labels is None else np.asarray(labels)
+        if lab is not None and lab.shape == (b, s) and np.issubdtype(lab.dtype, np.integer):
+            scored = judged & (lab >= 0) & (lab < ref.shape[-1])
+            safe = np.where(scored, lab, 0)
+            right_r, right_c = (pred_r == safe) & scored, (pred_c == safe) & scored
+            add.update(labeled=scored.sum(1), right_ref=right_r.sum(1), right_cand=right_c.sum(1),
+                       newly_wrong=(right_r & ~right_c).sum(1), newly_right=(~right_r & right_c).sum(1),
+                       nll_ref=(_nll(ref, safe) * scored).sum(1), nll_cand=(_nll(cand, safe) * scored).sum(1))
+        for k, v in add.items():
+            self.parts[k].append(np.asarray(v, dtype=np.float64))
+
+    def fill(self, o: OutputComparison) -> None:
+        got = {k: np.concatenate(v) for k, v in self.parts.items() if v}
+        tokens, flips = got["tokens"], got["flips"]
+        o.tokens = int(tokens.sum())
+        o.flips = int(flips.sum())
+        o.agreement = 1.0 - o.flips / max(o.tokens, 1)
+        o.sample_tokens, o.sample_token_flips = tokens, flips
+        if "labeled" in got and got["labeled"].sum() > 0 and len(got["labeled"]) == len(tokens):
+            labeled = got["labeled"]
+            o.labeled = int(labeled.sum())
+            o.accuracy_original = float(got["right_ref"].sum()) / o.labeled
+            o.accuracy_candidate = float(got["right_cand"].sum()) / o.labeled
+            o.newly_wrong, o.newly_right = int(got["newly_wrong"].sum()), int(got["newly_right"].sum())
+            o.perplexity_original = float(np.exp(got["nll_ref"].sum() / o.labeled))
+            o.perplexity_candidate = float(np.exp(got["nll_cand"].sum() / o.labeled))
+            o.sample_labeled, o.sample_newly_wrong, o.sample_newly_right = \
+                labeled, got["newly_wrong"], got["newly_right"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                o.sample_nll_increase = (got["nll_cand"] - got["nll_ref"]) / labeled  # nan: nothing labelled
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ``labels`` under softmax(``logits``), per position."""
+    top = logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    return log_z - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
 
 
 def _decisions(out: np.ndarray, thr: float) -> np.ndarray:
@@ -215,8 +307,9 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
             got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed, _quiet())))
         if ref_sess is None:
             ref = {n: original_outputs[n][start:start + b] for n in tensor_outs}
+        mask = _attention_mask(feed)
         for n in tensor_outs:
-            accs[n].update(ref[n], got[n], labels)
+            accs[n].update(ref[n], got[n], labels, mask)
             if keep_outputs:
                 kept[n].append(got[n])
         start += b
@@ -224,6 +317,15 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     if keep_outputs:
         comp.outputs_of_candidate = {n: np.concatenate(v, axis=0) for n, v in kept.items()}
     return comp
+
+
+def _attention_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The batch's attention mask, when the model takes one (an input named
+    ``attention_mask``, as transformers exports name it)."""
+    for name, value in feed.items():
+        if name == "attention_mask" or name.endswith("/attention_mask"):
+            return np.asarray(value)
+    return None
 
 
 def reference_outputs(model: onnx.ModelProto, data, *, providers=None, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -254,9 +356,9 @@ def _session(model: onnx.ModelProto, providers):
 
 
 def _quiet():
-    from .measure.stream import _quiet_run_options
+    from .runtime import quiet_run_options
 
-    return _quiet_run_options()
+    return quiet_run_options()
 
 
 def _run_on_data(sess, names, feed, data):
@@ -264,13 +366,13 @@ def _run_on_data(sess, names, feed, data):
     there means the data does not fit the model (a CalibrationDataError, one
     line), not a bug."""
     from .errors import CalibrationDataError
-    from .measure.stream import _run_error_types, _short
+    from .runtime import run_error_message, run_error_types
 
     try:
         with _in_runtime():
             return sess.run(names, feed, _quiet())
-    except _run_error_types() as e:
+    except run_error_types() as e:
         raise CalibrationDataError(
-            f"onnxruntime failed on the {getattr(data, 'what', 'calibration')} data ({_short(e)});"
+            f"onnxruntime failed on the {getattr(data, 'what', 'calibration')} data ({run_error_message(e)});"
             " make the data match what the model expects"
         ) from None

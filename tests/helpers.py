@@ -12,6 +12,8 @@ Main entry points:
 - ``activation_model(kind, n)`` / ``np_activation(kind, z, act_params)``: one
   activation alone, for comparing against onnxruntime.
 - ``make_model(...)``: graph + model with the IR version onnxruntime accepts.
+- ``attention_graph(w, b, heads, head_dim)``: the nodes and initializers of one
+  unfused attention block with constant Reshape shapes.
 - ``ort_run(model, feeds)``: run with onnxruntime's CPU provider.
 """
 
@@ -340,6 +342,35 @@ def build_residual_mlp(d: int = 4, n: int = 8, seq: int = 3, seed: int = 11):
     params = [dict(W=W1.astype(np.float64), b=b1.astype(np.float64), act="relu", act_params=None),
               dict(W=W2.astype(np.float64), b=None, act=None, act_params=None)]
     return m, params
+
+
+def attention_graph(w: dict, b: dict, heads: int, head_dim: int, x: str = "x", out: str = "y"):
+    """(nodes, initializers) of one attention block reading ``x`` and writing
+    ``out``, as exporters write unfused attention: ``w``/``b`` hold the q, k, v,
+    o MatMul weights (in × out, as stored) and biases; the Reshape shapes are
+    constants with 0 (copy) for batch and sequence."""
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), f"W{n}") for n, v in w.items()]
+    inits += [numpy_helper.from_array(np.asarray(v, np.float32), f"B{n}") for n, v in b.items()]
+    inits += [numpy_helper.from_array(np.array([0, 0, heads, head_dim], np.int64), "split_shape"),
+              numpy_helper.from_array(np.array([0, 0, heads * head_dim], np.int64), "merge_shape"),
+              numpy_helper.from_array(np.array(head_dim ** -0.5, np.float32), "scale")]
+    nodes = []
+    for n in "qkv":
+        nodes += [helper.make_node("MatMul", [x, f"W{n}"], [f"{n}_mm"], name=f"{n}_proj"),
+                  helper.make_node("Add", [f"{n}_mm", f"B{n}"], [f"{n}_lin"], name=f"{n}_bias"),
+                  helper.make_node("Reshape", [f"{n}_lin", "split_shape"], [f"{n}_4d"], name=f"{n}_split")]
+    nodes += [helper.make_node("Transpose", ["q_4d"], ["qt"], perm=[0, 2, 1, 3], name="qt"),
+              helper.make_node("Transpose", ["k_4d"], ["kt"], perm=[0, 2, 3, 1], name="kt"),
+              helper.make_node("Transpose", ["v_4d"], ["vt"], perm=[0, 2, 1, 3], name="vt"),
+              helper.make_node("MatMul", ["qt", "kt"], ["sc"], name="scores"),
+              helper.make_node("Mul", ["sc", "scale"], ["scs"], name="scale"),
+              helper.make_node("Softmax", ["scs"], ["p"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["p", "vt"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3], name="ctxt"),
+              helper.make_node("Reshape", ["ctxt", "merge_shape"], ["merged"], name="merge"),
+              helper.make_node("MatMul", ["merged", "Wo"], ["o_mm"], name="o_proj"),
+              helper.make_node("Add", ["o_mm", "Bo"], [out], name="o_bias")]
+    return nodes, inits
 
 
 def np_mlp(params, x: np.ndarray) -> np.ndarray:

@@ -123,3 +123,57 @@ def test_statistics_doc_table_matches_the_code():
         per_part = budget.samples_needed()
         assert int(m.group(1)) == per_part
         assert int(m.group(2)) == math.ceil(per_part / HELD_OUT_CAP_WITHOUT_EVAL)
+
+
+# ---------------------------------------------------------------------------
+# the betting bound of a mean of values in [0, 1] (per-sequence token rates)
+
+from onnxfold.decide.confidence import (paired_drop_upper, sequences_for_unit_mean,  # noqa: E402
+                                        unit_mean_lower, unit_mean_upper)
+
+_SCENARIOS = {
+    # name: (draw n values, true mean)
+    "whole windows flip (Bernoulli 2 %)": (lambda rng, n: (rng.random(n) < 0.02).astype(float), 0.02),
+    "independent tokens (binomial 64, 1 %)": (lambda rng, n: rng.binomial(64, 0.01, n) / 64, 0.01),
+    "skewed (beta 0.5, 20)": (lambda rng, n: rng.beta(0.5, 20, n), 0.5 / 20.5),
+    "rare bursts (3 % of windows, uniform 0.2-1)": (
+        lambda rng, n: np.where(rng.random(n) < 0.03, rng.uniform(0.2, 1.0, n), 0.0), 0.03 * 0.6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCENARIOS))
+def test_unit_mean_upper_covers_the_true_mean(name):
+    draw, mean = _SCENARIOS[name]
+    rng = np.random.default_rng(11)
+    covered = [unit_mean_upper(draw(rng, 200), 0.95) >= mean for _ in range(300)]
+    assert np.mean(covered) >= 0.95
+
+
+def test_unit_mean_upper_is_not_trivially_wide():
+    # near-independent tokens: within 2 x the mean plus the zero-event floor
+    x = np.random.default_rng(3).binomial(64, 0.01, 2000) / 64
+    assert x.mean() < unit_mean_upper(x, 0.95) < x.mean() + 2 * unit_mean_upper(np.zeros(2000), 0.95)
+
+
+def test_no_valid_bound_beats_clopper_pearson_with_no_events():
+    # Bernoulli data are values in [0, 1] too: at zero events the exact binomial bound is a floor
+    for n in (10, 100, 406, 1000):
+        cp = 1 - 0.05 ** (1 / n)
+        assert cp <= unit_mean_upper(np.zeros(n), 0.95) < 2 * cp  # about 1.36 x from 100 on
+
+
+def test_sequences_needed_is_the_smallest_resolving_count():
+    for allowed in (0.01, 0.005, 0.05):
+        n = sequences_for_unit_mean(allowed, 0.95)
+        assert unit_mean_upper(np.zeros(n), 0.95) <= allowed < unit_mean_upper(np.zeros(n - 1), 0.95)
+        assert n >= samples_for_rate(allowed, 0.95)  # never fewer than the exact binomial needs
+    assert sequences_for_unit_mean(0.0, 0.95) is None and sequences_for_unit_mean(1.0, 0.95) == 1
+
+
+def test_lower_bound_and_paired_drop():
+    x = np.random.default_rng(4).beta(2, 5, 300)
+    assert unit_mean_lower(x, 0.95) == pytest.approx(1 - unit_mean_upper(1 - x, 0.95))
+    assert unit_mean_lower(x, 0.95) < x.mean() < unit_mean_upper(x, 0.95)
+    zeros = np.zeros(500)
+    drop = paired_drop_upper(zeros, zeros, 0.95)
+    assert drop == pytest.approx(unit_mean_upper(zeros, 0.975)) and drop > 0

@@ -406,7 +406,7 @@ def test_consumer_reading_the_hidden_layer_by_a_path_falls_back_to_plain_fold():
 
 
 def test_held_out_rows_follow_samples_even_when_the_first_axis_is_not_the_batch():
-    from onnxfold.passes.folding import _held_rows
+    from onnxfold.passes.refit import _held_rows
 
     held = np.array([True, False, True])
     assert np.array_equal(_held_rows(held, 3), held)

@@ -14,7 +14,7 @@ import io
 import numpy as np
 import onnx
 import pytest
-from helpers import ort_run
+from helpers import attention_graph, ort_run
 from onnx import helper, numpy_helper
 
 from onnxfold.decide import heads as dh
@@ -276,27 +276,7 @@ def _const_shape_attention(dup: bool) -> onnx.ModelProto:
             w[n][:, 3 * d:] = w[n][:, :d]
             b[n][3 * d:] = b[n][:d]
         w["o"][3 * d:] = w["o"][:d]
-    inits = [numpy_helper.from_array(v, f"W{n}") for n, v in w.items()]
-    inits += [numpy_helper.from_array(v, f"B{n}") for n, v in b.items()]
-    inits += [numpy_helper.from_array(np.array([0, 0, h, d], np.int64), "split_shape"),
-              numpy_helper.from_array(np.array([0, 0, h * d], np.int64), "merge_shape"),
-              numpy_helper.from_array(np.array(d ** -0.5, np.float32), "scale")]
-    nodes = []
-    for n in "qkv":
-        nodes += [helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}_mm"], name=f"{n}_proj"),
-                  helper.make_node("Add", [f"{n}_mm", f"B{n}"], [f"{n}_lin"], name=f"{n}_bias"),
-                  helper.make_node("Reshape", [f"{n}_lin", "split_shape"], [f"{n}_4d"], name=f"{n}_split")]
-    nodes += [helper.make_node("Transpose", ["q_4d"], ["qt"], perm=[0, 2, 1, 3], name="qt"),
-              helper.make_node("Transpose", ["k_4d"], ["kt"], perm=[0, 2, 3, 1], name="kt"),
-              helper.make_node("Transpose", ["v_4d"], ["vt"], perm=[0, 2, 1, 3], name="vt"),
-              helper.make_node("MatMul", ["qt", "kt"], ["sc"], name="scores"),
-              helper.make_node("Mul", ["sc", "scale"], ["scs"], name="scale"),
-              helper.make_node("Softmax", ["scs"], ["p"], axis=-1, name="softmax"),
-              helper.make_node("MatMul", ["p", "vt"], ["ctx"], name="pv"),
-              helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3], name="ctxt"),
-              helper.make_node("Reshape", ["ctxt", "merge_shape"], ["merged"], name="merge"),
-              helper.make_node("MatMul", ["merged", "Wo"], ["o_mm"], name="o_proj"),
-              helper.make_node("Add", ["o_mm", "Bo"], ["y"], name="o_bias")]
+    nodes, inits = attention_graph(w, b, h, d)
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", hid])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", hid])
     g = helper.make_graph(nodes, "attn", [x], [y], inits)

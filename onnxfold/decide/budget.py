@@ -7,7 +7,11 @@ point estimate alone:
 
 - min agreement: the disagreement rate (top-1, label, or binary decisions
   and decisions on the original's positives with a positive threshold);
-- max accuracy drop: the paired newly-wrong / newly-right counts (McNemar);
+  for a sequence output the per-token rate, with the sequence as the unit;
+- max accuracy drop: the paired newly-wrong / newly-right counts (McNemar),
+  per token for a sequence output;
+- max perplexity increase (sequence outputs with next-token labels): the
+  mean per-sequence change of log-perplexity (Student's t);
 - max error / default relative error: the share of samples whose error is
   over the limit, against ``1 - error_quantile`` (the budget bounds that
   quantile of the per-sample error); with the mean metric, the mean error.
@@ -24,12 +28,14 @@ search can compare candidates by "parameters saved per unit of budget spent".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..verify import Comparison, OutputComparison
-from .confidence import (DEFAULT_CONFIDENCE, MIN_SAMPLES_FOR_MEAN, accuracy_drop_upper, mean_upper, rate_upper,
-                         samples_for_accuracy_drop, samples_for_rate)
+from .confidence import (DEFAULT_CONFIDENCE, MIN_SAMPLES_FOR_MEAN, accuracy_drop_upper, mean_upper,
+                         paired_drop_upper, rate_upper, samples_for_accuracy_drop, samples_for_rate,
+                         sequences_for_paired_drop, sequences_for_unit_mean, unit_mean_upper)
 
 DEFAULT_MIN_AGREEMENT = 99.5  # percent, classifier-like outputs
 DEFAULT_MAX_RELATIVE_ERROR = 1e-3  # non-classifier outputs, relative to max |reference|
@@ -91,6 +97,9 @@ _WHAT = {
     "accuracy_drop": ("accuracy drop", "labelled held-out samples"),
     "error_quantile": ("share of samples over the error limit", "held-out samples"),
     "mean_error": ("mean error", "held-out samples"),
+    "token_agreement": ("per-token disagreement", "held-out sequences"),
+    "token_accuracy_drop": ("per-token accuracy drop", "labelled held-out sequences"),
+    "perplexity_increase": ("perplexity increase", "labelled held-out sequences"),
 }
 
 
@@ -111,6 +120,7 @@ class Budget:
     max_error: dict[str, float] | float | None = None  # absolute, per output name or for all
     error_metric: str = "max"  # "max" | "mean" absolute deviation
     max_relative_error: float | None = None  # relative to max |reference| (default budget, non-classifiers)
+    max_perplexity_increase: float | None = None  # percent, sequence outputs with next-token labels
     target_ratio: float | None = None  # parameter ratio to reach (with the least error)
     positive_threshold: float | None = None
     confidence: float = DEFAULT_CONFIDENCE  # of every one-sided bound
@@ -128,12 +138,18 @@ class Budget:
     @property
     def has_quality_limit(self) -> bool:
         return any(x is not None for x in (self.max_accuracy_drop, self.min_agreement, self.max_error,
-                                           self.max_relative_error))
+                                           self.max_relative_error, self.max_perplexity_increase))
 
     def validate(self, *, has_labels: bool) -> None:
         if self.max_accuracy_drop is not None and not has_labels:
             raise UsageError("--max-accuracy-drop needs labels: add a 'labels' array to the calibration "
                              "(and evaluation) data")
+        if self.max_perplexity_increase is not None and not has_labels:
+            raise UsageError("--max-perplexity-increase needs next-token labels: add --labels next-token (or a "
+                             "'labels' array [samples, positions] to the data)")
+        if self.max_perplexity_increase is not None and self.max_perplexity_increase < 0:
+            raise UsageError(f"--max-perplexity-increase is a percentage >= 0, got {self.max_perplexity_increase}; "
+                             "give e.g. 1")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"--max-accuracy-drop is a number of percentage points >= 0, got {self.max_accuracy_drop}")
         if self.min_agreement is not None and not 0 < self.min_agreement <= 100:
@@ -150,14 +166,23 @@ class Budget:
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "notes"}
 
-    def samples_needed(self) -> int:
+    def samples_needed(self, sequences: bool = False) -> int:
         """Held-out samples at which an unchanged candidate meets every limit
-        this budget sets (output kinds are not known yet: the largest need)."""
+        this budget sets (the largest need over the output kinds);
+        ``sequences``: the model has sequence outputs, whose per-token limits
+        count sequences under a bound that needs a few more of them."""
         needs = [1]
         if self.min_agreement is not None:
-            needs.append(samples_for_rate(1 - self.min_agreement / 100, self.confidence) or 1)
+            allowed = 1 - self.min_agreement / 100
+            needs.append(samples_for_rate(allowed, self.confidence) or 1)
+            if sequences:
+                needs.append(sequences_for_unit_mean(allowed, self.confidence) or 1)
         if self.max_accuracy_drop is not None:
             needs.append(samples_for_accuracy_drop(self.max_accuracy_drop / 100, self.confidence) or 1)
+            if sequences:
+                needs.append(sequences_for_paired_drop(self.max_accuracy_drop / 100, self.confidence) or 1)
+        if self.max_perplexity_increase is not None:
+            needs.append(MIN_SAMPLES_FOR_MEAN)
         if self.max_error is not None or self.max_relative_error is not None:
             needs.append(MIN_SAMPLES_FOR_MEAN if self.error_metric == "mean"
                          else samples_for_rate(1 - self.error_quantile, self.confidence))
@@ -168,8 +193,12 @@ class Budget:
         """Judge one comparison: every limit by its upper confidence bound."""
         limits: list[LimitCheck] = []
         for name, o in comp.outputs.items():
-            classifier = o.kind in ("classifier", "label")
+            classifier = o.kind in ("classifier", "label", "sequence")
             unchanged = _unchanged(o)
+            if o.kind == "sequence":
+                limits += self._sequence_limits(name, o, unchanged, primary=o is comp.primary)
+                limits += self._error_limits(name, o, unchanged, classifier)
+                continue
             if self.min_agreement is not None and (classifier or self.positive_threshold is not None):
                 allowed = 1.0 - self.min_agreement / 100
                 if self.positive_threshold is not None and o.decision_flips is not None:
@@ -185,30 +214,70 @@ class Budget:
                 bound = accuracy_drop_upper(o.newly_wrong, o.newly_right, n, self.confidence)
                 limits.append(self._judge("accuracy_drop", name, (o.newly_wrong - o.newly_right) / n, bound, n,
                                           samples_for_accuracy_drop(allowed, self.confidence), allowed, unchanged))
-            limit = self._error_limit(name)
-            relative = self.max_relative_error is not None and not classifier and limit is None
-            if (limit is not None or relative) and o.sample_max_abs_error is not None:
-                scale = max(o.max_abs_reference, 1e-12) if limit is None else 1.0
-                limit = self.max_relative_error if limit is None else limit
-                if self.error_metric == "mean":
-                    values = o.sample_mean_abs_error / scale
-                    n = int(values.size)
-                    limits.append(self._judge("mean_error", name, float(values.mean()) if n else 0.0,
-                                              mean_upper(values, self.confidence), n, MIN_SAMPLES_FOR_MEAN,
-                                              limit, unchanged))
-                else:
-                    over = int((o.sample_max_abs_error / scale > limit).sum())
-                    limits.append(self._rate("error_quantile", name, over, int(o.sample_max_abs_error.size),
-                                             1.0 - self.error_quantile, unchanged))
-        if self.max_accuracy_drop is not None and not any(lc.kind == "accuracy_drop" for lc in limits):
+            limits += self._error_limits(name, o, unchanged, classifier)
+        if self.max_accuracy_drop is not None and not any(lc.kind.endswith("accuracy_drop") for lc in limits):
             # never pass a limit silently for want of something to judge it on
             limits.append(LimitCheck("accuracy_drop", "-", self.max_accuracy_drop / 100, 0.0, float("inf"), 0,
                                      None, met=False, message="accuracy drop: no labelled classifier output to "
                                      "judge it on (labels must match the decisive output's predictions)"))
+        if self.max_perplexity_increase is not None and not any(lc.kind == "perplexity_increase" for lc in limits):
+            limits.append(LimitCheck("perplexity_increase", "-", self.max_perplexity_increase / 100, 0.0,
+                                     float("inf"), 0, None, met=False,
+                                     message="perplexity increase: no sequence output with labels [samples, "
+                                     "positions] to judge it on (use --labels next-token for a language model)"))
         spent = min(max((_spent(lc) for lc in limits), default=0.0), UNRESOLVED_SPENT)
         failures = [lc.message for lc in limits if not lc.met]
         return BudgetCheck(met=not failures, spent=spent, failures=failures, limits=limits,
                            confidence=self.confidence)
+
+    def _sequence_limits(self, name: str, o: OutputComparison, unchanged: bool, primary: bool) -> list[LimitCheck]:
+        """Per-token limits of a sequence output, the sequence as the independent unit."""
+        out = []
+        has = o.sample_tokens > 0
+        if self.min_agreement is not None:
+            allowed = 1.0 - self.min_agreement / 100
+            rates = o.sample_token_flips[has] / o.sample_tokens[has]
+            out.append(self._judge("token_agreement", name, o.flips / max(o.tokens, 1),
+                                   unit_mean_upper(rates, self.confidence), int(has.sum()),
+                                   sequences_for_unit_mean(allowed, self.confidence), allowed, unchanged))
+        if o.sample_labeled is None:
+            return out
+        labeled = o.sample_labeled > 0
+        n = int(labeled.sum())
+        if self.max_accuracy_drop is not None and primary:
+            allowed = self.max_accuracy_drop / 100
+            worse = o.sample_newly_wrong[labeled] / o.sample_labeled[labeled]
+            better = o.sample_newly_right[labeled] / o.sample_labeled[labeled]
+            out.append(self._judge("token_accuracy_drop", name, (o.newly_wrong - o.newly_right) / max(o.labeled, 1),
+                                   paired_drop_upper(worse, better, self.confidence), n,
+                                   sequences_for_paired_drop(allowed, self.confidence), allowed, unchanged))
+        if self.max_perplexity_increase is not None:
+            # judged on the mean log-perplexity change; shown as the perplexity ratio - 1
+            delta = o.sample_nll_increase[labeled]
+            observed = math.expm1(float(delta.mean())) if n else 0.0
+            bound = math.expm1(min(mean_upper(delta, self.confidence), 700.0))
+            out.append(self._judge("perplexity_increase", name, observed, bound, n, MIN_SAMPLES_FOR_MEAN,
+                                   self.max_perplexity_increase / 100, unchanged))
+        return out
+
+    def _error_limits(self, name: str, o: OutputComparison, unchanged: bool, classifier: bool) -> list[LimitCheck]:
+        limits: list[LimitCheck] = []
+        limit = self._error_limit(name)
+        relative = self.max_relative_error is not None and not classifier and limit is None
+        if (limit is not None or relative) and o.sample_max_abs_error is not None:
+            scale = max(o.max_abs_reference, 1e-12) if limit is None else 1.0
+            limit = self.max_relative_error if limit is None else limit
+            if self.error_metric == "mean":
+                values = o.sample_mean_abs_error / scale
+                n = int(values.size)
+                limits.append(self._judge("mean_error", name, float(values.mean()) if n else 0.0,
+                                          mean_upper(values, self.confidence), n, MIN_SAMPLES_FOR_MEAN,
+                                          limit, unchanged))
+            else:
+                over = int((o.sample_max_abs_error / scale > limit).sum())
+                limits.append(self._rate("error_quantile", name, over, int(o.sample_max_abs_error.size),
+                                         1.0 - self.error_quantile, unchanged))
+        return limits
 
     def _rate(self, kind: str, name: str, events: int, n: int, allowed: float, unchanged: bool) -> LimitCheck:
         return self._judge(kind, name, events / n if n else 0.0, rate_upper(events, n, self.confidence), n,

@@ -46,11 +46,17 @@ def target_width(n: int, ratio: float) -> int:
     return max(1, min(n, int(round(n * (1.0 - ratio)))))
 
 
+def unit_features(blocks) -> np.ndarray:
+    """Per-unit clustering features: the blocks (each n × p_i, one row per
+    unit: its incoming rows, bias, outgoing columns...) side by side, float64."""
+    return np.hstack([np.asarray(b, dtype=np.float64).reshape(np.shape(b)[0], -1) for b in blocks])
+
+
 def neuron_features(w_in: np.ndarray, b_in: np.ndarray | None, w_out: np.ndarray) -> np.ndarray:
     """Per-neuron clustering features ``[w_in[j,:], b_in[j], w_out[:,j]ᵀ]`` (n × (in+1+out))."""
     n = w_in.shape[0]
     b = np.zeros(n) if b_in is None else np.asarray(b_in, dtype=np.float64).reshape(n)
-    return np.hstack([np.asarray(w_in, dtype=np.float64), b[:, None], np.asarray(w_out, dtype=np.float64).T])
+    return unit_features([w_in, b[:, None], np.asarray(w_out).T])
 
 
 #: k-means problems with n · k · dim at least this big use cheap seeding and threads
@@ -68,46 +74,48 @@ SKETCH_ABOVE = 2**22
 SKETCH_DIM = 128
 
 
-def needs_sketch(n: int, in_features: int, out_features: int) -> bool:
-    return n * (in_features + 1 + out_features) > SKETCH_ABOVE
+def needs_sketch(blocks) -> bool:
+    """Whether :func:`unit_features` of ``blocks`` is too big to cluster directly."""
+    return blocks[0].shape[0] * sum(int(np.prod(b.shape[1:])) for b in blocks) > SKETCH_ABOVE
 
 
-def neuron_sketch(w_in: np.ndarray, b_in: np.ndarray | None, w_out: np.ndarray, dim: int = SKETCH_DIM,
-                  seed: int = 0) -> np.ndarray:
-    """``neuron_features(w_in, b_in, w_out) @ R`` for a Gaussian R ((in+1+out) × dim,
-    entries N(0, 1/dim)), computed block-wise without forming the features.
+def unit_sketch(blocks, dim: int = SKETCH_DIM, seed: int = 0) -> np.ndarray:
+    """``unit_features(blocks) @ R`` for a Gaussian R (entries N(0, 1/dim)),
+    computed block-wise in float32 without forming the features. R's blocks
+    are drawn in the order of ``blocks``; the products of the matrix blocks
+    are summed first, then those of the one-column blocks (biases).
 
-    Exact duplicate neurons get bit-identical rows (the row of their first
+    Exact duplicate units get bit-identical rows (the row of their first
     occurrence), so :func:`kmeans_labels` still puts them in one cluster.
     """
-    n, d_in = w_in.shape
-    d_out = w_out.shape[0]
     rng = np.random.default_rng(seed)
     scale = 1.0 / np.sqrt(dim)
-    r_in = (rng.standard_normal((d_in, dim)) * scale).astype(np.float32)
-    r_b = (rng.standard_normal(dim) * scale).astype(np.float32)
-    r_out = (rng.standard_normal((d_out, dim)) * scale).astype(np.float32)
-    sketch = np.asarray(w_in, dtype=np.float32) @ r_in
-    sketch += np.asarray(w_out, dtype=np.float32).T @ r_out
-    if b_in is not None:
-        sketch += np.asarray(b_in, dtype=np.float32).reshape(n, 1) * r_b[None, :]
-    first = _first_duplicate(w_in, b_in, w_out)
-    dup = first != np.arange(n)
+    draws = [(rng.standard_normal((b.shape[1], dim)) * scale).astype(np.float32) for b in blocks]
+    matrices = [(b, r) for b, r in zip(blocks, draws) if b.shape[1] > 1]
+    vectors = [(b, r) for b, r in zip(blocks, draws) if b.shape[1] == 1]
+    sketch = np.zeros((blocks[0].shape[0], dim), dtype=np.float32)
+    for b, r in matrices:
+        sketch += np.asarray(b, dtype=np.float32) @ r
+    for b, r in vectors:
+        sketch += np.asarray(b, dtype=np.float32) * r
+    first = _first_duplicate([b for b, _ in matrices], [b for b, _ in vectors])
+    dup = first != np.arange(first.size)
     sketch[dup] = sketch[first[dup]]
     return sketch.astype(np.float64)
 
 
-def _first_duplicate(w_in: np.ndarray, b_in: np.ndarray | None, w_out: np.ndarray) -> np.ndarray:
-    """For each neuron, the index of the first neuron with byte-identical
-    (incoming row, bias, outgoing column)."""
+def _first_duplicate(matrices, vectors) -> np.ndarray:
+    """For each unit, the index of the first unit with byte-identical rows in
+    every block (vector blocks compared as float64)."""
+    n = (matrices or vectors)[0].shape[0]
     first: dict[bytes, int] = {}
-    out = np.empty(w_in.shape[0], dtype=np.int64)
-    cols = np.asarray(w_out).T
-    for j in range(w_in.shape[0]):
-        h = hashlib.blake2b(np.ascontiguousarray(w_in[j]).tobytes(), digest_size=16)
-        h.update(np.ascontiguousarray(cols[j]).tobytes())
-        if b_in is not None:
-            h.update(np.asarray(b_in[j], dtype=np.float64).tobytes())
+    out = np.empty(n, dtype=np.int64)
+    for j in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        for m in matrices:
+            h.update(np.ascontiguousarray(m[j]).tobytes())
+        for v in vectors:
+            h.update(np.asarray(v[j], dtype=np.float64).tobytes())
         out[j] = first.setdefault(h.digest(), j)
     return out
 

@@ -33,9 +33,10 @@ circuits instead of their raw rows (see :meth:`HeadWeights.circuits`).
 Magnitude head pruning (``select="magnitude"``) keeps the k heads with the
 largest feature norm and drops the rest.
 
-Gated MLPs ``down(act(gate x) ⊙ up x)``: neuron j is gate row j, up row j and
-down column j; they share one clustering on ``[gate_j, up_j, down_jᵀ]`` and
-merge like dense neurons (rows averaged, columns summed).
+Gated MLPs ``down(act(gate x) ⊙ up x)`` need nothing of their own here:
+neuron j is gate row j, up row j and down column j, one unit group
+(``passes/units.gated_group``) that the folding core clusters on
+``[gate_j, up_j, down_jᵀ]`` and merges like dense neurons.
 """
 
 from __future__ import annotations
@@ -230,25 +231,3 @@ def merge_heads(w: HeadWeights, labels: np.ndarray, merge: str = "medoid", repai
                 kb[c] *= sk
                 v[c] *= sv[:, None]
     return HeadWeights(q, qb, kk, kb, v, vb, o, ob)
-
-
-# --------------------------------------------------------------------------
-# gated MLPs
-
-
-def gated_features(wg, bg, wu, bu, wd) -> np.ndarray:
-    """Per-neuron features ``[gate_j, bg_j, up_j, bu_j, down_jᵀ]`` (n × F)."""
-    n = wg.shape[0]
-    bg = np.zeros(n) if bg is None else np.asarray(bg, dtype=np.float64)
-    bu = np.zeros(n) if bu is None else np.asarray(bu, dtype=np.float64)
-    return np.hstack([np.asarray(wg, dtype=np.float64), bg[:, None], np.asarray(wu, dtype=np.float64),
-                      bu[:, None], np.asarray(wd, dtype=np.float64).T])
-
-
-def gated_labels(features: np.ndarray, k: int, select: str = "kmeans", seed: int = 0) -> np.ndarray:
-    if select == "kmeans":
-        return fold.kmeans_labels(features, k, seed=seed)
-    keep = fold.magnitude_keep(features, k)
-    labels = np.full(features.shape[0], -1, dtype=np.int64)
-    labels[keep] = np.arange(keep.size)
-    return labels

@@ -6,91 +6,58 @@ their channels have to be folded together (``docs/methods.md`` §3.3-3.4):
 
 * **Attention heads**, as exporters write unfused multi-head attention::
 
-      q = MatMul(x, Wq)[+bq] → Reshape [B,S,H,D] → Transpose [0,2,1,3]
-      k = MatMul(x, Wk)[+bk] → Reshape [B,S,H,D] → Transpose(s) to [B,H,D,S]
-      v = MatMul(x, Wv)[+bv] → Reshape [B,S,H,Dv] → Transpose [0,2,1,3]
-      scores = MatMul(q, k) (scalar Mul/Div on q, k or scores; mask Adds)
-      Softmax(axis=-1) → MatMul(·, v) → Transpose [0,2,1,3] → Reshape [B,S,H·Dv]
-      o = MatMul(·, Wo)[+bo]
+      q = MatMul(x, Wq)[+bq] → Reshape [B,S,H,D] → Transpose [0,2,1,3] (→ rotary)
+      k = MatMul(x, Wk)[+bk] → Reshape [B,S,Hkv,D] → ... → [B,H,D,S]
+      v = MatMul(x, Wv)[+bv] → Reshape [B,S,Hkv,Dv] → ... → [B,H,S,Dv]
+      scores = MatMul(q, k) (scalar Mul/Div on q, k or scores; mask Add/Where)
+      Softmax(axis=-1) (→ IsNaN/Where) → MatMul(·, v) → Transpose [0,2,1,3]
+      → Reshape [B,S,H·Dv] → o = MatMul(·, Wo)[+bo]
 
-  Head h owns rows ``h·D…(h+1)·D`` of Wq/Wk (W out×in as in ``DenseOp``),
-  rows ``h·Dv…`` of Wv and the same columns of Wo. The number of heads lives
-  in the Reshape shape constants (a constant shape, or a Concat of dynamic
-  batch/sequence sizes and constants), which a rewrite must update.
+  What lies between a projection and the attention MatMuls (transposes,
+  rotary embeddings, the grouped-query repeat of k and v, dynamo's 3-D
+  transposes) is walked by :mod:`.head_streams`. Head h owns rows
+  ``h·D…(h+1)·D`` of Wq/Wk (W out×in as in ``DenseOp``), rows ``h·Dv…`` of
+  Wv and the same columns of Wo. With grouped-query attention (``Hkv`` key/
+  value heads, ``H = Hkv·n``) query heads ``g·n…(g+1)·n`` share key/value
+  head g. Head counts that are constants in the graph (Reshape/Expand shapes,
+  the group size) are listed as ``ShapeRef``s, which a rewrite must update.
 
 * **Gated MLPs**: ``down(act(gate(x)) * up(x))`` (SiLU/GELU/... on the gate):
   neuron j is row j of gate *and* up and column j of down.
 
+Multi-head blocks are in ``TransformerView.attention``; grouped-query blocks
+are found too, and kept apart in ``TransformerView.grouped`` (head folding
+does not fold key/value groups yet: each is also reported in ``skipped``).
 Everything else that looks like attention is reported, not matched: fused
 ``Attention``/``MultiHeadAttention``/``GroupQueryAttention`` nodes
-(com.microsoft, or the opset-23 ``Attention``), grouped-query attention
-(k/v with fewer heads than q), per-head score biases, and intermediate
-tensors read outside the pattern. Discovery never changes the model.
+(com.microsoft, or the opset-23 ``Attention``), onnxruntime's other fusions
+(``SkipLayerNormalization``, ``FastGelu``, ...), per-head score biases,
+fused q/k/v projections, and intermediate tensors read outside the pattern.
+Discovery never changes the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import numpy as np
 import onnx
 
 from .activations import ActivationSpec
-from .chains import FLOAT_TYPES, Skipped, _match_activation
+from .chains import Skipped, match_activation
 from .graph_index import GraphIndex
+from .head_streams import NoMatch, StreamWalker, scalar_operand
+from .projections import Projection, projection_at
+from .shapes import ShapeRef, shape_elements
+
+__all__ = ["AttentionBlock", "FUSED_ATTENTION", "GatedMLP", "Projection", "ShapeRef", "TransformerView",
+           "find_transformer", "projection_at", "shape_elements"]
 
 FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention")
-
-
-@dataclass
-class Projection:
-    """A MatMul with a constant 2-D weight and an optional constant bias Add.
-
-    ``weight`` is out × in (``Bᵀ``), float64; ``weight_input`` / ``bias_input``
-    are the tensors the rewrite replaces (input ``weight_slot`` of ``node``,
-    input ``bias_slot`` of ``bias_node``)."""
-
-    node: str
-    input: str
-    output: str  # after the bias Add when there is one
-    weight_input: str
-    weight: np.ndarray
-    dtype: np.dtype
-    bias_node: str | None = None
-    bias_input: str | None = None
-    bias_slot: int = 1
-    bias: np.ndarray | None = None
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def num_params(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
-
-    def bias_or_zero(self) -> np.ndarray:
-        return np.zeros(self.out_features) if self.bias is None else self.bias
-
-    @property
-    def nodes(self) -> list[str]:
-        return [self.node] + ([self.bias_node] if self.bias_node else [])
-
-
-@dataclass
-class ShapeRef:
-    """One element of a Reshape's target shape that counts heads: element
-    ``index`` of ``reshape``'s shape input holds ``value`` = heads × ``per_head``."""
-
-    reshape: str
-    index: int
-    value: int
-    per_head: int
+#: onnxruntime's other transformer fusions (com.microsoft): reported once per op type, left alone
+FUSED_TRANSFORMER_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization",
+                         "RotaryEmbedding", "FastGelu", "BiasGelu", "QuickGelu",
+                         "GemmFastGelu", "BiasSplitGelu")
 
 
 @dataclass
@@ -105,10 +72,37 @@ class AttentionBlock:
     v_head_dim: int
     shape_refs: list[ShapeRef] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
+    num_kv_heads: int = 0  # key/value heads: num_heads unless grouped-query (0: num_heads)
+    rotary: bool = False  # q and k pass a rotary embedding
+
+    def __post_init__(self):
+        if not self.num_kv_heads:
+            self.num_kv_heads = self.num_heads
+
+    @property
+    def grouped(self) -> bool:
+        """Grouped-query attention: fewer key/value heads than query heads."""
+        return self.num_kv_heads < self.num_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def projections(self) -> list[Projection]:
+        return [self.q, self.k, self.v, self.o]
 
     @property
     def num_params(self) -> int:
-        return sum(p.num_params for p in (self.q, self.k, self.v, self.o))
+        return sum(p.num_params for p in self.projections)
+
+    def summary(self) -> dict:
+        """What ``inspect`` lists for the block (JSON-ready)."""
+        return {"block": self.name, "q": self.q.node, "k": self.k.node, "v": self.v.node, "o": self.o.node,
+                "hidden": self.q.in_features, "heads": self.num_heads, "kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "v_head_dim": self.v_head_dim, "rotary": self.rotary,
+                "params": self.num_params}
 
 
 @dataclass
@@ -126,284 +120,252 @@ class GatedMLP:
         return self.gate.out_features
 
     @property
+    def projections(self) -> list[Projection]:
+        return [self.gate, self.up, self.down]
+
+    @property
     def num_params(self) -> int:
-        return sum(p.num_params for p in (self.gate, self.up, self.down))
+        return sum(p.num_params for p in self.projections)
+
+    def summary(self) -> dict:
+        """What ``inspect`` lists for the gated MLP (JSON-ready)."""
+        return {"block": self.name, "gate": self.gate.node, "up": self.up.node, "down": self.down.node,
+                "activation": self.activation.describe(), "in": self.gate.in_features, "neurons": self.width,
+                "out": self.down.out_features, "params": self.num_params}
 
 
 @dataclass
 class TransformerView:
-    attention: list[AttentionBlock]
+    attention: list[AttentionBlock]  # multi-head blocks: what head folding folds
     gated: list[GatedMLP]
     skipped: list[Skipped]
+    grouped: list[AttentionBlock] = field(default_factory=list)  # grouped-query blocks: found, not folded yet
 
+    @property
+    def blocks(self) -> list[AttentionBlock]:
+        """Every attention block found, multi-head and grouped-query, in graph
+        order (find numbers them attn0, attn1, ... in one sequence)."""
+        return sorted(self.attention + self.grouped, key=lambda b: int(b.name[len("attn"):]))
 
-class _NoMatch(Exception):
-    pass
-
-
-# --------------------------------------------------------------------------
-# small graph helpers
-
-
-def projection_at(ix: GraphIndex, tensor: str) -> Projection | None:
-    """The projection whose (biased) output is ``tensor``, else None."""
-    p = ix.producer.get(tensor)
-    if p is None:
-        return None
-    bias_node, bias_input, bias_slot, bias = None, None, 1, None
-    if p.op_type == "Add" and len(p.input) == 2:
-        slot = next((s for s in (0, 1) if ix.is_const(p.input[s])), None)
-        if slot is None:
-            return None
-        mm = ix.producer.get(p.input[1 - slot])
-        if mm is None or mm.op_type != "MatMul" or ix.single_consumer(mm.output[0]) is not p:
-            return None
-        b = np.asarray(ix.const(p.input[slot]))
-        bias_node, bias_input, bias_slot = p.name, p.input[slot], slot
-        bias = b
-        p = mm
-    if p.op_type != "MatMul" or ix.is_const(p.input[0]) or not ix.is_const(p.input[1]):
-        return None
-    B = ix.const(p.input[1])
-    if B.ndim != 2 or B.dtype.type not in FLOAT_TYPES:
-        return None
-    W = B.T.astype(np.float64)
-    if bias is not None:
-        if bias.size != W.shape[0] or bias.ndim > 1 and bias.shape[-1] != W.shape[0]:
-            return None
-        bias = bias.reshape(-1).astype(np.float64)
-    return Projection(node=p.name, input=p.input[0], output=tensor, weight_input=p.input[1], weight=W,
-                      dtype=np.dtype(B.dtype), bias_node=bias_node, bias_input=bias_input, bias_slot=bias_slot,
-                      bias=bias)
-
-
-def shape_elements(ix: GraphIndex, tensor: str) -> list[tuple[int | None, int, int]] | None:
-    """The elements of a 1-D shape tensor as ``(value or None, source slot,
-    offset)``: slot -1 = ``tensor`` itself is a constant; slot s = element
-    ``offset`` of input s of the Concat producing it. Dynamic Concat pieces
-    must be Unsqueezes (one element each). None: not understood."""
-    val = ix.const(tensor)
-    if val is not None:
-        return [(int(x), -1, i) for i, x in enumerate(np.asarray(val).reshape(-1))]
-    p = ix.producer.get(tensor)
-    if p is None or p.op_type != "Concat":
-        return None
-    out = []
-    for s, t in enumerate(p.input):
-        v = ix.const(t)
-        if v is not None:
-            out += [(int(x), s, i) for i, x in enumerate(np.asarray(v).reshape(-1))]
-            continue
-        q = ix.producer.get(t)
-        if q is None or q.op_type != "Unsqueeze":
-            return None
-        out.append((None, s, 0))
-    return out
-
-
-def _scalar_const(ix: GraphIndex, node: onnx.NodeProto, t: str) -> bool:
-    other = node.input[1] if node.input[0] == t else node.input[0]
-    v = ix.const(other)
-    return v is not None and np.asarray(v).size == 1
+    def release_except(self, group: AttentionBlock | GatedMLP | None = None) -> None:
+        """Drop the weights of all projections but ``group``'s (they are read
+        from the model again on use)."""
+        keep = set() if group is None else {id(p) for p in group.projections}
+        for g in [*self.attention, *self.grouped, *self.gated]:
+            for p in g.projections:
+                if id(p) not in keep:
+                    p.release()
 
 
 # --------------------------------------------------------------------------
 # attention
 
+_Q, _K, _V = ("B", "H", "S", "D"), ("B", "H", "D", "S"), ("B", "H", "S", "D")
+_SCORE_OPS = ("MatMul", "Mul", "Div", "Add", "Where", "Cast", "Identity")
+
 
 class _AttnFinder:
     def __init__(self, ix: GraphIndex):
         self.ix = ix
+        self.walker = StreamWalker(ix)
         self.nodes: list[str] = []
 
-    def _only(self, tensor: str, why: str) -> onnx.NodeProto:
-        c = self.ix.single_consumer(tensor)
-        if c is None:
-            n = len(self.ix.consumers.get(tensor, []))
-            raise _NoMatch(f"{why}: tensor {tensor!r} has {n} readers (or is a graph output), expected 1")
-        return c
+    def _scaling(self, p: onnx.NodeProto) -> str | None:
+        """The scores input of a scalar Mul/Div ``p``, else None."""
+        ix = self.ix
+        if p.op_type in ("Mul", "Div") and not ix.is_const(p.input[0]) and scalar_operand(ix, p, p.input[0]):
+            return p.input[0]
+        if p.op_type == "Mul" and not ix.is_const(p.input[1]) and scalar_operand(ix, p, p.input[1]):
+            return p.input[1]
+        return None
 
-    def _producer(self, tensor: str, why: str) -> onnx.NodeProto:
+    def _reaches_scores(self, tensor: str, hops: int = 8) -> bool:
+        """Does ``tensor`` come from a MatMul of two computed tensors through score ops?"""
         p = self.ix.producer.get(tensor)
-        if p is None:
-            raise _NoMatch(f"{why}: {tensor!r} has no producer")
-        return p
+        if p is None or hops == 0 or p.op_type not in _SCORE_OPS:
+            return False
+        if p.op_type == "MatMul":
+            return not any(self.ix.is_const(t) for t in p.input)
+        return any(self._reaches_scores(t, hops - 1) for t in p.input if t and not self.ix.is_const(t))
 
-    def _skip_scalars(self, tensor: str, side: str) -> str:
-        """Walk back over scalar Mul/Div (score scaling applied to q or k)."""
-        ix = self.ix
+    def _scores(self, softmax: onnx.NodeProto) -> onnx.NodeProto:
+        """Back from the Softmax over scaling, masks and casts to the scores MatMul."""
+        ix, w = self.ix, self.walker
+        t = softmax.input[0]
         while True:
-            p = ix.producer.get(tensor)
-            if p is None or p.op_type not in ("Mul", "Div") or not _scalar_const(ix, p, p.input[0]) \
-                    or ix.is_const(p.input[0]):
-                return tensor
-            self._only(tensor, side)
+            p = w.producer(t, "scores")
+            w.only(t, "scores")
+            if p.op_type == "MatMul":
+                if ix.is_const(p.input[0]) or ix.is_const(p.input[1]):
+                    raise NoMatch("scores MatMul has a constant input")
+                return p
             self.nodes.append(p.name)
-            tensor = p.input[0]
+            scaled = self._scaling(p)
+            if scaled is not None:
+                t = scaled
+            elif p.op_type in ("Cast", "Identity"):
+                t = p.input[0]
+            elif p.op_type in ("Add", "Where"):  # a mask: added, or filled in
+                data = list(p.input) if p.op_type == "Add" else list(p.input[1:])
+                ins = [x for x in data if not ix.is_const(x) and self._reaches_scores(x)]
+                if len(ins) != 1:
+                    raise NoMatch(f"scores: {p.op_type} {p.name} before Softmax has {len(ins)} scores inputs")
+                mask = next((x for x in data if x != ins[0]), None)
+                mask_meta = None if mask is None else ix.const_meta(mask)  # the shape says it: values not read
+                if mask_meta is not None and len(mask_meta[0]) == 4 and mask_meta[0][1] > 1:
+                    raise NoMatch("scores: a constant per-head score bias is added (not supported)")
+                t = ins[0]
+            else:
+                raise NoMatch(f"scores: {p.op_type} between the scores MatMul and Softmax")
 
-    def _transposes_back(self, tensor: str, side: str) -> tuple[str, list[int]]:
-        """Walk back over Transposes; (tensor before them, composed perm)."""
-        ix = self.ix
-        perm = [0, 1, 2, 3]
+    def _probabilities(self, softmax: onnx.NodeProto) -> onnx.NodeProto:
+        """Forward from the Softmax (over NaN guards and casts) to MatMul(probabilities, v)."""
+        ix, w = self.ix, self.walker
+        t = softmax.output[0]
         while True:
-            p = ix.producer.get(tensor)
-            if p is None or p.op_type != "Transpose":
-                return tensor, perm
-            self._only(tensor, side)
-            pp = list(ix.attr(p, "perm", [3, 2, 1, 0]))
-            if len(pp) != 4:
-                raise _NoMatch(f"{side}: Transpose of rank {len(pp)}")
-            perm = [pp[i] for i in perm]
-            self.nodes.append(p.name)
-            tensor = p.input[0]
+            cs = w.readers(t)
+            if t in ix.graph_outputs:
+                raise NoMatch(f"softmax: {t!r} is a graph output")
+            if sorted(c.op_type for c in cs) == ["IsNaN", "Where"]:  # Where(IsNaN(p), 0, p): fully masked rows
+                isnan, where = sorted(cs, key=lambda c: c.op_type)
+                if where.input[0] != isnan.output[0] or where.input[2] != t or w.readers(isnan.output[0]) != [where]:
+                    raise NoMatch("softmax: IsNaN/Where after it is not a NaN guard")
+                self.nodes += [isnan.name, where.name]
+                t = where.output[0]
+                continue
+            if len(cs) != 1:
+                raise NoMatch(f"softmax: its output is read by {len(cs)} nodes, expected 1")
+            c = cs[0]
+            if c.input[0] == t and (c.op_type in ("Cast", "Identity") or ix.passthrough_output(c) == c.output[0]):
+                self.nodes.append(c.name)
+                t = c.output[0]
+            elif c.op_type == "MatMul" and c.input[0] == t and c.input[1] != t:
+                return c
+            else:
+                raise NoMatch(f"softmax output feeds {c.op_type}, not MatMul(probabilities, v)")
 
-    def _side(self, tensor: str, want_perm: list[int], side: str) -> tuple[Projection, str, int | None, int | None]:
-        """q / k / v side: (projection, Reshape node name, heads, per-head dim)."""
-        ix = self.ix
-        tensor = self._skip_scalars(tensor, side)
-        tensor, perm = self._transposes_back(tensor, side)
-        if perm != want_perm:
-            raise _NoMatch(f"{side}: transposes compose to perm {perm}, expected {want_perm}")
-        tensor = self._skip_scalars(tensor, side)
-        rs = self._producer(tensor, side)
-        if rs.op_type != "Reshape":
-            raise _NoMatch(f"{side}: expected a Reshape to [B,S,H,D], found {rs.op_type}")
-        self._only(tensor, side)
-        self._only(rs.input[0], side)
-        elems = shape_elements(ix, rs.input[1])
-        if elems is None or len(elems) != 4:
-            raise _NoMatch(f"{side}: Reshape shape {rs.input[1]!r} is not a 4-element constant/Concat")
-        proj = projection_at(ix, rs.input[0])
-        if proj is None:
-            raise _NoMatch(f"{side}: the Reshape does not read a MatMul(+bias) with a constant weight")
-        self.nodes.append(rs.name)
-        h, d = elems[2][0], elems[3][0]
-        h = h if h is not None and h > 0 else None
-        d = d if d is not None and d > 0 else None
-        return proj, rs.name, h, d
+    def _context(self, av: onnx.NodeProto, heads: int, dv: int) -> tuple[Projection, list[ShapeRef]]:
+        """Forward from MatMul(probabilities, v): merge the heads, find the output projection."""
+        ix, w = self.ix, self.walker
+        refs = []
+        c = w.only(av.output[0], "context")
+        if c.op_type == "Reshape" and c.input[0] == av.output[0]:  # legacy SDPA: a no-op [B, -1, S, Dv]
+            el = shape_elements(ix, c.input[1])
+            if el is None or len(el) != 4 or el[1][0] not in (-1, heads) or -1 in [e[0] for e in el[2:]]:
+                raise NoMatch(f"context: Reshape {c.name} after MatMul(probabilities, v) is not [B, H, S, Dv]")
+            if el[1][0] == heads:
+                refs.append(ShapeRef(c.name, 1, heads, 1))
+            self.nodes.append(c.name)
+            c = w.only(c.output[0], "context")
+        if c.op_type != "Transpose" or list(ix.attr(c, "perm", [])) != [0, 2, 1, 3]:
+            raise NoMatch("context: expected Transpose [0,2,1,3] after MatMul(probabilities, v)")
+        rs = w.only(c.output[0], "context")
+        if rs.op_type != "Reshape" or rs.input[0] != c.output[0]:
+            raise NoMatch("context: expected a Reshape merging the heads")
+        self.nodes += [c.name, rs.name]
+        el = shape_elements(ix, rs.input[1])
+        if el is None or len(el) not in (2, 3):
+            raise NoMatch("context: the head-merging Reshape's shape is not a constant/Concat of rank 2 or 3")
+        if el[-1][0] == heads * dv:  # the merged width [B, S, H·Dv]; -1 needs no edit
+            refs.append(ShapeRef(rs.name, len(el) - 1, heads * dv, dv))
+        elif el[-1][0] != -1:
+            raise NoMatch(f"context: head-merging Reshape's last size is {el[-1][0]}, expected {heads * dv} or -1")
+        mm = w.only(rs.output[0], "context")
+        if mm.op_type not in ("MatMul", "Gemm") or mm.input[0] != rs.output[0]:
+            raise NoMatch("context: the merged heads do not feed a MatMul (output projection)")
+        c = ix.single_consumer(mm.output[0])
+        o_out = c.output[0] if mm.op_type == "MatMul" and c is not None and c.op_type == "Add" \
+            and projection_at(ix, c.output[0]) is not None else mm.output[0]
+        o = projection_at(ix, o_out)
+        if o is None:
+            raise NoMatch("output projection has no constant 2-D weight")
+        return o, refs
 
-    def _report_gqa(self, tensor: str, q: Projection, why: str) -> None:
-        """k or v did not match: if a few nodes up there is a projection
-        narrower than q by an integer factor, this is grouped-query attention
-        (k/v heads repeated to q's count, e.g. by Expand/Tile/Concat)."""
-        ix = self.ix
-        seen, frontier = set(), [tensor]
-        for _ in range(12):
+    def _upstream(self, tensor: str, depth: int, stop):
+        """(tensor, producer) pairs up to ``depth`` nodes before ``tensor``,
+        breadth first through computed inputs, not past those where ``stop``."""
+        ix, frontier, seen = self.ix, [tensor], set()
+        for _ in range(depth):
             nxt = []
             for t in frontier:
                 p = ix.producer.get(t)
                 if p is None or p.name in seen:
                     continue
                 seen.add(p.name)
-                proj = projection_at(ix, t)
-                if proj is not None:
-                    if proj.in_features == q.in_features and proj.out_features < q.out_features \
-                            and q.out_features % proj.out_features == 0:
-                        raise _NoMatch(f"grouped-query attention (k/v projection {proj.out_features} wide, q"
-                                       f" {q.out_features}): not supported ({why})")
-                    continue
-                nxt += [i for i in p.input if i and not ix.is_const(i)]
+                yield t, p
+                if not stop(t, p):
+                    nxt += [i for i in p.input if i and not ix.is_const(i)]
             frontier = nxt
+
+    def _report_gqa(self, tensor: str, q: Projection, why: str) -> None:
+        """k or v did not match: if a few nodes up there is a projection
+        narrower than q by an integer factor, say it is grouped-query attention."""
+        ix = self.ix
+        for t, _p in self._upstream(tensor, 12, lambda t, _p: projection_at(ix, t) is not None):
+            proj = projection_at(ix, t)
+            if proj is not None and proj.in_features == q.in_features and proj.out_features < q.out_features \
+                    and q.out_features % proj.out_features == 0:
+                raise NoMatch(f"grouped-query attention (k/v projection {proj.out_features} wide, q"
+                              f" {q.out_features}) in a form not understood ({why})")
+
+    def looks_like_attention(self, softmax: onnx.NodeProto) -> bool:
+        """Does a MatMul of two computed tensors (scores) lie a few nodes
+        before ``softmax``, short of any projection? A classifier's Softmax is
+        no attention block that failed to match, and is not reported."""
+        ix = self.ix
+        for _t, p in self._upstream(softmax.input[0], 6, lambda _t, p: p.op_type in ("MatMul", "Gemm")):
+            if p.op_type == "MatMul" and not any(ix.is_const(i) for i in p.input):
+                return True
+        return False
 
     def match(self, softmax: onnx.NodeProto) -> AttentionBlock:
         ix = self.ix
         self.nodes = [softmax.name]
-        axis = ix.attr(softmax, "axis", -1)
-        if axis not in (-1, 3):
-            raise _NoMatch(f"Softmax over axis {axis}, expected the last")
-        # back from the softmax: mask Adds and scalar scalings, to the scores MatMul
-        t = softmax.input[0]
-        while True:
-            p = self._producer(t, "scores")
-            self._only(t, "scores")
-            if p.op_type in ("Mul", "Div") and _scalar_const(ix, p, p.input[0]) and not ix.is_const(p.input[0]):
-                self.nodes.append(p.name)
-                t = p.input[0]
-            elif p.op_type == "Add":
-                scores_in = next((x for x in p.input if ix.producer.get(x) is not None
-                                  and ix.producer[x].op_type in ("MatMul", "Mul", "Div", "Add")
-                                  and ix.single_consumer(x) is p and not ix.is_const(x)), None)
-                if scores_in is None:
-                    raise _NoMatch("scores: Add before Softmax has no scores input")
-                mask = p.input[1] if p.input[0] == scores_in else p.input[0]
-                mv = ix.const(mask)
-                if mv is not None and np.asarray(mv).ndim == 4 and np.asarray(mv).shape[1] > 1:
-                    raise _NoMatch("scores: a constant per-head score bias is added (not supported)")
-                self.nodes.append(p.name)
-                t = scores_in
-            elif p.op_type == "MatMul":
-                break
-            else:
-                raise _NoMatch(f"scores: {p.op_type} between the scores MatMul and Softmax")
-        scores = p
-        self.nodes.append(scores.name)
-        if ix.is_const(scores.input[0]) or ix.is_const(scores.input[1]):
-            raise _NoMatch("scores MatMul has a constant input")
-        q, q_rs, hq, dq = self._side(scores.input[0], [0, 2, 1, 3], "q")
-        try:
-            k, k_rs, hk, dk = self._side(scores.input[1], [0, 2, 3, 1], "k")
-        except _NoMatch as e:
-            self._report_gqa(scores.input[1], q, str(e))
-            raise
-        # forward from the softmax: ·v, merge heads, o-proj
-        av = self._only(softmax.output[0], "softmax")
-        if av.op_type != "MatMul" or av.input[0] != softmax.output[0]:
-            raise _NoMatch(f"softmax output feeds {av.op_type}, not MatMul(probabilities, v)")
-        self.nodes.append(av.name)
-        try:
-            v, v_rs, hv, dv = self._side(av.input[1], [0, 2, 1, 3], "v")
-        except _NoMatch as e:
-            self._report_gqa(av.input[1], q, str(e))
-            raise
-        tr = self._only(av.output[0], "context")
-        if tr.op_type != "Transpose" or list(ix.attr(tr, "perm", [])) != [0, 2, 1, 3]:
-            raise _NoMatch("context: expected Transpose [0,2,1,3] after MatMul(probabilities, v)")
-        rs = self._only(tr.output[0], "context")
-        if rs.op_type != "Reshape" or rs.input[0] != tr.output[0]:
-            raise _NoMatch("context: expected a Reshape merging the heads")
-        mm = self._only(rs.output[0], "context")
-        self.nodes += [tr.name, rs.name]
-        if mm.op_type != "MatMul" or mm.input[0] != rs.output[0]:
-            raise _NoMatch("context: the merged heads do not feed a MatMul (output projection)")
-        c = ix.single_consumer(mm.output[0])
-        o_out = c.output[0] if c is not None and c.op_type == "Add" and projection_at(ix, c.output[0]) is not None \
-            else mm.output[0]
-        o = projection_at(ix, o_out)
-        if o is None:
-            raise _NoMatch("output projection has no constant 2-D weight")
-        # sizes: heads from the shape constants, else from the weights and head dims
-        def heads(h, d, width, side):
-            if h is None and d is not None and width % d == 0:
-                h = width // d
-            if h is None or width % h:
-                raise _NoMatch(f"{side}: cannot tell the number of heads from the Reshape shape")
-            return h, width // h
-        hq, dq = heads(hq, dq, q.out_features, "q")
-        hk, dk = heads(hk, dk, k.out_features, "k")
-        hv, dv = heads(hv, dv, v.out_features, "v")
-        if hk != hq or hv != hq:
-            if hk == hv and hq % hk == 0:
-                raise _NoMatch(f"grouped-query attention (q {hq} heads, k/v {hk} heads) is not supported")
-            raise _NoMatch(f"head counts differ (q {hq}, k {hk}, v {hv})")
-        if dk != dq:
-            raise _NoMatch(f"q and k head dims differ ({dq}, {dk})")
-        if o.in_features != hv * dv:
-            raise _NoMatch(f"output projection reads {o.in_features} features, heads give {hv * dv}")
-        refs = []
-        for name, d in ((q_rs, dq), (k_rs, dk), (v_rs, dv)):
-            el = shape_elements(ix, ix.node_by_name[name].input[1])
-            if el[2][0] is not None and el[2][0] > 0:
-                refs.append(ShapeRef(name, 2, int(el[2][0]), 1))
-        el = shape_elements(ix, rs.input[1])
-        if el is None:
-            raise _NoMatch("context: the head-merging Reshape's shape is not a constant/Concat")
-        if el[-1][0] == hv * dv:  # the merged width [B, S, H·Dv]; -1 needs no edit
-            refs.append(ShapeRef(rs.name, len(el) - 1, hv * dv, dv))
-        if el[-1][0] not in (hv * dv, -1):
-            raise _NoMatch(f"context: head-merging Reshape's last size is {el[-1][0]}, expected {hv * dv} or -1")
-        return AttentionBlock(name="", q=q, k=k, v=v, o=o, num_heads=hq, head_dim=dq, v_head_dim=dv,
-                              shape_refs=refs, nodes=list(dict.fromkeys(self.nodes + q.nodes + k.nodes + v.nodes
-                                                                         + o.nodes)))
+        if ix.attr(softmax, "axis", -1) not in (-1, 3):
+            raise NoMatch(f"Softmax over axis {ix.attr(softmax, 'axis')}, expected the last")
+        scores = self._scores(softmax)
+        av = self._probabilities(softmax)
+        self.nodes += [scores.name, av.name]
+        q = self.walker.walk(scores.input[0], "q")
+        streams = {}
+        for side, tensor in (("k", scores.input[1]), ("v", av.input[1])):
+            try:
+                streams[side] = self.walker.walk(tensor, side)
+            except NoMatch as e:
+                self._report_gqa(tensor, q.proj, str(e))
+                raise
+        k, v = streams["k"], streams["v"]
+        for s, want in ((q, _Q), (k, _K), (v, _V)):
+            side = "q" if s is q else "k" if s is k else "v"
+            if s.layout != want:
+                raise NoMatch(f"{side}: reaches the attention MatMul as [{','.join(s.layout)}], expected"
+                              f" [{','.join(want)}] (B batch, S sequence, H heads, D head dim)")
+        if q.group != 1:
+            raise NoMatch("q: its heads are repeated")
+        if len({q.proj.node, k.proj.node, v.proj.node}) != 3:
+            raise NoMatch("q, k and v do not come from three projections")
+        if k.head_dim != q.head_dim:
+            raise NoMatch(f"q and k head dims differ ({q.head_dim}, {k.head_dim})")
+        if (k.heads, k.group) != (v.heads, v.group) or k.heads * k.group != q.heads:
+            raise NoMatch(f"head counts differ (q {q.heads}, k {k.heads}×{k.group}, v {v.heads}×{v.group})")
+        o, context_refs = self._context(av, q.heads, v.head_dim)
+        if o.in_features != q.heads * v.head_dim:
+            raise NoMatch(f"output projection reads {o.in_features} features, heads give {q.heads * v.head_dim}")
+        grouped = k.heads < q.heads
+        kv_refs = [replace(r, counts="kv_heads") if r.reshape in (k.split, v.split) and grouped else r
+                   for r in k.refs + v.refs]
+        if not grouped:  # a repeat by 1: its key/value head counts are the head count, its group size stays 1
+            kv_refs = [replace(r, counts="heads") for r in kv_refs if r.counts != "group"]
+        refs = list({(r.reshape, r.slot, r.index): r for r in q.refs + kv_refs + context_refs}.values())
+        nodes = self.nodes + q.nodes + k.nodes + v.nodes + o.nodes
+        return AttentionBlock(name="", q=q.proj, k=k.proj, v=v.proj, o=o, num_heads=q.heads, head_dim=q.head_dim,
+                              v_head_dim=v.head_dim, shape_refs=refs, nodes=list(dict.fromkeys(nodes)),
+                              num_kv_heads=k.heads, rotary=q.rotary or k.rotary)
+
+
+def _describe(b: AttentionBlock) -> str:
+    kv = f", {b.num_kv_heads} key/value heads" if b.grouped else ""
+    return f"{b.num_heads} heads × {b.head_dim}{kv}"
 
 
 # --------------------------------------------------------------------------
@@ -427,17 +389,17 @@ def _match_gated(ix: GraphIndex, mul: onnx.NodeProto, taken: set[str]) -> GatedM
             gate = projection_at(ix, cand)
             if gate is None or gate.node == up.node:
                 continue
-            spec, _ = _match_activation(ix, cand)
+            spec, _ = match_activation(ix, cand)
             if spec is None or spec.output != act_out or ix.single_consumer(act_out) is not mul:
                 continue
             if gate.out_features != up.out_features or gate.input != up.input:
                 continue
             down_node = ix.single_consumer(mul.output[0])
-            if down_node is None or down_node.op_type != "MatMul" or down_node.input[0] != mul.output[0]:
+            if down_node is None or down_node.op_type not in ("MatMul", "Gemm") or down_node.input[0] != mul.output[0]:
                 continue
             c = ix.single_consumer(down_node.output[0])
-            d_out = c.output[0] if c is not None and c.op_type == "Add" and projection_at(ix, c.output[0]) \
-                else down_node.output[0]
+            d_out = c.output[0] if down_node.op_type == "MatMul" and c is not None and c.op_type == "Add" \
+                and projection_at(ix, c.output[0]) else down_node.output[0]
             down = projection_at(ix, d_out)
             if down is None or down.in_features != gate.out_features:
                 continue
@@ -453,37 +415,66 @@ def _match_gated(ix: GraphIndex, mul: onnx.NodeProto, taken: set[str]) -> GatedM
 # --------------------------------------------------------------------------
 
 
+def _stored_out_in(group: AttentionBlock | GatedMLP) -> str | None:
+    """Why ``group`` cannot be rewritten yet, if one of its projections is a Gemm with transB=1."""
+    bad = [p.node for p in group.projections if p.stored_out_in]
+    return None if not bad else (f"{', '.join(bad)}: Gemm with transB=1, whose weight the head and gated rewrites"
+                                 " do not write yet (left untouched)")
+
+
 def find_transformer(model: onnx.ModelProto) -> TransformerView:
     """Attention blocks and gated MLPs of ``model`` (read-only), plus what
-    looked like attention but could not be matched, with the reason."""
+    looked like attention but could not be matched or cannot be folded, with the reason."""
     ix = GraphIndex(model)
-    blocks: list[AttentionBlock] = []
-    skipped: list[Skipped] = []
+    view = TransformerView(attention=[], gated=[], skipped=[])
     taken: set[str] = set()
+    found = 0
+    fused: dict[str, list[str]] = {}
     for node in ix.nodes:
         if node.op_type in FUSED_ATTENTION and (node.domain == "com.microsoft" or node.op_type == "Attention"):
-            skipped.append(Skipped(node.name, f"fused {node.domain or 'ai.onnx'} {node.op_type} node: head folding"
-                                              " of fused attention is not supported (left untouched)"))
+            view.skipped.append(Skipped(node.name, f"fused {node.domain or 'ai.onnx'} {node.op_type} node: head"
+                                                   " folding of fused attention is not supported (left untouched)"))
+        if node.op_type in FUSED_TRANSFORMER_OPS and node.domain == "com.microsoft":
+            fused.setdefault(node.op_type, []).append(node.name)
         if node.op_type != "Softmax":
             continue
-        f = _AttnFinder(ix)
+        finder = _AttnFinder(ix)
+        if not finder.looks_like_attention(node):
+            continue
         try:
-            b = f.match(node)
-        except _NoMatch as e:
-            skipped.append(Skipped(node.name, f"attention not folded: {e}"))
+            b = finder.match(node)
+        except NoMatch as e:
+            view.skipped.append(Skipped(node.name, f"attention not folded: {e}"))
             continue
         if set(b.nodes) & taken:
-            skipped.append(Skipped(node.name, "attention not folded: shares nodes with another block"))
+            view.skipped.append(Skipped(node.name, "attention not folded: shares nodes with another block"))
             continue
         taken.update(b.nodes)
-        b.name = f"attn{len(blocks)}"
-        blocks.append(b)
-    gated: list[GatedMLP] = []
+        b.name = f"attn{found}"  # one numbering for every block found, in graph order
+        found += 1
+        why = _stored_out_in(b)
+        if why is not None:
+            view.skipped.append(Skipped(node.name, f"attention {b.name} ({_describe(b)}) not folded: {why}"))
+        elif b.grouped:
+            view.grouped.append(b)
+            view.skipped.append(Skipped(node.name, f"attention {b.name}: grouped-query attention ({_describe(b)}):"
+                                                   " head folding of key/value groups is not supported yet"
+                                                   " (left untouched)"))
+        else:
+            view.attention.append(b)
+    view.skipped += [Skipped(names[0], f"{len(names)} fused com.microsoft {op} node(s) (onnxruntime's transformer"
+                                       " fusions): left untouched; folding only sees unfused ops")
+                     for op, names in fused.items()]
     for node in ix.nodes:
         if node.op_type == "Mul":
             g = _match_gated(ix, node, taken)
-            if g is not None:
-                g.name = f"glu{len(gated)}"
-                taken.update(g.gate.nodes + g.up.nodes + g.down.nodes + [g.mul])
-                gated.append(g)
-    return TransformerView(attention=blocks, gated=gated, skipped=skipped)
+            if g is None:
+                continue
+            taken.update(g.gate.nodes + g.up.nodes + g.down.nodes + [g.mul])
+            why = _stored_out_in(g)
+            if why is not None:
+                view.skipped.append(Skipped(g.mul, f"gated MLP not folded: {why}"))
+                continue
+            g.name = f"glu{len(view.gated)}"
+            view.gated.append(g)
+    return view

@@ -15,6 +15,7 @@ import onnx
 from .activations import ActivationSpec
 from .dense import DenseOp, LinearPath
 from .graph_index import GraphIndex
+from .weights import OpsView, constant_loader
 
 FLOAT_TYPES = (np.float32, np.float64, np.float16)
 
@@ -45,23 +46,13 @@ class Chain:
 
 
 @dataclass
-class DenseGraph:
+class DenseGraph(OpsView):
     """What ``find`` returns: dense ops (topological order), chains, skips."""
 
     ops: dict[str, DenseOp]
     chains: list[Chain]
     skipped: list[Skipped]
     activations: dict[str, ActivationSpec]  # by pre-activation tensor
-
-    def chain(self, name: str) -> Chain:
-        for c in self.chains:
-            if c.name == name:
-                return c
-        raise KeyError(name)
-
-    @property
-    def changed(self) -> bool:
-        return any(op.changed for op in self.ops.values())
 
     def release_except(self, chain: Chain | None = None) -> None:
         """Drop the unedited weights of all ops but ``chain``'s (they are read
@@ -91,14 +82,18 @@ def _weight_loader(ix: GraphIndex, name: str, trans_b: bool, alpha: float):
     """Reads the out × in weight of a Gemm/MatMul when first needed: a find
     over a multi-GB model reads no weight until a pass asks for it."""
 
-    def load() -> np.ndarray:
-        B = ix.const(name)
+    def out_by_in(B: np.ndarray) -> np.ndarray:
         W = B if trans_b else B.T  # a view: no copy before the storage cast
         if alpha != 1.0:
             W = W.astype(np.float64) * alpha
         return W
 
-    return load
+    return constant_loader(ix, name, out_by_in)
+
+
+def _factors_loader(ix: GraphIndex, names: list[str]):
+    """Reads a linear path's factors when first needed."""
+    return lambda: [ix.const(n) for n in names]
 
 
 class _OpFinder:
@@ -151,7 +146,7 @@ class _OpFinder:
     def _path_from(self, tensor: str, out_features: int) -> LinearPath | None:
         """A bias-free chain of constant MatMuls ending in ``tensor``."""
         ix = self.ix
-        factors, nodes = [], []
+        names, shapes, nodes = [], [], []
         t = tensor
         while True:
             p = ix.producer.get(t)
@@ -159,15 +154,16 @@ class _OpFinder:
                 break
             if ix.single_consumer(t) is None:
                 break
-            F = ix.const(p.input[1])
-            if F.ndim != 2:
+            meta = ix.const_meta(p.input[1])
+            if meta is None or len(meta[0]) != 2:
                 break
-            factors.insert(0, F.astype(np.float64))
+            names.insert(0, p.input[1])
+            shapes.insert(0, meta[0])
             nodes.insert(0, p.name)
             t = p.input[0]
-        if not factors or factors[-1].shape[1] != out_features:
+        if not shapes or shapes[-1][1] != out_features:
             return None
-        return LinearPath(input=t, factors=factors, nodes=nodes)
+        return LinearPath(input=t, nodes=nodes, factor_loader=_factors_loader(ix, names), factor_shapes=shapes)
 
     def _is_path_head(self, node: onnx.NodeProto) -> bool:
         """A const-weight MatMul feeding input 1 of an Add whose input 0 is a
@@ -214,8 +210,11 @@ class _OpFinder:
             if c.op_type == "Add" and len(c.input) == 2:
                 other = c.input[1] if c.input[0] == op.output else c.input[0]
                 if ix.is_const(other):
+                    meta = ix.const_meta(other)  # a big constant is no bias: never read it
+                    if meta is None or len(meta[0]) > 3 or int(np.prod(meta[0])) not in (1, op.out_features):
+                        break
                     vec = _as_vector(ix.const(other), op.out_features)
-                    if vec is None or ix.const(other).ndim > 3:
+                    if vec is None:
                         break
                     op.bias = op.bias_or_zero() + vec
                     op.nodes += [c.name] + ix.const_source_nodes(other)
@@ -240,7 +239,7 @@ class _OpFinder:
                 scale, b, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
                 eps = float(ix.attr(c, "epsilon", 1e-5))
                 s = scale / np.sqrt(var + eps)
-                op.weight = op.weight * s[:, None]
+                op.scale_rows(s)  # applied when the weight is read
                 op.bias = (op.bias_or_zero() - mean) * s + b
                 op.nodes.append(c.name)
                 op.output = c.output[0]
@@ -260,8 +259,9 @@ def _float_attr(ix: GraphIndex, node, name, default):
     return float(v) if v is not None else default
 
 
-def _match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
-    """The activation reading pre-activation ``pre``; (None, reason) if none."""
+def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
+    """The activation reading pre-activation ``pre`` (dense chains here, gate
+    activations of gated MLPs in :mod:`.attention`); (None, reason) if none."""
     if pre in ix.graph_outputs:
         return None, "output layer: its result is a graph output (nothing after it to fold into)"
     cs = ix.consumers.get(pre, [])
@@ -300,6 +300,8 @@ def _match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, 
             spec = ActivationSpec("sigmoid")
         elif k == "Tanh":
             spec = ActivationSpec("tanh")
+        elif k == "Swish" and _float_attr(ix, n, "alpha", 1.0) == 1.0:  # opset 24: x·sigmoid(αx), SiLU at α = 1
+            spec = ActivationSpec("silu")
         elif k == "Gelu":
             approx = ix.attr(n, "approximate", b"none")
             approx = approx.decode() if isinstance(approx, bytes) else approx
@@ -322,7 +324,8 @@ def _match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, 
 
 
 def _match_erf_gelu(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, str]:
-    """Gelu as exporters decompose it: x*0.5*(1+Erf(x/√2)) in its usual orders."""
+    """Gelu as exporters decompose it: x*0.5*(1+Erf(x/√2)) in its usual orders
+    (legacy torch: (x·(1+erf))·0.5 or (x·0.5)·(1+erf); dynamo: x·(0.5·(1+erf)))."""
     cs = ix.consumers.get(pre, [])
     nodes = []
     scale = next((c for c in cs if c.op_type in ("Div", "Mul") and _erf_follows(ix, c)), None)
@@ -347,12 +350,19 @@ def _match_erf_gelu(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, st
     others = [c for c in cs if c is not scale]
     if len(others) != 1 or others[0].op_type != "Mul":
         return None, "Gelu pattern incomplete"
+    half_of_sum = ix.const(m1.input[1] if m1.input[0] == add.output[0] else m1.input[0])
     if others[0] is m1:  # Mul(pre, 1+erf) -> Mul(·, 0.5)
         m2 = ix.single_consumer(m1.output[0])
         if m2 is None or m2.op_type != "Mul":
             return None, "Gelu pattern incomplete"
         half = ix.const(m2.input[1] if m2.input[0] == m1.output[0] else m2.input[0])
         out = m2.output[0]
+        nodes += [m1.name, m2.name]
+    elif half_of_sum is not None:  # Mul(0.5, 1+erf) -> Mul(pre, ·), as torch.onnx dynamo writes it
+        m2 = others[0]
+        if ix.single_consumer(m1.output[0]) is not m2 or sorted(m2.input) != sorted([pre, m1.output[0]]):
+            return None, "Gelu pattern incomplete"
+        half, out = half_of_sum, m2.output[0]
         nodes += [m1.name, m2.name]
     else:  # Mul(pre, 0.5) -> Mul(·, 1+erf)
         h = others[0]
@@ -398,7 +408,7 @@ def find_dense_graph(model: onnx.ModelProto) -> DenseGraph:
     chains: list[Chain] = []
     activations: dict[str, ActivationSpec] = {}
     for op in ops.values():
-        act, why = _match_activation(ix, op.output)
+        act, why = match_activation(ix, op.output)
         if act is None:
             skipped.append(Skipped(op.name, f"no chain: {why}"))
             continue

@@ -6,7 +6,9 @@ one ``Conv`` node with constant kernel (and bias), plus the
 
     z = BN(Conv(x, W, b))  =  Conv(x, W·s, (b − mean)·s + beta),  s = gamma / sqrt(var + eps)
 
-kernel ``weight`` is ``[out, in/group, *kernel]`` in float64.
+kernel ``weight`` is ``[out, in/group, *kernel]``, read from the model on first
+use (the BN scale applied then) and kept in float32 (float64 for float64
+models); see :mod:`onnxfold.find.weights`.
 
 A ``ConvChain`` is one set of hidden channels that can be folded on its own:
 
@@ -28,6 +30,7 @@ Discovery never changes the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +39,7 @@ import onnx
 from .activations import ActivationSpec
 from .chains import FLOAT_TYPES, Skipped
 from .graph_index import GraphIndex
+from .weights import OpsView, LazyWeight, constant_loader
 
 #: Element-wise ops that leave the channel layout as it is (one channel in,
 #: the same channel out): channel spaces are traced through them.
@@ -46,34 +50,43 @@ CHANNELWISE_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Identity", "
 COUPLING_OPS = {"Add", "Sub", "Mul"}
 
 
-@dataclass
-class ConvOp:
-    name: str  # Conv node name: stable id, kept when written back
-    input: str  # tensor the Conv reads
-    output: str  # tensor after the folded BN (or the Conv output)
-    weight: np.ndarray  # [out, in/group, *kernel], float64, BN folded
-    bias: np.ndarray | None  # [out] float64, BN folded
-    group: int
-    dtype: np.dtype
-    nodes: list[str] = field(default_factory=list)  # Conv (+ BN) node names
-    bn: str | None = None  # folded BatchNormalization node name
-    changed: bool = False
+class ConvOp(LazyWeight):
+    """One Conv (+ folded BN): ``weight`` ``[out, in/group, *kernel]`` (read on
+    first use), ``bias`` ``[out]`` float64 or None."""
+
+    def __init__(self, name: str, input: str, output: str, weight: np.ndarray | None = None,
+                 bias: np.ndarray | None = None, group: int = 1, dtype=np.float32, nodes: list[str] | None = None,
+                 bn: str | None = None, changed: bool = False, *,
+                 weight_loader: Callable[[], np.ndarray] | None = None, weight_shape: tuple[int, ...] | None = None):
+        self.name = name  # Conv node name: stable id, kept when written back
+        self.input = input  # tensor the Conv reads
+        self.output = output  # tensor after the folded BN (or the Conv output)
+        self.bias = bias  # [out] float64, BN folded
+        self.group = group
+        self.dtype = np.dtype(dtype)  # what gets written back
+        self.nodes = list(nodes or [])  # Conv (+ BN) node names
+        self.bn = bn  # folded BatchNormalization node name
+        self.changed = changed
+        self._init_weight(weight, weight_loader, weight_shape)
+
+    def __repr__(self) -> str:
+        return f"ConvOp({self.name!r}, {self.weight_shape}, group={self.group}, changed={self.changed})"
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.group
+        return self.weight_shape[1] * self.group
 
     @property
     def is_depthwise(self) -> bool:
-        return self.group > 1 and self.weight.shape[1] == 1 and self.group == self.out_channels
+        return self.group > 1 and self.weight_shape[1] == 1 and self.group == self.out_channels
 
     @property
     def num_params(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+        return int(np.prod(self.weight_shape) + (0 if self.bias is None else self.bias.size))
 
     def bias_or_zero(self) -> np.ndarray:
         return np.zeros(self.out_channels) if self.bias is None else self.bias
@@ -120,32 +133,41 @@ class ConvChain:
         return out
 
 
-@dataclass
-class GemmReader:
+class GemmReader(LazyWeight):
     """A ``Gemm`` reading pooled residual-stream channels through
     ``GlobalAveragePool → Flatten``: ``y = W x + b`` with W out × n (alpha
-    folded in) and b (beta folded in)."""
+    folded in; read on first use) and b float64 (beta folded in)."""
 
-    name: str  # Gemm node name
-    input: str  # the Flatten output it reads
-    output: str
-    weight: np.ndarray  # out × n, float64
-    bias: np.ndarray | None  # out, float64
-    dtype: np.dtype
-    trans_b: int = 0
-    alpha: float = 1.0
-    beta: float = 1.0
-    bias_shape: tuple = ()
-    path: list[str] = field(default_factory=list)  # GlobalAveragePool, Flatten node names
-    path_tensors: list[str] = field(default_factory=list)  # their outputs (width follows the stream)
-    changed: bool = False
+    weight_rank = 2
+
+    def __init__(self, name: str, input: str, output: str, weight: np.ndarray | None = None,
+                 bias: np.ndarray | None = None, dtype=np.float32, trans_b: int = 0, alpha: float = 1.0,
+                 beta: float = 1.0, bias_shape: tuple = (), path: list[str] | None = None,
+                 path_tensors: list[str] | None = None, changed: bool = False, *,
+                 weight_loader: Callable[[], np.ndarray] | None = None, weight_shape: tuple[int, int] | None = None):
+        self.name = name  # Gemm node name
+        self.input = input  # the Flatten output it reads
+        self.output = output
+        self.bias = bias
+        self.dtype = np.dtype(dtype)
+        self.trans_b = trans_b
+        self.alpha = alpha
+        self.beta = beta
+        self.bias_shape = bias_shape
+        self.path = list(path or [])  # GlobalAveragePool, Flatten node names
+        self.path_tensors = list(path_tensors or [])  # their outputs (width follows the stream)
+        self.changed = changed
+        self._init_weight(weight, weight_loader, weight_shape)
+
+    def __repr__(self) -> str:
+        return f"GemmReader({self.name!r}, {self.weight_shape}, changed={self.changed})"
 
     @property
     def num_params(self) -> int:
-        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+        return int(np.prod(self.weight_shape) + (0 if self.bias is None else self.bias.size))
 
     def bias_or_zero(self) -> np.ndarray:
-        return np.zeros(self.weight.shape[0]) if self.bias is None else self.bias
+        return np.zeros(self.weight_shape[0]) if self.bias is None else self.bias
 
 
 @dataclass
@@ -176,22 +198,27 @@ class ResidualGroup:
 
 
 @dataclass
-class ConvGraph:
+class ConvGraph(OpsView):
     ops: dict[str, ConvOp]
     chains: list[ConvChain]
     residual: list[ResidualGroup]
     skipped: list[Skipped]
     gemms: dict[str, GemmReader] = field(default_factory=dict)
 
-    def chain(self, name: str) -> ConvChain:
-        for c in self.chains:
-            if c.name == name:
-                return c
-        raise KeyError(name)
-
-    @property
-    def changed(self) -> bool:
-        return any(op.changed for op in self.ops.values())
+    def release_except(self, group: ConvChain | ResidualGroup | None = None) -> None:
+        """Drop the unedited weights of all ops but ``group``'s (a chain or a
+        residual group; they are read from the model again on use)."""
+        if isinstance(group, ConvChain):
+            keep = group.ops
+        elif isinstance(group, ResidualGroup):
+            keep = [self.ops[n] for n in (*group.producers, *group.conv_readers) if n in self.ops]
+            keep += [self.gemms[n] for n in group.gemm_readers if n in self.gemms]
+        else:
+            keep = []
+        kept = {id(op) for op in keep}
+        for op in [*self.ops.values(), *self.gemms.values()]:
+            if id(op) not in kept:
+                op.release()
 
 
 # --------------------------------------------------------------------------
@@ -202,8 +229,8 @@ def _build_conv(ix: GraphIndex, node: onnx.NodeProto, skipped: list[Skipped]) ->
     if len(node.input) < 2 or not ix.is_const(node.input[1]) or ix.is_const(node.input[0]):
         skipped.append(Skipped(node.name, "Conv kernel is not a constant"))
         return None
-    W = ix.const(node.input[1])
-    if W.dtype.type not in FLOAT_TYPES or W.ndim < 3:
+    meta = ix.const_meta(node.input[1])
+    if meta is None or meta[1].type not in FLOAT_TYPES or len(meta[0]) < 3:
         skipped.append(Skipped(node.name, "Conv kernel is not a float tensor of rank >= 3"))
         return None
     bias = None
@@ -214,8 +241,9 @@ def _build_conv(ix: GraphIndex, node: onnx.NodeProto, skipped: list[Skipped]) ->
             return None
         bias = np.asarray(b, dtype=np.float64).reshape(-1)
     group = int(ix.attr(node, "group", 1))
-    op = ConvOp(name=node.name, input=node.input[0], output=node.output[0], weight=W.astype(np.float64),
-                bias=bias, group=group, dtype=np.dtype(W.dtype), nodes=[node.name])
+    op = ConvOp(name=node.name, input=node.input[0], output=node.output[0], bias=bias, group=group,
+                dtype=meta[1], nodes=[node.name], weight_loader=constant_loader(ix, node.input[1]),
+                weight_shape=meta[0])
     c = ix.single_consumer(op.output)
     if c is not None and c.op_type == "BatchNormalization" and c.input[0] == op.output:
         params = [ix.const(t) for t in c.input[1:5]]
@@ -228,7 +256,7 @@ def _build_conv(ix: GraphIndex, node: onnx.NodeProto, skipped: list[Skipped]) ->
             scale, beta, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
             eps = float(ix.attr(c, "epsilon", 1e-5))
             s = scale / np.sqrt(var + eps)
-            op.weight = op.weight * s.reshape((-1,) + (1,) * (op.weight.ndim - 1))
+            op.scale_rows(s)  # applied when the kernel is read
             op.bias = (op.bias_or_zero() - mean) * s + beta
             op.nodes.append(c.name)
             op.bn = c.name
@@ -304,6 +332,12 @@ class _Union:
             self.parent[rb] = ra
 
 
+def _kernel_shape(ix: GraphIndex, conv: onnx.NodeProto) -> tuple[int, ...] | None:
+    """Shape of a Conv's constant kernel (its data is not read), else None."""
+    meta = ix.const_meta(conv.input[1]) if len(conv.input) > 1 else None
+    return None if meta is None or len(meta[0]) < 2 else meta[0]
+
+
 def _residual_groups(ix: GraphIndex, ops: dict[str, ConvOp], gemms: dict[str, GemmReader]) -> list[ResidualGroup]:
     """Tensors whose channels are coupled through element-wise joins.
 
@@ -323,8 +357,8 @@ def _residual_groups(ix: GraphIndex, ops: dict[str, ConvOp], gemms: dict[str, Ge
         if node.op_type in CHANNELWISE_OPS:
             uf.union(node.input[0], out)
         elif node.op_type == "Conv" and int(ix.attr(node, "group", 1)) > 1:
-            W = ix.const(node.input[1]) if len(node.input) > 1 else None
-            if W is not None and W.shape[1] == 1 and W.shape[0] == int(ix.attr(node, "group", 1)):
+            shape = _kernel_shape(ix, node)
+            if shape is not None and shape[1] == 1 and shape[0] == int(ix.attr(node, "group", 1)):
                 uf.union(node.input[0], out)  # depthwise: channels pass through
         elif node.op_type in COUPLING_OPS:
             live = [t for t in node.input if t and not ix.is_const(t)]
@@ -346,9 +380,9 @@ def _residual_groups(ix: GraphIndex, ops: dict[str, ConvOp], gemms: dict[str, Ge
         for node in ix.nodes:
             if node.op_type == "Conv" and node.output[0] in tset and node.input[0] not in tset:
                 producers.append(node.name)
-                W = ix.const(node.input[1]) if len(node.input) > 1 else None
-                if W is not None:
-                    width = int(W.shape[0])
+                shape = _kernel_shape(ix, node)
+                if shape is not None:
+                    width = int(shape[0])
             elif node.op_type not in CHANNELWISE_OPS and node.op_type not in COUPLING_OPS \
                     and any(t in tset for t in node.input) and not any(o in tset for o in node.output):
                 readers.append(node.name)
@@ -418,31 +452,38 @@ def _gemm_after_pool(ix: GraphIndex, pool: onnx.NodeProto, width: int | None) ->
     gemm = ix.single_consumer(flat.output[0])
     if gemm is None or gemm.op_type != "Gemm" or gemm.input[0] != flat.output[0] or ix.attr(gemm, "transA", 0):
         return None
-    B = ix.const(gemm.input[1])
-    if B is None or B.ndim != 2 or B.dtype.type not in FLOAT_TYPES:
+    meta = ix.const_meta(gemm.input[1])
+    if meta is None or len(meta[0]) != 2 or meta[1].type not in FLOAT_TYPES:
         return None
     trans_b = int(ix.attr(gemm, "transB", 0))
     alpha, beta = float(ix.attr(gemm, "alpha", 1.0)), float(ix.attr(gemm, "beta", 1.0))
-    Wt = (B if trans_b else B.T).astype(np.float64) * alpha
-    if width is not None and Wt.shape[1] != width:
+    shape = meta[0] if trans_b else meta[0][::-1]  # W: out × n
+    if width is not None and shape[1] != width:
         return None
-    bias, shape = None, ()
+    bias, bias_shape = None, ()
     if len(gemm.input) > 2 and gemm.input[2]:
         c = ix.const(gemm.input[2])
-        if c is None or c.size not in (1, Wt.shape[0]):
+        if c is None or c.size not in (1, shape[0]):
             return None
-        shape = tuple(c.shape)
-        bias = np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (Wt.shape[0],)) * beta
-    return GemmReader(name=gemm.name, input=flat.output[0], output=gemm.output[0], weight=Wt, bias=bias,
-                      dtype=np.dtype(B.dtype), trans_b=trans_b, alpha=alpha, beta=beta, bias_shape=shape,
-                      path=[pool.name, flat.name], path_tensors=[pool.output[0], flat.output[0]])
+        bias_shape = tuple(c.shape)
+        bias = np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (shape[0],)) * beta
+    def out_by_n(B: np.ndarray) -> np.ndarray:
+        return (B if trans_b else B.T).astype(np.float64) * alpha
+
+    return GemmReader(name=gemm.name, input=flat.output[0], output=gemm.output[0], bias=bias, dtype=meta[1],
+                      trans_b=trans_b, alpha=alpha, beta=beta, bias_shape=bias_shape, path=[pool.name, flat.name],
+                      path_tensors=[pool.output[0], flat.output[0]],
+                      weight_loader=constant_loader(ix, gemm.input[1], out_by_n), weight_shape=shape)
 
 
 # --------------------------------------------------------------------------
 
 
 def find_conv_graph(model: onnx.ModelProto) -> ConvGraph:
-    """Conv ops, foldable channel chains, residual groups and skips of ``model``."""
+    """Conv ops, foldable channel chains, residual groups and skips of ``model``
+    (no weight is read; a model without Conv nodes is not even indexed)."""
+    if not any(node.op_type == "Conv" for node in model.graph.node):
+        return ConvGraph(ops={}, chains=[], residual=[], skipped=[])
     ix = GraphIndex(model)
     skipped: list[Skipped] = []
     ops: dict[str, ConvOp] = {}

@@ -17,23 +17,59 @@ it; ``dtype`` is what gets written back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import reduce
 
 import numpy as np
 
+from .weights import LazyWeight, storage_dtype
 
-@dataclass
+__all__ = ["DenseOp", "LinearPath", "storage_dtype"]
+
+
 class LinearPath:
     """A bias-free linear term ``x @ F0 @ F1 @ …`` added to a pre-activation.
 
     ``factors[0]`` has one row per element of the source ``input`` tensor's
     last axis; ``factors[-1]`` one column per output neuron of the owning op.
+    Factors found in a model are read on first use (``factor_loader``, with
+    their ``factor_shapes`` known up front) and kept in float64: they are
+    rank-limited, and products and SVDs of them need the precision.
     """
 
-    input: str
-    factors: list[np.ndarray]
-    nodes: list[str] = field(default_factory=list)
+    def __init__(self, input: str, factors: list[np.ndarray] | None = None, nodes: list[str] | None = None,
+                 *, factor_loader: Callable[[], list[np.ndarray]] | None = None,
+                 factor_shapes: list[tuple[int, int]] | None = None):
+        if factors is None and (factor_loader is None or factor_shapes is None):
+            raise ValueError("LinearPath needs factors, or a factor_loader and factor_shapes")
+        self.input = input
+        self.nodes = list(nodes or [])
+        self._loader = factor_loader
+        self._shapes = None if factor_shapes is None else [tuple(sh) for sh in factor_shapes]
+        self._factors = None if factors is None else list(factors)
+
+    @property
+    def factors(self) -> list[np.ndarray]:
+        """The factors (a list a pass may edit in place; the owning op is then ``changed``)."""
+        if self._factors is None:
+            self._factors = [np.asarray(f, dtype=np.float64) for f in self._loader()]
+        return self._factors
+
+    @factors.setter
+    def factors(self, value: list[np.ndarray]) -> None:
+        self._factors = list(value)
+
+    @property
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        return [f.shape for f in self._factors] if self._factors is not None else list(self._shapes)
+
+    @property
+    def factors_loaded(self) -> bool:
+        return self._factors is not None
+
+    def release(self) -> None:
+        """Forget factors that can be read again (call only when unedited)."""
+        if self._loader is not None:
+            self._factors = None
 
     def matrix(self) -> np.ndarray:
         """The dense in × out matrix of this path."""
@@ -41,40 +77,37 @@ class LinearPath:
 
     @property
     def rank(self) -> int:
-        return min(min(f.shape) for f in self.factors)
+        return min(min(sh) for sh in self.factor_shapes)
 
     @property
     def num_params(self) -> int:
-        return int(sum(f.size for f in self.factors))
+        return int(sum(int(np.prod(sh)) for sh in self.factor_shapes))
 
     @property
     def form(self) -> str:
-        return "dense" if len(self.factors) == 1 else "factored"
+        return "dense" if len(self.factor_shapes) == 1 else "factored"
+
+    def __repr__(self) -> str:
+        return f"LinearPath({self.input!r}, shapes={self.factor_shapes}, nodes={self.nodes})"
 
 
-def storage_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype weights are kept in while passes edit them: float64 for
-    float64 models, float32 otherwise (float16 weights are widened so that
-    edits do not round twice). Arithmetic on them is done in float64."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-class DenseOp:
+class DenseOp(LazyWeight):
     """One dense layer (see the module docstring).
 
     ``weight`` (out × in) is read from the model on first use when the op was
     built with a ``weight_loader`` (find does that: a view of a multi-GB model
     then holds only the weights a pass is working on). ``release()`` drops an
-    unchanged weight again; an edited one is kept until written back.
+    unchanged weight (and linear-path factors) again; an edited one is kept
+    until written back.
     """
+
+    weight_rank = 2
 
     def __init__(self, name: str, input: str, output: str, weight: np.ndarray | None = None,
                  bias: np.ndarray | None = None, form: str = "gemm", dtype=np.float32,
                  nodes: list[str] | None = None, paths: list[LinearPath] | None = None, changed: bool = False,
                  *, weight_loader: Callable[[], np.ndarray] | None = None,
                  weight_shape: tuple[int, int] | None = None):
-        if weight is None and (weight_loader is None or weight_shape is None):
-            raise ValueError("DenseOp needs a weight, or a weight_loader and weight_shape")
         self.name = name  # name of the main Gemm/MatMul node: stable id
         self.input = input  # tensor read by the main product
         self.output = output  # final pre-activation tensor (after bias, BN, paths)
@@ -84,50 +117,14 @@ class DenseOp:
         self.nodes = list(nodes or [])  # all nodes making up the op
         self.paths = list(paths or [])
         self.changed = changed
-        self._loader = weight_loader
-        self._weight: np.ndarray | None = None
-        self._shape = tuple(weight_shape) if weight_shape is not None else None
-        if weight is not None:
-            self.weight = weight
-
-    @property
-    def storage_dtype(self) -> np.dtype:
-        return storage_dtype(self.dtype)
-
-    @property
-    def weight(self) -> np.ndarray:
-        """out × in, in ``storage_dtype``."""
-        if self._weight is None:
-            self._weight = np.asarray(self._loader(), dtype=self.storage_dtype)
-            if self._weight.shape != self._shape:
-                raise ValueError(f"weight of {self.name} has shape {self._weight.shape}, expected {self._shape}")
-        return self._weight
-
-    @weight.setter
-    def weight(self, value: np.ndarray) -> None:
-        value = np.asarray(value, dtype=self.storage_dtype)
-        if value.ndim != 2:
-            raise ValueError(f"weight of {self.name} must be 2-D, got shape {value.shape}")
-        self._weight = value
-        self._shape = value.shape
-
-    @property
-    def weight_loaded(self) -> bool:
-        return self._weight is not None
+        self._init_weight(weight, weight_loader, weight_shape)
 
     def release(self) -> None:
-        """Forget an unedited weight that can be read again (memory)."""
-        if not self.changed and self._loader is not None:
-            self._weight = None
-
-    def discard(self) -> None:
-        """Drop the weight for good (it has been written back): any later use is an error."""
-        self._weight = None
-
-        def gone() -> np.ndarray:
-            raise RuntimeError(f"the weight of {self.name} was written back and released")
-
-        self._loader = gone
+        """Forget an unedited weight and path factors that can be read again (memory)."""
+        super().release()
+        if not self.changed:
+            for p in self.paths:
+                p.release()
 
     def __repr__(self) -> str:
         return f"DenseOp({self.name!r}, {self.out_features}x{self.in_features}, form={self.form}, changed={self.changed})"

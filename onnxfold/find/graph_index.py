@@ -49,6 +49,7 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in g.output}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self._const_cache: dict[str, np.ndarray] = {}
+        self._shapes: dict[str, tuple] | None = None  # declared shapes, read on first use
 
     # constants -----------------------------------------------------------
     def is_const(self, name: str) -> bool:
@@ -137,7 +138,17 @@ class GraphIndex:
         return default
 
     def tensor_rank(self, name: str) -> int | None:
-        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
-            if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                return len(vi.type.tensor_type.shape.dim)
-        return None
+        shape = self.tensor_shape(name)
+        return None if shape is None else len(shape)
+
+    def tensor_shape(self, name: str) -> tuple[int | str | None, ...] | None:
+        """The shape the model declares for ``name`` (graph inputs, outputs,
+        value_info): a size, a symbolic name or None per axis; None if not declared."""
+        if self._shapes is None:
+            self._shapes = {}
+            for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                    self._shapes[vi.name] = tuple(
+                        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                        for d in vi.type.tensor_type.shape.dim)
+        return self._shapes.get(name)

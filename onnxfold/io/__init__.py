@@ -33,7 +33,7 @@ installed onnxruntime accepts) and ``save`` (atomic).
 """
 
 from .checks import check_with_runtime
-from .load import load_model, model_has_external_data
+from .load import load_model, load_working_copy, model_has_external_data
 from .save import default_output_path, save_model
 from .sizes import EXTERNAL_THRESHOLD, PROTOBUF_LIMIT, count_parameters, model_bytes
 from .versions import clamp_versions, runtime_limits
@@ -41,6 +41,6 @@ from .write import write_external, write_inline
 
 __all__ = [
     "EXTERNAL_THRESHOLD", "PROTOBUF_LIMIT", "check_with_runtime", "clamp_versions", "count_parameters",
-    "default_output_path", "load_model", "model_bytes", "model_has_external_data", "runtime_limits",
+    "default_output_path", "load_model", "load_working_copy", "model_bytes", "model_has_external_data", "runtime_limits",
     "save_model", "write_external", "write_inline",
 ]

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import onnx
 
-from onnxfold.errors import ModelLoadError, first_line
+from onnxfold.errors import ModelLoadError, UsageError, first_line
 from onnxfold.tensors import defer_initializers, is_deferred
 from onnxfold.tensors import iter_graph_tensors as _iter_graph_tensors
 
 from . import checks, sizes, wire
+from .versions import clamp_versions
 
 
 def _sniff(head: bytes) -> str:
@@ -170,3 +171,18 @@ def model_has_external_data(path_or_model: onnx.ModelProto | str | os.PathLike) 
         # big fields are skipped unread: an external-data stub is small
         model = _read_proto(Path(path_or_model), skip_fields_over=2**20)
     return any(sizes.uses_external(t) for t in _iter_graph_tensors(model.graph))
+
+
+def load_working_copy(model_or_path) -> tuple[onnx.ModelProto, str | None]:
+    """(model, its path or None) for a path or a ModelProto, as the API and
+    the plots work on it: a ModelProto is copied (the caller's object is never
+    touched), a path is loaded with its external weights left on disk until a
+    pass reads them (see :mod:`onnxfold.tensors`); the IR version is lowered to
+    what onnxruntime accepts."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        m = onnx.ModelProto()
+        m.CopyFrom(model_or_path)
+        return clamp_versions(m), None
+    if isinstance(model_or_path, (str, Path)):
+        return clamp_versions(load_model(model_or_path, defer_external=True)), str(model_or_path)
+    raise UsageError(f"expected a path or an onnx.ModelProto, got {type(model_or_path).__name__}")

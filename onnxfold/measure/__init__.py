@@ -1,9 +1,14 @@
 """Measuring a model on data: calibration sets, streamed runs, statistics.
 
-* :mod:`.data` - :class:`CalibrationSet` and :func:`load_calibration`.
+* :mod:`.data` - :class:`CalibrationSet` and :func:`load_calibration`, built on
+  :mod:`.sources` (reading ``.npz`` / ``.npy`` / feed dicts) and :mod:`.inputs`
+  (checking data against the model's inputs); :mod:`.raydata` for Parquet
+  and Ray Datasets.
 * :mod:`.stream` - :func:`expose_outputs`, :func:`stream_tensors`, :func:`run_model`.
 * :mod:`.stats` - :class:`NeuronStats`, :class:`GramAccumulator`,
   :func:`ridge_path`, :func:`collect_neuron_stats`.
+* :mod:`.jobs` - :class:`~onnxfold.measure.jobs.StatsJob` and running one in
+  this process (:mod:`onnxfold.distributed` runs them elsewhere too).
 """
 
 from onnxfold.measure.data import LABELS_KEY, CalibrationSet, load_calibration, model_inputs

@@ -94,7 +94,7 @@ def batchable_copy(model: onnx.ModelProto, data, providers: list[str]) -> tuple[
     from onnxfold.profile import stage
     from onnxfold.runtime import create_session
 
-    from .stream import _quiet_run_options
+    from onnxfold.runtime import quiet_run_options
 
     n = min(PROBE_SAMPLES, data.num_samples)
     probe = data.subset(np.arange(n))
@@ -105,9 +105,9 @@ def batchable_copy(model: onnx.ModelProto, data, providers: list[str]) -> tuple[
         try:
             fixed_sess, batched_sess = create_session(model, providers), create_session(copy.model, providers)
             names = [o.name for o in fixed_sess.get_outputs() if o.type.startswith("tensor")]
-            per_sample = [fixed_sess.run(names, f, _quiet_run_options()) for f in feeds]
+            per_sample = [fixed_sess.run(names, f, quiet_run_options()) for f in feeds]
             batch = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-            batched = batched_sess.run(names, batch, _quiet_run_options())
+            batched = batched_sess.run(names, batch, quiet_run_options())
         except Exception:  # noqa: BLE001 - whatever fails, the original still runs per sample (and reports data errors)
             why = "a copy with a symbolic batch axis does not run in batches"
         else:

@@ -1,4 +1,7 @@
-"""Calibration and evaluation data: loading, validation, batching, splitting.
+"""Calibration and evaluation data: the in-memory set, batching, splitting, loading.
+
+Reading the sources is :mod:`.sources`, checking them against the model's
+inputs :mod:`.inputs`; :func:`load_calibration` puts the two together.
 
 A :class:`CalibrationSet` holds in-memory arrays ``{input_name: array}`` whose
 first axis is the sample axis (all inputs the same length), plus optional
@@ -26,24 +29,33 @@ Conventions
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxfold.errors import CalibrationDataError, UnsupportedModelError, UsageError
+from onnxfold.errors import CalibrationDataError, UsageError
 
-LABELS_KEY = "labels"
+from .inputs import feed_specs, fixed_batch_of, model_inputs, validate_input
+from .sources import (
+    LABELS_KEY,
+    as_array,
+    is_ray_source,
+    is_shard_dir,
+    needs_ray_error,
+    quote_names,
+    read_feeds,
+    read_path,
+)
 
-__all__ = ["CalibrationSet", "load_calibration", "model_inputs", "LABELS_KEY"]
+#: fewer calibration samples than this are not split into fit / held-out parts
+#: (``onnxfold.api.split_data``; a Ray source that small is gathered into memory)
+MIN_SAMPLES_TO_SPLIT = 10
 
-
-def _q(names: Iterable[str]) -> str:
-    names = list(names)
-    return ", ".join(f"'{n}'" for n in names) if names else "nothing"
+__all__ = ["CalibrationSet", "load_calibration", "model_inputs", "LABELS_KEY", "MIN_SAMPLES_TO_SPLIT",
+           "SampleCount", "split_indices"]
 
 
 class SampleCount:
@@ -268,273 +280,6 @@ def _part_sizes(fr: np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
-# ---------------------------------------------------------------------------
-# model inputs
-
-
-class _InputSpec:
-    __slots__ = ("name", "elem_type", "dims", "optional")
-
-    def __init__(self, name: str, elem_type: int, dims: list | None, optional: bool):
-        self.name = name
-        self.elem_type = elem_type  # 0 when unknown / not a tensor
-        self.dims = dims  # None: rank unknown; else list of int (fixed) or None (dynamic)
-        self.optional = optional  # has an initializer default
-
-    @property
-    def np_dtype(self) -> np.dtype | None:
-        if not self.elem_type:
-            return None
-        try:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
-        except Exception:
-            return None
-
-    def shape_str(self) -> str:
-        if self.dims is None:
-            return "unknown"
-        return "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
-
-
-def _input_specs(model: onnx.ModelProto) -> dict[str, _InputSpec]:
-    inits = {t.name for t in model.graph.initializer}
-    out: dict[str, _InputSpec] = {}
-    for vi in model.graph.input:
-        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-        elem = tt.elem_type if tt is not None else 0
-        dims = None
-        if tt is not None and tt.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        out[vi.name] = _InputSpec(vi.name, elem, dims, vi.name in inits)
-    return out
-
-
-def model_inputs(model: onnx.ModelProto) -> list[str]:
-    """Names of the inputs a feed must provide (graph inputs minus initializers)."""
-    return [s.name for s in _input_specs(model).values() if not s.optional]
-
-
-# ---------------------------------------------------------------------------
-# reading sources
-
-
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def _read_npy(path: Path, what: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any failure is a user data problem
-        raise CalibrationDataError(f"cannot read {what} file '{path}': {type(e).__name__}: {e}") from None
-
-
-def _read_path(path: Path, specs: dict[str, _InputSpec], what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise CalibrationDataError(
-            f"{what} data '{path}' does not exist; give an .npz file or a directory of <input>.npy files"
-        )
-    if path.is_dir():
-        files = sorted(path.glob("*.npy"))
-        if not files:
-            raise CalibrationDataError(
-                f"{what} directory '{path}' has no .npy files; save one <input_name>.npy per model input (or .npz shards)"
-            )
-        by_sanitized = {_sanitize(n): n for n in specs}
-        out: dict[str, Any] = {}
-        for f in files:
-            stem = f.name[:-4]
-            key = stem if stem in specs or stem == LABELS_KEY else by_sanitized.get(stem, stem)
-            out[key] = _read_npy(f, what)
-        return out
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        arr = _read_npy(path, what)
-        required = [s.name for s in specs.values() if not s.optional]
-        if len(required) != 1:
-            raise CalibrationDataError(
-                f"{what} data '{path}' is a single array but the model has {len(required)} inputs"
-                f" ({_q(required)}); use an .npz with one key per input"
-            )
-        return {required[0]: arr}
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise CalibrationDataError(f"cannot read {what} data '{path}': {e.strerror or e}") from None
-    if magic != b"PK\x03\x04" and magic[:4] != b"PK\x05\x06":
-        raise CalibrationDataError(
-            f"cannot read {what} data '{path}': it is not an .npz archive; save it with numpy.savez(path, input_name=array, ...)"
-            " or give a directory of <input>.npy files"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):  # pragma: no cover - np.load returned an array
-                raise ValueError("not an npz archive")
-            return {k: z[k] for k in z.files}
-    except CalibrationDataError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise CalibrationDataError(
-            f"cannot read {what} data '{path}' as an .npz archive ({type(e).__name__}: {e});"
-            " save it with numpy.savez"
-        ) from None
-
-
-def _as_array(value: Any, key: str, what: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value)
-    except Exception as e:  # noqa: BLE001
-        raise CalibrationDataError(f"{what} value for '{key}' is not an array ({type(e).__name__}: {e})") from None
-    if arr.dtype == object:
-        raise CalibrationDataError(
-            f"{what} value for '{key}' is not a numeric array (ragged or object data); give equal-shaped samples"
-        )
-    return arr
-
-
-def _read_feeds(source: Any, what: str) -> dict[str, Any]:
-    """Concatenate an iterable of feed dicts (or a CalibrationDataReader) along axis 0."""
-    if hasattr(source, "get_next") and callable(source.get_next):
-        def _reader_iter():
-            while True:
-                item = source.get_next()
-                if item is None:
-                    return
-                yield item
-        it: Iterable = _reader_iter()
-    else:
-        it = source
-    parts: dict[str, list[np.ndarray]] = {}
-    first_keys: list[str] | None = None
-    count = 0
-    try:
-        for i, feed in enumerate(it):
-            if not isinstance(feed, Mapping):
-                raise CalibrationDataError(
-                    f"{what} item {i} is a {type(feed).__name__}, not a feed dict; yield {{input_name: array}} dicts"
-                )
-            keys = list(feed)
-            if first_keys is None:
-                first_keys = keys
-                parts = {k: [] for k in keys}
-            elif set(keys) != set(first_keys):
-                raise CalibrationDataError(
-                    f"{what} feed dict {i} has keys {_q(keys)} but the first had {_q(first_keys)}; give every feed the same keys"
-                )
-            for k in keys:
-                arr = _as_array(feed[k], k, what)
-                if arr.ndim == 0:
-                    raise CalibrationDataError(
-                        f"{what} feed dict {i} has a scalar for '{k}'; its first axis must be the sample axis"
-                    )
-                if parts[k] and parts[k][0].shape[1:] != arr.shape[1:]:
-                    raise CalibrationDataError(
-                        f"{what} feed dicts give '{k}' different per-sample shapes {list(parts[k][0].shape[1:])}"
-                        f" and {list(arr.shape[1:])} (feed {i}); pad them to one shape"
-                    )
-                parts[k].append(arr)
-            count += 1
-    except CalibrationDataError:
-        raise
-    except TypeError as e:
-        raise CalibrationDataError(
-            f"{what} data of type {type(source).__name__} is not supported ({e}); give an .npz path, a directory"
-            " of .npy files, a dict of arrays or an iterable of feed dicts"
-        ) from None
-    if count == 0:
-        raise CalibrationDataError(f"{what} data has zero samples (the iterable yielded no feed dicts); give at least one")
-    out = {}
-    for k, arrs in parts.items():
-        try:
-            out[k] = arrs[0] if len(arrs) == 1 else np.concatenate(arrs, axis=0)
-        except Exception as e:  # noqa: BLE001 - dtype mixes numpy refuses
-            raise CalibrationDataError(f"{what} feed dicts for '{k}' cannot be concatenated ({e})") from None
-    return out
-
-
-# ---------------------------------------------------------------------------
-# validation
-
-
-def _kind(dt: np.dtype) -> str:
-    if dt.kind == "f":
-        return "float"
-    if dt.kind in "iu":
-        return "integer"
-    if dt.kind == "b":
-        return "bool"
-    if dt.kind in "USO":
-        return "string"
-    return dt.kind
-
-
-def _validate_input(name: str, arr: np.ndarray, spec: _InputSpec, what: str) -> np.ndarray:
-    want = spec.np_dtype
-    if want is not None and want.kind not in "USO":
-        have_k, want_k = _kind(arr.dtype), _kind(want)
-        if have_k != want_k:
-            raise CalibrationDataError(
-                f"{what} input '{name}' has {arr.dtype} ({have_k}) data but the model expects {want} ({want_k});"
-                f" convert it with .astype('{want.name}') (after any preprocessing the model expects)"
-            )
-        if arr.dtype != want:
-            if want_k == "integer" and arr.size:
-                info = np.iinfo(want)
-                lo, hi = arr.min(), arr.max()
-                if lo < info.min or hi > info.max:
-                    raise CalibrationDataError(
-                        f"{what} input '{name}' has values in [{lo}, {hi}] that do not fit the model's {want};"
-                        " fix the data range"
-                    )
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as Inf below
-                arr = arr.astype(want)
-    if spec.dims is not None:
-        if arr.ndim != len(spec.dims):
-            raise CalibrationDataError(
-                f"{what} input '{name}' has rank {arr.ndim} (shape {list(arr.shape)}) but the model expects rank"
-                f" {len(spec.dims)} (shape {spec.shape_str()}); the first axis must be the sample axis"
-            )
-        for ax in range(1, arr.ndim):
-            d = spec.dims[ax]
-            if d is not None and arr.shape[ax] != d:
-                raise CalibrationDataError(
-                    f"{what} input '{name}' has size {arr.shape[ax]} on axis {ax} (shape {list(arr.shape)}) but the"
-                    f" model expects {d} (shape {spec.shape_str()}); reshape or preprocess the data to match"
-                )
-    if arr.dtype.kind == "f" and arr.size:
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            nan = int(np.count_nonzero(np.isnan(arr)))
-            raise CalibrationDataError(
-                f"{what} input '{name}' has {bad} non-finite values ({nan} NaN, {bad - nan} Inf"
-                f"{' after casting to ' + str(arr.dtype) if spec.np_dtype is not None else ''}); clean or drop those samples"
-            )
-    return arr
-
-
-def _fixed_batch(arrays: Mapping[str, np.ndarray], specs: dict[str, _InputSpec]) -> int | None:
-    fixed: dict[str, int] = {}
-    for name in arrays:
-        spec = specs.get(name)
-        if spec is not None and spec.dims and spec.dims[0] is not None:
-            fixed[name] = spec.dims[0]
-    if not fixed:
-        return None
-    vals = set(fixed.values())
-    if len(vals) > 1:
-        desc = ", ".join(f"'{k}' {v}" for k, v in fixed.items())
-        raise UnsupportedModelError(
-            f"the model's inputs fix different batch sizes ({desc}); onnxfold cannot batch them together"
-        )
-    return vals.pop()
-
-
-def _is_shard_dir(path: Path) -> bool:
-    """A directory of ``.npz`` shards (and no ``.npy`` files, which mean one file per input)."""
-    return path.is_dir() and not any(path.glob("*.npy")) and any(path.glob("*.npz"))
-
-
 def _load_shards(path: Path, model: onnx.ModelProto, what: str) -> CalibrationSet:
     parts: list[CalibrationSet] = []
     for f in sorted(path.glob("*.npz")):
@@ -544,8 +289,8 @@ def _load_shards(path: Path, model: onnx.ModelProto, what: str) -> CalibrationSe
             raise CalibrationDataError(f"{what} shard '{f}': {e}") from None
         if parts and (part.has_labels != parts[0].has_labels or part.input_names != parts[0].input_names):
             raise CalibrationDataError(
-                f"{what} shard '{f}' has inputs {_q(part.input_names)}{' and labels' if part.has_labels else ''}"
-                f" but the first shard has {_q(parts[0].input_names)}{' and labels' if parts[0].has_labels else ''};"
+                f"{what} shard '{f}' has inputs {quote_names(part.input_names)}{' and labels' if part.has_labels else ''}"
+                f" but the first shard has {quote_names(parts[0].input_names)}{' and labels' if parts[0].has_labels else ''};"
                 " give every shard the same keys")
         parts.append(part)
     arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].input_names}
@@ -581,11 +326,9 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError("load_calibration needs an onnx.ModelProto")
-    specs = _input_specs(model)
+    specs = feed_specs(model)
     required = [s.name for s in specs.values() if not s.optional]
     labels_is_input = LABELS_KEY in specs
-
-    from .raydata import is_ray_source, needs_ray_error
 
     if is_ray_source(source):  # Parquet / a Ray Dataset: read with Ray Data (onnxfold.api with ray_address)
         raise needs_ray_error(source, what)
@@ -593,39 +336,39 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
         raw: dict[str, Any] = dict(source.arrays)
         if source.labels is not None and not labels_is_input:
             raw[LABELS_KEY] = source.labels
-    elif isinstance(source, (str, os.PathLike)) and _is_shard_dir(Path(source)):
+    elif isinstance(source, (str, os.PathLike)) and is_shard_dir(Path(source)):
         return _load_shards(Path(source), model, what)
     elif isinstance(source, (str, os.PathLike)):
-        raw = _read_path(Path(source), specs, what)
+        raw = read_path(Path(source), specs, what)
     elif isinstance(source, Mapping):
         raw = dict(source)
     elif isinstance(source, np.ndarray):
         if len(required) != 1:
             raise CalibrationDataError(
-                f"{what} data is a single array but the model has {len(required)} inputs ({_q(required)});"
+                f"{what} data is a single array but the model has {len(required)} inputs ({quote_names(required)});"
                 " give a dict {input_name: array}"
             )
         raw = {required[0]: source}
     elif source is None:
         raise CalibrationDataError(f"no {what} data given; pass an .npz file, a directory of .npy files or a dict of arrays")
     else:
-        raw = _read_feeds(source, what)
+        raw = read_feeds(source, what)
 
     labels = None
     if not labels_is_input and LABELS_KEY in raw:
-        labels = _as_array(raw.pop(LABELS_KEY), LABELS_KEY, what)
+        labels = as_array(raw.pop(LABELS_KEY), LABELS_KEY, what)
 
     have = list(raw)
     for name in required:
         if name not in raw:
             raise CalibrationDataError(
-                f"{what} data is missing input '{name}' (has: {_q(have)}); the model's inputs are {_q(required)}"
+                f"{what} data is missing input '{name}' (has: {quote_names(have)}); the model's inputs are {quote_names(required)}"
             )
     extra = [k for k in have if k not in specs]
     if extra:
         raise CalibrationDataError(
-            f"{what} data has {_q(extra)} which {'is not a model input' if len(extra) == 1 else 'are not model inputs'}"
-            f" (inputs: {_q(required)}; labels go under '{LABELS_KEY}'); remove or rename {'it' if len(extra) == 1 else 'them'}"
+            f"{what} data has {quote_names(extra)} which {'is not a model input' if len(extra) == 1 else 'are not model inputs'}"
+            f" (inputs: {quote_names(required)}; labels go under '{LABELS_KEY}'); remove or rename {'it' if len(extra) == 1 else 'them'}"
         )
 
     arrays: dict[str, np.ndarray] = {}
@@ -633,7 +376,7 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
     for name in specs:
         if name not in raw:
             continue
-        arr = _as_array(raw[name], name, what)
+        arr = as_array(raw[name], name, what)
         if arr.ndim == 0:
             raise CalibrationDataError(
                 f"{what} input '{name}' is a scalar; its first axis must be the sample axis (shape {specs[name].shape_str()})"
@@ -652,8 +395,8 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
         got = "a scalar" if labels.ndim == 0 else f"{labels.shape[0]} entries"
         raise CalibrationDataError(f"{what} labels have {got} but the data has {n} samples; give one label per sample")
     for name in list(arrays):
-        arrays[name] = _validate_input(name, arrays[name], specs[name], what)
-    fixed = _fixed_batch(arrays, specs)
+        arrays[name] = validate_input(name, arrays[name], specs[name], what)
+    fixed = fixed_batch_of(arrays, specs)
     if fixed is not None and fixed > 1 and n % fixed:
         raise CalibrationDataError(
             f"the model's batch axis is fixed to {fixed} but the {what} data has {n} samples; give a multiple of {fixed}"

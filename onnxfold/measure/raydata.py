@@ -21,7 +21,6 @@ the driver merges while it iterates the results (see
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -29,36 +28,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxfold.errors import CalibrationDataError, RayNotInstalledError, UsageError, first_line
+from onnxfold.errors import CalibrationDataError, RayNotInstalledError, first_line
 
-from .data import LABELS_KEY, CalibrationSet, SampleCount, _input_specs, _q, load_calibration, split_indices
+from .data import MIN_SAMPLES_TO_SPLIT, CalibrationSet, SampleCount, load_calibration, split_indices
+from .inputs import feed_specs
+from .jobs import StatsJob, merge_accumulators, run_stats_job
+from .sources import LABELS_KEY, RAY_DATA_HINT, describe_ray_source, is_dataset, is_ray_source, quote_names
 
 __all__ = ["is_ray_source", "describe_ray_source", "load_ray_calibration", "RayCalibration", "RayFitData",
            "DatasetStatsWorker", "RAY_DATA_HINT"]
 
 ROW = "_onnxfold_row"  # a row's index in the whole data set
 MIN_BLOCK_ROWS = 64
-RAY_DATA_HINT = "pip install 'onnxfold[ray]'"
-
-
-def _is_dataset(source: Any) -> bool:
-    return type(source).__module__.startswith("ray.data") and hasattr(source, "map_batches")
-
-
-def _is_parquet(source: Any) -> bool:
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    p = Path(source)
-    return p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("*.parquet")))
-
-
-def is_ray_source(source: Any) -> bool:
-    """A Parquet file / directory of ``.parquet`` files, or a ``ray.data.Dataset``."""
-    return _is_dataset(source) or _is_parquet(source)
-
-
-def describe_ray_source(source: Any) -> str:
-    return "a Ray Dataset" if _is_dataset(source) else f"Parquet data '{source}'"
 
 
 def _import_ray_data():
@@ -174,7 +155,6 @@ class DatasetStatsWorker:
 
     def __init__(self, provider: str, threads: int, models: list[tuple[bytes, list[str]]], init, update,
                  batch_size: int, held: np.ndarray, dims: dict, has_labels: bool, what: str):
-        from onnxfold.distributed import StatsJob
         from onnxfold.runtime import resolve_provider
 
         self.providers, _ = resolve_provider(provider)
@@ -195,8 +175,6 @@ class DatasetStatsWorker:
                 "error": np.array([b""], dtype=object)}
 
     def _accumulate(self, batch: dict):
-        from onnxfold.distributed import merge_accumulators, run_stats_job
-
         rows = np.asarray(batch[ROW])
         keep = ~np.isin(rows, self.held)
         fit_ids = rows[keep] - np.searchsorted(self.held, rows[keep])
@@ -226,7 +204,7 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
     samples than are worth splitting come back as an in-memory set."""
     ray = _import_ray_data()
     label = describe_ray_source(source)
-    if _is_dataset(source):
+    if is_dataset(source):
         ds = source
     else:
         path = Path(source)
@@ -237,7 +215,7 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
             ds = ray.data.read_parquet(str(path))
         except Exception as e:  # noqa: BLE001 - any failure is a data problem
             raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
-    specs = _input_specs(model)
+    specs = feed_specs(model)
     required = [s.name for s in specs.values() if not s.optional]
     labels_is_input = LABELS_KEY in specs
     try:
@@ -246,12 +224,12 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
         raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
     missing = [n for n in required if n not in columns]
     if missing:
-        raise CalibrationDataError(f"{what} {label} has no column for input '{missing[0]}' (has: {_q(columns)}); "
-                                   f"the model's inputs are {_q(required)}")
+        raise CalibrationDataError(f"{what} {label} has no column for input '{missing[0]}' (has: {quote_names(columns)}); "
+                                   f"the model's inputs are {quote_names(required)}")
     extra = [c for c in columns if c not in specs and c != LABELS_KEY]
     if extra:
-        raise CalibrationDataError(f"{what} {label} has {_q(extra)} which {'is' if len(extra) == 1 else 'are'} not "
-                                   f"a model input (inputs: {_q(required)}; labels go under '{LABELS_KEY}'); "
+        raise CalibrationDataError(f"{what} {label} has {quote_names(extra)} which {'is' if len(extra) == 1 else 'are'} not "
+                                   f"a model input (inputs: {quote_names(required)}; labels go under '{LABELS_KEY}'); "
                                    "remove or rename it")
     dims = {n: specs[n].dims for n in specs if n in columns}
     has_labels = LABELS_KEY in columns and not labels_is_input
@@ -281,8 +259,6 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
     rows_ds.context.execution_options.preserve_order = True
     rows_ds.context.enable_progress_bars = False
     data = RayCalibration(rows_ds, n, model, dims, has_labels, what, label)
-    from onnxfold.api import MIN_SAMPLES_TO_SPLIT
-
     if n < MIN_SAMPLES_TO_SPLIT:
         return data.gather(np.arange(n))
     return data
@@ -290,9 +266,3 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
 
 def _num_rows(table) -> int:
     return table.num_rows
-
-
-def needs_ray_error(source: Any, what: str = "calibration") -> UsageError:
-    """The one-line error for a Ray source without --ray."""
-    return UsageError(f"{what} {describe_ray_source(source)} is read with Ray Data: add --ray (API: ray_address=) "
-                      f"and install it with {RAY_DATA_HINT}")

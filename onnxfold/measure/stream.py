@@ -20,6 +20,7 @@ import onnx
 from onnxfold.errors import CalibrationDataError
 from onnxfold.measure.data import CalibrationSet
 from onnxfold.profile import stage
+from onnxfold.runtime import quiet_run_options, run_error_message, run_error_types
 from onnxfold.tensors import tensor_array
 
 __all__ = ["expose_outputs", "stream_tensors", "run_model"]
@@ -117,43 +118,6 @@ def _make_session(model: onnx.ModelProto, providers: list[str] | None, intra_op_
     return create_session(model, providers, intra_op_threads=intra_op_threads)
 
 
-def _run_error_types() -> tuple:
-    """onnxruntime's errors for inputs it rejects or a node that fails on them."""
-    try:
-        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
-
-        return (InvalidArgument, Fail)
-    except Exception:  # noqa: BLE001
-        return ()
-
-
-def _quiet_run_options():
-    """RunOptions that keep onnxruntime from logging node failures to stderr (we raise instead)."""
-    import onnxruntime
-
-    ro = onnxruntime.RunOptions()
-    ro.log_severity_level = 4  # fatal only
-    return ro
-
-
-def _short(e: Exception) -> str:
-    from onnxfold.runtime import ort_message
-
-    text = ort_message(e)
-    if text.endswith("for the following indices"):  # the dims that differ follow on the next lines
-        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip() and not ln.strip().startswith("Please")]
-        text = f"{text}: {'; '.join(detail)}" if detail else text
-    # node failures read "Non-zero status code returned while running X node. Name:'n' Status Message: ..."
-    if "Status Message:" in text:
-        head, _, tail = text.partition("Status Message:")
-        node = head[head.find("running"):].strip() if "running" in head else ""
-        tail = tail.strip()
-        if " was false. " in tail:  # drop the failed C++ condition, keep the explanation
-            tail = tail.split(" was false. ", 1)[1]
-        text = f"{node} {tail}".strip()
-    return text
-
-
 def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` (name → dtype), with
     exactly those as its typed graph outputs. Layer i of a deep model is then
@@ -232,8 +196,8 @@ def stream_tensors(
             f"the {data.what} data has no input {', '.join(repr(m) for m in missing)} (has: "
             f"{', '.join(repr(n) for n in data.input_names)}); name the arrays after the model's inputs")
     output_names = list(dict.fromkeys(existing + run_names))
-    run_errors = _run_error_types()
-    run_options = _quiet_run_options()
+    run_errors = run_error_types()
+    run_options = quiet_run_options()
 
     total, done = data.num_samples, 0
     for feed, labels in data.labeled_batches(batch_size):
@@ -243,7 +207,7 @@ def stream_tensors(
                 values = session.run(output_names, run_feed, run_options)
         except run_errors as e:  # inputs rejected, or a node failing on them: the data does not fit
             raise CalibrationDataError(
-                f"onnxruntime failed on the {data.what} data ({_short(e)}); make the data match what the model expects"
+                f"onnxruntime failed on the {data.what} data ({run_error_message(e)}); make the data match what the model expects"
             ) from None
         tensors = dict(zip(output_names, values))
         for n in from_feed:

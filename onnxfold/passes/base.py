@@ -111,22 +111,33 @@ FOLD_REPAIRS = ("auto", "none", "ar", "repair", "ls")
 DATA_REPAIRS = ("repair", "ls")  # need calibration data
 
 
+def check_ratio(what: str, where: str | None, r) -> None:
+    """A share of units removed: a number in [0, 1)."""
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
+        at = "" if where is None else f" for {where}"
+        raise UsageError(f"{what} ratio{at} must be a number in [0, 1), got {r!r}")
+
+
 class FoldSettings:
     """Ratio (one for all, or per layer), selection, repair, seed and layer
     filter of a folding pass. ``what`` names the pass in messages ("fold",
-    "channel fold")."""
+    "channel fold"). ``repairs``: the repairs the pass offers; ``auto_repair``:
+    what 'auto' means (default: ``ls`` with calibration data, ``ar``
+    without); ``check_value(what, where, value)`` validates each ratio and
+    ``as_value`` converts it (head folding also takes head counts)."""
 
-    def __init__(self, what: str, ratio, select: str, repair: str, seed: int, layers):
+    def __init__(self, what: str, ratio, select: str, repair: str, seed: int, layers, *,
+                 repairs: Sequence[str] = FOLD_REPAIRS, auto_repair: str | None = None,
+                 check_value: Callable = check_ratio, as_value: Callable = float):
         if select not in FOLD_SELECTS:
             raise UsageError(f"unknown {what} selection {select!r}; choose one of {', '.join(FOLD_SELECTS)}")
-        if repair not in FOLD_REPAIRS:
-            raise UsageError(f"unknown {what} repair {repair!r}; choose one of {', '.join(FOLD_REPAIRS)}")
+        if repair not in repairs:
+            raise UsageError(f"unknown {what} repair {repair!r}; choose one of {', '.join(repairs)}")
         ratios = dict(ratio) if isinstance(ratio, Mapping) else {None: ratio}
         for where, r in ratios.items():
-            if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
-                at = "" if where is None else f" for {where}"
-                raise UsageError(f"{what} ratio{at} must be a number in [0, 1), got {r!r}")
+            check_value(what, where, r)
         self.what, self.ratio, self.select, self.repair = what, ratio, select, repair
+        self.auto_repair, self.as_value = auto_repair, as_value
         self.seed = int(seed)
         self.layers = None if layers is None else list(layers)
 
@@ -141,15 +152,43 @@ class FoldSettings:
             raise UsageError(f"{unknown.format(missing[0])}; the model's foldable {plural} are: {have}")
         chosen = names if self.layers is None else [n for n in names if n in self.layers]
         if isinstance(self.ratio, Mapping):
-            return {n: float(self.ratio[n]) for n in chosen if n in self.ratio}
-        return {n: float(self.ratio) for n in chosen}
+            return {n: self.as_value(self.ratio[n]) for n in chosen if n in self.ratio}
+        return {n: self.as_value(self.ratio) for n in chosen}
 
     def repair_mode(self, ctx: "PassContext") -> str:
-        """'auto' is the least-squares refit with calibration data, Fold-AR without."""
+        """'auto' is the least-squares refit with calibration data, Fold-AR
+        without (or the pass's ``auto_repair``)."""
         repair = self.repair
         if repair == "auto":
-            repair = "ls" if ctx.calibration is not None else "ar"
+            repair = self.auto_repair or ("ls" if ctx.calibration is not None else "ar")
         if ctx.calibration is None and repair in DATA_REPAIRS:
             raise UsageError(f"{self.what} repair {repair!r} needs calibration data; give calibration data or use"
                              " repair 'ar' or 'none'")
         return repair
+
+    def auto_note(self, ctx: "PassContext", repair: str, what: str) -> list[str]:
+        """The note saying which repair 'auto' chose, if it was asked for."""
+        if self.repair != "auto":
+            return []
+        data = "with" if ctx.calibration is not None else "no"
+        return [f"{what}: repair {repair!r} chosen automatically ({data} calibration data)"]
+
+
+def fold_in_order(groups: Sequence, ratios: Mapping[str, float], ctx: PassContext, task: str, fold: Callable,
+                  unselected: Callable, params: Callable, before_each: Callable | None = None,
+                  before: Mapping[str, int] | None = None) -> list[LayerReport]:
+    """One report per group (chain, block...), in order: ``fold(group,
+    ratio)`` for those with a ratio, ``unselected(group)`` for the others;
+    parameters before (``before``, default ``params(group)`` now) and after
+    (``params(group)``) filled in."""
+    before = {g.name: params(g) for g in groups} if before is None else before
+    reports = []
+    for i, g in enumerate(groups):
+        if before_each is not None:
+            before_each(g)
+        ctx.report_progress(task, i, len(groups))
+        reports.append(fold(g, ratios[g.name]) if g.name in ratios else unselected(g))
+    ctx.report_progress(task, len(groups), len(groups))
+    for rep, g in zip(reports, groups):
+        rep.params_before, rep.params_after = before[g.name], params(g)
+    return reports

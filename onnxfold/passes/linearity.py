@@ -13,7 +13,9 @@ find → measure → decide → rewrite, one chain at a time in topological orde
    new linear path is stored;
 4. rewrite: one ``HiddenEdit`` on the chain (kept rows/columns, bias
    corrections, new paths on the consumer); paths that read the hidden
-   activation get their new paths and bias directly.
+   activation get their new paths and bias directly. What reads the hidden
+   units (the consumer and those paths) is the chain's dense unit group
+   (``passes/units.py``), the view every folding pass works on.
 
 A linear neuron reads the producer's input *and* the producer's existing
 linear paths, so its path to the consumer starts at every one of those
@@ -49,6 +51,7 @@ from ..measure.stream import known_types, needed_part
 from ..rewrite import HiddenEdit, apply_edit, materialize
 from .base import LayerReport, PassContext, PassResult
 from .cache import model_digest
+from .units import dense_group
 
 #: Ops that only move elements around: bounds of their output are the hull of
 #: their input's bounds (used to carry IBP bounds through Flatten/Reshape).
@@ -352,21 +355,14 @@ class LinearityPass:
 
 
 def _sinks(chain: Chain) -> list[_Sink]:
-    """The consumer first, then every linear path reading the hidden activation."""
-    cons = chain.consumer
-    return [_Sink(cons, [cons.weight.T])] + [_Sink(op, list(op.paths[k].factors)) for op, k in chain.path_readers]
-
-
-def _chain_ops(chain: Chain) -> list[DenseOp]:
-    ops = {chain.producer.name: chain.producer, chain.consumer.name: chain.consumer}
-    for op, _k in chain.path_readers:
-        ops.setdefault(op.name, op)
-    return list(ops.values())
+    """What reads the hidden units (the dense unit group's consumers): the
+    consumer first, then every linear path reading the hidden activation."""
+    return [_Sink(m.handler.owner(m.op), m.handler.reader_factors(m.op)) for m in dense_group(chain).consumers]
 
 
 def _chain_params(chain: Chain) -> int:
     """Parameters of the producer, consumer and path-reading ops of a chain."""
-    return int(sum(op.num_params for op in _chain_ops(chain)))
+    return dense_group(chain).num_params
 
 
 def _layer_shape(chain: Chain, sinks: list[_Sink]) -> decide.LayerShape:

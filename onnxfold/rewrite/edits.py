@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.sparse import issparse
 
+from ..find.activations import ActivationSpec
 from ..find.chains import Chain
-from ..find.dense import LinearPath
+from ..find.dense import DenseOp, LinearPath
 
 
 @dataclass
@@ -99,6 +100,79 @@ def _as_map(m):
     return np.asarray(m, dtype=np.float64)
 
 
+def row_selection(M) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the row map as float64, dense or sparse; its selected indices when it
+    is a pure selection, else None): a selection is applied by indexing -
+    the same numbers as the product, without a k × n multiply."""
+    M = _as_map(M)
+    return M, _selection_rows(M)
+
+
+def column_selection(C) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`row_selection` of a column map (n × k)."""
+    C = _as_map(C)
+    return C, _selection_rows(C.T.tocsr() if issparse(C) else C.T)
+
+
+def merge_dense_rows(op: DenseOp, M=None, rows: np.ndarray | None = None, scale: np.ndarray | None = None,
+                     shift: np.ndarray | None = None) -> None:
+    """Output rows of a dense op (weight, bias, last factor of its linear
+    paths) become ``M @ old`` - or ``old[rows]`` for a selection - then
+    ``z' = scale * z + shift``."""
+    if rows is not None:
+        op.weight = op.weight[rows]
+        bias = op.bias[rows] if op.bias is not None else None
+        for p in op.paths:
+            p.factors[-1] = p.factors[-1][:, rows]
+        k = rows.size
+    else:
+        # a sparse map is multiplied in the weight's precision: scipy would
+        # otherwise make a float64 copy of a possibly huge weight first
+        op.weight = (M.astype(op.weight.dtype) if issparse(M) else M) @ op.weight
+        bias = M @ op.bias if op.bias is not None else None
+        for p in op.paths:
+            p.factors[-1] = p.factors[-1] @ M.T
+        k = M.shape[0]
+    if scale is not None:
+        s = np.asarray(scale, dtype=np.float64)
+        op.weight *= s[:, None]
+        bias = None if bias is None else bias * s
+        for p in op.paths:
+            p.factors[-1] = p.factors[-1] * s[None, :]
+    if shift is not None:
+        bias = (np.zeros(k) if bias is None else bias) + shift
+    op.bias = bias
+    op.changed = True
+
+
+def merge_slopes(act: ActivationSpec, n: int, M=None, rows: np.ndarray | None = None) -> None:
+    """Per-channel PReLU slopes of an n-wide layer follow its rows."""
+    if act.kind != "prelu" or np.asarray(act.slope).size != n or n <= 1:
+        return
+    slope = np.asarray(act.slope, dtype=np.float64).reshape(-1)
+    if rows is not None:
+        act.slope = slope[rows]
+    else:  # rows of M are usually cluster means; otherwise take the weighted mean slope
+        sums = np.asarray(M.sum(axis=1)).reshape(-1)
+        act.slope = M @ slope if np.allclose(sums, 1.0) else (M @ slope) / np.maximum(sums, 1e-300)
+
+
+def sum_dense_columns(op: DenseOp, C=None, cols: np.ndarray | None = None) -> None:
+    """Input columns of a dense op become ``old @ C`` (``old[:, cols]`` for a selection)."""
+    if cols is not None:
+        op.weight = op.weight[:, cols]
+    else:
+        op.weight = op.weight @ (C.astype(op.weight.dtype) if issparse(C) else C)
+    op.changed = True
+
+
+def sum_path_rows(op: DenseOp, index: int, C=None, cols: np.ndarray | None = None) -> None:
+    """The rows of linear path ``index`` of ``op`` read the summed hidden units."""
+    f0 = op.paths[index].factors[0]
+    op.paths[index].factors[0] = f0[cols] if cols is not None else C.T @ f0
+    op.changed = True
+
+
 def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
     """Apply ``edit`` to the chain's producer, activation and consumer in place."""
     prod, cons, act = chain.producer, chain.consumer, chain.activation
@@ -110,45 +184,14 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         k = rows.size
         M = C = None
     else:
-        M, C = _as_map(edit.row_map), _as_map(edit.col_map)
+        (M, rows), (C, cols) = row_selection(edit.row_map), column_selection(edit.col_map)
         k = M.shape[0]
         if M.shape != (k, n) or C.shape != (n, k):
             raise ValueError(f"edit of {chain.name}: row_map {M.shape} / col_map {C.shape} do not fit width {n}")
-        rows = _selection_rows(M)  # a pure selection: index instead of multiplying (same numbers)
-        cols = _selection_rows(C.T.tocsr() if issparse(C) else C.T)
     if k < 1:
         raise ValueError(f"edit of {chain.name} would leave no neuron")
-
-    # producer rows
-    if rows is not None:
-        prod.weight = prod.weight[rows]
-        bias = prod.bias[rows] if prod.bias is not None else None
-        for p in prod.paths:
-            p.factors[-1] = p.factors[-1][:, rows]
-    else:
-        # a sparse map is multiplied in the weight's precision: scipy would
-        # otherwise make a float64 copy of a possibly huge weight first
-        prod.weight = (M.astype(prod.weight.dtype) if issparse(M) else M) @ prod.weight
-        bias = M @ prod.bias if prod.bias is not None else None
-        for p in prod.paths:
-            p.factors[-1] = p.factors[-1] @ M.T
-    if edit.row_scale is not None:
-        s = np.asarray(edit.row_scale, dtype=np.float64)
-        prod.weight *= s[:, None]
-        bias = None if bias is None else bias * s
-        for p in prod.paths:
-            p.factors[-1] = p.factors[-1] * s[None, :]
-    if edit.row_shift is not None:
-        bias = (np.zeros(k) if bias is None else bias) + edit.row_shift
-    prod.bias = bias
-    prod.changed = True
-    if act.kind == "prelu" and np.asarray(act.slope).size == n and n > 1:  # per-channel slopes follow the rows
-        slope = np.asarray(act.slope, dtype=np.float64).reshape(-1)
-        if rows is not None:
-            act.slope = slope[rows]
-        else:  # rows of M are usually cluster means; otherwise take the weighted mean slope
-            sums = np.asarray(M.sum(axis=1)).reshape(-1)
-            act.slope = M @ slope if np.allclose(sums, 1.0) else (M @ slope) / np.maximum(sums, 1e-300)
+    merge_dense_rows(prod, M, rows, edit.row_scale, edit.row_shift)
+    merge_slopes(act, n, M, rows)
 
     # consumer columns
     if edit.consumer_weight is not None:
@@ -156,14 +199,10 @@ def apply_edit(chain: Chain, edit: HiddenEdit) -> None:
         if cw.shape != (cons.out_features, k):
             raise ValueError(f"edit of {chain.name}: consumer_weight {cw.shape} != {(cons.out_features, k)}")
         cons.weight = cw
-    elif cols is not None:
-        cons.weight = cons.weight[:, cols]
     else:
-        cons.weight = cons.weight @ (C.astype(cons.weight.dtype) if issparse(C) else C)
+        sum_dense_columns(cons, C, cols)
     for op, idx in chain.path_readers:
-        f0 = op.paths[idx].factors[0]
-        op.paths[idx].factors[0] = f0[cols] if cols is not None else C.T @ f0
-        op.changed = True
+        sum_path_rows(op, idx, C, cols)
     if edit.consumer_bias is not None:
         cons.bias = np.asarray(edit.consumer_bias, dtype=np.float64).copy()
     if edit.consumer_bias_delta is not None:

@@ -1,0 +1,182 @@
+"""The folding core: one group's units selected, merged, repaired and refit.
+
+Every folding pass (dense chains, conv chains and residual streams, gated
+MLPs, attention heads) hands the core :class:`~onnxfold.passes.units.UnitGroup`
+s; the steps are the same for all of them:
+
+1. **measure** (REPAIR, dropping constant units): per-unit moments of the
+   producers' outputs, on the current model and the original;
+2. **select**: k-means clusters of units (``select="kmeans"``) or the k units
+   with the largest rows (``select="magnitude"``: pruning) → labels
+   (-1: removed) → ``decide.cluster_maps``: row map (cluster means) and
+   column map (cluster sums);
+3. **repair** the merged rows: none; ``ar`` (Fold-AR, data-free variance
+   factor per cluster); ``repair`` (REPAIR: mean/std of each merged unit
+   matched to its cluster's original ones);
+4. **rewrite**: every member's handler merges its rows or sums its columns;
+5. ``ls``: each consumer is refit by :class:`~onnxfold.passes.refit.RefitEngine`.
+
+Heads keep their own merge (medoid q/k, rank-d v/o: ``decide/heads.py``)
+and use steps 2 and 5 only. Method: ``docs/methods.md`` sections 2-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from ..decide import folding as decide
+from ..find.activations import ActivationSpec
+from ..measure.stats import GramAccumulator, NeuronStats
+from .base import PassContext
+from .handlers import output_rows
+from .refit import FoldState, RefitEngine, RefitOutcome, lockstep_job
+from .units import Member, UnitGroup
+
+
+@dataclass
+class FoldPlan:
+    """What happens to one group's units (indices into its current width)."""
+
+    labels: np.ndarray  # cluster per unit, -1 = removed (constant or pruned)
+    removed: int = 0  # units removed before selection (constant on the data)
+    merged: int = 0
+    pruned: int = 0
+
+    @property
+    def width_after(self) -> int:
+        return int(self.labels.max()) + 1
+
+
+@dataclass
+class Moments:
+    """Per-unit statistics of one producer's output over the calibration data."""
+
+    current: GramAccumulator | None = None  # the current model's: mean and covariance (REPAIR)
+    target: NeuronStats | None = None  # the original model's (REPAIR)
+    constant: NeuronStats | None = None  # the current model's, with the activation's pieces
+
+
+class FoldCore:
+    """The steps above for one pass run over one model (``state``)."""
+
+    def __init__(self, state: FoldState, ctx: PassContext, *, select: str, repair: str, seed: int):
+        self.state = state
+        self.ctx = ctx
+        self.select = select
+        self.repair = repair
+        self.seed = seed
+        self.refits = RefitEngine(state, ctx, seed)
+        #: output tensor of a producer whose rows were merged → its row map:
+        #: a later refit of that op aims at the merged original output
+        self.out_maps: dict[str, np.ndarray] = {}
+
+    # -- 1. measure ----------------------------------------------------------
+    def measure(self, group: UnitGroup, what: str, constants: ActivationSpec | None = None) -> dict[str, Moments]:
+        """One streamed run: moments of every producer's output, by tensor.
+        REPAIR's when ``repair == "repair"``; with ``constants`` (the group's
+        activation), the current output's piece statistics too."""
+        repair = self.repair == "repair"
+        outs = {m.op.output: (m.op.dtype, m.handler.channels_first) for m in group.producers}
+        current = {t: dt for t, (dt, _) in outs.items()}
+        job = lockstep_job(self.state, current, current if repair else {},
+                           partial(_new_moments, group.width, list(outs), repair, constants),
+                           partial(_add_moments, {t: cf for t, (_, cf) in outs.items()}, repair, constants is not None))
+        accs = self.ctx.measure(job, self.ctx.calibration, f"{what}: measuring")
+        return {t: Moments(accs.get("current:" + t), accs.get("target:" + t), accs.get("constant:" + t))
+                for t in outs}
+
+    # -- 2. select -----------------------------------------------------------
+    def plan(self, group: UnitGroup, k: int, removed: np.ndarray | None = None) -> FoldPlan:
+        """Labels leaving at most ``k`` units besides the ``removed`` ones."""
+        n = group.width
+        removed = np.zeros(0, np.int64) if removed is None else np.asarray(removed, dtype=np.int64)
+        rest = np.setdiff1d(np.arange(n), removed)
+        labels = np.full(n, -1, dtype=np.int64)
+        if rest.size <= k:
+            labels[rest] = np.arange(rest.size)
+            return FoldPlan(labels, int(removed.size))
+        units = None if rest.size == n else rest
+        if self.select == "kmeans":
+            labels[rest] = group.cluster(k, self.seed, units)
+            return FoldPlan(labels, int(removed.size), merged=int(rest.size - labels.max() - 1))
+        kept = rest[decide.magnitude_keep(group.magnitude_rows(units), k)]
+        labels[kept] = np.arange(kept.size)
+        return FoldPlan(labels, int(removed.size), pruned=int(rest.size - kept.size))
+
+    # -- 3 + 4. repair and rewrite --------------------------------------------
+    def rewrite(self, group: UnitGroup, plan: FoldPlan, moments: dict[str, Moments] | None = None) -> None:
+        """Merge the producers' and followers' rows, sum the consumers' columns."""
+        row_map, col_map = decide.cluster_maps(plan.labels, sparse=group.sparse_maps)
+        for m in group.producers:
+            scale, shift = self._repair(m, plan.labels, row_map, moments)
+            m.handler.merge_rows(m.op, row_map, scale, shift, m.unit)
+            self.out_maps[m.op.output] = row_map
+        for m in group.followers:
+            m.handler.merge_rows(m.op, row_map, unit=m.unit)
+        for m in group.consumers:
+            m.handler.sum_columns(m.op, col_map, m.unit)
+        self.state.edit()
+
+    def _repair(self, m: Member, labels: np.ndarray, row_map, moments: dict[str, Moments] | None):
+        """(scale, shift) of a producer's merged rows."""
+        if not m.repaired:
+            return None, None
+        if self.repair == "ar" and self.select == "kmeans":
+            return decide.fold_ar_scale(m.handler.weight_rows(m.op, m.unit), labels), None
+        if self.repair == "repair":
+            mo = moments[m.op.output]
+            cur, target = mo.current, mo.target
+            merged_mean, merged_std = decide.merged_moments(row_map, cur.mean_x, cur.sxx / cur.count)
+            return decide.repair_affine(row_map @ target.mean_z, row_map @ target.std_z, merged_mean, merged_std)
+        return None, None
+
+    def fold(self, group: UnitGroup, k: int, what: str) -> FoldPlan | None:
+        """Steps 1-4; None when nothing is removed."""
+        moments = self.measure(group, what) if self.repair == "repair" else None
+        plan = self.plan(group, k)
+        if plan.width_after == group.width:
+            return None
+        self.rewrite(group, plan, moments)
+        return plan
+
+    # -- 5. least-squares refit -------------------------------------------------
+    def refit(self, m: Member, task: str, cache_key: Hashable | None = None) -> tuple[RefitOutcome | None, str]:
+        """Refit consumer ``m`` to the original model's output of its op:
+        (the outcome, or None and why the op was not refit)."""
+        w_prior, b_prior = m.handler.prior(m.op)
+        rows, why = m.handler.refit_rows(m.op, m.source, b_prior, self.out_maps.get(m.op.output))
+        if rows is None:
+            return None, why
+        outcome = self.refits.solve(rows, [(w_prior, b_prior)], task, cache_key)[0]
+        if outcome.refit.lam is not None:
+            # copies: the refit may be shared with other candidates through the search cache
+            m.handler.set_refit(m.op, outcome.refit.weight.copy(), outcome.refit.bias.copy())
+            self.state.edit()
+        return outcome, ""
+
+
+def _new_moments(width: int, tensors: list[str], repair: bool, constants: ActivationSpec | None) -> dict:
+    out: dict = {}
+    for t in tensors:
+        if constants is not None:
+            out["constant:" + t] = NeuronStats(constants, width)
+        if repair:
+            out["current:" + t] = GramAccumulator(with_bias=True)
+            out["target:" + t] = NeuronStats(ActivationSpec("identity"), width)
+    return out
+
+
+def _add_moments(channels_first: dict[str, bool], repair: bool, constants: bool, accs: dict, _start, _feed,
+                 _labels, tensors: list) -> None:
+    cur, orig = tensors[0], tensors[-1]
+    for t, cf in channels_first.items():
+        z = output_rows(cur[t], cf)
+        if constants:
+            accs["constant:" + t].update(z)
+        if repair:
+            accs["current:" + t].update(z)
+            accs["target:" + t].update(output_rows(orig[t], cf))

@@ -1,0 +1,197 @@
+"""The least-squares refit every folding pass uses.
+
+After a fold, an op that reads the merged units (a consumer) is refit so
+that the folded model reproduces the *original* model's output of that op:
+the current (partly folded) model and the original are streamed in lockstep
+over the calibration data; a rows builder (from the op's handler,
+:mod:`onnxfold.passes.handlers`) turns each batch into least-squares rows
+X, Y and the target; ridge statistics are accumulated separately for fit
+rows and held-out rows; ``decide.folding.refit_consumer`` chooses the ridge
+strength on the held-out rows (or keeps the plain fold when that is better
+there) and solves. A rows builder may fit several column groups at once
+(one per merged head cluster), each with its own ridge strength.
+
+Held-out rows: the context's held-out set when it has one, else a seeded
+share of the calibration samples (``base.heldout_mask``); the weights are
+then solved on all rows with the chosen strength. Because passes fold one
+group at a time and measure on the already folded and refit model, each
+refit also corrects the error of the groups folded before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from functools import partial
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+
+from ..decide import folding as decide
+from ..distributed import StatsJob, run_stats_job
+from ..find.activations import ActivationSpec
+from ..measure.data import CalibrationSet
+from ..measure.stats import GramAccumulator, NeuronStats
+from ..measure.stream import needed_part
+from .base import HELDOUT_SHARE, PassContext, heldout_mask
+
+
+class FoldState:
+    """The model a pass is folding: the original, and the current (partly
+    folded) model - rebuilt from the pass's edited view by ``materialize``
+    only when data has to be streamed through it, or set directly by passes
+    that rewrite the graph after each group."""
+
+    def __init__(self, original: onnx.ModelProto, materialize=None):
+        self.original = original
+        self._materialize = materialize  # (release: bool) -> model
+        self._current: onnx.ModelProto | None = original
+        self.edited = False
+
+    def current_model(self) -> onnx.ModelProto:
+        if self._current is None:
+            self._current = self._materialize(release=False)
+        return self._current
+
+    def final_model(self) -> onnx.ModelProto:
+        """The folded model; a view's weights are released as they are written."""
+        if self._current is None:
+            self._current = self._materialize(release=True)
+        return self._current
+
+    def edit(self) -> None:
+        """The view was edited: the current model is rebuilt when next needed
+        (a pass without a view sets it with :meth:`replace`)."""
+        self.edited = True
+        if self._materialize is not None:
+            self._current = None
+
+    def replace(self, model: onnx.ModelProto) -> None:
+        """The current model, rewritten by the pass."""
+        self.edited = True
+        self._current = model
+
+
+def lockstep_job(state: FoldState, current: Mapping[str, np.dtype], original: Mapping[str, np.dtype], init,
+                 update) -> StatsJob:
+    """A statistics job over the current model's ``current`` tensors and the
+    original model's ``original`` tensors (name → dtype), the two models in
+    lockstep over the same batches (``update`` gets their tensors in that
+    order); a single run while nothing has been edited (then both are the
+    same, and the update gets one tensor dict). Only the part of each model
+    that computes its tensors is run."""
+    if not state.edited or not original:
+        both = {**current, **original}
+        return StatsJob([(needed_part(state.current_model(), both), list(both))], init, update)
+    return StatsJob([(needed_part(state.current_model(), current), list(current)),
+                     (needed_part(state.original, original), list(original))], init, update)
+
+
+class RefitOutcome(NamedTuple):  # a tuple: the search cache sizes what it holds through tuples
+    refit: decide.Refit
+    held_rows: int  # held-out rows the ridge strength was chosen on
+
+
+def refit_note(outcome: RefitOutcome) -> str:
+    """The report note of a one-group refit."""
+    r = outcome.refit
+    if r.lam is None:
+        return f"ls: plain fold kept (held-out relative error {r.kept_error:.3g})"
+    if not outcome.held_rows:
+        return f"ls: ridge {r.lam:g} (too few samples to hold any out)"
+    return f"ls: ridge {r.lam:g}, held-out relative error {r.heldout_error:.3g} (plain fold {r.kept_error:.3g})"
+
+
+class RefitEngine:
+    """Held-out ridge refits against the original model, for one pass run."""
+
+    def __init__(self, state: FoldState, ctx: PassContext, seed: int):
+        self.state = state
+        self.ctx = ctx
+        self.seed = seed
+
+    def solve(self, rows, priors: list[tuple[np.ndarray, np.ndarray]], task: str,
+              cache_key: Hashable | None = None) -> list[RefitOutcome]:
+        """One refit per column group of ``rows`` (a builder from
+        :mod:`~onnxfold.passes.handlers`), shrunk towards ``priors``
+        ((weight, bias) per group). With ``cache_key`` and a search cache in
+        the context, shared by every candidate that asks with the same key."""
+        cache = self.ctx.cache
+        if cache is None or cache_key is None:
+            return self._solve(rows, priors, task)
+        return cache.get_or_compute(cache_key, lambda: self._solve(rows, priors, task))
+
+    def _solve(self, rows, priors, task: str) -> list[RefitOutcome]:
+        ctx = self.ctx
+        if ctx.heldout is not None:
+            fits = self._grams(rows, ctx.calibration, None, task)
+            helds = self._grams(rows, ctx.heldout, np.ones(ctx.heldout.num_samples, dtype=bool), task)
+            stats = [(f, h, spread, f) for (f, _, _), (_, h, spread) in zip(fits, helds)]
+        else:
+            held_samples = heldout_mask(ctx.calibration.num_samples, self.seed)
+            # the ridge strength is chosen on the held-out rows; the weights are then fit on all rows
+            stats = [(f, h, spread, GramAccumulator(with_bias=True).merge(f).merge(h))
+                     for f, h, spread in self._grams(rows, ctx.calibration, held_samples, task)]
+        return [RefitOutcome(decide.refit_consumer(fit, held if held.count else None, w, b, final=final,
+                                                   target_ss=spread), held.count)
+                for (w, b), (fit, held, spread, final) in zip(priors, stats)]
+
+    def _grams(self, rows, data: CalibrationSet, held_samples: np.ndarray | None, task: str):
+        """Per column group: (fit rows, held-out rows, spread of the held-out target)."""
+        # a row subsample draws from one RNG stream across the batches in order, which
+        # shards run on other workers could not reproduce: such rows stream in this process
+        sampler = None if rows.max_rows is None else np.random.default_rng(self.seed + 1)
+        job = StatsJob([(needed_part(self.state.current_model(), rows.current), list(rows.current)),
+                        (needed_part(self.state.original, rows.original), list(rows.original))],
+                       partial(_new_grams, rows.widths), partial(_add_rows, rows, held_samples, sampler))
+        if sampler is None:
+            accs = self.ctx.measure(job, data, task)
+        else:
+            ctx = self.ctx
+            accs = run_stats_job(job, data, batch_size=ctx.batch_size, providers=ctx.providers,
+                                 progress=lambda done, total: ctx.report_progress(task, done, total))
+        return [(accs[f"fit{i}"], accs[f"held{i}"], float(accs[f"spread{i}"].m2_z.sum()))
+                for i in range(len(rows.widths))]
+
+
+def _new_grams(widths: list[int]) -> dict:
+    out = {}
+    for i, width in enumerate(widths):
+        out[f"fit{i}"], out[f"held{i}"] = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
+        out[f"spread{i}"] = NeuronStats(ActivationSpec("identity"), width)
+    return out
+
+
+def _add_rows(rows, held_samples: np.ndarray | None, sampler, accs: dict, start: int, feed: dict, _labels,
+              tensors: list) -> None:
+    """One batch of every group's least-squares rows; ``start``: index of the
+    batch's first sample in the data."""
+    count = next(iter(feed.values())).shape[0]
+    first_axis, groups = rows.rows(tensors[0], tensors[-1])
+    for i, (X, Y, target) in enumerate(groups):
+        n = X.shape[0]
+        if held_samples is None or n % first_axis:
+            held = np.zeros(n, dtype=bool)
+        else:
+            held = np.repeat(_held_rows(held_samples[start:start + count], first_axis), n // first_axis)
+        for acc, selected in ((accs[f"fit{i}"], ~held), (accs[f"held{i}"], held)):
+            idx = np.flatnonzero(selected)
+            if sampler is not None and idx.size > rows.max_rows:
+                idx = np.sort(sampler.choice(idx, rows.max_rows, replace=False))
+            if idx.size:
+                acc.update(X[idx], Y[idx])
+                if acc is accs[f"held{i}"]:
+                    accs[f"spread{i}"].update(target[idx])
+
+
+def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:
+    """Which slices of a batch's tensors (along their first axis) are held
+    out, given which of the batch's samples are. The first axis is the sample
+    axis in practice; where it is not (time-major tensors), a batch that is
+    all held out (or all not) stays so, and a mixed one holds out every 5th
+    slice."""
+    if held_samples.size == first_axis:
+        return held_samples
+    if held_samples.all() or not held_samples.any():
+        return np.full(first_axis, bool(held_samples.all()))
+    return np.arange(first_axis) % round(1 / HELDOUT_SHARE) == 0

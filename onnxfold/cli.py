@@ -34,20 +34,25 @@ from .options import (
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-def _heads_arg(text: str):
-    """``8`` heads kept per attention block, or ``0.33`` of them removed."""
-    try:
-        if text.strip().isdigit():
-            k = int(text)
-            if k >= 1:
-                return k
-        else:
-            r = float(text)
-            if 0.0 <= r < 1.0:
-                return r
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"--fold-heads takes a head count >= 1 or a share in [0, 1), got {text!r}")
+def _count_or_share(flag: str):
+    """A parser of ``8`` (heads kept per attention block) or ``0.33`` (the share removed) for ``flag``."""
+
+    def parse(text: str):
+        try:
+            if text.strip().isdigit():
+                k = int(text)
+                if k >= 1:
+                    return k
+            else:
+                r = float(text)
+                if 0.0 <= r < 1.0:
+                    return r
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{flag} takes a head count >= 1 or a share in [0, 1), got {text!r}")
+
+    return parse
+
 
 
 def _ratio_arg(text: str):
@@ -135,9 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
     g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
                    help="auto: ls with calibration data, ar without")
-    g.add_argument("--fold-heads", type=_heads_arg, default=None, metavar="K",
-                   help="attention: heads kept per block (e.g. 8), or the share removed (e.g. 0.33); whole heads "
-                   "are clustered and merged")
+    g.add_argument("--fold-heads", type=_count_or_share("--fold-heads"), default=None, metavar="K",
+                   help="attention: query heads kept per block (e.g. 8), or the share removed (e.g. 0.33); whole "
+                   "heads are clustered and merged. Grouped-query attention folds query heads within each key/value "
+                   "group first (the same number in each: at most K in all, a multiple of the key/value heads), "
+                   "whole key/value groups only below one query head per group")
+    g.add_argument("--fold-kv-heads", type=_count_or_share("--fold-kv-heads"), default=None, metavar="K",
+                   help="grouped-query attention (with --fold-heads): key/value heads kept per block, or the share "
+                   "removed; each is merged with its query heads into another group (default: all kept)")
     g.add_argument("--fold-residual", action="store_true",
                    help="conv models: also fold residual-stream channels (one shared assignment per stream)")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
@@ -204,7 +214,7 @@ def options_from_args(args, budget: Budget | None) -> OptimizeOptions:
         linearity=LinearityOptions(enabled=not args.no_linear, threshold=args.linear_threshold,
                                    mode=args.linear_mode, path=args.linear_path),
         fold=FoldOptions(ratio=args.fold_ratio, select=args.fold_select, repair=args.fold_repair,
-                         heads=args.fold_heads, residual=args.fold_residual),
+                         heads=args.fold_heads, residual=args.fold_residual, kv_heads=args.fold_kv_heads),
         search=SearchOptions(budget=budget, positive_threshold=args.positive_threshold,
                              max_evaluations=args.max_evaluations),
         runtime=RuntimeOptions(provider=args.provider, batch_size=args.batch_size, seed=args.seed,

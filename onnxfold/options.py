@@ -83,19 +83,26 @@ class FoldOptions:
     ratio: float | Mapping[str, float] | None = None  # share removed per layer, or {layer: share}
     select: str = "kmeans"  # "kmeans" merges clusters, "magnitude" keeps the largest units
     repair: str = "auto"  # auto: ls with calibration data, ar without
-    heads: int | float | Mapping[str, Any] | None = None  # heads kept per block, or the share removed
+    heads: int | float | Mapping[str, Any] | None = None  # query heads kept per block, or the share removed
     residual: bool = False  # conv models: also fold residual-stream channels
+    # grouped-query attention: key/value heads kept per block, or the share removed (None: fold within groups)
+    kv_heads: int | float | Mapping[str, Any] | None = None
 
     def validate(self) -> None:
         _choice("fold selection", self.select, FOLD_SELECTS)
         _choice("fold repair", self.repair, FOLD_REPAIRS)
         if self.ratio is not None:
             _ratio("fold ratio", self.ratio)
-        for h in (self.heads.values() if isinstance(self.heads, Mapping) else [self.heads]):
-            ok = h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1) \
-                or (isinstance(h, float) and 0 <= h < 1)
-            if not ok:
-                raise UsageError(f"heads must be a head count >= 1 or a share in [0, 1), got {h!r}; give e.g. 8 or 0.25")
+        for what, v in (("heads", self.heads), ("kv heads", self.kv_heads)):
+            for h in (v.values() if isinstance(v, Mapping) else [v]):
+                ok = h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1) \
+                    or (isinstance(h, float) and 0 <= h < 1)
+                if not ok:
+                    raise UsageError(f"{what} must be a head count >= 1 or a share in [0, 1), got {h!r};"
+                                     " give e.g. 8 or 0.25")
+        if self.kv_heads is not None and self.heads is None:
+            raise UsageError("kv heads need heads too (the query heads kept); give e.g. --fold-heads 0.0 to keep"
+                             " every group's query heads")
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "fold_select": ("fold", "select"),
     "fold_repair": ("fold", "repair"),
     "fold_heads": ("fold", "heads"),
+    "fold_kv_heads": ("fold", "kv_heads"),
     "fold_residual": ("fold", "residual"),
     "budget": ("search", "budget"),
     "positive_threshold": ("search", "positive_threshold"),

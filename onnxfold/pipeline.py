@@ -84,7 +84,8 @@ def build_passes(opts: OptimizeOptions, *, has_data: bool, conv_chains: Sequence
     if fold.heads is not None:
         from .passes.head_folding import HeadFoldingPass
 
-        passes.append(HeadFoldingPass(heads=fold.heads, select=fold_select, repair=fold_repair, seed=seed))
+        passes.append(HeadFoldingPass(heads=fold.heads, select=fold_select, repair=fold_repair, seed=seed,
+                                      kv_heads=fold.kv_heads))
     return passes
 
 

@@ -177,5 +177,5 @@ def test_shipped_decoders_when_present(name, kv_heads):
     view = find_transformer(onnx.load(str(path)))
     assert [(b.num_heads, b.num_kv_heads, b.head_dim, b.rotary, b.q.in_features) for b in view.blocks] == \
         [(4, kv_heads, 32, True, 128)] * 4
-    assert (len(view.attention), len(view.grouped)) == ((4, 0) if kv_heads == 4 else (0, 4))
+    assert (len(view.attention), len(view.grouped)) == ((4, 0) if kv_heads == 4 else (4, 4))
     assert [(g.width, g.activation.kind) for g in view.gated] == [(344, "silu")] * 4

@@ -131,15 +131,16 @@ def _weights(model, block):
 
 def _numpy_encoder(model, x, mask):
     """The _Encoder forward in numpy from the model's current initializers,
-    with the head count taken from the q weight's width."""
+    with the head counts taken from the q and k weights' widths."""
     blocks = find_transformer(model).attention
     for b in blocks:
         wq, bq, wk, bk, wv, bv, wo, bo = _weights(model, b)
-        h = wq.shape[0] // HEAD_DIM
+        h, hkv = wq.shape[0] // HEAD_DIM, wk.shape[0] // HEAD_DIM
         bsz, s, _ = x.shape
 
-        def split(t, bsz=bsz, s=s, h=h):
-            return t.reshape(bsz, s, h, HEAD_DIM).transpose(0, 2, 1, 3)
+        def split(t, bsz=bsz, s=s):
+            t = t.reshape(bsz, s, -1, HEAD_DIM).transpose(0, 2, 1, 3)
+            return np.repeat(t, h // t.shape[1], axis=1)  # grouped-query: query head i reads kv head i // n
 
         q, k, v = split(x @ wq.T + bq), split(x @ wk.T + bk), split(x @ wv.T + bv)
         sc = q @ k.transpose(0, 1, 3, 2) / HEAD_DIM ** 0.5 + (1.0 - mask[:, None, None, :]) * -10000.0
@@ -301,9 +302,9 @@ def test_constant_reshape_shapes_are_rewritten():
 # ---------------------------------------------------------------- repair
 
 
-@pytest.mark.parametrize("refit", ["all", "cluster"])
-def test_ls_refit_of_the_output_projection_beats_the_plain_fold(refit):
-    model = _attention_model(seed=2)
+def _ls_and_plain_errors(model, **settings) -> tuple[dict, list]:
+    """Mean squared output error of the fold with ``repair`` none and ls (on
+    inputs the calibration data did not hold), and the ls run's layer notes."""
     rng = np.random.default_rng(5)
     calib = CalibrationSet({"x": rng.standard_normal((48, 8, HIDDEN)).astype(np.float32),
                             "mask": np.ones((48, 8), np.float32)})
@@ -312,11 +313,16 @@ def test_ls_refit_of_the_output_projection_beats_the_plain_fold(refit):
     ref = _run(model, feed)
     errs = {}
     for repair in ("none", "ls"):
-        res = HeadFoldingPass(2, repair=repair, refit=refit)(model, ctx)
+        res = HeadFoldingPass(2, repair=repair, **settings)(model, ctx)
         onnx.checker.check_model(res.model)
         errs[repair] = float(((_run(res.model, feed) - ref) ** 2).mean())
-        if repair == "ls":
-            assert all(r.note.startswith("ls") for r in res.layers), [r.note for r in res.layers]
+    return errs, [r.note for r in res.layers]
+
+
+@pytest.mark.parametrize("refit", ["all", "cluster"])
+def test_ls_refit_of_the_output_projection_beats_the_plain_fold(refit):
+    errs, notes = _ls_and_plain_errors(_attention_model(seed=2), refit=refit)
+    assert all(n.startswith("ls") for n in notes), notes
     # a full refit has the whole o-projection to work with; a per-cluster refit
     # only the merged cluster's 4 columns (measured: 0.78 and 0.97 of "none")
     assert errs["ls"] < (0.9 if refit == "all" else 0.995) * errs["none"], errs
@@ -349,17 +355,160 @@ def test_gated_mlp_with_duplicated_neurons_folds_losslessly():
     assert np.abs(ort_run(lossy.model, {"x": x})[0] - ort_run(model, {"x": x})[0]).max() > 1e-4
 
 
+# ---------------------------------------------------------------- grouped-query attention
+
+
+def _gqa_model(copy: str | None = None, layers: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """_Encoder with 2 key/value heads for 4 query heads (torch's
+    repeat_interleave: a Tile in the graph). ``copy``: "query" (in each key/value
+    group the second query head repeats the first: q rows, o columns), "groups"
+    (key/value head 1 with its query heads repeats head 0 with its own) or
+    "values" (v weights zero: every head adds a constant, its value bias)."""
+    torch.manual_seed(seed)
+    enc = _Encoder(layers, kv_heads=2)
+    d = HEAD_DIM
+    with torch.no_grad():
+        for blk in enc.blocks:
+            if copy == "query":
+                for a, b in ((0, 1), (2, 3)):
+                    blk.q.weight[b * d:(b + 1) * d] = blk.q.weight[a * d:(a + 1) * d]
+                    blk.q.bias[b * d:(b + 1) * d] = blk.q.bias[a * d:(a + 1) * d]
+                    blk.o.weight[:, b * d:(b + 1) * d] = blk.o.weight[:, a * d:(a + 1) * d]
+            elif copy == "groups":
+                for lin in (blk.k, blk.v):
+                    lin.weight[d:] = lin.weight[:d]
+                    lin.bias[d:] = lin.bias[:d]
+                blk.q.weight[2 * d:] = blk.q.weight[:2 * d]
+                blk.q.bias[2 * d:] = blk.q.bias[:2 * d]
+                blk.o.weight[:, 2 * d:] = blk.o.weight[:, :2 * d]
+            elif copy == "values":
+                blk.v.weight.zero_()
+    dyn = {0: "batch", 1: "seq"}
+    return _export(enc, (torch.randn(2, 7, HIDDEN), torch.ones(2, 7)), ["x", "mask"],
+                   {"x": dyn, "mask": dyn, "y": dyn})
+
+
+def _counts(model) -> list[tuple[int, int]]:
+    return [(b.num_heads, b.num_kv_heads) for b in find_transformer(model).attention]
+
+
+def _same_outputs(model, folded, atol=2e-5) -> None:
+    for batch, seq in ((1, 5), (3, 11)):
+        feed = _feed(batch, seq)
+        np.testing.assert_allclose(_run(folded, feed), _run(model, feed), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,shape", [
+    (4, None, (2, 2)), (3, None, (2, 1)), (2, None, (2, 1)), (1, None, (1, 1)),  # within groups first
+    (4, 1, (1, 2)), (2, 1, (1, 2)), (1, 1, (1, 1)), (4, 0.5, (1, 2)),  # key/value heads asked for
+    (5, None, (2, 2)),
+])
+def test_grouped_shape_folds_within_groups_first(heads, kv_heads, shape):
+    """4 query heads on 2 key/value heads: (key/value heads, query heads each) kept."""
+    assert dh.grouped_shape(4, 2, heads, kv_heads) == shape
+
+
+def test_grouped_shape_of_multi_head_attention_is_the_head_count():
+    assert [dh.grouped_shape(4, 4, k) for k in (4, 3, 1)] == [(4, 1), (3, 1), (1, 1)]
+    assert dh.grouped_shape(4, 4, 3, 2) == (2, 1)  # a key/value cap is a head cap
+    assert dh.grouped_shape(6, 2, 5) == (2, 2)  # 6 heads over 2: 5 asked, 4 kept (2 per group)
+
+
+def test_grouped_query_attention_is_found_as_a_foldable_block():
+    view = find_transformer(_gqa_model(layers=1))
+    assert _counts(_gqa_model(layers=1)) == [(HEADS, 2)] and view.grouped == view.attention
+    assert view.skipped == []
+    refs = sorted((r.counts, r.value, r.per_head) for r in view.attention[0].shape_refs)
+    # q split [b, s, 4, 4], k/v splits [b, s, 2, 4], the Tile by 2 of k and v, the merged width 16
+    assert refs == [("group", 2, 1)] * 2 + [("heads", HEADS, 1), ("heads", HEADS * HEAD_DIM, HEAD_DIM)] \
+        + [("kv_heads", 2, 1)] * 2
+
+
+@pytest.mark.parametrize("merge", ["medoid", "mean"])
+def test_query_heads_fold_within_their_groups_losslessly(merge):
+    model = _gqa_model("query")
+    res = HeadFoldingPass(2, merge=merge, repair="ar")(model, PassContext())
+    assert [(r.width_before, r.width_after, r.merged, r.pruned) for r in res.layers] == [(HEADS, 2, 2, 0)] * 2
+    assert [r.note for r in res.layers] == ["key/value heads 2 -> 2, 1 query heads each"] * 2
+    onnx.checker.check_model(res.model)
+    assert _counts(res.model) == [(2, 2)] * 2
+    _same_outputs(model, res.model)
+    # only q rows and o columns go: k and v are shared by the group and stay
+    before = sum(r.params_before for r in res.layers)
+    assert before - sum(r.params_after for r in res.layers) == 2 * 2 * (HEAD_DIM * (HIDDEN + 1) + HIDDEN * HEAD_DIM)
+    # the lossless check can fail: whole groups differ
+    lossy = HeadFoldingPass(4, kv_heads=1, merge=merge, repair="none")(model, PassContext())
+    assert np.abs(_run(lossy.model, _feed(2, 6)) - _run(model, _feed(2, 6))).max() > 1e-3
+
+
+@pytest.mark.parametrize("merge", ["medoid", "mean"])
+def test_repeated_key_value_groups_fold_losslessly(merge):
+    model = _gqa_model("groups")
+    res = HeadFoldingPass(4, kv_heads=1, merge=merge, repair="ar")(model, PassContext())
+    assert [(r.width_before, r.width_after, r.merged) for r in res.layers] == [(HEADS, 2, 2)] * 2
+    assert [r.note for r in res.layers] == ["key/value heads 2 -> 1, 2 query heads each"] * 2
+    onnx.checker.check_model(res.model)
+    assert _counts(res.model) == [(2, 1)] * 2
+    _same_outputs(model, res.model)
+    # a whole group goes: its k, v rows, its query heads' q rows and o columns
+    before = sum(r.params_before for r in res.layers)
+    assert before - sum(r.params_after for r in res.layers) == \
+        2 * (2 * HEAD_DIM * (HIDDEN + 1) + 2 * (HEAD_DIM * (HIDDEN + 1) + HIDDEN * HEAD_DIM))
+    # the lossless check can fail: the query heads within a group differ
+    lossy = HeadFoldingPass(2, merge=merge, repair="none")(model, PassContext())
+    assert np.abs(_run(lossy.model, _feed(2, 6)) - _run(model, _feed(2, 6))).max() > 1e-3
+
+
+def test_pruned_query_heads_hand_their_value_bias_to_the_output_bias():
+    """With v weights zero every head adds the constant Wo_h bv_g: pruning a
+    query head is exact only if that constant moves into the o bias."""
+    model = _gqa_model("values", layers=1)  # one block: the exporter would share two blocks' zero v weights
+    res = HeadFoldingPass(2, select="magnitude", repair="none")(model, PassContext())
+    assert [(r.width_after, r.pruned) for r in res.layers] == [(2, 2)]
+    _same_outputs(model, res.model, atol=1e-5)
+    kv = HeadFoldingPass(1, select="magnitude", repair="none")(model, PassContext())  # a whole group too
+    assert _counts(kv.model) == [(1, 1)]
+    _same_outputs(model, kv.model, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings,counts", [(dict(heads=2), (2, 2)), (dict(heads=4, kv_heads=1), (2, 1)),
+                                             (dict(heads=1), (1, 1)), (dict(heads=2, select="magnitude"), (2, 2)),
+                                             (dict(heads=0.5, kv_heads=0.5, merge="mean"), (2, 1))])
+def test_folded_grouped_query_model_matches_numpy_attention_under_dynamic_shapes(settings, counts):
+    model = _gqa_model(seed=3)
+    res = HeadFoldingPass(**settings, repair="none")(model, PassContext())
+    onnx.checker.check_model(res.model)
+    assert _counts(res.model) == [counts] * 2
+    for batch, seq in ((1, 1), (1, 5), (3, 11)):
+        feed = _feed(batch, seq)
+        x, mask = feed["x"].astype(np.float64), feed["mask"].astype(np.float64)
+        out = _run(res.model, feed)
+        assert out.shape == (batch, seq, HIDDEN)
+        # numpy grouped-query attention with the folded weights' head counts: the
+        # graph's head, key/value head and group-size constants agree with them
+        np.testing.assert_allclose(out, _numpy_encoder(res.model, x, mask), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_run(model, feed), _numpy_encoder(model, x, mask), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("refit", ["all", "merged", "cluster"])
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_ls_refit_of_a_grouped_query_fold_beats_the_plain_fold(refit, kv_heads):
+    errs, notes = _ls_and_plain_errors(_gqa_model(seed=2), kv_heads=kv_heads, refit=refit)
+    assert all(n.startswith("key/value heads") and "; ls" in n for n in notes), notes
+    assert errs["ls"] < 0.995 * errs["none"], errs
+
+
+def test_bad_kv_heads_are_usage_errors():
+    from onnxfold.errors import UsageError
+
+    for kv in (0, 1.5, True, {"attn0": -1}):
+        with pytest.raises(UsageError, match="kv_heads"):
+            HeadFoldingPass(2, kv_heads=kv)
+    with pytest.raises(UsageError, match="attn9"):
+        HeadFoldingPass(2, kv_heads={"attn9": 1})(_gqa_model(layers=1), PassContext())
+
+
 # ---------------------------------------------------------------- unsupported forms
-
-
-def test_grouped_query_attention_is_reported_and_left_alone():
-    model = _attention_model(layers=1, kv_heads=2)
-    view = find_transformer(model)
-    assert view.attention == []
-    assert any("grouped-query" in s.reason for s in view.skipped), view.skipped
-    res = HeadFoldingPass(2)(model, PassContext())
-    assert not res.changed and res.model is model
-    assert any("grouped-query" in n for n in res.notes)
 
 
 def test_fused_attention_node_is_reported_and_left_alone():

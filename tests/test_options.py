@@ -64,6 +64,8 @@ def test_unknown_keyword_is_a_type_error():
     (dict(fold_select="largest"), "unknown fold selection 'largest'"),
     (dict(fold_repair="magic"), "unknown fold repair 'magic'"),
     (dict(fold_heads=0), "heads must be a head count"),
+    (dict(fold_heads=2, fold_kv_heads=1.5), "kv heads must be a head count"),
+    (dict(fold_kv_heads=1), "kv heads need heads too"),
     (dict(linear_threshold=0.3), "linear threshold must be in (0.5, 1]"),
     (dict(linear_mode="fast"), "unknown linear mode 'fast'"),
     (dict(provider="tpu"), "unknown provider 'tpu'"),
@@ -105,13 +107,14 @@ def test_the_callers_budget_is_not_modified():
 def test_cli_option_groups_map_to_option_groups():
     args = build_parser().parse_args([
         "optimize", "m.onnx", "--fold-ratio", "layer0=0.3", "--fold-select", "magnitude", "--fold-repair", "ar",
-        "--fold-heads", "4", "--fold-residual", "--no-linear", "--linear-mode", "paper", "--linear-path", "svd",
+        "--fold-heads", "4", "--fold-kv-heads", "0.5", "--fold-residual", "--no-linear", "--linear-mode", "paper", "--linear-path", "svd",
         "--provider", "cpu", "--batch-size", "32", "--seed", "5", "--max-evaluations", "9",
         "--positive-threshold", "0.4", "--no-latency", "--profile-memory", "--ray", "--ray-workers", "2"])
     budget = Budget(min_agreement=99.0)
     opts = options_from_args(args, budget)
     assert opts.linearity == LinearityOptions(enabled=False, threshold=None, mode="paper", path="svd")
-    assert opts.fold == FoldOptions(ratio={"layer0": 0.3}, select="magnitude", repair="ar", heads=4, residual=True)
+    assert opts.fold == FoldOptions(ratio={"layer0": 0.3}, select="magnitude", repair="ar", heads=4, residual=True,
+                                    kv_heads=0.5)
     assert opts.search == SearchOptions(budget=budget, positive_threshold=0.4, max_evaluations=9)
     assert opts.runtime == RuntimeOptions(provider="cpu", batch_size=32, seed=5, ray_address="local", ray_workers=2)
     assert (opts.report.latency, opts.report.profile_memory) == (False, True)

@@ -5,11 +5,14 @@ Each source is a ``transformers`` architecture with random weights (never
 100. The decoders (LLaMA, Mistral, Qwen2) run with ``use_cache=False``; the
 grouped-query variants have 2 key/value heads. Biases are random (they are
 zero at init, and a bias the finder missed would not show), and in every
-block head 3 repeats another head (``DUPLICATE``) so that merging the two is
+block heads repeat other heads (``DUPLICATE``) so that merging them is
 lossless: a head fold that stays exact shows that what discovery recorded
-about the block (projections, head axis, head counts) is right. ``export(source, exporter,
-path)`` writes the ONNX file with dynamic batch and sequence axes and
-returns the torch module, whose parameters are the reference the tests
+about the block (projections, head axis, head counts) is right. In a
+grouped-query block the repeats stay within each key/value group (every
+group must keep as many query heads), or, built with ``duplicate="groups"``,
+key/value group 1 with its query heads repeats group 0. ``export(source,
+exporter, path)`` writes the ONNX file with dynamic batch and sequence axes
+and returns the torch module, whose parameters are the reference the tests
 compare discovery against (independent of onnxfold).
 
 The module is wrapped so that the graph's inputs are exactly ``input_ids``
@@ -55,13 +58,17 @@ SOURCES = {s.name: s for s in [
 
 EXPORTERS = ("dynamo", "legacy")
 
-#: (kept head, its copy) per block: multi-head, any two heads; grouped-query,
-#: the two query heads of key/value group 1 (q rows and o columns only)
-DUPLICATE = {"mha": (1, 3), "gqa": (2, 3)}
+#: (kept head, its copy) pairs per block: multi-head, two of the heads (q, k,
+#: v rows, o columns); grouped-query, the two query heads of each key/value
+#: group (q rows and o columns only); "groups": key/value head 1 (k, v rows)
+#: and its query heads (q rows, o columns) repeat key/value head 0 and its own
+DUPLICATE = {"mha": [(1, 3)], "gqa": [(0, 1), (2, 3)], "groups": [(0, 1)]}
 
 
-def build(source: str, seed: int = 0):
-    """The torch module of ``source`` (eval mode, random weights from ``seed``)."""
+def build(source: str, seed: int = 0, duplicate: str = "heads"):
+    """The torch module of ``source`` (eval mode, random weights from
+    ``seed``). ``duplicate``: "heads" (see ``DUPLICATE``) or "groups" (a
+    grouped-query source's key/value group 1 repeats group 0)."""
     import torch
     import transformers
 
@@ -81,15 +88,22 @@ def build(source: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(".bias") and "norm" not in name.lower():
                 p.normal_(0.0, 0.1)
-        a, b = DUPLICATE["gqa" if s.kv_heads < HEADS else "mha"]
-        rows_a, rows_b = slice(a * HEAD_DIM, (a + 1) * HEAD_DIM), slice(b * HEAD_DIM, (b + 1) * HEAD_DIM)
-        for i in range(LAYERS):
-            lin = attention_linears(model, i)
-            for key in ("q", "k", "v") if s.kv_heads == HEADS else ("q",):
-                lin[key].weight[rows_b] = lin[key].weight[rows_a]
-                if lin[key].bias is not None:
-                    lin[key].bias[rows_b] = lin[key].bias[rows_a]
-            lin["o"].weight[:, rows_b] = lin["o"].weight[:, rows_a]
+        grouped = s.kv_heads < HEADS
+        if duplicate == "groups" and not grouped:
+            raise ValueError(f"{source} has no key/value groups to duplicate")
+        # (q heads, kv heads) spanned by one unit: a head, or a key/value group with its query heads
+        nq, nkv = (HEADS // s.kv_heads, 1) if duplicate == "groups" else (1, 1)
+        for a, b in DUPLICATE[duplicate if duplicate == "groups" else "gqa" if grouped else "mha"]:
+            for i in range(LAYERS):
+                lin = attention_linears(model, i)
+                copies = [("q", nq), ("k", nkv), ("v", nkv)] if not grouped or duplicate == "groups" else [("q", nq)]
+                for key, span in copies:
+                    rows_a, rows_b = (slice(u * span * HEAD_DIM, (u + 1) * span * HEAD_DIM) for u in (a, b))
+                    lin[key].weight[rows_b] = lin[key].weight[rows_a]
+                    if lin[key].bias is not None:
+                        lin[key].bias[rows_b] = lin[key].bias[rows_a]
+                cols_a, cols_b = (slice(u * nq * HEAD_DIM, (u + 1) * nq * HEAD_DIM) for u in (a, b))
+                lin["o"].weight[:, cols_b] = lin["o"].weight[:, cols_a]
     return model
 
 
@@ -138,12 +152,12 @@ def sample_inputs(batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, np.n
             "attention_mask": np.ones((batch, seq), dtype=np.int64)}
 
 
-def export(source: str, exporter: str, path, seed: int = 0):
+def export(source: str, exporter: str, path, seed: int = 0, duplicate: str = "heads"):
     """Export ``source`` with torch.onnx (``exporter``: "dynamo" or "legacy")
-    to ``path``; returns the torch module exported."""
+    to ``path``; returns the torch module exported (built with ``duplicate``)."""
     import torch
 
-    model = build(source, seed)
+    model = build(source, seed, duplicate)
     wrapped = _Inference(model)
     feeds = sample_inputs()
     args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))

@@ -253,6 +253,17 @@ def _greedy_kmeans_plusplus(sample_weight: np.ndarray):
     return init
 
 
+def split_clusters(labels: np.ndarray, k: int) -> np.ndarray:
+    """``labels`` (0..k'-1) with clusters split until there are ``min(k, n)``:
+    the last member of the largest cluster becomes a cluster of its own
+    (numbered next), as often as needed."""
+    labels = np.array(labels, dtype=np.int64)
+    while labels.max() + 1 < min(k, labels.size):
+        sizes = np.bincount(labels)
+        labels[np.flatnonzero(labels == int(np.argmax(sizes)))[-1]] = sizes.size
+    return labels
+
+
 def magnitude_keep(w_in: np.ndarray, k: int) -> np.ndarray:
     """Indices (ascending) of the k neurons with the largest incoming-row L2 norm
     (ties: lower index first) - the structured magnitude-pruning baseline."""

@@ -33,6 +33,27 @@ circuits instead of their raw rows (see :meth:`HeadWeights.circuits`).
 Magnitude head pruning (``select="magnitude"``) keeps the k heads with the
 largest feature norm and drops the rest.
 
+**Grouped-query attention** (``Hkv`` key/value heads, ``n = H / Hkv`` query
+heads on each): query heads ``g·n…(g+1)·n`` read key/value head g, and the
+graph repeats every key/value head n times, so every group must keep the
+same number of query heads. Two folds keep that shape:
+
+* :func:`merge_heads` folds whole **key/value groups** (a key/value head
+  with its n query heads; with ``n = 1`` this is multi-head folding, and the
+  rule above): the medoid group keeps its k and q rows (query head j of the
+  merged group is query head j of the medoid), and v with the n heads' o
+  columns become the best rank-Dv factorisation of the stacked products
+  ``[Σ_g Wo_{g,j} Wv_g]_j`` (v is shared by the n query heads, so one
+  factorisation for all of them). ``merge="mean"`` averages q (per position
+  j), k and v over the groups and sums o.
+* :func:`merge_query_heads` folds **query heads within each group**: k and v
+  stay, the medoid keeps its q rows, and the members' o columns are summed:
+  given the medoid's pattern, ``Σ_h Wo_h Wv_g = (Σ_h Wo_h) Wv_g`` is exact,
+  value biases included (``merge="mean"``: q rows averaged). A dropped query
+  head hands its ``Wo_h bv_g`` to the o bias.
+
+:func:`grouped_shape` says how many of each are kept.
+
 Gated MLPs ``down(act(gate x) ⊙ up x)`` need nothing of their own here:
 neuron j is gate row j, up row j and down column j, one unit group
 (``passes/units.gated_group``) that the folding core clusters on
@@ -58,12 +79,32 @@ def heads_after(num_heads: int, heads: float) -> int:
     return fold.target_width(num_heads, float(heads))
 
 
+def grouped_shape(num_heads: int, num_kv_heads: int, heads: int, kv_heads: float | None = None) -> tuple[int, int]:
+    """(key/value heads kept, query heads kept per key/value head) for at
+    most ``heads`` query heads in all.
+
+    ``kv_heads`` (a count or the share removed, as in :func:`heads_after`;
+    None: all of them) caps the key/value heads; they are also cut to
+    ``heads`` when fewer query heads than key/value heads are asked for
+    (every key/value head keeps at least one query head). The rest of the
+    cut falls within the groups: ``heads // kv`` query heads each, at most
+    the ``n`` they have. So without ``kv_heads`` query heads fold within
+    their groups first, and whole groups only below one query head per
+    group. Multi-head attention (``n = 1``) keeps ``min(heads, kv)`` heads."""
+    n = num_heads // num_kv_heads
+    kv = num_kv_heads if kv_heads is None else heads_after(num_kv_heads, kv_heads)
+    kv = max(1, min(kv, heads))
+    return kv, max(1, min(n, heads // kv))
+
+
 @dataclass
 class HeadWeights:
     """One attention block's projections, split per head.
 
-    q, k: (H, D, in); qb, kb: (H, D); v: (H, Dv, in); vb: (H, Dv);
-    o: (H, out, Dv) (the o-projection's columns of each head); ob: (out)."""
+    q: (H, D, in); qb: (H, D); k: (Hkv, D, in); kb: (Hkv, D); v: (Hkv, Dv,
+    in); vb: (Hkv, Dv); o: (H, out, Dv) (the o-projection's columns of each
+    query head); ob: (out). Multi-head attention has ``Hkv = H``; with
+    grouped-query attention query head h reads key/value head ``h // n``."""
 
     q: np.ndarray
     qb: np.ndarray
@@ -75,21 +116,37 @@ class HeadWeights:
     ob: np.ndarray
 
     @classmethod
-    def split(cls, wq, bq, wk, bk, wv, bv, wo, bo, heads: int) -> HeadWeights:
-        def rows(w):
-            return np.asarray(w, dtype=np.float64).reshape(heads, -1, w.shape[1])
+    def split(cls, wq, bq, wk, bk, wv, bv, wo, bo, heads: int, kv_heads: int | None = None) -> HeadWeights:
+        kv_heads = kv_heads or heads
+
+        def rows(w, count=kv_heads):
+            return np.asarray(w, dtype=np.float64).reshape(count, -1, w.shape[1])
 
         def vec(b, n):
             return np.zeros(n) if b is None else np.asarray(b, dtype=np.float64)
 
         out = wo.shape[0]
         o = np.asarray(wo, dtype=np.float64).reshape(out, heads, -1).transpose(1, 0, 2)
-        return cls(rows(wq), vec(bq, wq.shape[0]).reshape(heads, -1), rows(wk), vec(bk, wk.shape[0]).reshape(heads, -1),
-                   rows(wv), vec(bv, wv.shape[0]).reshape(heads, -1), o, vec(bo, out))
+        return cls(rows(wq, heads), vec(bq, wq.shape[0]).reshape(heads, -1), rows(wk),
+                   vec(bk, wk.shape[0]).reshape(kv_heads, -1), rows(wv), vec(bv, wv.shape[0]).reshape(kv_heads, -1),
+                   o, vec(bo, out))
 
     @property
     def num_heads(self) -> int:
         return self.q.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // max(1, self.num_kv_heads)
+
+    def per_query(self, x: np.ndarray) -> np.ndarray:
+        """A per-key/value-head array repeated for each query head of its group."""
+        return np.repeat(x, self.group_size, axis=0)
 
     def joined(self) -> tuple[np.ndarray, ...]:
         """(wq, bq, wk, bk, wv, bv, wo, bo) as whole-layer matrices (W out × in)."""
@@ -101,11 +158,22 @@ class HeadWeights:
 
     def features(self) -> np.ndarray:
         """Per-head clustering features (H × F): q, k, v rows with their
-        biases and the head's o-projection columns, flattened."""
-        h = self.num_heads
-        return np.hstack([self.q.reshape(h, -1), self.qb, self.k.reshape(h, -1), self.kb, self.v.reshape(h, -1),
-                          self.vb, self.o.transpose(0, 2, 1).reshape(h, -1)])
+        biases and the head's o-projection columns, flattened (k and v those
+        of the head's key/value head)."""
+        h, rep = self.num_heads, self.per_query
+        return np.hstack([self.q.reshape(h, -1), self.qb, rep(self.k).reshape(h, -1), rep(self.kb),
+                          rep(self.v).reshape(h, -1), rep(self.vb), self.o.transpose(0, 2, 1).reshape(h, -1)])
 
+    def group_features(self, features: str = "weights") -> np.ndarray:
+        """Per key/value group clustering features (Hkv × F): ``"weights"``,
+        the group's q rows (its query heads in order), k, v and o columns;
+        ``"circuits"``, its query heads' circuits in order. Multi-head
+        attention: :meth:`features` / :meth:`circuits` themselves."""
+        g, n = self.num_kv_heads, self.group_size
+        if features == "circuits":
+            return self.circuits().reshape(g, -1)
+        return np.hstack([self.q.reshape(g, -1), self.qb.reshape(g, -1), self.k.reshape(g, -1), self.kb,
+                          self.v.reshape(g, -1), self.vb, self.o.transpose(0, 2, 1).reshape(g, n, -1).reshape(g, -1)])
 
     def circuits(self) -> np.ndarray:
         """Per-head features invariant to how a head's dimensions are rotated
@@ -114,10 +182,10 @@ class HeadWeights:
         the OV circuit ``Wo_h Wv_h``, each scaled to unit norm per head so
         both halves weigh alike. Two heads computing the same function have
         the same circuits even when their raw rows differ by a rotation."""
-        h = self.num_heads
-        qk = np.matmul(self.q.transpose(0, 2, 1), self.k).reshape(h, -1)
-        qb = np.matmul(self.qb[:, None, :], self.k).reshape(h, -1)
-        ov = np.matmul(self.o, self.v).reshape(h, -1)
+        h, k, v = self.num_heads, self.per_query(self.k), self.per_query(self.v)
+        qk = np.matmul(self.q.transpose(0, 2, 1), k).reshape(h, -1)
+        qb = np.matmul(self.qb[:, None, :], k).reshape(h, -1)
+        ov = np.matmul(self.o, v).reshape(h, -1)
 
         def unit(x):
             n = np.linalg.norm(x, axis=1, keepdims=True)
@@ -180,54 +248,117 @@ def _ar_rows(rows: np.ndarray) -> np.ndarray:
     return fold.fold_ar_scale(rows.reshape(n * d, -1), labels)
 
 
-def merge_heads(w: HeadWeights, labels: np.ndarray, merge: str = "medoid", repair: str = "none",
-                features: str = "weights") -> HeadWeights:
-    """The block with its heads merged by cluster (``labels``; -1 = dropped).
+def query_heads_of_groups(group_labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where :func:`merge_heads` puts each query head (``n`` per key/value
+    group, ``group_labels`` per group): (its head in the merged block, -1 if
+    dropped; whether its value bias moved to the o bias, i.e. its group was
+    merged with another)."""
+    group_labels = np.asarray(group_labels)
+    kept = group_labels >= 0
+    merged = np.zeros(group_labels.size, dtype=bool)
+    merged[kept] = np.bincount(group_labels[kept])[group_labels[kept]] > 1
+    heads = np.where(kept[:, None], group_labels[:, None] * n + np.arange(n), -1).reshape(-1)
+    return heads, np.repeat(merged, n)
 
-    Singleton clusters keep their head bit for bit. Dropped heads and merged
-    clusters hand their value-bias constant ``Wo_h bv_h`` to the o bias.
-    ``repair="ar"`` only acts with ``merge="mean"`` (the medoid merge does
-    not average q/k, and its v/o factorisation keeps the product's scale)."""
+
+def chained_labels(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Head labels of two folds in a row: ``second`` labels the heads ``first`` left (-1: dropped by either)."""
+    first = np.asarray(first)
+    return np.where(first >= 0, np.asarray(second)[np.maximum(first, 0)], -1)
+
+
+def _check_merge(merge: str) -> None:
     if merge not in MERGES:
         raise ValueError(f"unknown head merge {merge!r}")
+
+
+def merge_heads(w: HeadWeights, labels: np.ndarray, merge: str = "medoid", repair: str = "none",
+                features: str = "weights") -> HeadWeights:
+    """The block with its key/value groups merged by cluster (``labels``,
+    one per key/value head; -1 = dropped with its query heads). In
+    multi-head attention a group is one head.
+
+    Singleton clusters keep their group bit for bit. Dropped groups and
+    merged clusters hand their value-bias constants ``Wo_h bv_g`` to the o
+    bias. ``repair="ar"`` only acts with ``merge="mean"`` (the medoid merge
+    does not average q/k, and its v/o factorisation keeps the product's scale)."""
+    _check_merge(merge)
     labels = np.asarray(labels)
-    k = int(labels.max()) + 1
-    mids = medoids(w.circuits() if features == "circuits" else w.features(), labels)
-    d, dv, inq, inv = w.q.shape[1], w.v.shape[1], w.q.shape[2], w.v.shape[2]
+    n, k = w.group_size, int(labels.max()) + 1
+    mids = medoids(w.group_features(features), labels)
+    d, dv, inq = w.q.shape[1], w.v.shape[1], w.q.shape[2]
     out = w.o.shape[1]
-    q = np.zeros((k, d, inq))
-    qb = np.zeros((k, d))
-    kk = np.zeros((k, d, w.k.shape[2]))
-    kb = np.zeros((k, d))
-    v = np.zeros((k, dv, inv))
-    vb = np.zeros((k, dv))
-    o = np.zeros((k, out, dv))
+    q, qb = np.zeros((k, n, d, inq)), np.zeros((k, n, d))
+    kk, kb = np.zeros((k, d, w.k.shape[2])), np.zeros((k, d))
+    v, vb = np.zeros((k, dv, w.v.shape[2])), np.zeros((k, dv))
+    o = np.zeros((k, n, out, dv))
+    gq, gqb, go = (x.reshape(w.num_kv_heads, n, *x.shape[1:]) for x in (w.q, w.qb, w.o))  # per group
     ob = w.ob.copy()
-    for h in np.flatnonzero(labels < 0):
-        ob += w.o[h] @ w.vb[h]
+
+    def move_value_bias(g):  # its query heads' constant Wo_h bv_g goes to the o bias
+        return sum(go[g, j] @ w.vb[g] for j in range(n))
+
+    for g in np.flatnonzero(labels < 0):
+        ob += move_value_bias(g)
     for c in range(k):
         members = np.flatnonzero(labels == c)
         if members.size == 1:
-            h = members[0]
-            q[c], qb[c], kk[c], kb[c], v[c], vb[c], o[c] = w.q[h], w.qb[h], w.k[h], w.kb[h], w.v[h], w.vb[h], w.o[h]
+            g = members[0]
+            q[c], qb[c], kk[c], kb[c], v[c], vb[c], o[c] = gq[g], gqb[g], w.k[g], w.kb[g], w.v[g], w.vb[g], go[g]
             continue
-        for h in members:
-            ob += w.o[h] @ w.vb[h]
+        for g in members:
+            ob += move_value_bias(g)
         if merge == "medoid":
             m = mids[c]
-            q[c], qb[c], kk[c], kb[c] = w.q[m], w.qb[m], w.k[m], w.kb[m]
-            o[c], v[c] = _balanced_rank(np.hstack([w.o[h] for h in members]),
-                                        np.vstack([w.v[h] for h in members]), dv)
+            q[c], qb[c], kk[c], kb[c] = gq[m], gqb[m], w.k[m], w.kb[m]
+            # rows: query position j; columns: the members' heads at j (v is shared by the n positions)
+            left, v[c] = _balanced_rank(np.vstack([np.hstack([go[g, j] for g in members]) for j in range(n)]),
+                                        np.vstack([w.v[g] for g in members]), dv)
+            o[c] = left.reshape(n, out, dv)
         else:
-            q[c], qb[c] = w.q[members].mean(0), w.qb[members].mean(0)
+            q[c], qb[c] = gq[members].mean(0), gqb[members].mean(0)
             kk[c], kb[c] = w.k[members].mean(0), w.kb[members].mean(0)
             v[c] = w.v[members].mean(0)
-            o[c] = w.o[members].sum(0)
+            o[c] = go[members].sum(0)
             if repair == "ar":
-                sq, sk, sv = _ar_rows(w.q[members]), _ar_rows(w.k[members]), _ar_rows(w.v[members])
-                q[c] *= sq[:, None]
+                sq = _ar_rows(gq[members].reshape(members.size, n * d, inq)).reshape(n, d)
+                sk, sv = _ar_rows(w.k[members]), _ar_rows(w.v[members])
+                q[c] *= sq[:, :, None]
                 qb[c] *= sq
                 kk[c] *= sk[:, None]
                 kb[c] *= sk
                 v[c] *= sv[:, None]
-    return HeadWeights(q, qb, kk, kb, v, vb, o, ob)
+    return HeadWeights(q.reshape(k * n, d, inq), qb.reshape(k * n, d), kk, kb, v, vb, o.reshape(k * n, out, dv), ob)
+
+
+def merge_query_heads(w: HeadWeights, labels: np.ndarray, merge: str = "medoid", repair: str = "none",
+                      features: str = "weights") -> HeadWeights:
+    """The block with query heads merged within their key/value groups
+    (``labels`` per query head, -1 = dropped): clusters ``g·n'…(g+1)·n'-1``
+    hold query heads of group g only, the same number ``n'`` in every group.
+    k and v are kept; a merged cluster keeps its medoid's q rows (``mean``:
+    the members' average, with Fold-AR's factor for ``repair="ar"``) and the
+    sum of the members' o columns."""
+    _check_merge(merge)
+    labels = np.asarray(labels)
+    k, n, groups = int(labels.max()) + 1, w.group_size, w.num_kv_heads
+    per = k // groups
+    owner = np.arange(w.num_heads) // n
+    if k != per * groups or any(np.any(owner[labels == c] != c // per) for c in range(k)):
+        raise ValueError(f"query-head clusters must keep {per} heads in each of the {groups} key/value groups")
+    mids = medoids(w.circuits() if features == "circuits" else w.features(), labels)
+    q, qb, o, ob = np.zeros((k, *w.q.shape[1:])), np.zeros((k, w.qb.shape[1])), np.zeros((k, *w.o.shape[1:])), w.ob.copy()
+    for h in np.flatnonzero(labels < 0):
+        ob += w.o[h] @ w.vb[owner[h]]
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        o[c] = w.o[members].sum(0)
+        if merge == "medoid" or members.size == 1:
+            q[c], qb[c] = w.q[mids[c]], w.qb[mids[c]]
+            continue
+        q[c], qb[c] = w.q[members].mean(0), w.qb[members].mean(0)
+        if repair == "ar":
+            s = _ar_rows(w.q[members])
+            q[c] *= s[:, None]
+            qb[c] *= s
+    return HeadWeights(q, qb, w.k.copy(), w.kb.copy(), w.v.copy(), w.vb.copy(), o, ob)

@@ -25,9 +25,9 @@ their channels have to be folded together (``docs/methods.md`` §3.3-3.4):
 * **Gated MLPs**: ``down(act(gate(x)) * up(x))`` (SiLU/GELU/... on the gate):
   neuron j is row j of gate *and* up and column j of down.
 
-Multi-head blocks are in ``TransformerView.attention``; grouped-query blocks
-are found too, and kept apart in ``TransformerView.grouped`` (head folding
-does not fold key/value groups yet: each is also reported in ``skipped``).
+Every block found is in ``TransformerView.attention``, multi-head and
+grouped-query alike (``TransformerView.grouped`` lists the grouped-query
+ones: ``passes/units`` couples their query heads to their key/value head).
 Everything else that looks like attention is reported, not matched: fused
 ``Attention``/``MultiHeadAttention``/``GroupQueryAttention`` nodes
 (com.microsoft, or the opset-23 ``Attention``), onnxruntime's other fusions
@@ -136,22 +136,26 @@ class GatedMLP:
 
 @dataclass
 class TransformerView:
-    attention: list[AttentionBlock]  # multi-head blocks: what head folding folds
+    attention: list[AttentionBlock]  # every block head folding folds, multi-head and grouped-query, in graph order
     gated: list[GatedMLP]
     skipped: list[Skipped]
-    grouped: list[AttentionBlock] = field(default_factory=list)  # grouped-query blocks: found, not folded yet
+
+    @property
+    def grouped(self) -> list[AttentionBlock]:
+        """The grouped-query blocks among them (fewer key/value heads than query heads)."""
+        return [b for b in self.attention if b.grouped]
 
     @property
     def blocks(self) -> list[AttentionBlock]:
-        """Every attention block found, multi-head and grouped-query, in graph
-        order (find numbers them attn0, attn1, ... in one sequence)."""
-        return sorted(self.attention + self.grouped, key=lambda b: int(b.name[len("attn"):]))
+        """Every attention block found, in graph order (find numbers them
+        attn0, attn1, ... in one sequence)."""
+        return list(self.attention)
 
     def release_except(self, group: AttentionBlock | GatedMLP | None = None) -> None:
         """Drop the weights of all projections but ``group``'s (they are read
         from the model again on use)."""
         keep = set() if group is None else {id(p) for p in group.projections}
-        for g in [*self.attention, *self.grouped, *self.gated]:
+        for g in [*self.attention, *self.gated]:
             for p in g.projections:
                 if id(p) not in keep:
                     p.release()
@@ -455,11 +459,6 @@ def find_transformer(model: onnx.ModelProto) -> TransformerView:
         why = _stored_out_in(b)
         if why is not None:
             view.skipped.append(Skipped(node.name, f"attention {b.name} ({_describe(b)}) not folded: {why}"))
-        elif b.grouped:
-            view.grouped.append(b)
-            view.skipped.append(Skipped(node.name, f"attention {b.name}: grouped-query attention ({_describe(b)}):"
-                                                   " head folding of key/value groups is not supported yet"
-                                                   " (left untouched)"))
         else:
             view.attention.append(b)
     view.skipped += [Skipped(names[0], f"{len(names)} fused com.microsoft {op} node(s) (onnxruntime's transformer"

@@ -91,7 +91,10 @@ class FoldCore:
 
     # -- 2. select -----------------------------------------------------------
     def plan(self, group: UnitGroup, k: int, removed: np.ndarray | None = None) -> FoldPlan:
-        """Labels leaving at most ``k`` units besides the ``removed`` ones."""
+        """Labels leaving at most ``k`` units besides the ``removed`` ones
+        (a group with parts: see :meth:`plan_parts`)."""
+        if group.parts is not None:
+            return self.plan_parts(group, k)
         n = group.width
         removed = np.zeros(0, np.int64) if removed is None else np.asarray(removed, dtype=np.int64)
         rest = np.setdiff1d(np.arange(n), removed)
@@ -106,6 +109,28 @@ class FoldCore:
         kept = rest[decide.magnitude_keep(group.magnitude_rows(units), k)]
         labels[kept] = np.arange(kept.size)
         return FoldPlan(labels, int(removed.size), pruned=int(rest.size - kept.size))
+
+    def plan_parts(self, group: UnitGroup, k: int) -> FoldPlan:
+        """Labels leaving ``k // parts`` units in every part of the group
+        (parts of equal size), clusters numbered part by part: k-means may
+        find fewer distinct units than that in a part, whose clusters are then
+        split to keep the count (duplicates kept apart stay exact)."""
+        per = max(1, k // len(group.parts))
+        labels = np.full(group.width, -1, dtype=np.int64)
+        merged = pruned = 0
+        for i, part in enumerate(group.parts):
+            part = np.asarray(part, dtype=np.int64)
+            if part.size <= per:
+                local = np.arange(part.size)
+            elif self.select == "kmeans":
+                local = decide.split_clusters(group.cluster(per, self.seed, part), per)
+                merged += part.size - per
+            else:
+                local = np.full(part.size, -1, dtype=np.int64)
+                local[decide.magnitude_keep(group.magnitude_rows(part), per)] = np.arange(per)
+                pruned += part.size - per
+            labels[part] = np.where(local >= 0, local + i * per, -1)
+        return FoldPlan(labels, 0, merged=merged, pruned=pruned)
 
     # -- 3 + 4. repair and rewrite --------------------------------------------
     def rewrite(self, group: UnitGroup, plan: FoldPlan, moments: dict[str, Moments] | None = None) -> None:

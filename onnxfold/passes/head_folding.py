@@ -11,9 +11,15 @@ find → decide → rewrite → (repair), one block at a time in graph order:
    (``passes/foldcore.py``) clusters them (k-means on per-head weights or
    circuits) or keeps the largest (magnitude pruning); ``decide.heads``
    merges them by the heads' own rule (medoid q/k + best rank-Dv v/o, or
-   plain averaging with optional Fold-AR). A gated MLP is a unit group
-   (gate and up rows, down columns) that the core folds like dense neurons;
-3. ``rewrite.attention``: new weight initializers, new head-count constants;
+   plain averaging with optional Fold-AR). Grouped-query attention folds in
+   up to two steps (``decide.heads.grouped_shape`` says how far each goes):
+   whole key/value groups (``head_group``: a unit is a key/value head with
+   its query heads), then query heads within their groups, the same number
+   in each (``passes/units.query_head_group``, ``merge_query_heads``).
+   A gated MLP is a unit group (gate and up rows, down columns) that the
+   core folds like dense neurons;
+3. ``rewrite.attention``: new weight initializers, new head-count constants
+   (heads, key/value heads and the group size of the key/value repeat);
 4. ``repair="ls"``: ridge refit of the o-projection (of the down projection
    for gated MLPs) by the shared refit engine (``passes/refit.py``):
    X = the folded block's merged-heads activation, target = the original
@@ -40,7 +46,7 @@ from .base import FoldSettings, LayerReport, PassContext, PassResult
 from .foldcore import FoldCore
 from .handlers import ProjectionRows
 from .refit import FoldState
-from .units import gated_group, head_group
+from .units import gated_group, head_group, query_head_group
 
 #: what the transformer passes offer: REPAIR's moment matching is not implemented for them
 REPAIRS = ("auto", "none", "ar", "ls")
@@ -51,10 +57,10 @@ REPAIRS = ("auto", "none", "ar", "ls")
 AUTO_REPAIR = "none"
 
 
-def _check_heads(what: str, where: str | None, v) -> None:
+def _check_heads(what: str, where: str | None, v, name: str = "heads") -> None:
     ok = (isinstance(v, (int, np.integer)) and v >= 1) or (isinstance(v, float) and 0 <= v < 1)
     if isinstance(v, bool) or not ok:
-        raise UsageError(f"heads must be a head count >= 1 or a share in [0, 1), got {v!r}")
+        raise UsageError(f"{name} must be a head count >= 1 or a share in [0, 1), got {v!r}")
 
 
 def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: str, task: str,
@@ -106,8 +112,18 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
 class HeadFoldingPass:
     """Fold whole attention heads of every (matched) attention block.
 
-    heads: heads kept per block (int), or the share removed (float in [0, 1)),
-        or ``{block name: either}`` (blocks not named are left alone).
+    heads: query heads kept per block (int), or the share removed (float in
+        [0, 1)), or ``{block name: either}`` (blocks not named are left alone).
+    kv_heads: grouped-query attention: key/value heads kept per block (int),
+        or the share removed (float), or ``{block name: either}``; None (the
+        default): all, unless ``heads`` asks for fewer query heads than there
+        are key/value heads. Query heads fold within their key/value groups
+        first, the same number in each (the graph repeats every key/value
+        head alike); whole groups (a key/value head with its query heads)
+        fold down to ``kv_heads``. So ``heads`` is met with at most as many
+        heads as asked: a multiple of the key/value heads kept
+        (``decide.heads.grouped_shape``). Multi-head blocks fold to
+        ``min(heads, kv_heads)`` heads.
     select: ``"kmeans"`` (cluster and merge) or ``"magnitude"`` (keep the
         heads with the largest weight norm, drop the rest).
     merge: ``"medoid"`` (default) or ``"mean"``; see ``decide/heads.py``.
@@ -133,9 +149,12 @@ class HeadFoldingPass:
 
     def __init__(self, heads: float | Mapping[str, float], select: str = "kmeans",
                  merge: str = "medoid", repair: str = "auto", seed: int = 0, blocks: Sequence[str] | None = None,
-                 refit: str = "all", features: str = "weights"):
+                 refit: str = "all", features: str = "weights", kv_heads: float | Mapping[str, float] | None = None):
         self.settings = FoldSettings("head fold", heads, select, repair, seed, blocks, repairs=REPAIRS,
                                      auto_repair=AUTO_REPAIR, check_value=_check_heads, as_value=lambda v: v)
+        for v in (kv_heads.values() if isinstance(kv_heads, Mapping) else [kv_heads] if kv_heads is not None else []):
+            _check_heads("head fold", None, v, "kv_heads")
+        self.kv_heads = kv_heads
         if features not in dh.FEATURES:
             raise UsageError(f"unknown head features {features!r}; choose one of {', '.join(dh.FEATURES)}")
         self.features = features
@@ -154,51 +173,96 @@ class HeadFoldingPass:
         notes = [f"head_folding: {s.where}: {s.reason}" for s in view.skipped]
         if not view.attention:
             return PassResult(model, False, [], notes + ["head_folding: no foldable attention block found"])
-        wanted = self.settings.ratios([b.name for b in view.attention], "unknown attention block {!r}",
-                                      "attention blocks")
+        names = [b.name for b in view.attention]
+        wanted = self.settings.ratios(names, "unknown attention block {!r}", "attention blocks")
+        unknown = [n for n in (self.kv_heads if isinstance(self.kv_heads, Mapping) else []) if n not in names]
+        if unknown:
+            raise UsageError(f"kv_heads: unknown attention block {unknown[0]!r}; the model's foldable attention"
+                             f" blocks are: {', '.join(names)}")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
         reports = _fold_in_order(core, view.attention, _same_block, wanted, "head folding", self._fold_block,
                                  lambda b: LayerReport(layer=b.name, producer=b.q.node, activation="attention (heads)",
                                                        width_before=b.num_heads, width_after=b.num_heads),
-                                 dh.heads_after, "not selected for head folding")
+                                 lambda b, h: int(np.prod(self._shape(b, dh.heads_after(b.num_heads, h)))),
+                                 "not selected for head folding")
         return PassResult(state.current_model(), state.edited, reports, notes)
 
+    def _shape(self, b: AttentionBlock, heads: int) -> tuple[int, int]:
+        """(key/value heads, query heads per key/value head) ``b`` keeps for at most ``heads`` query heads."""
+        kv = self.kv_heads.get(b.name) if isinstance(self.kv_heads, Mapping) else self.kv_heads
+        return dh.grouped_shape(b.num_heads, b.num_kv_heads, heads, kv)
+
+    def _features(self, w: dh.HeadWeights, groups: bool):
+        """What k-means clusters: key/value groups (heads, in multi-head attention) or query heads."""
+        if groups:
+            return lambda: w.group_features(self.features)
+        return w.circuits if self.features == "circuits" else w.features
+
     def _fold_block(self, core: FoldCore, b0: AttentionBlock, b: AttentionBlock, k: int, rep: LayerReport) -> None:
-        """Select (the core's), merge (the heads' own rule), write, refit (the core's engine)."""
+        """Select (the core's), merge (the heads' own rule), write, refit (the core's engine):
+        whole key/value groups first, then query heads within their groups."""
         state = core.state
-        w = dh.HeadWeights.split(b.q.weight, b.q.bias, b.k.weight, b.k.bias, b.v.weight, b.v.bias, b.o.weight,
-                                 b.o.bias, b.num_heads)
-        plan = core.plan(head_group(b, w.circuits if self.features == "circuits" else w.features), k)
-        new = dh.merge_heads(w, plan.labels, merge=self.merge, repair=core.repair, features=self.features)
-        state.replace(_write_block(state.current_model(), b, new))
-        rep.width_after, rep.merged, rep.pruned = plan.width_after, plan.merged, plan.pruned
-        if core.repair != "ls":
-            return
+        kv, per = self._shape(b, k)
+        w0 = w = dh.HeadWeights.split(b.q.weight, b.q.bias, b.k.weight, b.k.bias, b.v.weight, b.v.bias,
+                                      b.o.weight, b.o.bias, b.num_heads, b.num_kv_heads)
+        n = b.group_size
+        labels = np.arange(b.num_heads)  # original query head -> head of the folded block (-1: dropped)
+        moved = np.zeros(b.num_heads, dtype=bool)  # query heads whose value bias went to the o bias
+        if kv < b.num_kv_heads:
+            plan = core.plan(head_group(b, self._features(w, groups=True)), kv)
+            w = dh.merge_heads(w, plan.labels, merge=self.merge, repair=core.repair, features=self.features)
+            state.replace(_write_block(state.current_model(), b, w))
+            labels, moved = dh.query_heads_of_groups(plan.labels, n)
+            if per < n:
+                b = _same_block(state.current_model(), b0)
+        if per < n:
+            plan = core.plan(query_head_group(b, self._features(w, groups=False)), kv * per)
+            w = dh.merge_query_heads(w, plan.labels, merge=self.merge, repair=core.repair, features=self.features)
+            state.replace(_write_block(state.current_model(), b, w))
+            labels = dh.chained_labels(labels, plan.labels)
+        rep.width_after = w.num_heads
+        rep.pruned = int((labels < 0).sum())
+        rep.merged = int(b0.num_heads - rep.pruned - rep.width_after)
+        notes = [f"key/value heads {b0.num_kv_heads} -> {kv}, {per} query heads each"] if b0.grouped else []
+        if core.repair == "ls":
+            notes.append(self._refit(core, b0, w0, labels, moved))
+        rep.note = "; ".join(notes)
+
+    def _refit(self, core: FoldCore, b0: AttentionBlock, w0: dh.HeadWeights, labels: np.ndarray,
+               moved: np.ndarray) -> str:
+        """The ``ls`` refit of the folded block's o projection (``labels``:
+        original query head -> folded head); what it did."""
+        state = core.state
         b2 = _same_block(state.current_model(), b0)
-        task = f"head folding {b.name}: refit"
-        groups = _cluster_parts(w, plan.labels, b.v_head_dim) if self.refit == "cluster" else []
+        task = f"head folding {b0.name}: refit"
+        dv = b0.v_head_dim
+        groups = _cluster_parts(w0, labels, moved, dv) if self.refit == "cluster" else []
         if groups:  # each merged cluster's o columns reproduce what its member heads added
-            wr, br, rep.note = _refit_projection(core, b2.o, b2.o.input, b0.o.input, task, groups, b0.o.weight)
+            wr, br, note = _refit_projection(core, b2.o, b2.o.input, b0.o.input, task, groups, b0.o.weight)
         else:
-            sizes = np.bincount(plan.labels[plan.labels >= 0], minlength=plan.width_after)
+            sizes = np.bincount(labels[labels >= 0], minlength=b2.num_heads)
             merged = sizes > 1
-            cols = np.flatnonzero(np.repeat(merged, b.v_head_dim)) if self.refit == "merged" and merged.any() else None
-            wr, br, rep.note = _refit_projection(core, b2.o, b2.o.input, b0.o.output, task, [("output", cols)])
+            cols = np.flatnonzero(np.repeat(merged, dv)) if self.refit == "merged" and merged.any() else None
+            wr, br, note = _refit_projection(core, b2.o, b2.o.input, b0.o.output, task, [("output", cols)])
         if wr is not None:
             state.replace(rewrite_projections(state.current_model(), [ProjectionEdit(b2.o, wr, br)], [],
                                               set(b2.o.nodes)))
+        return note
 
 
-def _cluster_parts(w: dh.HeadWeights, labels: np.ndarray, dv: int) -> list[tuple]:
-    """One ``("part", …)`` refit group per merged cluster (see :func:`_refit_projection`)."""
+def _cluster_parts(w: dh.HeadWeights, labels: np.ndarray, moved: np.ndarray, dv: int) -> list[tuple]:
+    """One ``("part", …)`` refit group per merged cluster (see
+    :func:`_refit_projection`); ``labels``: original query head -> folded
+    head, ``moved``: query heads whose value bias went to the o bias."""
     groups = []
+    n = w.group_size
     for c in range(int(labels.max()) + 1):
         members = np.flatnonzero(labels == c)
         if members.size > 1:
-            moved = sum(w.o[m] @ w.vb[m] for m in members)
+            bias = sum((w.o[m] @ w.vb[m // n] for m in members if moved[m]), np.zeros(w.o.shape[1]))
             groups.append(("part", np.arange(c * dv, (c + 1) * dv),
-                           np.concatenate([np.arange(m * dv, (m + 1) * dv) for m in members]), moved))
+                           np.concatenate([np.arange(m * dv, (m + 1) * dv) for m in members]), bias))
     return groups
 
 
@@ -214,14 +278,14 @@ def _same_block(model: onnx.ModelProto, block: AttentionBlock) -> AttentionBlock
 
 def _write_block(model: onnx.ModelProto, b: AttentionBlock, new: dh.HeadWeights) -> onnx.ModelProto:
     wq, bq, wk, bk, wv, bv, wo, bo = new.joined()
-    kept = new.num_heads
+    count = {"heads": new.num_heads, "kv_heads": new.num_kv_heads, "group": new.group_size}
 
     def bias(p: Projection, vec):
         return vec if p.bias is not None or np.any(vec != 0) else None
 
     edits = [ProjectionEdit(b.q, wq, bias(b.q, bq)), ProjectionEdit(b.k, wk, bias(b.k, bk)),
              ProjectionEdit(b.v, wv, bias(b.v, bv)), ProjectionEdit(b.o, wo, bias(b.o, bo))]
-    shapes = [ShapeEdit(r, kept * r.per_head) for r in b.shape_refs]
+    shapes = [ShapeEdit(r, count[r.counts] * r.per_head) for r in b.shape_refs]
     return rewrite_projections(model, edits, shapes, set(b.nodes))
 
 
@@ -256,7 +320,7 @@ class GatedFoldingPass:
                                  lambda g: LayerReport(layer=g.name, producer=g.gate.node,
                                                        activation=f"gated {g.activation.describe()}",
                                                        width_before=g.width, width_after=g.width),
-                                 fold.target_width, "not selected for folding")
+                                 lambda g, r: fold.target_width(g.width, r), "not selected for folding")
         return PassResult(state.current_model(), state.edited, reports, [])
 
     def _fold_glu(self, core: FoldCore, g0: GatedMLP, g: GatedMLP, k: int, rep: LayerReport) -> None:
@@ -284,7 +348,7 @@ def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str,
                    unselected: str) -> list[LayerReport]:
     """One report per block (as ``found`` in the input model), in order: each
     is found again in the current model (``refind``: earlier rewrites moved
-    it), folded to ``target(width, wanted[name])`` units by ``fold_one(core,
+    it), folded to ``target(current, wanted[name])`` units by ``fold_one(core,
     found, current, k, report)`` unless that removes nothing, and its
     parameters counted before and after."""
     state, ctx = core.state, core.ctx
@@ -298,7 +362,7 @@ def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str,
         if x.name not in wanted:
             rep.note = unselected
             continue
-        k = target(rep.width_before, wanted[x.name])
+        k = target(x, wanted[x.name])
         if k >= rep.width_before:
             rep.note = "nothing to fold"
             continue

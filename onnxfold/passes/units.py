@@ -18,7 +18,16 @@ conv chain      conv (+BN)                depthwise convs       conv
 residual        every conv on the stream  -                     convs, pooled Gemms
 gated MLP       gate, up                  -                     down
 attention       q, k, v (head_dim rows)   -                     o
+kv groups       q (n heads), k, v         -                     o (n heads)
+query heads     q (head_dim rows)         -                     o
 ==============  ========================  ====================  ===================
+
+Grouped-query attention (n query heads per key/value head) couples two
+ways: a key/value head and its n query heads are one unit of the *kv
+groups* group (multi-head attention is the case n = 1: units are heads),
+and query heads fold only within their key/value group, the same number in
+each (the graph repeats every key/value head n times): the *query heads*
+group has one ``part`` per key/value head.
 """
 
 from __future__ import annotations
@@ -82,6 +91,9 @@ class UnitGroup:
     sparse_maps: bool = False
     #: clustering features that replace the handlers' (heads' circuits)
     features: Callable[[], np.ndarray] | None = None
+    #: units fold only within these index sets, keeping as many in each
+    #: (query heads within their key/value group); None: across all units
+    parts: list[np.ndarray] | None = None
 
     def ops(self) -> list:
         """The ops whose parameters the group's units hold (each once)."""
@@ -111,7 +123,8 @@ class UnitGroup:
     def cluster(self, k: int, seed: int, units: np.ndarray | None = None) -> np.ndarray:
         """k-means labels (0..k'-1) of the units (of ``units`` when given)."""
         if self.features is not None:
-            return decide.kmeans_labels(self.features(), k, seed=seed)
+            feats = self.features()
+            return decide.kmeans_labels(feats if units is None else feats[units], k, seed=seed)
         own, readers = self.own_blocks(units), self.reader_blocks(units)
         if self.merge_equal_own:
             return dch.channel_labels(decide.unit_features(own), decide.unit_features(readers), k, seed=seed)
@@ -163,10 +176,24 @@ def gated_group(glu: GatedMLP) -> UnitGroup:
 
 
 def head_group(block: AttentionBlock, features: Callable[[], np.ndarray] | None = None) -> UnitGroup:
-    """Units are heads: ``head_dim`` rows of q and k, ``v_head_dim`` of v and columns of o."""
+    """Units are key/value groups (heads, in multi-head attention): ``head_dim``
+    rows of k, ``v_head_dim`` of v, and the ``n`` query heads' rows of q and
+    columns of o."""
     proj = ProjectionHandler()
-    d, dv = block.head_dim, block.v_head_dim
-    return UnitGroup(block.name, block.num_heads,
-                     producers=[Member(block.q, proj, d), Member(block.k, proj, d), Member(block.v, proj, dv)],
-                     consumers=[Member(block.o, proj, dv, source=RowSource(block.o.input, block.o.dtype))],
+    d, dv, n = block.head_dim, block.v_head_dim, block.group_size
+    return UnitGroup(block.name, block.num_kv_heads,
+                     producers=[Member(block.q, proj, n * d), Member(block.k, proj, d), Member(block.v, proj, dv)],
+                     consumers=[Member(block.o, proj, n * dv, source=RowSource(block.o.input, block.o.dtype))],
                      magnitude_on_features=True, features=features)
+
+
+def query_head_group(block: AttentionBlock, features: Callable[[], np.ndarray] | None = None) -> UnitGroup:
+    """Units are query heads (``head_dim`` rows of q, ``v_head_dim`` columns
+    of o), folded within their key/value group: k and v are shared and stay."""
+    proj = ProjectionHandler()
+    n = block.group_size
+    return UnitGroup(block.name, block.num_heads, producers=[Member(block.q, proj, block.head_dim)],
+                     consumers=[Member(block.o, proj, block.v_head_dim,
+                                       source=RowSource(block.o.input, block.o.dtype))],
+                     magnitude_on_features=True, features=features,
+                     parts=[np.arange(g * n, (g + 1) * n) for g in range(block.num_kv_heads)])

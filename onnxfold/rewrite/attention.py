@@ -2,12 +2,14 @@
 
 Unlike ``materialize`` (which re-emits changed dense ops), a head or gated
 fold keeps every node and only swaps *inputs*: each projection's weight (and
-bias) becomes a new initializer, and the Reshape shape constants that count
-heads get new constants. So node names, tensor names and the graph's
-structure are unchanged; dynamic batch/sequence sizes keep flowing through
-the Shape → Gather → Unsqueeze → Concat parts exactly as before. A shape
-constant or Concat read by other nodes too is not edited in place: the
-Reshape gets its own copy. The editor
+bias) becomes a new initializer, and the constants that count heads get new
+constants: Reshape and Expand shapes, Tile repeats, the Concat that legacy
+exporters flatten in front of an Expand, a scalar Mul by the group size
+(each a :class:`~onnxfold.find.shapes.ShapeRef`: node, input slot, element).
+So node names, tensor names and the graph's structure are unchanged;
+dynamic batch/sequence sizes keep flowing through the Shape → Gather →
+Unsqueeze → Concat parts exactly as before. A shape constant or Concat read
+by other nodes too is not edited in place: the node gets its own copy. The editor
 (:class:`~onnxfold.rewrite.editor.GraphEditor`) drops what nothing reads any
 more; value_info of the edited blocks' tensors (their head counts are stale)
 is removed.
@@ -51,7 +53,8 @@ def rewrite_projections(model: onnx.ModelProto, projections: list[ProjectionEdit
     stale: set[str] = set()
 
     def init(base: str, arr: np.ndarray) -> gs.Constant:
-        t = ed.initializer(f"{base}.onnxfold", np.ascontiguousarray(arr))
+        # np.ascontiguousarray makes a scalar 1-D: a scalar Mul by the group size must stay a scalar
+        t = ed.initializer(f"{base}.onnxfold", np.ascontiguousarray(arr).reshape(np.shape(arr)))
         values[t.name] = arr
         return t
 
@@ -78,22 +81,22 @@ def rewrite_projections(model: onnx.ModelProto, projections: list[ProjectionEdit
 
     outputs = {t.name for t in ed.graph.outputs}
     for e in shapes:
-        rs = ed.node(e.ref.reshape)
-        elems = shape_elements(ix, ix.node_by_name[e.ref.reshape].input[1])
+        holder, slot = ed.node(e.ref.reshape), e.ref.slot
+        elems = shape_elements(ix, ix.node_by_name[e.ref.reshape].input[slot])
         if elems is None:
-            raise ValueError(f"shape of {e.ref.reshape} is not understood")
-        _, slot, offset = elems[e.ref.index]
-        if slot < 0:
-            ed.set_input(rs, 1, edited(rs.inputs[1], offset, e.value))
+            raise ValueError(f"input {slot} of {e.ref.reshape} is not a shape understood")
+        _, piece, offset = elems[e.ref.index]
+        if piece < 0:  # a constant: this node gets its own edited copy
+            ed.set_input(holder, slot, edited(holder.inputs[slot], offset, e.value))
             continue
-        shape = rs.inputs[1]
+        shape = holder.inputs[slot]
         concat = shape.inputs[0]
-        if len(shape.outputs) > 1 or shape.name in outputs:  # shared: this Reshape gets its own Concat
+        if len(shape.outputs) > 1 or shape.name in outputs:  # shared: this node gets its own Concat
             concat = ed.add_node("Concat", list(concat.inputs), [ed.variable(f"{shape.name}.onnxfold")],
                                  name=ed.fresh(f"{concat.name}/onnxfold_{e.ref.reshape.rsplit('/', 1)[-1]}"),
                                  attrs=dict(concat.attrs), domain=concat.domain, after=concat)
-            ed.set_input(rs, 1, concat.outputs[0])
-        ed.set_input(concat, slot, edited(concat.inputs[slot], offset, e.value))
+            ed.set_input(holder, slot, concat.outputs[0])
+        ed.set_input(concat, piece, edited(concat.inputs[piece], offset, e.value))
 
     stale.update(t.name for key in stale_nodes if ed.has_node(key) for t in ed.node(key).outputs)
     ed.forget_shapes(stale)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxfold.find import find_dense_graph  # noqa: E402
 from onnxfold.measure.data import CalibrationSet, load_calibration  # noqa: E402
-from onnxfold.verify import compare_models, reference_outputs  # noqa: E402
+from onnxfold.verify import OutputComparison, compare_models, reference_outputs  # noqa: E402
 
 PROVIDERS = ["CPUExecutionProvider"]
 
@@ -37,32 +37,44 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 @dataclass(frozen=True)
 class Verdict:
-    """A candidate against the original on one split, for the output that
-    carries the decision (``Comparison.primary``)."""
+    """A candidate against the original on one split: ``compare_models``'
+    comparison of the output that carries the decision (``Comparison.primary``),
+    with the names the benchmarks report."""
 
-    samples: int
-    agreement: float | None  # same top-1 / label as the original (None: not a classifier output)
-    accuracy: float | None  # the candidate's, against the labels (None: no labels)
-    accuracy_original: float | None
-    correct: int | None  # labelled samples the candidate gets right
-    newly_wrong: int  # ... the original got right and the candidate gets wrong
-    newly_right: int
-    max_abs_error: float
-    max_abs_reference: float
+    output: OutputComparison
+
+    @property
+    def samples(self) -> int:
+        return self.output.count
+
+    @property
+    def agreement(self) -> float | None:
+        """Same top-1 / label as the original (None: not a classifier output)."""
+        return self.output.agreement
+
+    @property
+    def accuracy(self) -> float | None:
+        """The candidate's, against the labels (None: no labels)."""
+        return self.output.accuracy_candidate
+
+    @property
+    def correct(self) -> int | None:
+        """Labelled samples the candidate gets right."""
+        o = self.output
+        return None if o.accuracy_candidate is None else round(o.accuracy_candidate * o.labeled)
 
     @property
     def accuracy_drop_pp(self) -> float | None:
-        if self.accuracy is None or self.accuracy_original is None:
-            return None
-        return 100.0 * (self.accuracy_original - self.accuracy)
+        return self.output.accuracy_drop_pp
 
     @property
     def relative_error(self) -> float:
         """Largest |Δ output| relative to max(1, largest |original output|)."""
-        return self.max_abs_error / max(1.0, self.max_abs_reference)
+        return self.output.max_abs_error / max(1.0, self.output.max_abs_reference)
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "accuracy_drop_pp": self.accuracy_drop_pp, "relative_error": self.relative_error}
+        return {**self.output.to_dict(), "accuracy": self.accuracy, "correct": self.correct,
+                "relative_error": self.relative_error}
 
 
 class Judge:
@@ -76,12 +88,7 @@ class Judge:
     def __call__(self, candidate: onnx.ModelProto) -> Verdict:
         comp = compare_models(self.original, candidate, self.data, providers=PROVIDERS, batch_size=self.batch_size,
                               original_outputs=self.reference)
-        o = comp.primary
-        correct = None if o.accuracy_candidate is None else round(o.accuracy_candidate * o.labeled)
-        return Verdict(samples=o.count, agreement=o.agreement, accuracy=o.accuracy_candidate,
-                       accuracy_original=o.accuracy_original, correct=correct, newly_wrong=o.newly_wrong,
-                       newly_right=o.newly_right, max_abs_error=o.max_abs_error,
-                       max_abs_reference=o.max_abs_reference)
+        return Verdict(comp.primary)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import onnx
 from .decide.budget import Budget
 from .errors import CalibrationDataError, UsageError
 from .find import find_dense_graph
+from .find.groups import find_groups
 from .io import count_parameters
 from .io import load_working_copy as _load
 from .latency import measure_latency
@@ -320,22 +321,16 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     if backend is not None:
         ctx.stats_backend = backend
         notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers")
-    view = find_dense_graph(original)
-    # only names and skips are needed here (the views read no weights)
-    chain_names, skipped = [c.name for c in view.chains], view.skipped
-    before = summarize_model(original, view)
-    del view
-    from .find.conv import find_conv_graph
-
-    conv_chains = [c.name for c in find_conv_graph(original).chains]
-    gated, attention, grouped = [], [], []
-    if any(n.op_type in ("Softmax", "Mul") for n in original.graph.node):  # attention / gated MLPs may be there
-        from .find.attention import find_transformer
-
-        tview = find_transformer(original)
-        gated, attention = [g.name for g in tview.gated], [b.name for b in tview.attention]
-        grouped = [f"{b.name}: {b.num_heads} heads over {b.num_kv_heads} key/value heads" for b in tview.grouped]
-        del tview
+    # every foldable group and what was skipped (names, widths and node names: no weights read)
+    groups = find_groups(original, fold_residual=opts.fold.residual)
+    before = summarize_model(original, groups)
+    # conv channel groups a fold ratio can name: chains, and residual streams when they fold
+    chain_names = groups.names("neuron")
+    conv_chains = [g.name for g in groups.of_kind("channel", "residual") if g.searchable]
+    gated = groups.names("gated")
+    attention = [g.name for g in groups.of_kind("head") if g.searchable]
+    # grouped-query blocks are found and listed, their key/value groups not folded yet
+    grouped = [f"{g.name}: {g.detail}" for g in groups.of_kind("head") if not g.searchable]
     if opts.fold.heads is not None and not attention:
         why = (f"; it has grouped-query attention ({'; '.join(grouped)}), whose key/value groups head folding"
                " does not fold yet" if grouped else
@@ -344,28 +339,23 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
-        if mode == "search":  # the search covers dense layers and conv chains
-            nothing_to_do = not chain_names and not conv_chains
+        if mode == "search":  # the search covers every group with a knob
+            nothing_to_do = not groups.searchable
         else:  # explicit settings: what they name must exist
             nothing_to_do = not chain_names and not ((conv_chains or gated) and opts.fold.ratio is not None) \
                 and opts.fold.heads is None
         if nothing_to_do:
             current, changed, layers = original, False, []
-            notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
+            notes.append("no foldable group found (dense or conv chain, attention block, gated MLP); "
+                         "nothing to optimize")
         elif mode == "search":
             from .search import BudgetSearch
 
-            searcher = BudgetSearch(original, budget, ctx, max_evaluations=opts.search.max_evaluations,
-                                    progress=progress)
-            res = search_result = searcher.run(chain_names, conv_layers=conv_chains)
+            searcher = BudgetSearch(original, budget, ctx, groups=groups,
+                                    max_evaluations=opts.search.max_evaluations, progress=progress)
+            res = search_result = searcher.run()
             notes.extend(res.notes)
-            if gated or attention:
-                notes.append("the budget search covers dense layers and conv channels; fold attention heads and "
-                             "gated MLPs with explicit settings (--fold-heads, --fold-ratio)")
-            search_info = {"evaluated": res.evaluated,
-                           "chosen": None if res.best is None else res.best.setting.describe(),
-                           "best_uniform": None if res.baseline_uniform is None
-                           else res.baseline_uniform.setting.describe()}
+            search_info = {"evaluated": res.evaluated, "chosen": res.chosen, "best_uniform": res.best_uniform}
             if res.best is None:
                 current, changed, layers, status = original, False, [], "budget_not_met"
                 notes.append("no candidate met the budget on held-out data; the original model is returned unchanged")
@@ -435,8 +425,8 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
                              "select": None if select is None else select.num_samples,
                              "final": None if final is None else final.num_samples}),
         before=before, after=summarize_model(current) if changed else before, layers=layers,
-        skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
-        timings={}, notes=notes, search=search_info)
+        skipped=groups.skipped, groups=groups, verification=verification, budget=budget_info,
+        latency=latency_info, timings={}, notes=notes, search=search_info)
     return OptimizeResult(model=current if changed else loaded, report=report, changed=changed, layers=layers)
 
 

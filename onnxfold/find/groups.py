@@ -56,7 +56,7 @@ class Group:
     consumers: list[str]  # nodes whose input columns the units feed
     coupling: list[str] = field(default_factory=list)  # what ties the units to more than one op, in words
     knobs: dict[str, tuple] = field(default_factory=dict)  # knob name -> value per step (step 0: untouched)
-    activation: str = ""
+    detail: str = ""  # the units in words: the activation, or the heads' layout
 
     @property
     def searchable(self) -> bool:
@@ -126,23 +126,29 @@ def _transformer_groups(model: onnx.ModelProto) -> tuple[list[Group], list[Skipp
 
     view = find_transformer(model)
     groups = []
-    for b in view.attention:
+    for b in view.blocks:
         coupling = [f"head count in Reshape {r.reshape}" for r in b.shape_refs]
-        groups.append(Group("head", b.name, b.num_heads, [b.q.node, b.k.node, b.v.node], [b.o.node], coupling,
-                            {"heads": head_steps(b.num_heads)}, f"attention ({b.num_heads} heads × {b.head_dim})"))
+        producers, consumers = [b.q.node, b.k.node, b.v.node], [b.o.node]
+        if b.grouped:  # found and listed; its key/value groups are not folded yet (the finder says so in skipped)
+            groups.append(Group("head", b.name, b.num_heads, producers, consumers,
+                                [f"kv sharing: {b.group_size} query heads per key/value head", *coupling], {},
+                                f"{b.num_heads} heads over {b.num_kv_heads} key/value heads"))
+            continue
+        groups.append(Group("head", b.name, b.num_heads, producers, consumers, coupling,
+                            {"heads": head_steps(b.num_heads)}, f"{b.num_heads} heads × {b.head_dim}"))
     for g in view.gated:
         groups.append(Group("gated", g.name, g.width, [g.gate.node, g.up.node], [g.down.node],
                             [f"gate · up product {g.mul}"], {"ratio": RATIO_STEPS},
                             f"gated {g.activation.describe()}"))
-    # grouped-query (kv sharing) and fused attention are reported by the finder, not matched
-    kinds = [SkippedPattern("head", s.where, s.reason) for s in view.skipped]
-    return groups, kinds
+    # fused attention and what else looked like attention but did not match are reported by the finder
+    return groups, [SkippedPattern("head", s.where, s.reason) for s in view.skipped]
 
 
 def _may_have_attention(model: onnx.ModelProto) -> bool:
-    from .attention import FUSED_ATTENTION
+    from .attention import FUSED_ATTENTION, FUSED_TRANSFORMER_OPS
 
-    return any(n.op_type in ("Softmax", "Mul") or n.op_type in FUSED_ATTENTION for n in model.graph.node)
+    fused = set(FUSED_ATTENTION) | set(FUSED_TRANSFORMER_OPS)
+    return any(n.op_type in ("Softmax", "Mul") or n.op_type in fused for n in model.graph.node)
 
 
 def find_groups(model: onnx.ModelProto, *, fold_residual: bool = False) -> FoldableGroups:

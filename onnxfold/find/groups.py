@@ -13,7 +13,8 @@ Each kind declares its knobs, as the values a pass takes, step 0 being
 ========== =========================================== ==========================
 kind       units                                        knobs
 ========== =========================================== ==========================
-neuron     hidden neurons of dense → act → dense        ratio, threshold
+neuron     hidden neurons of dense → act → dense        ratio, threshold (piecewise-
+                                                        linear activations)
 channel    hidden channels of conv → act → conv         ratio
 residual   channels of a conv residual stream           ratio, only when folding
                                                         residual streams is asked
@@ -94,8 +95,11 @@ def _neuron_groups(model: onnx.ModelProto) -> tuple[list[Group], list[SkippedPat
     groups = []
     for c in view.chains:
         coupling = [f"linear path into {op.name}" for op, _ in c.path_readers]
-        groups.append(Group("neuron", c.name, c.width, [c.producer.name], [c.consumer.name], coupling,
-                            {"ratio": RATIO_STEPS, "threshold": THRESHOLD_STEPS}, c.activation.describe()))
+        knobs = {"ratio": RATIO_STEPS}
+        if c.activation.is_piecewise_linear:  # linearity folding acts on piecewise-linear activations only
+            knobs["threshold"] = THRESHOLD_STEPS
+        groups.append(Group("neuron", c.name, c.width, [c.producer.name], [c.consumer.name], coupling, knobs,
+                            c.activation.describe()))
     return groups, [SkippedPattern("neuron", s.where, s.reason) for s in view.skipped]
 
 

@@ -346,8 +346,7 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
                 and opts.fold.heads is None
         if nothing_to_do:
             current, changed, layers = original, False, []
-            notes.append("no foldable group found (dense or conv chain, attention block, gated MLP); "
-                         "nothing to optimize")
+            notes.append("no dense or conv chain, attention block or gated MLP found to fold; nothing to optimize")
         elif mode == "search":
             from .search import BudgetSearch
 

@@ -79,9 +79,9 @@ WITH_DATA = (("fold medoid + LS", "kmeans", "all", "windows"),
 # the budget search (section 4): SEARCH_QUERIES query windows of SEARCH_WINDOW tokens from the
 # calibration corpus (fit and select), SEARCH_EVAL other windows of it between those (the final check),
 # an agreement budget on the retrieved document, at most SEARCH_EVALUATIONS candidates
-SEARCH_QUERIES, SEARCH_EVAL, SEARCH_WINDOW = 400, 300, 32
-SEARCH_AGREEMENT = 75.0
-SEARCH_EVALUATIONS = 16
+SEARCH_QUERIES, SEARCH_EVAL, SEARCH_WINDOW = 600, 300, 32
+SEARCH_AGREEMENT = 70.0
+SEARCH_EVALUATIONS = 28
 RETRIEVAL_PATH = bm.WORK / "minilm_retrieval.onnx"
 SECTIONS = ("folds", "search")
 SHORT_SEQUENCES, SHORT_MAX = 128, 30  # extra calibration: [CLS] + 1..SHORT_MAX tokens + [SEP], padded
@@ -204,7 +204,11 @@ def run_search(tokenizer, bert, run: ResultsRun) -> dict:
            "ffn_size": bm.ffn_params(res.model) / bm.ffn_params(model),
            "final_check": {k: final[0].get(k) for k in ("observed", "bound", "samples", "met")},
            "heldout_agreement": judged.agreement, "heldout_samples": judged.count,
-           "notes": [n for n in rep["notes"] if "cannot resolve" in n or "final check" in n]}
+           "notes": [n for n in rep["notes"] if "cannot resolve" in n or "final check" in n],
+           "candidates": [{"heads_kept": e["setting"]["heads_kept"], "fold_ratios": e["setting"]["fold_ratios"],
+                           "fold_select": e["setting"]["fold_select"], "size": round(e["parameter_ratio"], 4),
+                           "spent": round(e["spent"], 3), "met": e["met"]}
+                          for e in (rep["search"] or {}).get("evaluated") or []]}
     folded_heads = any(k < NUM_HEADS for k in heads.values())
     folded_ffn = any(r > 0 for r in ratios.values())
     out["checks"] = [f"CHECK the budget search chose head counts and FFN fold ratios itself (heads {heads or 'none'},"
@@ -215,11 +219,24 @@ def run_search(tokenizer, bert, run: ResultsRun) -> dict:
     return out
 
 
+def _per_group(values: dict, names: list[str], untouched) -> str:
+    """'all 0.25', 'attn0 11, others 12' or '-': a setting's values over the six blocks, in short."""
+    got = [values.get(n, untouched) for n in names]
+    if all(v == untouched for v in got):
+        return "-"
+    common = max(set(got), key=got.count)
+    if got.count(common) == len(got):
+        return f"all {common:g}"
+    odd = ", ".join(f"{n} {v:g}" for n, v in zip(names, got) if v != common)
+    return f"{odd}, others {common:g}"
+
+
 def render_search(s: dict) -> list[str]:
     fc = s["final_check"]
     pct = (lambda x: "-" if x is None else f"{100 * x:.1f} %")
-    rows = [f"| {b} | {s['heads_kept'].get(b, NUM_HEADS)} | {s['fold_ratios'].get(f'layer{i}', 0):g} |"
-            for i, b in enumerate(f"attn{i}" for i in range(BLOCKS))]
+    blocks, ffns = [f"attn{i}" for i in range(BLOCKS)], [f"layer{i}" for i in range(BLOCKS)]
+    rows = [f"| {b} | {s['heads_kept'].get(b, NUM_HEADS)} | {s['fold_ratios'].get(f, 0):g} |"
+            for b, f in zip(blocks, ffns)]
     return [
         "## The budget search over heads and FFN", "",
         f"Run: {s['generated']} on {s['machine']}.", "",
@@ -239,7 +256,14 @@ def render_search(s: dict) -> list[str]:
         f" {s['ffn_size']:.3f} of the original. Final check: agreement {pct(fc.get('observed') and 1 - fc['observed'])}"
         f" observed, disagreement bound {pct(fc.get('bound'))} on {fc.get('samples')} samples; held-out agreement"
         f" {pct(s['heldout_agreement'])} on {s['heldout_samples']} windows.", "",
-        "| block | heads kept | FFN fold ratio |", "|---|---|---|", *rows,
+        "The search's choice (on the select part; returned only when it passes the final check):", "",
+        "| block | heads kept | FFN fold ratio |", "|---|---|---|", *rows, "",
+        "Every candidate, in the order evaluated (*size*: encoder parameters relative to the original; *spent*:"
+        " the disagreement bound on the select part / the allowed disagreement):", "",
+        "| # | heads kept | FFN fold ratio | selection | size | spent | met |", "|---|---|---|---|---|---|---|",
+        *(f"| {i} | {_per_group(c['heads_kept'], blocks, NUM_HEADS)} | {_per_group(c['fold_ratios'], ffns, 0)} |"
+          f" {c['fold_select']} | {c['size']:.3f} | {c['spent']:.2f} | {'yes' if c['met'] else 'no'} |"
+          for i, c in enumerate(s.get("candidates", []), 1)),
         *([""] + [f"Note: {n}" for n in s["notes"]] if s["notes"] else [])]
 
 

@@ -138,3 +138,22 @@ def test_report_covers_attention_heads():
     # the q/k/v projections start no dense chain, but they are the heads' rows: not listed as skipped
     assert not any(s["where"].endswith(("q/MatMul", "k/MatMul", "v/MatMul")) for s in r["skipped"]), r["skipped"]
 
+
+
+def test_grouped_query_attention_is_a_group_without_knobs():
+    """Found and listed with its kv sharing, never searched; the finder's skip stays in the report."""
+    import onnxfold
+    from onnxfold.find.groups import find_groups
+
+    pytest.importorskip("torch")
+    from test_head_folding import HEADS, _attention_model
+
+    model = _attention_model(layers=1, kv_heads=2)
+    found = find_groups(model)
+    (head,) = found.of_kind("head")
+    assert head.width == HEADS and not head.searchable
+    assert any(c.startswith(f"kv sharing: {HEADS // 2} query heads per key/value head") for c in head.coupling)
+    res = onnxfold.optimize(model, linear=False, fold_ratio=0.5, provider="cpu", latency=False)
+    assert any(s["kind"] == "head" and "grouped-query" in s["reason"] for s in res.report["skipped"])
+    (row,) = [g for g in res.report["before"]["groups"] if g["kind"] == "head"]
+    assert (row["name"], row["width"]) == (head.name, HEADS)

@@ -23,6 +23,7 @@ import onnx
 from .decide.budget import Budget
 from .errors import CalibrationDataError, UsageError
 from .find import find_dense_graph
+from .find.groups import find_groups
 from .io import count_parameters
 from .io import load_working_copy as _load
 from .latency import measure_latency
@@ -46,7 +47,7 @@ HELD_OUT_CAP_WITHOUT_EVAL = 0.3  # per held-out part: the fit part keeps at leas
 HELD_OUT_CAP_WITH_EVAL = 0.4  # the select part, when --eval is the final check: fit keeps at least 60 %
 # the settings the report's "settings" object records (report schema, flat keyword names)
 REPORTED_SETTINGS = ("linear", "linear_threshold", "linear_mode", "linear_path", "fold_ratio", "fold_select",
-                     "fold_repair", "fold_residual", "fold_heads", "seed", "batch_size")
+                     "fold_repair", "fold_residual", "fold_heads", "fold_kv_heads", "seed", "batch_size")
 
 
 @dataclass
@@ -320,52 +321,36 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     if backend is not None:
         ctx.stats_backend = backend
         notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers")
-    view = find_dense_graph(original)
-    # only names and skips are needed here (the views read no weights)
-    chain_names, skipped = [c.name for c in view.chains], view.skipped
-    before = summarize_model(original, view)
-    del view
-    from .find.conv import find_conv_graph
-
-    conv_chains = [c.name for c in find_conv_graph(original).chains]
-    gated, attention, grouped = [], [], []
-    if any(n.op_type in ("Softmax", "Mul") for n in original.graph.node):  # attention / gated MLPs may be there
-        from .find.attention import find_transformer
-
-        tview = find_transformer(original)
-        gated, attention = [g.name for g in tview.gated], [b.name for b in tview.attention]
-        grouped = [f"{b.name}: {b.num_heads} heads over {b.num_kv_heads} key/value heads" for b in tview.grouped]
-        del tview
+    # every foldable group and what was skipped (names, widths and node names: no weights read)
+    groups = find_groups(original, fold_residual=opts.fold.residual)
+    before = summarize_model(original, groups)
+    # conv channel groups a fold ratio can name: chains, and residual streams when they fold
+    chain_names = groups.names("neuron")
+    conv_chains = [g.name for g in groups.of_kind("channel", "residual") if g.searchable]
+    gated = groups.names("gated")
+    attention = [g.name for g in groups.of_kind("head") if g.searchable]
     if opts.fold.heads is not None and not attention:
-        why = (f"; it has grouped-query attention ({'; '.join(grouped)}), whose key/value groups head folding"
-               " does not fold yet" if grouped else
-               " (fused or grouped-query attention is not folded; see the report's notes)")
-        raise UsageError(f"--fold-heads: no foldable attention block found in the model{why}")
+        raise UsageError("--fold-heads: no foldable attention block found in the model (fused attention nodes "
+                         "are not folded; see the report's notes)")
     search_info, search_result = None, None
     status = "optimized"
     with timer("decide"):
-        if mode == "search":  # the search covers dense layers and conv chains
-            nothing_to_do = not chain_names and not conv_chains
+        if mode == "search":  # the search covers every group with a knob
+            nothing_to_do = not groups.searchable
         else:  # explicit settings: what they name must exist
             nothing_to_do = not chain_names and not ((conv_chains or gated) and opts.fold.ratio is not None) \
                 and opts.fold.heads is None
         if nothing_to_do:
             current, changed, layers = original, False, []
-            notes.append("no dense Gemm/MatMul -> activation -> Gemm/MatMul chain found; nothing to optimize")
+            notes.append("no dense or conv chain, attention block or gated MLP found to fold; nothing to optimize")
         elif mode == "search":
             from .search import BudgetSearch
 
-            searcher = BudgetSearch(original, budget, ctx, max_evaluations=opts.search.max_evaluations,
-                                    progress=progress)
-            res = search_result = searcher.run(chain_names, conv_layers=conv_chains)
+            searcher = BudgetSearch(original, budget, ctx, groups=groups,
+                                    max_evaluations=opts.search.max_evaluations, progress=progress)
+            res = search_result = searcher.run()
             notes.extend(res.notes)
-            if gated or attention:
-                notes.append("the budget search covers dense layers and conv channels; fold attention heads and "
-                             "gated MLPs with explicit settings (--fold-heads, --fold-ratio)")
-            search_info = {"evaluated": res.evaluated,
-                           "chosen": None if res.best is None else res.best.setting.describe(),
-                           "best_uniform": None if res.baseline_uniform is None
-                           else res.baseline_uniform.setting.describe()}
+            search_info = {"evaluated": res.evaluated, "chosen": res.chosen, "best_uniform": res.best_uniform}
             if res.best is None:
                 current, changed, layers, status = original, False, [], "budget_not_met"
                 notes.append("no candidate met the budget on held-out data; the original model is returned unchanged")
@@ -435,8 +420,8 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
                              "select": None if select is None else select.num_samples,
                              "final": None if final is None else final.num_samples}),
         before=before, after=summarize_model(current) if changed else before, layers=layers,
-        skipped=skipped, verification=verification, budget=budget_info, latency=latency_info,
-        timings={}, notes=notes, search=search_info)
+        skipped=groups.skipped, groups=groups, verification=verification, budget=budget_info,
+        latency=latency_info, timings={}, notes=notes, search=search_info)
     return OptimizeResult(model=current if changed else loaded, report=report, changed=changed, layers=layers)
 
 
@@ -501,8 +486,8 @@ def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int 
                                                             for n in p.nodes}
     skipped = [s for s in view.skipped if s.where not in covered] + tview.skipped
     out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in skipped], "notes": []}
-    # every attention block found, in graph order; grouped-query ones are listed, not folded yet (see skipped)
-    out["attention"] = [{**b.summary(), "foldable": not b.grouped} for b in tview.blocks]
+    # every attention block found, in graph order (multi-head and grouped-query blocks both fold)
+    out["attention"] = [{**b.summary(), "foldable": True} for b in tview.blocks]
     out["gated"] = [g.summary() for g in tview.gated]
     stats = {}
     if calibration is not None:

@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conv models: also fold residual-stream channels (one shared assignment per stream)")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
     g = opt.add_argument_group("budget and checks",
-                               "With calibration data and no explicit --fold-ratio/--linear-threshold, onnxfold "
-                               "searches for the smallest model meeting the budget (default: top-1 agreement >= "
+                               "With calibration data and no explicit --fold-ratio/--fold-heads/--linear-threshold, "
+                               "onnxfold searches every foldable group (dense and conv chains, attention heads, "
+                               "gated MLPs) for the smallest model meeting the budget (default: top-1 agreement >= "
                                "99.5%, or the 99% error quantile <= 1e-3 relative for non-classifier outputs). "
                                "Every limit is judged by a one-sided upper confidence bound on held-out samples, "
                                "and a model that fails the final check is never the output.")
@@ -352,7 +353,7 @@ def _cmd_optimize(args, console) -> int:
 
         require_matplotlib()  # before any work
         if options_from_args(args, None).explicit:
-            raise UsageError("--plot draws the budget search; explicit --fold-ratio/--linear-threshold/"
+            raise UsageError("--plot draws the budget search; explicit --fold-ratio/--fold-heads/--linear-threshold/"
                              "--linear-mode paper settings do not search")
     calib = _calibration_source(args, model, console)
     evald = _auto_data(model, args.eval, (".eval.npz", ".test.npz"), args.no_auto_data)

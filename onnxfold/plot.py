@@ -152,6 +152,8 @@ def _label(setting: dict) -> str:
     parts = []
     if setting.get("fold_ratios"):
         parts.append("fold " + ",".join(f"{k}={v:g}" for k, v in setting["fold_ratios"].items()))
+    if setting.get("heads_kept"):
+        parts.append("heads " + ",".join(f"{k}={v}" for k, v in setting["heads_kept"].items()))
     if setting.get("linear_thresholds"):
         parts.append("lin " + ",".join(f"{k}={v:g}" for k, v in setting["linear_thresholds"].items()))
     return "; ".join(parts) or "exact rewrites only"

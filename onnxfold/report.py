@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 
 from .find import find_dense_graph
+from .find.groups import FoldableGroups, find_groups
 
 SCHEMA_VERSION = 1
 
@@ -24,22 +25,72 @@ class ModelSummary:
     parameters: int  # elements of all float initializers / Constant tensors
     bytes: int  # serialized size (weights included, estimated above 2 GB)
     dense_flops_per_row: int  # 2·in·out over dense ops and linear paths, per sample (per token for 3-D inputs)
-    hidden_widths: dict[str, int] = field(default_factory=dict)  # chain name -> neurons
+    hidden_widths: dict[str, int] = field(default_factory=dict)  # group name -> units (neurons, channels, heads)
+    conv_flops_per_sample: int | None = 0  # 2·weights·output positions over Conv nodes; None: shapes unknown
+    groups: list[dict] = field(default_factory=list)  # per group: kind, name, width, flops
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
 
 
-def summarize_model(model: onnx.ModelProto, view=None) -> ModelSummary:
-    """``view``: ``find_dense_graph(model)`` when the caller has it already."""
+def conv_flops(model: onnx.ModelProto) -> dict[str, int | None]:
+    """FLOPs per sample of every Conv node (2 · kernel elements · output
+    positions), by node name; None where onnx shape inference leaves an
+    output position count unknown. Kernel shapes come from the initializer
+    headers: no weight data is read."""
+    from .find.graph_index import GraphIndex
+
+    ix = GraphIndex(model)
+    convs = [n for n in ix.nodes if n.op_type == "Conv"]
+    if not convs:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model protobuf cannot serialize (over 2 GB) or an op onnx cannot infer
+        inferred = model
+    g = inferred.graph
+    dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in (*g.value_info, *g.output, *g.input) if vi.type.HasField("tensor_type")}
+    out: dict[str, int | None] = {}
+    for n in convs:
+        meta = ix.const_meta(n.input[1]) if len(n.input) > 1 else None
+        spatial = (dims.get(n.output[0]) or [None, None])[2:]
+        if meta is None or not spatial or any(d is None for d in spatial):
+            out[n.name] = None
+            continue
+        kernel, positions = 1, 1
+        for d in meta[0]:
+            kernel *= int(d)
+        for d in spatial:
+            positions *= int(d)
+        out[n.name] = 2 * kernel * positions
+    return out
+
+
+def _sum_known(values) -> int | None:
+    values = list(values)
+    return None if any(v is None for v in values) else int(sum(values))
+
+
+def summarize_model(model: onnx.ModelProto, groups: FoldableGroups | None = None) -> ModelSummary:
+    """``groups``: ``find_groups(model)`` when the caller has them already.
+    A group's FLOPs are those of its producers and consumers: per row (sample
+    or token) for dense kinds (neuron, head: the q/k/v/o projections, not the
+    sequence-length-dependent attention products; gated), per sample for conv
+    kinds (channel, residual)."""
     from .io import count_parameters, model_bytes
 
-    view = find_dense_graph(model) if view is None else view
-    flops = 0
-    for op in view.ops.values():
-        flops += 2 * op.out_features * op.in_features + sum(2 * f.size for p in op.paths for f in p.factors)
-    return ModelSummary(parameters=count_parameters(model), bytes=model_bytes(model), dense_flops_per_row=int(flops),
-                        hidden_widths={c.name: c.width for c in view.chains})
+    groups = find_groups(model) if groups is None else groups
+    dense = {name: 2 * op.out_features * op.in_features + sum(2 * f.size for p in op.paths for f in p.factors)
+             for name, op in find_dense_graph(model).ops.items()}
+    conv = conv_flops(model)
+    per_op = {**dense, **conv}
+    rows = [{"kind": g.kind, "name": g.name, "width": g.width,
+             "flops": _sum_known(per_op.get(n, 0) for n in (*g.producers, *g.consumers))} for g in groups.groups]
+    return ModelSummary(parameters=count_parameters(model), bytes=model_bytes(model),
+                        dense_flops_per_row=int(sum(dense.values())),
+                        hidden_widths={g.name: g.width for g in groups.groups if g.width is not None},
+                        conv_flops_per_sample=_sum_known(conv.values()), groups=rows)
 
 
 def ratio(after: float, before: float) -> float | None:
@@ -49,8 +100,16 @@ def ratio(after: float, before: float) -> float | None:
 def build_report(*, input_path: str | None, output_path: str | None, status: str, provider: str,
                  settings: dict, before: ModelSummary, after: ModelSummary, layers: list, skipped: list,
                  verification: dict | None, timings: dict, notes: list[str], budget: dict | None = None,
-                 latency: dict | None = None, search: dict | None = None) -> dict[str, Any]:
+                 latency: dict | None = None, search: dict | None = None,
+                 groups: FoldableGroups | None = None) -> dict[str, Any]:
+    """``skipped``: find's skipped patterns (with a ``kind`` when they come
+    from ``find_groups``); ``groups``: the input's groups, which give each
+    layer row its ``kind``."""
     from .version import __version__
+
+    def layer_row(lr) -> dict:
+        row = lr.to_dict() if hasattr(lr, "to_dict") else dict(lr)
+        return {"kind": None if groups is None else groups.kind_of(row["layer"]), **row}
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -66,9 +125,11 @@ def build_report(*, input_path: str | None, output_path: str | None, status: str
             "parameters": ratio(after.parameters, before.parameters),
             "bytes": ratio(after.bytes, before.bytes),
             "dense_flops": ratio(after.dense_flops_per_row, before.dense_flops_per_row),
+            "conv_flops": None if after.conv_flops_per_sample is None or before.conv_flops_per_sample is None
+            else ratio(after.conv_flops_per_sample, before.conv_flops_per_sample),
         },
-        "layers": [lr.to_dict() if hasattr(lr, "to_dict") else dict(lr) for lr in layers],
-        "skipped": [{"where": s.where, "reason": s.reason} for s in skipped],
+        "layers": [layer_row(lr) for lr in layers],
+        "skipped": [{"kind": getattr(s, "kind", None), "where": s.where, "reason": s.reason} for s in skipped],
         "verification": verification,
         "budget": budget,
         "latency": latency,
@@ -98,12 +159,13 @@ def render_report(report: dict, console, already_said: Collection[str] = ()) -> 
     layers = report.get("layers") or []
     if layers:
         t = Table(title="Hidden layers", title_justify="left")
-        for col in ("layer", "producer", "activation", "neurons", "linear", "constant", "merged", "pruned",
+        for col in ("layer", "kind", "producer", "activation", "units", "linear", "constant", "merged", "pruned",
                     "path", "params"):
-            t.add_column(col, justify="left" if col in ("layer", "producer", "activation", "path") else "right")
+            t.add_column(col, justify="left" if col in ("layer", "kind", "producer", "activation", "path")
+                         else "right")
         for lr in layers:
             path = "-" if not lr.get("path_form") else f"{lr['path_form']} r={lr.get('path_rank')}"
-            t.add_row(lr["layer"], lr["producer"], lr["activation"],
+            t.add_row(lr["layer"], lr.get("kind") or "-", lr["producer"], lr["activation"],
                       f"{lr['width_before']} → {lr['width_after']}", str(lr.get("linear", 0)),
                       str(lr.get("constant", 0)), str(lr.get("merged", 0)), str(lr.get("pruned", 0)), path,
                       f"{_fmt_int(lr.get('params_before'))} → {_fmt_int(lr.get('params_after'))}")
@@ -116,6 +178,9 @@ def render_report(report: dict, console, already_said: Collection[str] = ()) -> 
     t.add_row("bytes", _fmt_int(b["bytes"]), _fmt_int(a["bytes"]), _ratio(r["bytes"]))
     t.add_row("dense FLOPs / sample", _fmt_int(b["dense_flops_per_row"]), _fmt_int(a["dense_flops_per_row"]),
               _ratio(r["dense_flops"]))
+    if b.get("conv_flops_per_sample"):
+        t.add_row("conv FLOPs / sample", _fmt_int(b["conv_flops_per_sample"]), _fmt_int(a.get("conv_flops_per_sample")),
+                  _ratio(r.get("conv_flops")))
     lat = report.get("latency") or {}
     for key, row in lat.items():
         t.add_row(f"latency {key} (ms)", f"{row['before_ms']:.3f}", f"{row['after_ms']:.3f}", _ratio(row["ratio"]))
@@ -140,7 +205,8 @@ def render_report(report: dict, console, already_said: Collection[str] = ()) -> 
                               f" ({o['perplexity_increase_pct']:+.3g}%)", markup=False, highlight=False)
     _render_budget(report.get("budget"), console)
     for s in report.get("skipped") or []:
-        console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
+        kind = f" ({s['kind']})" if s.get("kind") else ""
+        console.print(f"[dim]skipped {s['where']}{kind}: {s['reason']}[/dim]", highlight=False)
     for n in report.get("notes") or []:
         if n in already_said:
             continue

@@ -1,83 +1,140 @@
 """Budget-driven search: the smallest model that meets the user's budget.
 
-Candidates are *settings* - a linearity threshold and a fold ratio per hidden
-layer, plus one selection method - turned into a model by running the passes
-on the original, and judged on the *select* split against the budget. The
-search never looks at the final evaluation data.
+Candidates are *settings* - a step per (group, knob) over every foldable
+group of the model (``find.groups``: dense chains get a linearity threshold
+and a fold ratio, conv chains and gated MLPs a fold ratio, attention blocks a
+head count, residual streams a fold ratio when asked for), plus one selection
+method - turned into a model by running the passes on the original, and
+judged on the *select* split against the budget. The search never looks at
+the final evaluation data.
 
 1. Lossless first: linearity folding at T = 1.0 (constant and exactly linear
    neurons). If even that fails on held-out data, start from the original.
-2. Uniform settings (one T, or one ratio and method, for every layer),
-   ascending until the budget breaks. The best of these is the baseline the
-   per-layer search must beat, and its starting point.
-3. Per-layer greedy: from the best uniform setting, try one step further for
-   each layer (next fold ratio, next lower threshold); take the step that
-   saves the most parameters per unit of budget spent; repeat until no step
-   meets the budget (or, for a target ratio, until the ratio is reached).
+2. Uniform settings (one step of one knob for every group that has it: one
+   fold ratio, one head count, one threshold), ascending until the budget
+   breaks. The best of these is the baseline the per-group search must beat,
+   and its starting point.
+3. Per-group greedy: from the best uniform setting, try one step further for
+   each group and knob (next fold ratio, next head count, the lowest uniform
+   threshold that met the budget); take the step that saves the most
+   parameters per unit of budget spent; repeat until no step meets the
+   budget (or, for a target ratio, until the ratio is reached).
 
-Every evaluated setting is cached, so the result is deterministic for a seed.
+Every evaluated setting is cached with its metrics, not its model: the search
+keeps the models of the lossless start, the leading candidate and the last
+one evaluated, and rebuilds any other (deterministically, for its seed) when
+asked for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from collections.abc import Sequence
 from typing import Callable
 
 import onnx
 
 from .decide.budget import Budget, BudgetCheck
+from .find.groups import KNOB_ORDER, RATIO_STEPS, THRESHOLD_STEPS, FoldableGroups, Group, find_groups
 from .passes.base import LayerReport, PassContext
-from .pipeline import merge_layer_reports, run_passes
 from .passes.cache import SearchCache, model_digest
+from .pipeline import merge_layer_reports, run_passes
 from .verify import compare_models, reference_outputs
 
-RATIO_STEPS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-THRESHOLD_STEPS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9)
+__all__ = ["RATIO_STEPS", "THRESHOLD_STEPS", "SELECTS", "BudgetSearch", "Candidate", "SearchResult", "Setting",
+           "describe", "passes_for"]
+
 SELECTS = ("kmeans", "magnitude")
+#: knobs the selection method acts on: their uniform phase runs once per method
+SELECTING_KNOBS = ("ratio", "heads")
+#: knobs the greedy phase moves straight to the lowest uniform step that met the
+#: budget and saved parameters (one small threshold step rarely changes anything)
+JUMP_KNOBS = ("threshold",)
+#: how each knob's values appear in a described setting (the report's search.chosen)
+DESCRIBED_AS = {"threshold": "linear_thresholds", "ratio": "fold_ratios", "heads": "heads_kept"}
 #: models up to this many parameters are searched with one BLAS thread (see BudgetSearch.run)
 ONE_BLAS_THREAD_UP_TO = 64_000_000
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One candidate. ``ratios``/``thresholds`` map layer names to a step
-    index into RATIO_STEPS / THRESHOLD_STEPS (0 = untouched / T = 1)."""
+    """One candidate: ``steps`` holds (group, knob, step) for every knob moved
+    off step 0 (untouched), sorted; a step indexes the values the group's knob
+    declares (``find.groups.Group.knobs``)."""
 
-    ratios: tuple[tuple[str, int], ...] = ()
-    thresholds: tuple[tuple[str, int], ...] = ()
+    steps: tuple[tuple[str, str, int], ...] = ()
     select: str = "kmeans"
     lossless: bool = True  # run linearity folding at T = 1.0 first
 
-    def ratio_of(self, layer: str) -> int:
-        return dict(self.ratios).get(layer, 0)
+    @classmethod
+    def of(cls, steps: Mapping[tuple[str, str], int], *, select: str = "kmeans", lossless: bool = True) -> "Setting":
+        return cls(tuple(sorted((g, k, int(s)) for (g, k), s in steps.items() if s)), select, lossless)
 
-    def threshold_of(self, layer: str) -> int:
-        return dict(self.thresholds).get(layer, 0)
+    def step(self, group: str, knob: str) -> int:
+        return next((s for g, k, s in self.steps if g == group and k == knob), 0)
 
-    def with_ratio(self, layer: str, step: int) -> "Setting":
-        d = dict(self.ratios)
-        d[layer] = step
-        return replace(self, ratios=tuple(sorted((k, v) for k, v in d.items() if v)))
+    def with_step(self, group: str, knob: str, step: int) -> "Setting":
+        d = {(g, k): s for g, k, s in self.steps}
+        d[(group, knob)] = step
+        return Setting.of(d, select=self.select, lossless=self.lossless)
 
-    def with_threshold(self, layer: str, step: int) -> "Setting":
-        d = dict(self.thresholds)
-        d[layer] = step
-        return replace(self, thresholds=tuple(sorted((k, v) for k, v in d.items() if v)))
 
-    def describe(self) -> dict:
-        return {
-            "lossless_linearity": self.lossless,
-            "linear_thresholds": {k: THRESHOLD_STEPS[v] for k, v in self.thresholds},
-            "fold_ratios": {k: RATIO_STEPS[v] for k, v in self.ratios},
-            "fold_select": self.select,
-        }
+def _values(setting: Setting, groups: Mapping[str, Group]) -> Iterable[tuple[Group, str, object]]:
+    """(group, knob, value) for every moved knob of ``setting``."""
+    for name, knob, step in setting.steps:
+        g = groups[name]
+        yield g, knob, g.knobs[knob][step]
+
+
+def describe(setting: Setting, groups: Mapping[str, Group]) -> dict:
+    """A setting as the report shows it: each knob's values by group name."""
+    out = {"lossless_linearity": setting.lossless, **{key: {} for key in DESCRIBED_AS.values()}}
+    for g, knob, value in _values(setting, groups):
+        out[DESCRIBED_AS[knob]][g.name] = value
+    out["fold_select"] = setting.select
+    return out
+
+
+def passes_for(setting: Setting, groups: Mapping[str, Group], *, seed: int) -> list:
+    """The passes a setting stands for, in order: linearity folding (T = 1.0,
+    then each lower threshold on its layers), heads, gated MLPs, dense
+    neurons, conv channels (residual streams first, inside the pass)."""
+    from .passes.channel_folding import ChannelFoldingPass
+    from .passes.folding import FoldingPass
+    from .passes.head_folding import GatedFoldingPass, HeadFoldingPass
+    from .passes.linearity import LinearityPass
+
+    by_threshold: dict[float, set[str]] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    heads: dict[str, int] = {}
+    for g, knob, value in _values(setting, groups):
+        if knob == "threshold":
+            by_threshold.setdefault(value, set()).add(g.name)
+        elif knob == "heads":
+            heads[g.name] = int(value)
+        else:
+            ratios.setdefault(g.kind, {})[g.name] = value
+    passes = [LinearityPass(threshold=1.0)] if setting.lossless else []
+    passes += [LinearityPass(threshold=t, layers=by_threshold[t]) for t in sorted(by_threshold, reverse=True)]
+    if heads:
+        # no repair: the medoid merge needs none, and an o-projection refit only
+        # generalises as far as the calibration data's input lengths (HeadFoldingPass)
+        passes.append(HeadFoldingPass(heads=heads, select=setting.select, seed=seed))
+    if ratios.get("gated"):
+        passes.append(GatedFoldingPass(ratio=ratios["gated"], select=setting.select, seed=seed))
+    if ratios.get("neuron"):
+        passes.append(FoldingPass(ratio=ratios["neuron"], select=setting.select, repair="ls", seed=seed))
+    conv = {**ratios.get("residual", {}), **ratios.get("channel", {})}
+    if conv:
+        passes.append(ChannelFoldingPass(ratio=conv, select=setting.select, repair="ls", seed=seed,
+                                         fold_residual=bool(ratios.get("residual"))))
+    return passes
 
 
 @dataclass
 class Candidate:
     setting: Setting
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None in the search's cache (see BudgetSearch.model_for)
     parameters: int
     check: BudgetCheck
     layers: list[LayerReport]
@@ -95,65 +152,47 @@ class Candidate:
 
 @dataclass
 class SearchResult:
-    best: Candidate | None  # None: nothing met the budget
-    baseline_uniform: Candidate | None  # best single fixed setting found
-    lossless: Candidate | None  # linearity folding at T = 1.0 alone (exact on the calibration data)
+    best: Candidate | None  # None: nothing met the budget; else with its model
+    baseline_uniform: Candidate | None  # best single fixed setting found (metrics only)
+    lossless: Candidate | None  # linearity folding at T = 1.0 alone (exact on the calibration data), with its model
     evaluated: list[dict] = field(default_factory=list)  # (setting, params, spent, met) for the report/plot
     notes: list[str] = field(default_factory=list)
-
-
-def passes_for(setting: Setting, *, seed: int, conv_layers: frozenset[str] = frozenset()) -> list:
-    """The passes a setting stands for; ratios of ``conv_layers`` (conv chain
-    names) fold channels, the others dense neurons."""
-    from .passes.channel_folding import ChannelFoldingPass
-    from .passes.folding import FoldingPass
-    from .passes.linearity import LinearityPass
-
-    passes = []
-    if setting.lossless:
-        passes.append(LinearityPass(threshold=1.0))
-    by_t: dict[int, set[str]] = {}
-    for layer, step in setting.thresholds:
-        by_t.setdefault(step, set()).add(layer)
-    for step in sorted(by_t):
-        passes.append(LinearityPass(threshold=THRESHOLD_STEPS[step], layers=by_t[step]))
-    dense = {k: RATIO_STEPS[v] for k, v in setting.ratios if k not in conv_layers}
-    conv = {k: RATIO_STEPS[v] for k, v in setting.ratios if k in conv_layers}
-    if dense:
-        passes.append(FoldingPass(ratio=dense, select=setting.select, repair="ls", seed=seed))
-    if conv:
-        passes.append(ChannelFoldingPass(ratio=conv, select=setting.select, repair="ls", seed=seed))
-    return passes
+    chosen: dict | None = None  # the best setting, described
+    best_uniform: dict | None = None
 
 
 @dataclass
 class _Evaluator:
-    """Turns a setting into a judged Candidate: run its passes (from the shared
-    lossless start when there is one), compare with the original on the select
-    split. Holds no search state, so a Ray task can run it."""
+    """Turns a setting into a judged Candidate (with its model): run its
+    passes (from the shared lossless start when there is one), compare with
+    the original on the select split. Holds no search state, so a Ray task
+    can run it."""
 
     original: onnx.ModelProto
     budget: Budget
     ctx: PassContext
     reference: dict
     lossless: tuple | None  # (model, layer reports, notes) after linearity folding at T = 1.0
-    conv_layers: frozenset[str] = frozenset()
+    groups: Mapping[str, Group]
+
+    def build(self, setting: Setting) -> tuple[onnx.ModelProto, list[LayerReport], list[str]]:
+        """The model a setting stands for, with its layer reports and notes."""
+        passes = passes_for(setting, self.groups, seed=self.ctx.seed)
+        if setting.lossless and self.lossless is not None:
+            # every candidate starts with the same lossless step: reuse it
+            start, prefix_layers, prefix_notes = self.lossless
+            model, _, layers, notes = run_passes(start, passes[1:], self.ctx)
+            return model, merge_layer_reports([replace(lr) for lr in prefix_layers], layers), prefix_notes + notes
+        model, _, layers, notes = run_passes(self.original, passes, self.ctx)
+        if setting == Setting():
+            self.lossless = (model, [replace(lr) for lr in layers], list(notes))
+        return model, layers, notes
 
     def __call__(self, setting: Setting) -> Candidate:
         from .io import count_parameters
 
         ctx = self.ctx
-        passes = passes_for(setting, seed=ctx.seed, conv_layers=self.conv_layers)
-        if setting.lossless and self.lossless is not None:
-            # every candidate starts with the same lossless step: reuse it
-            start, prefix_layers, prefix_notes = self.lossless
-            model, _, layers, notes = run_passes(start, passes[1:], ctx)
-            layers = merge_layer_reports([replace(lr) for lr in prefix_layers], layers)
-            notes = prefix_notes + notes
-        else:
-            model, _, layers, notes = run_passes(self.original, passes, ctx)
-            if setting == Setting():
-                self.lossless = (model, [replace(lr) for lr in layers], list(notes))
+        model, layers, notes = self.build(setting)
         # settings that change nothing more give the same model: judged once
         comp = ctx.cache.get_or_compute(("judged", model_digest(model)), lambda: self._compare(model)) \
             if ctx.cache is not None else self._compare(model)
@@ -173,39 +212,53 @@ class _Evaluator:
 
 
 class BudgetSearch:
-    def __init__(self, original: onnx.ModelProto, budget: Budget, ctx: PassContext, *, max_evaluations: int = 60,
+    def __init__(self, original: onnx.ModelProto, budget: Budget, ctx: PassContext, *,
+                 groups: FoldableGroups | Sequence[Group] | None = None, max_evaluations: int = 60,
                  progress: Callable[[str, int, int], None] | None = None,
                  judge: Callable[[Setting], Candidate] | None = None):
-        """``judge``: evaluates a setting instead of running passes and
-        onnxruntime (tests drive the search's phases with a stub)."""
+        """``groups``: the model's foldable groups (``find.groups.find_groups``,
+        found here when not given). ``judge``: evaluates a setting instead of
+        running passes and onnxruntime (tests drive the search's phases with a stub)."""
         from .io import count_parameters
 
         # statistics and decompositions shared by the candidates (see passes.cache)
         self.original, self.budget, self.ctx = original, budget, replace(ctx, cache=SearchCache())
         ctx = self.ctx
+        if groups is None:
+            groups = find_groups(original)
+        found = groups.groups if isinstance(groups, FoldableGroups) else list(groups)
+        self.groups: dict[str, Group] = {g.name: g for g in found}
         self.max_evaluations = max_evaluations
         self.progress = progress
-        self.cache: dict[Setting, Candidate] = {}
+        self.cache: dict[Setting, Candidate] = {}  # metrics only: no models
         self._lossless = None  # (model, layer reports, notes) after linearity folding at T = 1.0
-        self.conv_layers: frozenset[str] = frozenset()  # conv chains among the searched layers (set by run)
+        self._lead: tuple[Candidate, onnx.ModelProto] | None = None  # the best met candidate so far, with its model
+        self._last: tuple[Setting, onnx.ModelProto] | None = None  # the last candidate evaluated, with its model
         self.original_params = count_parameters(original)
-        self._count_parameters = count_parameters
         self._judge = judge
         self.reference = None if judge is not None else reference_outputs(
             original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
-        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless,
-                          self.conv_layers)
+        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups)
+
+    def describe(self, setting: Setting) -> dict:
+        return describe(setting, self.groups)
 
     def _remember(self, setting: Setting, cand: Candidate) -> Candidate:
+        """Cache the candidate's metrics; keep its model only while it leads."""
+        model, cand = cand.model, replace(cand, model=None)
         self.cache[setting] = cand
+        self._last = (setting, model)
+        if cand.met and model is not None and (self._lead is None or self._better(self._lead[0], cand)):
+            self._lead = (cand, model)
         if self.progress:
             self.progress("budget search", len(self.cache), self.max_evaluations)
         return cand
 
     def evaluate(self, setting: Setting) -> Candidate:
+        """The judged candidate of ``setting`` (metrics; its model: ``model_for``)."""
         if setting in self.cache:
             return self.cache[setting]
         if self._judge is not None:
@@ -215,6 +268,22 @@ class BudgetSearch:
         if setting == Setting() and evaluator.lossless is not None:
             self._lossless = evaluator.lossless  # every later candidate starts from it
         return self._remember(setting, cand)
+
+    def model_for(self, cand: Candidate) -> onnx.ModelProto | None:
+        """The model of an evaluated candidate: kept if it is the lossless
+        start, the leading or the last one, else built again from its setting
+        (the passes are deterministic for the seed; the shared statistics
+        cache makes the rebuild cheap)."""
+        s = cand.setting
+        if self._judge is not None:
+            return cand.model
+        if self._lead is not None and self._lead[0].setting == s:
+            return self._lead[1]
+        if self._last is not None and self._last[0] == s:
+            return self._last[1]
+        if s == Setting() and self._lossless is not None:
+            return self._lossless[0]
+        return self._evaluator().build(s)[0]
 
     def prefetch(self, settings: list[Setting]) -> None:
         """Evaluate, side by side, the settings a sequential walk over
@@ -250,22 +319,16 @@ class BudgetSearch:
         return (b.parameters, b.spent) < (a.parameters, a.spent)
 
     def _extend(self, before: Candidate, step: Candidate) -> Candidate:
-        """``step`` moved one layer one notch and met the budget: push that
-        same layer further by bisection while the budget still holds."""
-        changed = [(k, v) for k, v in step.setting.ratios if before.setting.ratio_of(k) != v]
-        kind = "ratio"
-        if not changed:
-            changed = [(k, v) for k, v in step.setting.thresholds if before.setting.threshold_of(k) != v]
-            kind = "threshold"
+        """``step`` moved one group's knob one notch and met the budget: push
+        that same knob further by bisection while the budget still holds."""
+        changed = [(g, k, s) for g, k, s in step.setting.steps if before.setting.step(g, k) != s]
         if not changed:
             return step
-        layer, lo = changed[0]
-        top = len(RATIO_STEPS) if kind == "ratio" else len(THRESHOLD_STEPS)
-        hi, good = top, step
+        group, knob, lo = changed[0]
+        hi, good = len(self.groups[group].knobs[knob]), step
         while hi - lo > 1 and self._budget_left():
             mid = (lo + hi) // 2
-            s = good.setting.with_ratio(layer, mid) if kind == "ratio" else good.setting.with_threshold(layer, mid)
-            c = self.evaluate(s)
+            c = self.evaluate(good.setting.with_step(group, knob, mid))
             if c.met and c.parameters < good.parameters:
                 lo, good = mid, c
             else:
@@ -276,80 +339,82 @@ class BudgetSearch:
         return len(self.cache) < self.max_evaluations
 
     # ------------------------------------------------------------------
-    def run(self, layer_names: list[str], conv_layers: Sequence[str] = ()) -> SearchResult:
-        """Search fold ratios over ``layer_names`` (dense hidden layers, which
-        also get linearity thresholds) and ``conv_layers`` (conv chains, whose
-        channels fold)."""
+    def run(self, names: Sequence[str] | None = None) -> SearchResult:
+        """Search every searchable group (or those among ``names``)."""
         from threadpoolctl import threadpool_limits
 
-        self.conv_layers = frozenset(conv_layers)
-
+        groups = [g for _, g in sorted(self.groups.items())
+                  if g.searchable and (names is None or g.name in names)]
         # Numpy's BLAS on one thread: the search's matrices (Grams, eigh, refits
         # of layers up to a few thousand wide) gain little from threads, and
         # threads waiting on cores busy with onnxruntime or another process
         # made an eigh 10-15x slower on a loaded 2-core machine.
         limit = 1 if self.original_params <= ONE_BLAS_THREAD_UP_TO else None
         with threadpool_limits(limits=limit, user_api="blas"):
-            return self._run(list(layer_names), sorted(self.conv_layers))
+            return self._run(groups)
 
-    def _run(self, dense_names: list[str], conv_names: list[str]) -> SearchResult:
+    def _uniform(self, groups: list[Group], base: Candidate) -> tuple[Candidate | None, dict[str, int]]:
+        """Phase 2: for each knob (and selection method where it acts), the
+        largest step that meets the budget for every group at once, by
+        bisection (quality falls with the step). Returns the best such
+        candidate and, per jump knob, the lowest uniform step that met the
+        budget and saved parameters."""
+        best = base if base.met else None
+        lossless = base.met
+        knobs = [k for k in KNOB_ORDER if any(k in g.knobs for g in groups)]
+        sweeps = [(k, s) for k in knobs if k in SELECTING_KNOBS for s in SELECTS] + \
+            [(k, SELECTS[0]) for k in knobs if k not in SELECTING_KNOBS]
+        jump_to: dict[str, int] = {}
+        for knob, select in sweeps:
+            having = [g for g in groups if knob in g.knobs]
+
+            def uniform(step: int) -> Setting:
+                return Setting.of({(g.name, knob): min(step, len(g.knobs[knob]) - 1) for g in having},
+                                  select=select, lossless=lossless)
+
+            lo, hi = 0, max(len(g.knobs[knob]) for g in having)  # lo: largest step known to meet, hi: smallest to fail
+            while hi - lo > 1 and self._budget_left():
+                mid = (lo + hi) // 2
+                c = self.evaluate(uniform(mid))
+                if c.met:
+                    lo = mid
+                    if knob in JUMP_KNOBS and c.parameters < base.parameters:
+                        jump_to[knob] = mid
+                    if self._better(best, c):
+                        best = c
+                else:
+                    hi = mid
+        return best, jump_to
+
+    def _moves(self, groups: list[Group], current: Setting, jump_to: dict[str, int]) -> list[Setting]:
+        """Phase 3's candidates: one step further for each group and knob."""
+        moves = []
+        for g in groups:
+            for knob in (k for k in KNOB_ORDER if k in g.knobs):
+                step = current.step(g.name, knob)
+                if knob in JUMP_KNOBS:
+                    if knob in jump_to and step < jump_to[knob]:
+                        moves.append(current.with_step(g.name, knob, jump_to[knob]))
+                elif step + 1 < len(g.knobs[knob]):
+                    moves.append(current.with_step(g.name, knob, step + 1))
+        return moves
+
+    def _run(self, groups: list[Group]) -> SearchResult:
         notes: list[str] = []
         base = self.evaluate(Setting())
         # the select split's resolution: the same for every candidate, said once
         notes.extend(f"select split: {n}" for n in base.check.resolution_notes)
-        best = base if base.met else None
         if not base.met:
             # the untouched original is no answer (it is what a failed search
             # returns anyway); only search the lossy settings without the lossless step
             notes.append("lossless linearity folding did not meet the budget on held-out data; "
                          "searching without it")
-
-        # uniform settings: one value for every layer; the largest step that
-        # meets the budget is found by bisection (quality falls with the step)
-        uniform_best = best
-        lossless = base.met
-        layers = sorted(dense_names + conv_names)  # fold ratios
-        dense = sorted(dense_names)  # linearity thresholds
-
-        def uniform(kind: str, step: int, select: str = "kmeans") -> Setting:
-            if kind == "ratio":
-                return Setting(ratios=tuple((n, step) for n in layers), select=select, lossless=lossless)
-            return Setting(thresholds=tuple((n, step) for n in dense), lossless=lossless)
-
-        threshold_pays = False
-        best_threshold_step = 0
-        kinds = [("ratio", "kmeans", RATIO_STEPS), ("ratio", "magnitude", RATIO_STEPS)]
-        if dense:
-            kinds.append(("threshold", "kmeans", THRESHOLD_STEPS))
-        for kind, select, steps in kinds:
-            lo, hi = 0, len(steps)  # lo: largest step known to meet (0 = untouched), hi: smallest known to fail
-            while hi - lo > 1 and self._budget_left():
-                mid = (lo + hi) // 2
-                c = self.evaluate(uniform(kind, mid, select))
-                if c.met:
-                    lo = mid
-                    if kind == "threshold" and c.parameters < base.parameters:
-                        threshold_pays, best_threshold_step = True, mid
-                    if self._better(uniform_best, c):
-                        uniform_best = c
-                else:
-                    hi = mid
-        best = uniform_best
-
-        # per-layer greedy from the best uniform point
-        current = best
+        uniform_best, jump_to = self._uniform(groups, base)
+        best = current = uniform_best
         while current is not None and self._budget_left():
             if self.budget.target_ratio is not None and self._ratio_ok(current) and not self.budget.has_quality_limit:
                 break
-            moves = []
-            for layer in layers:
-                r = current.setting.ratio_of(layer)
-                if r + 1 < len(RATIO_STEPS):
-                    moves.append(current.setting.with_ratio(layer, r + 1))
-                # thresholds: one move per layer, straight to the lowest uniform
-                # threshold that met the budget (small steps rarely change anything)
-                if threshold_pays and layer in dense and current.setting.threshold_of(layer) < best_threshold_step:
-                    moves.append(current.setting.with_threshold(layer, best_threshold_step))
+            moves = self._moves(groups, current.setting, jump_to)
             self.prefetch(moves)  # independent candidates: Ray tasks when the backend has them
             scored = []
             for s in moves:
@@ -372,7 +437,12 @@ class BudgetSearch:
             notes.append(f"target ratio {self.budget.target_ratio} not reached within the budget "
                          f"(best {best.parameters / self.original_params:.3f})")
             best = None
-        evaluated = [dict(setting=c.setting.describe(), parameters=c.parameters,
+        evaluated = [dict(setting=self.describe(c.setting), parameters=c.parameters,
                           parameter_ratio=c.parameters / self.original_params, spent=c.spent, met=c.met)
                      for c in self.cache.values()]
-        return SearchResult(best=best, baseline_uniform=uniform_best, lossless=base, evaluated=evaluated, notes=notes)
+        return SearchResult(
+            best=None if best is None else replace(best, model=self.model_for(best)),
+            baseline_uniform=uniform_best, lossless=replace(base, model=self.model_for(base)),
+            evaluated=evaluated, notes=notes,
+            chosen=None if best is None else self.describe(best.setting),
+            best_uniform=None if uniform_best is None else self.describe(uniform_best.setting))

@@ -615,7 +615,7 @@ def test_verbose_adds_traceback(tmp_path, capfd):
 def test_unexpected_exception_is_internal_error_exit_3(tmp_path, capfd):
     env = make_env(tmp_path)
     p = env.model()
-    with mock.patch("onnxfold.api.find_dense_graph", side_effect=RuntimeError("boom")):
+    with mock.patch("onnxfold.api.find_groups", side_effect=RuntimeError("boom")):
         code = main(_opt(env, p))
     err = capfd.readouterr().err.strip()
     assert code == 3 and len(err.splitlines()) == 1 and err.startswith("internal error: RuntimeError: boom")

@@ -23,16 +23,17 @@ def test_candidates_equal_their_fresh_evaluation():
     data = load_calibration(str(MODELS / "digits_mlp.calib.npz"), model)
     fit, select = data.split((0.75, 0.25), seed=0)
     layers = ("layer0", "layer1", "layer2")
-    uniform = Setting(ratios=tuple((n, 2) for n in layers))
+    uniform = Setting.of({(n, "ratio"): 2 for n in layers})
     # each differs from the one before in one layer: later ones reuse the earlier layers' refits
-    settings = [Setting(), uniform, uniform.with_ratio("layer2", 4), uniform.with_ratio("layer1", 4),
-                uniform.with_ratio("layer0", 4), Setting(thresholds=(("layer1", 4),)),
-                Setting(thresholds=(("layer1", 4),), ratios=(("layer2", 3),))]
+    settings = [Setting(), uniform, uniform.with_step("layer2", "ratio", 4), uniform.with_step("layer1", "ratio", 4),
+                uniform.with_step("layer0", "ratio", 4), Setting.of({("layer1", "threshold"): 4}),
+                Setting.of({("layer1", "threshold"): 4, ("layer2", "ratio"): 3})]
     shared = _search(model, fit, select)
     for s in settings:
         got = shared.evaluate(s)
-        want = _search(model, fit, select).evaluate(s)
-        assert got.model.SerializeToString() == want.model.SerializeToString(), s
+        fresh = _search(model, fit, select)
+        want = fresh.evaluate(s)
+        assert shared.model_for(got).SerializeToString() == fresh.model_for(want).SerializeToString(), s
         assert (got.parameters, got.met, got.spent) == (want.parameters, want.met, want.spent)
     cache = shared.ctx.cache
     assert cache.hits > 0  # the sharing happened

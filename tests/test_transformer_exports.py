@@ -248,8 +248,8 @@ def test_inspect_lists_attention_and_gated_blocks(exported, tmp_path, capsys):
     assert "Attention blocks in" in out and "Gated MLPs in" in out
     info = json.loads(js.read_text())
     assert {"model", "chains", "skipped", "notes"} <= set(info)  # the keys inspect always had
-    assert [(a["block"], a["heads"], a["kv_heads"], a["head_dim"], a["rotary"])
-            for a in info["attention"]] == [(f"attn{i}", te.HEADS, 2, te.HEAD_DIM, True)
+    assert [(a["block"], a["heads"], a["kv_heads"], a["head_dim"], a["rotary"], a["foldable"])
+            for a in info["attention"]] == [(f"attn{i}", te.HEADS, 2, te.HEAD_DIM, True, True)
                                             for i in range(te.LAYERS)]
     assert [(g["block"], g["activation"], g["in"], g["neurons"], g["out"]) for g in info["gated"]] == \
         [(f"glu{i}", "SiLU", te.HIDDEN, te.INTERMEDIATE, te.HIDDEN) for i in range(te.LAYERS)]

@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -240,3 +240,48 @@ def ready_models(args, models) -> list[str]:
     if missing:
         print(f"models not found in {args.models}: {', '.join(missing)}; benchmarking the others", flush=True)
     return ready
+
+
+def footer(total_seconds: float, checks) -> list[str]:
+    """A results file's last lines: the total time and the checks."""
+    return ["", f"Total benchmark time: {total_seconds:.0f} s.", "", "## Checks", ""] + [f"- {c}" for c in checks]
+
+
+@dataclass
+class ResultsRun:
+    """One benchmark run that writes ``OUT/<stem>.md`` and ``OUT/<stem>.json``:
+    where results go (``--out``), when and where it ran, its checks."""
+
+    out: Path
+    when: str = field(default_factory=lambda: dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+    where: str = field(default_factory=machine)
+    started: float = field(default_factory=time.perf_counter)
+    checks: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, description: str, argv=None, add_options=None) -> tuple["ResultsRun", argparse.Namespace]:
+        """Parse ``--out`` (and what ``add_options(parser)`` adds) and start the clock."""
+        ap = argparse.ArgumentParser(description=description)
+        ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+        if add_options is not None:
+            add_options(ap)
+        args = ap.parse_args(argv)
+        return cls(args.out), args
+
+    def check(self, what: str, ok: bool) -> None:
+        self.checks.append(f"CHECK {what}: {'PASS' if ok else 'FAIL'}")
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def passed(self) -> bool:
+        return all(c.endswith("PASS") for c in self.checks)
+
+    def write(self, stem: str, markdown: str, result: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{stem}.md").write_text(markdown)
+        (self.out / f"{stem}.json").write_text(
+            json.dumps({"generated": self.when, "machine": self.where, **result}, indent=1) + "\n")
+        print(f"wrote {self.out / (stem + '.md')} and {self.out / (stem + '.json')} ({self.seconds:.0f}s)")

@@ -78,10 +78,10 @@ def run_model(name: str) -> dict:
             continue
         for ri, r in enumerate(RATIO_STEPS):
             for method in METHODS if r > 0 else ("kmeans",):
-                setting = Setting(thresholds=tuple((n, ti) for n in layers if ti),
-                                  ratios=tuple((n, ri) for n in layers if ri), select=method)
+                setting = Setting.of({**{(n, "threshold"): ti for n in layers}, **{(n, "ratio"): ri for n in layers}},
+                                     select=method)
                 c = searcher.evaluate(setting)
-                test_agreement = on_test(c.model).agreement
+                test_agreement = on_test(searcher.model_for(c)).agreement
                 fixed.append({"threshold": t, "ratio": r, "method": method if r > 0 else "-",
                               "parameter_ratio": c.parameters / searcher.original_params,
                               "meets_on_select": c.met, "agreement": test_agreement})

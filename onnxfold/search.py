@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import onnx
 
@@ -174,6 +174,7 @@ class _Evaluator:
     reference: dict
     lossless: tuple | None  # (model, layer reports, notes) after linearity folding at T = 1.0
     groups: Mapping[str, Group]
+    select_split: Any  # the CalibrationSet candidates are judged on (never seen by the passes)
 
     def build(self, setting: Setting) -> tuple[onnx.ModelProto, list[LayerReport], list[str]]:
         """The model a setting stands for, with its layer reports and notes."""
@@ -206,7 +207,7 @@ class _Evaluator:
         return Candidate(setting, model, params, check, layers, notes, comp.to_dict())
 
     def _compare(self, model: onnx.ModelProto):
-        return compare_models(self.original, model, self.ctx.heldout, providers=self.ctx.providers,
+        return compare_models(self.original, model, self.select_split, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
                               original_outputs=self.reference)
 
@@ -221,9 +222,16 @@ class BudgetSearch:
         running passes and onnxruntime (tests drive the search's phases with a stub)."""
         from .io import count_parameters
 
-        # statistics and decompositions shared by the candidates (see passes.cache)
-        self.original, self.budget, self.ctx = original, budget, replace(ctx, cache=SearchCache())
-        ctx = self.ctx
+        # Candidates are judged on the select split (the context's held-out
+        # set). The passes must never see it: a ridge strength or threshold
+        # chosen on the split that then judges the result makes every
+        # candidate look better there than on fresh data, and the final check
+        # rejects the winner. The passes hold out a share of the fit split
+        # instead. Statistics and decompositions are shared by the candidates
+        # (see passes.cache).
+        self.select_split = ctx.heldout
+        self.original, self.budget = original, budget
+        self.ctx = ctx = replace(ctx, cache=SearchCache(), heldout=None)
         if groups is None:
             groups = find_groups(original)
         found = groups.groups if isinstance(groups, FoldableGroups) else list(groups)
@@ -237,11 +245,12 @@ class BudgetSearch:
         self.original_params = count_parameters(original)
         self._judge = judge
         self.reference = None if judge is not None else reference_outputs(
-            original, ctx.heldout, providers=ctx.providers, batch_size=ctx.batch_size)
+            original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
-        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups)
+        return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups,
+                          self.select_split)
 
     def describe(self, setting: Setting) -> dict:
         return describe(setting, self.groups)

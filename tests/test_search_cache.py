@@ -38,3 +38,30 @@ def test_candidates_equal_their_fresh_evaluation():
     cache = shared.ctx.cache
     assert cache.hits > 0  # the sharing happened
     assert cache.misses > 0 and np.isfinite(cache.bytes)
+
+
+def test_passes_never_stream_the_split_that_judges_the_candidates(monkeypatch):
+    """The select split judges every candidate; a ridge strength chosen on it
+    would make the refit candidates look better there than on fresh data (the
+    final check then rejects the search's winner). The passes hold out a share
+    of the fit split instead."""
+    from onnxfold.passes import refit
+
+    model = onnx.load(MODELS / "digits_mlp.onnx")
+    data = load_calibration(str(MODELS / "digits_mlp.calib.npz"), model)
+    fit, select = data.split((0.75, 0.25), seed=0)
+    streamed = []
+    grams = refit.RefitEngine._grams
+
+    def spy(self, rows, data, held_samples, task):
+        streamed.append((data, held_samples))
+        return grams(self, rows, data, held_samples, task)
+
+    monkeypatch.setattr(refit.RefitEngine, "_grams", spy)
+    search = _search(model, fit, select)
+    cand = search.evaluate(Setting.of({("layer1", "ratio"): 4}))
+    assert cand.comparison  # judged
+    assert streamed, "the ls refit ran"
+    assert all(d is fit for d, _ in streamed)
+    # the ridge strength is chosen on a held-out share of the fit split
+    assert all(h is not None and 0 < h.sum() < fit.num_samples for _, h in streamed)

@@ -20,7 +20,14 @@ residual   channels of a conv residual stream           ratio, only when folding
                                                         residual streams is asked
 head       heads of an attention block                  heads (heads kept)
 gated      hidden neurons of down(act(gate) · up)       ratio
+hidden     a transformer's hidden width (residual       none: its norms normalise
+           stream: embeddings, o/down rows, q/k/v,      over all channels, and no
+           gate/up/FFN-in/LM-head columns, norms)       fold of it exists (reason)
 ========== =========================================== ==========================
+
+A group without knobs says why in ``reason`` (and find lists it as skipped
+with that reason): the report and ``onnxfold inspect`` show it, the search
+never touches it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import onnx
 
 from .chains import find_dense_graph
 
-KINDS = ("neuron", "channel", "residual", "head", "gated")
+KINDS = ("neuron", "channel", "residual", "head", "gated", "hidden")
 #: share of a group's units removed, per step
 RATIO_STEPS = (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: linearity threshold per step (1.0: only exactly linear or constant neurons)
@@ -58,6 +65,8 @@ class Group:
     coupling: list[str] = field(default_factory=list)  # what ties the units to more than one op, in words
     knobs: dict[str, tuple] = field(default_factory=dict)  # knob name -> value per step (step 0: untouched)
     detail: str = ""  # the units in words: the activation, or the heads' layout
+    norms: list[str] = field(default_factory=list)  # norms whose scale/bias vectors the units index
+    reason: str = ""  # why a group has no knobs (empty for a searchable one)
 
     @property
     def searchable(self) -> bool:
@@ -118,11 +127,26 @@ def _conv_groups(model: onnx.ModelProto, fold_residual: bool) -> tuple[list[Grou
         if not r.producers:  # joins of tensors no conv writes (e.g. a transformer's residual adds)
             continue
         knobs = {"ratio": RATIO_STEPS} if fold_residual and r.foldable else {}
+        reason = "" if knobs else r.reason or "residual streams fold only when asked (fold_residual)"
         groups.append(Group("residual", r.name, r.width, list(r.producers), list(r.readers),
-                            [f"join {j}" for j in r.joins], knobs))
+                            [f"join {j}" for j in r.joins], knobs, reason=reason))
         if not r.foldable:
             skipped.append(SkippedPattern("residual", r.name, f"residual stream not folded: {r.reason}"))
     return groups, skipped
+
+
+def _hidden_groups(model: onnx.ModelProto, view) -> tuple[list[Group], list[SkippedPattern]]:
+    """The residual stream of each transformer whose blocks ``view`` found."""
+    from .hidden import transformer_streams
+
+    streams, skipped = transformer_streams(model, view)
+    groups, why = [], [SkippedPattern("hidden", s.where, s.reason) for s in skipped]
+    for s in streams:
+        reason = "; ".join(s.reasons)
+        groups.append(Group("hidden", s.name, s.width, list(s.producers), list(s.consumers), s.coupling(), {},
+                            f"residual stream, {len(s.joins)} joins, {len(s.norms)} norms", s.norm_names, reason))
+        why.append(SkippedPattern("hidden", s.name, f"hidden width not folded: {reason}"))
+    return groups, why
 
 
 def _transformer_groups(model: onnx.ModelProto) -> tuple[list[Group], list[SkippedPattern]]:
@@ -147,8 +171,9 @@ def _transformer_groups(model: onnx.ModelProto) -> tuple[list[Group], list[Skipp
         groups.append(Group("gated", g.name, g.width, [g.gate.node, g.up.node], [g.down.node],
                             [f"gate · up product {g.mul}"], {"ratio": RATIO_STEPS},
                             f"gated {g.activation.describe()}"))
+    hidden, why = _hidden_groups(model, view)
     # fused attention and what else looked like attention but did not match are reported by the finder
-    return groups, [SkippedPattern("head", s.where, s.reason) for s in view.skipped]
+    return groups + hidden, [SkippedPattern("head", s.where, s.reason) for s in view.skipped] + why
 
 
 def _may_have_attention(model: onnx.ModelProto) -> bool:
@@ -164,9 +189,10 @@ def find_groups(model: onnx.ModelProto, *, fold_residual: bool = False) -> Folda
 
     The conv finder runs only on models with a Conv node, the transformer
     finder only where a Softmax, a Mul or a fused attention node could make
-    one. A skip that names a producer of a searchable group is dropped: its
-    units are covered there (an attention q projection starts no dense
-    chain, but its rows are the heads' rows)."""
+    one. A skip that names a producer of a searchable group or of a hidden
+    stream is dropped: its units are covered there (an attention q
+    projection starts no dense chain, but its rows are the heads' rows; an
+    o projection's rows are the stream's, whose own entry gives the reason)."""
     groups, skipped = _neuron_groups(model)
     if any(n.op_type == "Conv" for n in model.graph.node):
         more, why = _conv_groups(model, fold_residual)
@@ -176,7 +202,8 @@ def find_groups(model: onnx.ModelProto, *, fold_residual: bool = False) -> Folda
         more, why = _transformer_groups(model)
         groups += more
         skipped += why
-    covered = {p for g in groups if g.searchable for p in g.producers}
+    # a transformer's o/down projections start no chain: their rows are the hidden stream's, whose entry says why
+    covered = {p for g in groups if g.searchable or g.kind == "hidden" for p in g.producers}
     unique: dict[tuple[str, str], SkippedPattern] = {}
     for s in skipped:
         if s.where not in covered:

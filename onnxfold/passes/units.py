@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from ..decide import channels as dch
 from ..decide import folding as decide
@@ -106,6 +107,19 @@ class UnitGroup:
     @property
     def num_params(self) -> int:
         return int(sum(op.num_params for op in self.ops()))
+
+    def keep(self, units: np.ndarray) -> None:
+        """Keep ``units`` (indices, in order) and drop the others, in every
+        member: a selection map, which the handlers apply by indexing."""
+        units = np.asarray(units, dtype=np.int64).reshape(-1)
+        if units.size < 1 or units.min() < 0 or units.max() >= self.width:
+            raise ValueError(f"{self.name}: keep needs 1 to {self.width} units in [0, {self.width})")
+        # sparse: a k × n dense selection of a 16k-wide layer would be gigabytes
+        sel = csr_matrix((np.ones(units.size), (np.arange(units.size), units)), shape=(units.size, self.width))
+        for m in self.producers + self.followers:
+            m.handler.merge_rows(m.op, sel, unit=m.unit)
+        for m in self.consumers:
+            m.handler.sum_columns(m.op, sel.T, m.unit)
 
     def own_blocks(self, units: np.ndarray | None = None) -> list[np.ndarray]:
         return [b for m in self.producers + self.followers if m.features

@@ -143,6 +143,37 @@ def test_unit_group_keep_slices_every_member_by_its_handler():
         dense_group(chain).keep(np.array([], dtype=np.int64))
 
 
+def test_unit_groups_are_bound_to_the_find_side_description():
+    """One description per group (find.groups.Group): the fold side's unit group
+    holds it and takes its members from it by name; a name the finder's object
+    does not have, or an op the description leaves out, is an error."""
+    from dataclasses import replace
+
+    from onnxfold.find.groups import describe_chain, find_groups
+    from onnxfold.passes.units import bind_dense
+
+    weights = _dup_mlp(seed=7)
+    rng = np.random.default_rng(8)
+    w2, b2 = rng.standard_normal((6, 6)), rng.standard_normal(6) * 0.1
+    w3, b3 = rng.standard_normal((3, 6)), rng.standard_normal(3) * 0.1
+    base = build_mlp([5, 6, 6, 3], weights=[*weights[:1], (w2, b2), (w3, b3)])
+    view = find_dense_graph(base)
+    apply_edit(view.chain("layer1"), HiddenEdit.keep(6, np.arange(6), new_paths=[
+        LinearPath("h0", [rng.standard_normal((6, 3))])]))
+    model = materialize(base, view)
+    chain = find_dense_graph(model).chain("layer0")
+    unit = dense_group(chain)
+    listed = {g.name: g for g in find_groups(model).groups}["layer0"]
+    # the same description find_groups lists for the search and the report
+    assert unit.group == listed and listed.path_readers == [("fc2", 0)]
+    assert [m.op.name for m in unit.producers] == listed.producers == ["fc0"]
+    assert [m.handler.owner(m.op).name for m in unit.consumers] == ["fc1", "fc2"]
+    with pytest.raises(ValueError, match="not in the finder's view"):
+        bind_dense(replace(describe_chain(chain), producers=["fc9"]), chain)
+    with pytest.raises(ValueError, match="path readers"):
+        bind_dense(replace(describe_chain(chain), path_readers=[]), chain)
+
+
 # ------------------------------------------------------------------ conv
 
 

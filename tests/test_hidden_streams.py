@@ -242,3 +242,33 @@ def test_conv_residual_stream_read_by_a_norm_says_the_norm_is_why():
     found = find_groups(model, fold_residual=True)
     (r,) = found.of_kind("residual")
     assert not r.searchable and "GroupNormalization gnorm normalises over all the channels of the stream" in r.reason
+
+
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+                                "SimplifiedLayerNormalization", "RMSNormalization"])
+def test_fused_norms_on_a_stream(op):
+    """ids → Gather(T) = e → q = e·Wq → o = q·Wo → norm(e [+ o]) → head: the fused norm's stream inputs
+    (both, for the Skip* ones) and its output are the stream; its scale vector is the norm's."""
+    from onnxfold.find.graph_index import GraphIndex
+    from onnxfold.find.hidden import find_hidden_streams
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("T", (10, 8)), ("Wq", (8, 8)), ("Wo", (8, 8)), ("Wh", (8, 5)), ("gamma", (8,)))]
+    skip = op.startswith("Skip")
+    nodes = [helper.make_node("Gather", ["T", "ids"], ["e"], name="emb"),
+             helper.make_node("MatMul", ["e", "Wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["q", "Wo"], ["o"], name="o_proj"),
+             helper.make_node(op, ["e", "o", "gamma"] if skip else ["o", "gamma"], ["n"], name="norm",
+                              **({"domain": "com.microsoft"} if skip else {})),
+             helper.make_node("MatMul", ["n", "Wh"], ["y"], name="head")]
+    if not skip:  # the residual join is an Add of its own
+        nodes[3:3] = [helper.make_node("Add", ["e", "o"], ["o2"], name="join")]
+        nodes[4].input[0] = "o2"
+    model = make_model(nodes, [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", "S"])],
+                       [tensor_info("y", np.float32, ["N", "S", 5])], inits)
+    (s,), skipped = find_hidden_streams(GraphIndex(model), ["e"])
+    assert skipped == []
+    assert (s.width, s.producers, s.consumers, s.norm_names) == (8, ["emb", "o_proj"], ["q_proj", "head"], ["norm"])
+    assert s.norms[0].kind == op and s.norms[0].scale == "gamma"
+    assert s.joins == ([] if skip else ["join"]) and s.tables == {"emb": "T"}

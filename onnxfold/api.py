@@ -470,10 +470,12 @@ def _lossless_fallback(original, search_result, linear: bool, ctx: PassContext, 
 
 def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int = 256,
             progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Dense chains, attention blocks and gated MLPs of ``model`` and, with
+    """Dense chains, attention blocks, gated MLPs and hidden streams (with
+    the reason each is not folded) of ``model`` and, with
     calibration data, per-layer neuron statistics of the dense chains: how
     many neurons are always on / never on / mixed."""
     from .find.attention import find_transformer
+    from .find.hidden import transformer_streams
     from .measure.data import load_calibration
     from .measure.stats import collect_neuron_stats
     from .runtime import resolve_provider
@@ -484,11 +486,15 @@ def inspect(model, calibration=None, *, provider: str = "auto", batch_size: int 
     # a projection of an attention block or gated MLP is no dense chain, and is not reported as a failed one
     covered = {n for b in tview.blocks for n in b.nodes} | {n for g in tview.gated for p in g.projections
                                                             for n in p.nodes}
-    skipped = [s for s in view.skipped if s.where not in covered] + tview.skipped
+    # the transformer's hidden width (residual stream): listed with the reason it is not folded
+    streams, stream_skips = transformer_streams(m, tview)
+    covered |= {p for s in streams for p in s.producers}
+    skipped = [s for s in view.skipped if s.where not in covered] + tview.skipped + stream_skips
     out: dict[str, Any] = {"model": path, "chains": [], "skipped": [s.__dict__ for s in skipped], "notes": []}
     # every attention block found, in graph order (multi-head and grouped-query blocks both fold)
     out["attention"] = [{**b.summary(), "foldable": True} for b in tview.blocks]
     out["gated"] = [g.summary() for g in tview.gated]
+    out["hidden"] = [s.summary() for s in streams]
     stats = {}
     if calibration is not None:
         providers, notice = resolve_provider(provider)

@@ -451,6 +451,7 @@ def _cmd_inspect(args, console) -> int:
     if info["chains"] or not (info["attention"] or info["gated"]):  # transformers: their blocks' tables below
         _print_dense_chains(info, model.name, console)
     _print_transformer_blocks(info, model.name, console)
+    _print_hidden_streams(info, model.name, console)
     for s in info["skipped"]:
         console.print(f"[dim]skipped {s['where']}: {s['reason']}[/dim]")
     for n in info["notes"]:
@@ -501,6 +502,24 @@ def _print_transformer_blocks(info: dict, model_name: str, console) -> None:
         for row in info[key]:
             t.add_row(*[("yes" if row[k] else "no") if isinstance(row[k], bool) else str(row[k]) for _, k in cols])
         console.print(t)
+
+
+def _print_hidden_streams(info: dict, model_name: str, console) -> None:
+    """inspect's table of transformer hidden widths (residual streams), with why each is not folded."""
+    from rich.table import Table
+
+    if not info.get("hidden"):
+        return
+    t = Table(title=f"Hidden width (residual streams) in {model_name}", title_justify="left")
+    for head in ("stream", "width", "writers", "readers", "norms", "joins", "foldable"):
+        t.add_column(head, justify="left" if head in ("stream", "foldable") else "right")
+    for row in info["hidden"]:
+        t.add_row(row["stream"], str(row["width"]), str(len(row["producers"])), str(len(row["consumers"])),
+                  str(len(row["norms"])), str(row["joins"]), "yes" if row["foldable"] else "no")
+    console.print(t)
+    for row in info["hidden"]:
+        if row["reason"]:
+            console.print(f"{row['stream']} not folded: {row['reason']}", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

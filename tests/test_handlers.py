@@ -116,6 +116,64 @@ def test_activation_slopes_and_path_reads_follow_the_merge():
     _close(ort_run(folded, x)[0], ort_run(model, x)[0])
 
 
+def test_unit_group_keep_slices_every_member_by_its_handler():
+    """``UnitGroup.keep`` (how linearity folding drops neurons): the producer's
+    rows and bias, the PReLU slopes, the consumer's columns and a reading
+    path's first-factor rows are the kept ones the test wrote, in order."""
+    weights = _dup_mlp(seed=5)
+    rng = np.random.default_rng(6)
+    w2, b2 = rng.standard_normal((6, 6)), rng.standard_normal(6) * 0.1
+    w3, b3 = rng.standard_normal((3, 6)), rng.standard_normal(3) * 0.1
+    slope = rng.uniform(0.05, 0.5, 6)
+    f0 = rng.standard_normal((6, 3))
+    base = build_mlp([5, 6, 6, 3], "prelu", act_params={"slope": slope}, weights=[*weights[:1], (w2, b2), (w3, b3)])
+    view = find_dense_graph(base)
+    apply_edit(view.chain("layer1"), HiddenEdit.keep(6, np.arange(6), new_paths=[LinearPath("h0", [f0])]))
+    view = find_dense_graph(materialize(base, view))
+    chain = view.chain("layer0")
+    keep = np.array([0, 2, 3, 5])
+    dense_group(chain).keep(keep)
+    (w1, b1) = weights[0]
+    _close(chain.producer.weight, w1[keep], 1e-6)
+    _close(chain.producer.bias, b1[keep], 1e-6)
+    _close(chain.activation.slope, slope[keep], 1e-6)
+    _close(chain.consumer.weight, w2[:, keep], 1e-6)
+    _close(view.ops["fc2"].paths[0].factors[0], f0[keep], 1e-6)
+    with pytest.raises(ValueError):
+        dense_group(chain).keep(np.array([], dtype=np.int64))
+
+
+def test_unit_groups_are_bound_to_the_find_side_description():
+    """One description per group (find.groups.Group): the fold side's unit group
+    holds it and takes its members from it by name; a name the finder's object
+    does not have, or an op the description leaves out, is an error."""
+    from dataclasses import replace
+
+    from onnxfold.find.groups import describe_chain, find_groups
+    from onnxfold.passes.units import bind_dense
+
+    weights = _dup_mlp(seed=7)
+    rng = np.random.default_rng(8)
+    w2, b2 = rng.standard_normal((6, 6)), rng.standard_normal(6) * 0.1
+    w3, b3 = rng.standard_normal((3, 6)), rng.standard_normal(3) * 0.1
+    base = build_mlp([5, 6, 6, 3], weights=[*weights[:1], (w2, b2), (w3, b3)])
+    view = find_dense_graph(base)
+    apply_edit(view.chain("layer1"), HiddenEdit.keep(6, np.arange(6), new_paths=[
+        LinearPath("h0", [rng.standard_normal((6, 3))])]))
+    model = materialize(base, view)
+    chain = find_dense_graph(model).chain("layer0")
+    unit = dense_group(chain)
+    listed = {g.name: g for g in find_groups(model).groups}["layer0"]
+    # the same description find_groups lists for the search and the report
+    assert unit.group == listed and listed.path_readers == [("fc2", 0)]
+    assert [m.op.name for m in unit.producers] == listed.producers == ["fc0"]
+    assert [m.handler.owner(m.op).name for m in unit.consumers] == ["fc1", "fc2"]
+    with pytest.raises(ValueError, match="not in the finder's view"):
+        bind_dense(replace(describe_chain(chain), producers=["fc9"]), chain)
+    with pytest.raises(ValueError, match="path readers"):
+        bind_dense(replace(describe_chain(chain), path_readers=[]), chain)
+
+
 # ------------------------------------------------------------------ conv
 
 

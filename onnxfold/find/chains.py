@@ -15,6 +15,7 @@ import onnx
 from .activations import ActivationSpec
 from .dense import DenseOp, LinearPath
 from .graph_index import GraphIndex
+from .norms import CHANNEL_NORMS, decomposed_norm_at, norm_reason
 from .weights import OpsView, constant_loader
 
 FLOAT_TYPES = (np.float32, np.float64, np.float16)
@@ -308,6 +309,8 @@ def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, s
             spec = ActivationSpec("gelu_tanh" if approx == "tanh" else "gelu")
         elif k in ("Div", "Mul"):
             return _match_erf_gelu(ix, pre)
+        if spec is None and k in CHANNEL_NORMS:
+            return None, norm_reason(k, n.name, "neurons")
         if spec is None:
             return None, f"{k} after the dense layer is not a supported activation"
         spec.nodes = [n.name] + ([ix.producer[n.input[1]].name] if k == "PRelu" and ix.producer.get(n.input[1]) else [])
@@ -320,6 +323,9 @@ def match_activation(ix: GraphIndex, pre: str) -> tuple[ActivationSpec | None, s
             return ActivationSpec("silu", nodes=[sig.name, mul.name], input=pre, output=mul.output[0]), ""
     if types in (["Div", "Mul"], ["Mul", "Mul"]):
         return _match_erf_gelu(ix, pre)
+    norm = decomposed_norm_at(ix, pre) if "ReduceMean" in types or "Pow" in types else None
+    if norm is not None:
+        return None, norm_reason(norm.kind, norm.name, "neurons")
     return None, f"pre-activation feeds {len(cs)} nodes ({', '.join(types)})"
 
 

@@ -39,6 +39,7 @@ import onnx
 from .activations import ActivationSpec
 from .chains import FLOAT_TYPES, Skipped
 from .graph_index import GraphIndex
+from .norms import CHANNEL_NORMS, norm_reason
 from .weights import OpsView, LazyWeight, constant_loader
 
 #: Element-wise ops that leave the channel layout as it is (one channel in,
@@ -301,6 +302,8 @@ def _channel_activation(ix: GraphIndex, pre: str, width: int) -> tuple[Activatio
         if slope is None or np.asarray(slope).size != 1:
             return None, "PRelu with a per-channel slope is not supported for channel folding"
         spec = ActivationSpec("leaky_relu", alpha=float(np.asarray(slope).reshape(-1)[0]))
+    elif k in CHANNEL_NORMS:
+        return None, norm_reason(k, n.name, "channels")
     else:
         return None, f"{k} after the conv is not a supported per-channel activation"
     spec.nodes = [n.name]
@@ -425,6 +428,9 @@ def _classify(ix: GraphIndex, ops: dict[str, ConvOp], grp: ResidualGroup, tset: 
                 continue
             if node.op_type == "BatchNormalization" and node.name in bn_of:
                 continue
+            if node.op_type in CHANNEL_NORMS:
+                fail(norm_reason(node.op_type, node.name, "channels of the stream"))
+                continue
             fail(f"{node.op_type} {node.name} on the stream has per-channel parameters")
             continue
         if node.op_type == "Conv":
@@ -441,6 +447,9 @@ def _classify(ix: GraphIndex, ops: dict[str, ConvOp], grp: ResidualGroup, tset: 
             else:
                 gemms[g.name] = g
                 grp.gemm_readers.append(g.name)
+            continue
+        if node.op_type in CHANNEL_NORMS:
+            fail(norm_reason(node.op_type, node.name, "channels of the stream"))
             continue
         fail(f"reader {node.op_type} {node.name} is not supported")
 

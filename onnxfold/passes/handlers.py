@@ -100,6 +100,20 @@ class OpHandler:
         """The op whose parameters (bias, paths) the edit changes."""
         return op
 
+    def sources(self, op) -> list[tuple[str, list[np.ndarray]]]:
+        """What the op's output rows read, as (input tensor, factors) pairs whose
+        product maps that input to the rows (linearity folding composes a
+        linear unit's new path from these)."""
+        raise NotImplementedError(f"{type(self).__name__} has no sources")
+
+    def row_bias(self, op) -> np.ndarray:
+        """The bias of each output row (zeros without one)."""
+        return np.asarray(op.bias_or_zero(), dtype=np.float64)
+
+    def row_params(self, op) -> int:
+        """Parameters one output row holds (what removing a unit saves on a producer)."""
+        raise NotImplementedError(f"{type(self).__name__} has no rows")
+
     def merge_rows(self, op, row_map, scale=None, shift=None, unit: int = 1) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot merge rows")
 
@@ -145,6 +159,15 @@ class DenseHandler(OpHandler):
 
     def reader_factors(self, op: DenseOp):
         return [op.weight.T]
+
+    def sources(self, op: DenseOp):
+        return [(op.input, [op.weight.T])] + [(p.input, list(p.factors)) for p in op.paths]
+
+    def row_bias(self, op: DenseOp):
+        return op.bias_or_zero()
+
+    def row_params(self, op: DenseOp):
+        return op.in_features + (op.bias is not None) + sum(p.factors[-1].shape[0] for p in op.paths)
 
     def merge_rows(self, op: DenseOp, row_map, scale=None, shift=None, unit=1):
         M, rows = row_selection(row_map)

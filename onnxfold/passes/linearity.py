@@ -11,11 +11,14 @@ find → measure → decide → rewrite, one chain at a time in topological orde
 3. decide (``decide/linearity.py``): which neurons are linear / constant /
    mixed, which of them leave (only when that saves parameters), and how each
    new linear path is stored;
-4. rewrite: one ``HiddenEdit`` on the chain (kept rows/columns, bias
-   corrections, new paths on the consumer); paths that read the hidden
-   activation get their new paths and bias directly. What reads the hidden
-   units (the consumer and those paths) is the chain's dense unit group
-   (``passes/units.py``), the view every folding pass works on.
+4. rewrite: the leaving neurons go from every member of the chain's dense
+   unit group (``passes/units.py``, the view every folding pass works on:
+   ``UnitGroup.keep`` slices the producer's rows, the activation's slopes
+   and the columns of the consumer and of the linear paths that read the
+   hidden activation, each through its op's handler); then the bias
+   corrections and new paths go onto those readers. What the new paths
+   start from (the producer's input and its own paths), the producer's bias
+   and the parameters a neuron costs are read through the handlers too.
 
 A linear neuron reads the producer's input *and* the producer's existing
 linear paths, so its path to the consumer starts at every one of those
@@ -48,10 +51,10 @@ from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet, load_calibration
 from ..measure.stats import GramAccumulator, NeuronStats
 from ..measure.stream import known_types, needed_part
-from ..rewrite import HiddenEdit, apply_edit, materialize
+from ..rewrite import materialize
 from .base import LayerReport, PassContext, PassResult
 from .cache import model_digest
-from .units import dense_group
+from .units import UnitGroup, dense_group
 
 #: Ops that only move elements around: bounds of their output are the hull of
 #: their input's bounds (used to carry IBP bounds through Flatten/Reshape).
@@ -218,15 +221,14 @@ class LinearityPass:
 
     def _plan(self, chain: Chain, view: DenseGraph, index: GraphIndex, current: onnx.ModelProto,
               data: CalibrationSet | None, ctx: PassContext, report: LayerReport, bounds: _Bounds) -> _Plan | None:
-        prod = chain.producer
-        n = chain.width
+        group = dense_group(chain)  # what the units are: the producer's rows, the readers' columns
+        n = group.width
         pieces = decide.PieceTable.of(chain.activation, n)
-        z_bounds = bounds.pre_activation(prod)
+        z_bounds = bounds.pre_activation(chain.producer)
 
         # a linear neuron reads the producer's input and every input of its paths
-        sources: list[tuple[str, list[np.ndarray]]] = [(prod.input, [prod.weight.T])]
-        sources += [(p.input, list(p.factors)) for p in prod.paths]
-        sinks = _sinks(chain)
+        sources = [src for m in group.producers for src in m.handler.sources(m.op)]
+        sinks = _sinks(group)
 
         evidence = None
         if data is not None:
@@ -250,12 +252,12 @@ class LinearityPass:
             grams = _cached_measure(ctx, current, inputs, data, "grams",
                                     lambda: _measure_grams(current, chain, inputs, data, ctx))
 
-        shape = _layer_shape(chain, sinks)
+        shape = _layer_shape(group, sinks)
         if self.extended:
             options = [(False, True), (True, True)] if n_lin else [(False, True)]
         else:
             options = [(True, False)]
-        plans = [self._build(chain, classes, sources, sinks, shape, grams, move_linear=ml, move_constant=mc)
+        plans = [self._build(group, classes, sources, sinks, shape, grams, move_linear=ml, move_constant=mc)
                  for ml, mc in options]
         node_cost = self.node_cost if self.extended else 0
         best = min(plans, key=lambda p: p.cost(node_cost))  # min keeps the first: fewer changes on ties
@@ -277,12 +279,13 @@ class LinearityPass:
         if report.linear + report.constant < wanted:
             notes.append("one neuron kept so that the layer is not empty")
         consumer = best.sinks[0]
-        main = next((c for s, inp, c in best.paths if s is consumer and inp == prod.input), None)
+        primary = sources[0][0]  # the producer's own input
+        main = next((c for s, inp, c in best.paths if s is consumer and inp == primary), None)
         if main is not None:
             report.path_form, report.path_rank = main.form, main.rank
             if main.form in ("svd", "none"):
                 notes.append(f"path truncated to rank {main.rank}, {main.discarded:.2e} of its energy discarded")
-        chained = [c.form for s, inp, c in best.paths if s is consumer and inp != prod.input]
+        chained = [c.form for s, inp, c in best.paths if s is consumer and inp != primary]
         if chained:
             notes.append(f"{len(chained)} chained paths ({', '.join(sorted(set(chained)))})")
         to_readers = [c.form for s, _inp, c in best.paths if s is not consumer]
@@ -291,15 +294,15 @@ class LinearityPass:
         report.note = "; ".join(notes)
         return best
 
-    def _build(self, chain: Chain, classes: decide.NeuronClasses, sources, sinks: list[_Sink],
+    def _build(self, group: UnitGroup, classes: decide.NeuronClasses, sources, sinks: list[_Sink],
                shape: decide.LayerShape, grams: dict[str, GramAccumulator], *, move_linear: bool,
                move_constant: bool) -> _Plan:
-        prod = chain.producer
+        (producer,) = group.producers
         leave = decide.removal_mask(classes, move_linear, move_constant)
         linear = np.flatnonzero(leave & (classes.kind == decide.LINEAR))
         gone = np.flatnonzero(leave)
         # what each leaving neuron adds to a reader, besides its linear path
-        b_p = prod.bias_or_zero()
+        b_p = producer.handler.row_bias(producer.op)
         value = classes.offset + np.where(classes.kind == decide.LINEAR, classes.slope * b_p, 0.0)
         plan = _Plan(leave=leave, move_linear=move_linear, move_constant=move_constant, sinks=sinks)
         new_params, new_biases = 0, 0
@@ -326,16 +329,23 @@ class LinearityPass:
 
     @staticmethod
     def _apply(chain: Chain, view: DenseGraph, plan: _Plan) -> None:
-        keep = np.flatnonzero(~plan.leave)
+        # the leaving units go from every member of the group: producer rows,
+        # activation slopes, the consumer's and path readers' columns
+        dense_group(chain).keep(np.flatnonzero(~plan.leave))
         consumer = plan.sinks[0]
+        cons = consumer.op
         consumer_paths = [LinearPath(input=inp, factors=c.factors) for s, inp, c in plan.paths
                           if s is consumer and c.factors]
+        added = [(cons, len(cons.paths) + i) for i in range(len(consumer_paths))]
         delta = plan.bias_delta[0]
-        edit = HiddenEdit.keep(chain.width, keep, consumer_bias_delta=delta if np.any(delta != 0) else None,
-                               new_paths=consumer_paths)
-        added = [(chain.consumer, len(chain.consumer.paths) + i) for i in range(len(consumer_paths))]
-        apply_edit(chain, edit)
-        # readers that are linear paths of other ops: apply_edit already dropped
+        if np.any(delta != 0):
+            cons.bias = cons.bias_or_zero() + delta
+        for p in consumer_paths:
+            if p.factors[-1].shape[1] != cons.out_features:
+                raise ValueError(f"{chain.name}: new path does not end in {cons.out_features} outputs")
+            cons.paths.append(p)
+        cons.changed = True
+        # readers that are linear paths of other ops: keep() already dropped
         # the leaving rows of their first factor; their bias and paths are ours
         for sink, delta in zip(plan.sinks[1:], plan.bias_delta[1:]):
             op = sink.op
@@ -354,10 +364,10 @@ class LinearityPass:
                     other.path_readers.append((op, k))
 
 
-def _sinks(chain: Chain) -> list[_Sink]:
+def _sinks(group: UnitGroup) -> list[_Sink]:
     """What reads the hidden units (the dense unit group's consumers): the
     consumer first, then every linear path reading the hidden activation."""
-    return [_Sink(m.handler.owner(m.op), m.handler.reader_factors(m.op)) for m in dense_group(chain).consumers]
+    return [_Sink(m.handler.owner(m.op), m.handler.reader_factors(m.op)) for m in group.consumers]
 
 
 def _chain_params(chain: Chain) -> int:
@@ -365,11 +375,10 @@ def _chain_params(chain: Chain) -> int:
     return dense_group(chain).num_params
 
 
-def _layer_shape(chain: Chain, sinks: list[_Sink]) -> decide.LayerShape:
-    prod = chain.producer
-    row_cost = prod.in_features + (prod.bias is not None) + sum(p.factors[-1].shape[0] for p in prod.paths)
+def _layer_shape(group: UnitGroup, sinks: list[_Sink]) -> decide.LayerShape:
+    row_cost = sum(m.handler.row_params(m.op) for m in group.producers)
     col_cost = sum(s.factors[0].shape[1] for s in sinks)
-    return decide.LayerShape(row_cost=int(row_cost), col_cost=int(col_cost), params=_chain_params(chain))
+    return decide.LayerShape(row_cost=int(row_cost), col_cost=int(col_cost), params=group.num_params)
 
 
 def _cached_measure(ctx: PassContext, model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, what: str,

@@ -7,8 +7,14 @@ conv, a per-channel activation; BatchNormalization is already folded into
 its conv) and the *consumers* whose input columns they feed. Each member
 brings the handler of its op kind (:mod:`onnxfold.passes.handlers`), so the
 folding core (:mod:`onnxfold.passes.foldcore`) selects, merges, repairs and
-refits every kind the same way. The builders below make the groups the
-finders describe:
+refits every kind the same way. There is one description of each group:
+``find.groups.Group`` (kind, name, width, producers, followers, consumers
+and path readers by name, coupling, knobs), which ``find_groups`` lists for
+the search and the report. A unit group holds its ``Group`` and is built
+from it by a binder per kind, which resolves those names to the ops of the
+finder's object (an unknown name, or an op the description leaves out, is
+an error) and adds what only the fold needs: rows per unit, which producers
+Fold-AR repairs, refit sources, clustering features:
 
 ==============  ========================  ====================  ===================
 group           producers                 followers             consumers
@@ -37,13 +43,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from ..decide import channels as dch
 from ..decide import folding as decide
 from ..find.attention import AttentionBlock, GatedMLP
 from ..find.chains import Chain
 from ..find.conv import ConvChain, ConvGraph, ResidualGroup
+from ..find import groups as described
 from ..find.graph_index import GraphIndex
+from ..find.groups import Group, activation_key
 from .handlers import (
     ActivationHandler,
     ConvHandler,
@@ -94,6 +103,8 @@ class UnitGroup:
     #: units fold only within these index sets, keeping as many in each
     #: (query heads within their key/value group); None: across all units
     parts: list[np.ndarray] | None = None
+    #: the find side's description this group is bound to (members by name, coupling, knobs)
+    group: Group | None = None
 
     def ops(self) -> list:
         """The ops whose parameters the group's units hold (each once)."""
@@ -106,6 +117,19 @@ class UnitGroup:
     @property
     def num_params(self) -> int:
         return int(sum(op.num_params for op in self.ops()))
+
+    def keep(self, units: np.ndarray) -> None:
+        """Keep ``units`` (indices, in order) and drop the others, in every
+        member: a selection map, which the handlers apply by indexing."""
+        units = np.asarray(units, dtype=np.int64).reshape(-1)
+        if units.size < 1 or units.min() < 0 or units.max() >= self.width:
+            raise ValueError(f"{self.name}: keep needs 1 to {self.width} units in [0, {self.width})")
+        # sparse: a k × n dense selection of a 16k-wide layer would be gigabytes
+        sel = csr_matrix((np.ones(units.size), (np.arange(units.size), units)), shape=(units.size, self.width))
+        for m in self.producers + self.followers:
+            m.handler.merge_rows(m.op, sel, unit=m.unit)
+        for m in self.consumers:
+            m.handler.sum_columns(m.op, sel.T, m.unit)
 
     def own_blocks(self, units: np.ndarray | None = None) -> list[np.ndarray]:
         return [b for m in self.producers + self.followers if m.features
@@ -134,66 +158,142 @@ class UnitGroup:
 
 
 # --------------------------------------------------------------------------
-# builders
+# binders: a unit group is bound to the find side's description of it
+# (find.groups.Group: which ops are producers, followers and consumers, in
+# which order, and what couples them); a binder per kind resolves those names
+# to the fold-side ops of the finder's object and says how many rows a unit
+# is and how each member is repaired, refit and clustered.
+
+
+def _resolve(names, table: dict, group: Group, role: str) -> list:
+    """The ops ``names`` stand for; every name must be one of the finder object's ops."""
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"{group.kind} group {group.name}: {role} {', '.join(missing)} not in the finder's view")
+    return [table[n] for n in names]
+
+
+def _check_covers(group: Group, role: str, listed, ops) -> None:
+    """The description lists every op the finder's object has in that role (no op is folded unlisted)."""
+    if len(listed) != len(ops):
+        raise ValueError(f"{group.kind} group {group.name}: its {role} ({len(listed)}) are not the finder's"
+                         f" ({len(ops)})")
+
+
+def bind_dense(group: Group, chain: Chain) -> UnitGroup:
+    """``neuron``: producer rows, the activation's per-unit slopes (follower),
+    the consumer's columns and the first-factor rows of reading paths."""
+    prod, cons = chain.producer, chain.consumer
+    ops = {prod.name: prod, cons.name: cons, **{op.name: op for op, _ in chain.path_readers}}
+    dense = DenseHandler()
+    (producer,) = _resolve(group.producers, ops, group, "producer")
+    (consumer,) = _resolve(group.consumers, ops, group, "consumer")
+    (act,) = _resolve(group.followers, {activation_key(chain.activation): chain.activation}, group, "follower")
+    _check_covers(group, "path readers", group.path_readers, chain.path_readers)
+    reads = [PathRead(op, k) for op, (_, k) in zip(_resolve([n for n, _ in group.path_readers], ops, group,
+                                                              "path reader"), group.path_readers)]
+    return UnitGroup(
+        group.name, group.width, producers=[Member(producer, dense)],
+        followers=[Member(act, ActivationHandler(), features=False)],
+        consumers=[Member(consumer, dense, source=RowSource(producer.output, producer.dtype, act))]
+        + [Member(r, PathReadHandler(), features=False) for r in reads],
+        sparse_maps=group.width > SPARSE_MAPS_ABOVE, group=group)
+
+
+def bind_conv_chain(group: Group, chain: ConvChain, index: GraphIndex) -> UnitGroup:
+    """``channel``: producer conv (+BN) rows, depthwise convs as followers, consumer conv columns."""
+    conv = ConvHandler(index)
+    ops = {op.name: op for op in (chain.producer, chain.consumer, *(m for m, _ in chain.mids))}
+    _check_covers(group, "followers", group.followers, chain.mids)
+    (producer,) = _resolve(group.producers, ops, group, "producer")
+    return UnitGroup(group.name, group.width, producers=[Member(producer, conv)],
+                     followers=[Member(m, conv) for m in _resolve(group.followers, ops, group, "follower")],
+                     consumers=[Member(c, conv, source=RowSource(chain.hidden, producer.dtype))
+                                for c in _resolve(group.consumers, ops, group, "consumer")],
+                     merge_equal_own=True, group=group)
+
+
+def bind_residual(group: Group, grp: ResidualGroup, view: ConvGraph, index: GraphIndex) -> UnitGroup:
+    """``residual``: every conv writing the stream, every conv reading it and,
+    for each pooled reader (GlobalAveragePool → Flatten → Gemm), its Gemm."""
+    conv, gemm = ConvHandler(index), GemmReaderHandler()
+    producers = _resolve(group.producers, view.ops, group, "producer")
+    readers = _resolve([n for n in group.consumers if n in grp.conv_readers], view.ops, group, "reader")
+    pooled = [n for n in group.consumers if n not in grp.conv_readers]
+    _check_covers(group, "pooled readers", pooled, grp.gemm_readers)
+    gemms = _resolve(grp.gemm_readers, view.gemms, group, "pooled reader")  # the Gemm after each pool, in order
+    return UnitGroup(group.name, int(group.width), producers=[Member(p, conv) for p in producers],
+                     consumers=[Member(c, conv, source=RowSource(c.input, c.dtype)) for c in readers]
+                     + [Member(g, gemm, source=RowSource(g.input, g.dtype)) for g in gemms],
+                     merge_equal_own=True, group=group)
+
+
+def bind_gated(group: Group, glu: GatedMLP) -> UnitGroup:
+    """``gated``: gate and up rows, down columns. Fold-AR scales the *up* rows
+    only: the linear branch, so the factor scales the product directly."""
+    proj = ProjectionHandler()
+    ops = {p.node: p for p in glu.projections}
+    gate, up = _resolve(group.producers, ops, group, "producer")
+    return UnitGroup(group.name, group.width, producers=[Member(gate, proj, repaired=False), Member(up, proj)],
+                     consumers=[Member(d, proj, source=RowSource(glu.hidden, d.dtype))
+                                for d in _resolve(group.consumers, ops, group, "consumer")],
+                     magnitude_on_features=True, group=group)
+
+
+def bind_kv_groups(group: Group, block: AttentionBlock, features: Callable[[], np.ndarray] | None = None
+                   ) -> UnitGroup:
+    """``head``, by whole key/value groups (heads, in multi-head attention):
+    ``head_dim`` rows of k, ``v_head_dim`` of v, and the ``n`` query heads'
+    rows of q and columns of o."""
+    proj = ProjectionHandler()
+    ops = {p.node: p for p in block.projections}
+    d, dv, n = block.head_dim, block.v_head_dim, block.group_size
+    q, k, v = _resolve(group.producers, ops, group, "producer")
+    return UnitGroup(group.name, block.num_kv_heads,
+                     producers=[Member(q, proj, n * d), Member(k, proj, d), Member(v, proj, dv)],
+                     consumers=[Member(o, proj, n * dv, source=RowSource(o.input, o.dtype))
+                                for o in _resolve(group.consumers, ops, group, "consumer")],
+                     magnitude_on_features=True, features=features, group=group)
+
+
+def bind_query_heads(group: Group, block: AttentionBlock, features: Callable[[], np.ndarray] | None = None
+                     ) -> UnitGroup:
+    """``head``, by query heads (``head_dim`` rows of q, ``v_head_dim`` columns
+    of o) within their key/value group: k and v (the group's other producers)
+    are shared and stay."""
+    proj = ProjectionHandler()
+    ops = {p.node: p for p in block.projections}
+    q, _k, _v = _resolve(group.producers, ops, group, "producer")
+    n = block.group_size
+    return UnitGroup(group.name, group.width, producers=[Member(q, proj, block.head_dim)],
+                     consumers=[Member(o, proj, block.v_head_dim, source=RowSource(o.input, o.dtype))
+                                for o in _resolve(group.consumers, ops, group, "consumer")],
+                     magnitude_on_features=True, features=features,
+                     parts=[np.arange(g * n, (g + 1) * n) for g in range(block.num_kv_heads)], group=group)
+
+
+# the fold side's entry points: describe the finder's object (find.groups), bind to it
 
 
 def dense_group(chain: Chain) -> UnitGroup:
-    prod, cons = chain.producer, chain.consumer
-    dense = DenseHandler()
-    return UnitGroup(
-        chain.name, chain.width, producers=[Member(prod, dense)],
-        followers=[Member(chain.activation, ActivationHandler(), features=False)],
-        consumers=[Member(cons, dense, source=RowSource(prod.output, prod.dtype, chain.activation))]
-        + [Member(PathRead(op, idx), PathReadHandler(), features=False) for op, idx in chain.path_readers],
-        sparse_maps=chain.width > SPARSE_MAPS_ABOVE)
+    return bind_dense(described.describe_chain(chain), chain)
 
 
 def conv_chain_group(chain: ConvChain, index: GraphIndex) -> UnitGroup:
-    conv = ConvHandler(index)
-    return UnitGroup(chain.name, chain.width, producers=[Member(chain.producer, conv)],
-                     followers=[Member(m, conv) for m, _ in chain.mids],
-                     consumers=[Member(chain.consumer, conv, source=RowSource(chain.hidden, chain.producer.dtype))],
-                     merge_equal_own=True)
+    return bind_conv_chain(described.describe_conv_chain(chain), chain, index)
 
 
 def residual_group(grp: ResidualGroup, view: ConvGraph, index: GraphIndex) -> UnitGroup:
-    conv, gemm = ConvHandler(index), GemmReaderHandler()
-    readers = [view.ops[c] for c in grp.conv_readers]
-    gemms = [view.gemms[g] for g in grp.gemm_readers]
-    return UnitGroup(grp.name, int(grp.width), producers=[Member(view.ops[p], conv) for p in grp.producers],
-                     consumers=[Member(c, conv, source=RowSource(c.input, c.dtype)) for c in readers]
-                     + [Member(g, gemm, source=RowSource(g.input, g.dtype)) for g in gemms],
-                     merge_equal_own=True)
+    return bind_residual(described.describe_residual(grp), grp, view, index)
 
 
 def gated_group(glu: GatedMLP) -> UnitGroup:
-    """Fold-AR scales the *up* rows only: the linear branch, so the factor
-    scales the product directly."""
-    proj = ProjectionHandler()
-    return UnitGroup(glu.name, glu.width, producers=[Member(glu.gate, proj, repaired=False), Member(glu.up, proj)],
-                     consumers=[Member(glu.down, proj, source=RowSource(glu.hidden, glu.down.dtype))],
-                     magnitude_on_features=True)
+    return bind_gated(described.describe_gated(glu), glu)
 
 
 def head_group(block: AttentionBlock, features: Callable[[], np.ndarray] | None = None) -> UnitGroup:
-    """Units are key/value groups (heads, in multi-head attention): ``head_dim``
-    rows of k, ``v_head_dim`` of v, and the ``n`` query heads' rows of q and
-    columns of o."""
-    proj = ProjectionHandler()
-    d, dv, n = block.head_dim, block.v_head_dim, block.group_size
-    return UnitGroup(block.name, block.num_kv_heads,
-                     producers=[Member(block.q, proj, n * d), Member(block.k, proj, d), Member(block.v, proj, dv)],
-                     consumers=[Member(block.o, proj, n * dv, source=RowSource(block.o.input, block.o.dtype))],
-                     magnitude_on_features=True, features=features)
+    return bind_kv_groups(described.describe_block(block), block, features)
 
 
 def query_head_group(block: AttentionBlock, features: Callable[[], np.ndarray] | None = None) -> UnitGroup:
-    """Units are query heads (``head_dim`` rows of q, ``v_head_dim`` columns
-    of o), folded within their key/value group: k and v are shared and stay."""
-    proj = ProjectionHandler()
-    n = block.group_size
-    return UnitGroup(block.name, block.num_heads, producers=[Member(block.q, proj, block.head_dim)],
-                     consumers=[Member(block.o, proj, block.v_head_dim,
-                                       source=RowSource(block.o.input, block.o.dtype))],
-                     magnitude_on_features=True, features=features,
-                     parts=[np.arange(g * n, (g + 1) * n) for g in range(block.num_kv_heads)])
+    return bind_query_heads(described.describe_block(block), block, features)

@@ -78,18 +78,26 @@ def _same(a: Projection, b: Projection) -> bool:
 
 def refit_plan(current: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[list[list[str]], int, int]:
     """(stages: node names of the ops refit together, in order; ops from the first
-    changed one on; of those, ops left alone because their output width changed).
-    An op is matched to the reference's by node name."""
+    changed one on; of those, ops left alone: no match, or an output of another
+    width or read differently). An op is matched to the reference's by node name."""
     ref = {p.node: p for p in linear_ops(reference)}
     ops = linear_ops(current)
     first = next((i for i, p in enumerate(ops) if p.node not in ref or not _same(p, ref[p.node])), None)
     if first is None:
         return [], 0, 0
+    readers_now, readers_ref = GraphIndex(current).consumers, GraphIndex(reference).consumers
+
+    def same_meaning(p: Projection, r: Projection) -> bool:
+        # the same tensor read by the same nodes: nothing (a linear path of linearity folding, say) was
+        # added to the op's output in one model and not in the other, so the target is the whole output
+        return r.out_features == p.out_features and r.output == p.output and \
+            {n.name for n in readers_now.get(p.output, [])} == {n.name for n in readers_ref.get(r.output, [])}
+
     stages: dict[str, list[str]] = {}  # input tensor -> ops reading it (inputs come before their readers)
     skipped = 0
     for p in ops[first:]:
         r = ref.get(p.node)
-        if r is None or r.out_features != p.out_features:
+        if r is None or not same_meaning(p, r):
             skipped += 1
             continue
         stages.setdefault(p.input, []).append(p.node)
@@ -224,7 +232,7 @@ class DownstreamRefitPass:
                                                   {n for p, _ in zip(group, outcomes) for n in p.nodes}))
         ctx.report_progress("downstream refit", len(stages), len(stages))
         what = (f"downstream refit: {refit} linear ops refit, {kept} kept as they were "
-                f"(of {following} from the first changed one; {skipped} left alone: output width changed)")
+                f"(of {following} from the first changed one; {skipped} left alone: output width or readers changed)")
         if not refit:
             return PassResult(model, False, [], [what])
         result = state.current_model()

@@ -140,3 +140,19 @@ def test_auto_refit_on_a_shipped_model_is_not_worse_on_its_test_split():
     (y0,), (yc,), (ya,) = ort_run(model, x), ort_run(consumer, x), ort_run(auto.model, x)
     assert any(n.startswith("downstream refit") for n in auto.report["notes"])
     assert np.mean((ya - y0) ** 2) <= np.mean((yc - y0) ** 2)
+
+
+def test_an_op_whose_output_is_read_differently_is_left_alone():
+    # something added to fc1's output in the compressed model only (as a linear path of linearity
+    # folding is): the original's fc1 output is then no target for fc1 alone
+    model = build_mlp([8, 24, 16, 16, 4], "tanh", form="matmul", seed=3, weight_scale=2.0)
+    folded = FoldingPass({"layer0": 0.75}, repair="ls", seed=0)(model, _ctx(_inputs(1000, 8, seed=1))).model
+    assert ["fc1"] in refit_plan(folded, model)[0]
+    g = folded.graph
+    out = next(p.output for p in linear_ops(folded) if p.node == "fc1")
+    reader = next(n for n in g.node if out in n.input)
+    g.initializer.append(numpy_helper.from_array(np.zeros(16, dtype=np.float32), "extra.c"))
+    g.node.append(onnx.helper.make_node("Add", [out, "extra.c"], ["extra"], name="extra"))
+    reader.input[list(reader.input).index(out)] = "extra"
+    stages, following, skipped = refit_plan(folded, model)
+    assert ["fc1"] not in stages and ["fc2"] in stages and skipped == 2

@@ -47,7 +47,7 @@ HELD_OUT_CAP_WITHOUT_EVAL = 0.3  # per held-out part: the fit part keeps at leas
 HELD_OUT_CAP_WITH_EVAL = 0.4  # the select part, when --eval is the final check: fit keeps at least 60 %
 # the settings the report's "settings" object records (report schema, flat keyword names)
 REPORTED_SETTINGS = ("linear", "linear_threshold", "linear_mode", "linear_path", "fold_ratio", "fold_select",
-                     "fold_repair", "fold_residual", "fold_heads", "fold_kv_heads", "seed", "batch_size")
+                     "fold_repair", "fold_refit", "fold_residual", "fold_heads", "fold_kv_heads", "seed", "batch_size")
 
 
 @dataclass

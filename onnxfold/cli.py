@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
     g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
                    help="auto: ls with calibration data, ar without")
+    g.add_argument("--refit", dest="fold_refit", choices=("auto", "consumer", "downstream"), default="auto",
+                   help="with the ls repair: consumer = refit each fold's consumer only; downstream = also every "
+                   "linear op after the first changed one, in order, each on the refit model before it; auto "
+                   "(default): downstream, kept only when its output error on held-out data is lower")
     g.add_argument("--fold-heads", type=_count_or_share("--fold-heads"), default=None, metavar="K",
                    help="attention: query heads kept per block (e.g. 8), or the share removed (e.g. 0.33); whole "
                    "heads are clustered and merged. Grouped-query attention folds query heads within each key/value "
@@ -215,7 +219,7 @@ def options_from_args(args, budget: Budget | None) -> OptimizeOptions:
         linearity=LinearityOptions(enabled=not args.no_linear, threshold=args.linear_threshold,
                                    mode=args.linear_mode, path=args.linear_path),
         fold=FoldOptions(ratio=args.fold_ratio, select=args.fold_select, repair=args.fold_repair,
-                         heads=args.fold_heads, residual=args.fold_residual, kv_heads=args.fold_kv_heads),
+                         refit=args.fold_refit, heads=args.fold_heads, residual=args.fold_residual, kv_heads=args.fold_kv_heads),
         search=SearchOptions(budget=budget, positive_threshold=args.positive_threshold,
                              max_evaluations=args.max_evaluations),
         runtime=RuntimeOptions(provider=args.provider, batch_size=args.batch_size, seed=args.seed,

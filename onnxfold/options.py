@@ -29,6 +29,9 @@ LINEAR_MODES = ("extended", "paper")
 LINEAR_PATHS = ("auto", "dense", "factored", "svd")
 FOLD_SELECTS = ("kmeans", "magnitude")
 FOLD_REPAIRS = ("auto", "none", "ar", "repair", "ls")
+# after the folds: consumer = each fold's own consumer refit only; downstream = also every linear op
+# after the first changed one, in order; auto = downstream, kept when its held-out output error is lower
+FOLD_REFITS = ("auto", "consumer", "downstream")
 PROVIDERS = ("auto", "cpu", "cuda")
 LABEL_KINDS = ("next-token",)
 
@@ -83,6 +86,7 @@ class FoldOptions:
     ratio: float | Mapping[str, float] | None = None  # share removed per layer, or {layer: share}
     select: str = "kmeans"  # "kmeans" merges clusters, "magnitude" keeps the largest units
     repair: str = "auto"  # auto: ls with calibration data, ar without
+    refit: str = "auto"  # with the ls repair: see FOLD_REFITS
     heads: int | float | Mapping[str, Any] | None = None  # query heads kept per block, or the share removed
     residual: bool = False  # conv models: also fold residual-stream channels
     # grouped-query attention: key/value heads kept per block, or the share removed (None: fold within groups)
@@ -91,6 +95,7 @@ class FoldOptions:
     def validate(self) -> None:
         _choice("fold selection", self.select, FOLD_SELECTS)
         _choice("fold repair", self.repair, FOLD_REPAIRS)
+        _choice("fold refit", self.refit, FOLD_REFITS)
         if self.ratio is not None:
             _ratio("fold ratio", self.ratio)
         for what, v in (("heads", self.heads), ("kv heads", self.kv_heads)):
@@ -201,6 +206,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "fold_ratio": ("fold", "ratio"),
     "fold_select": ("fold", "select"),
     "fold_repair": ("fold", "repair"),
+    "fold_refit": ("fold", "refit"),
     "fold_heads": ("fold", "heads"),
     "fold_kv_heads": ("fold", "kv_heads"),
     "fold_residual": ("fold", "residual"),

@@ -37,6 +37,8 @@ def merge_layer_reports(old: list[LayerReport], new: list[LayerReport]) -> list[
 
 
 def run_passes(model: onnx.ModelProto, passes: list, ctx: PassContext):
+    if ctx.reference is None:
+        ctx = replace(ctx, reference=model)
     current, changed, layers, notes = model, False, [], []
     for p in passes:
         res = p(current, ctx)
@@ -86,6 +88,12 @@ def build_passes(opts: OptimizeOptions, *, has_data: bool, conv_chains: Sequence
 
         passes.append(HeadFoldingPass(heads=fold.heads, select=fold_select, repair=fold_repair, seed=seed,
                                       kv_heads=fold.kv_heads))
+    # the least-squares repair goes on past each fold's consumer (passes/downstream.py)
+    if has_data and fold_repair in ("auto", "ls") and fold.refit != "consumer" \
+            and (fold_ratio is not None or fold.heads is not None):
+        from .passes.downstream import DownstreamRefitPass
+
+        passes.append(DownstreamRefitPass(keep="always" if fold.refit == "downstream" else "better", seed=seed))
     return passes
 
 

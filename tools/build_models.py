@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from _ort import cpu_session as ort_session
 from byte_decoders import README_INTRO as DECODER_README_INTRO
-from byte_decoders import DecoderSpec, build_decoder
+from byte_decoders import DecoderSpec, build_decoder, write_windows
 from byte_decoders import evaluate as evaluate_decoder
 from byte_decoders import readme_rows as decoder_readme_rows
 
@@ -558,11 +558,14 @@ def save_split(path: str, x: np.ndarray, y: np.ndarray) -> None:
     )
 
 
-def build_one(spec: Spec, out: str) -> None:
+def build_one(spec: Spec, out: str, windows_only: bool = False) -> None:
     t0 = time.time()
     print(f"== {spec.name}: {spec.architecture}")
     seed = SEED + 1000 * (list(SPECS).index(spec.name) + 1)
     seed_everything(seed)
+    if isinstance(spec, DecoderSpec) and windows_only:
+        write_windows(spec, out, seed)
+        return
     if isinstance(spec, DecoderSpec):
         build_decoder(spec, out, seed)
         print(f"  {time.time() - t0:.1f}s")
@@ -717,11 +720,18 @@ def main(argv=None) -> int:
         "--only", action="append", choices=list(SPECS), metavar="NAME",
         help=f"build only this model (repeatable); one of {', '.join(SPECS)}",
     )
+    ap.add_argument(
+        "--windows-only", action="store_true",
+        help="decoders: rewrite only the calibration / test windows (no training; the "
+             "model files stay); other models are skipped",
+    )
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     for name in args.only or list(SPECS):
-        build_one(SPECS[name], args.out)
+        if args.windows_only and not isinstance(SPECS[name], DecoderSpec):
+            continue
+        build_one(SPECS[name], args.out, windows_only=args.windows_only)
     print(f"built in {time.time() - t0:.1f}s\n")
     readme = render_readme(args.out)
     with open(os.path.join(args.out, "README.md"), "w") as fh:

@@ -15,9 +15,13 @@ installation carries offline:
   calibration or test byte is ever trained on.
 * calibration / test windows: the calib (test) text is cut into consecutive
   non-overlapping chunks of ``WINDOW + 1`` bytes and a seeded
-  ``numpy.random.RandomState`` picks ``N_WINDOWS`` of them; ``input_ids`` is
-  a chunk's first ``WINDOW`` bytes and ``labels`` its last ``WINDOW`` (the
-  next byte for every position).
+  ``numpy.random.RandomState`` picks ``N_CALIB_WINDOWS`` (``N_TEST_WINDOWS``)
+  of them; ``input_ids`` is a chunk's first ``WINDOW`` bytes and ``labels``
+  its last ``WINDOW`` (the next byte for every position).  The windows
+  depend only on the text and the seed, not on training, so
+  ``build_models.py --windows-only`` rewrites them without retraining; a
+  larger count picks a superset of a smaller one (``choice`` without
+  replacement takes a prefix of one seeded permutation).
 
 The corpus description is written into the ONNX file's ``metadata_props``
 (``training_corpus``, JSON) so that models/README.md is regenerated from the
@@ -43,7 +47,12 @@ from _ort import cpu_session
 
 VOCAB = 256
 WINDOW = 64  # bytes per calibration / test window
-N_WINDOWS = 512  # windows per split
+# a 99 % per-token agreement budget needs 406 held-out windows per part when nothing changed
+# (Budget.samples_needed(sequences=True)) and about three times that with a few tenths of a
+# percent of tokens changed (docs/statistics.md); select and final check take at most 30 %
+# of the calibration windows each, so 4,096 leave ~1,200 per part and 40 % to fit on
+N_CALIB_WINDOWS = 4096
+N_TEST_WINDOWS = 2048  # the benchmarks' test split: 131,072 judged tokens
 OPSET = 18
 MAX_IR_VERSION = 8  # the IR version that goes with opset 18; older onnxruntime loads it
 # torch vs onnxruntime on the logits (magnitude ~10): float32 reassociation only
@@ -129,12 +138,12 @@ def stdlib_corpus() -> Corpus:
     return Corpus(files, text, description)
 
 
-def windows(text: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``N_WINDOWS`` non-overlapping (input_ids, labels) windows of ``WINDOW`` bytes."""
+def windows(text: np.ndarray, seed: int, count: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``count`` non-overlapping (input_ids, labels) windows of ``WINDOW`` bytes."""
     n_chunks = len(text) // (WINDOW + 1)
-    if n_chunks < N_WINDOWS:
-        raise RuntimeError(f"{len(text)} bytes hold only {n_chunks} windows, need {N_WINDOWS}")
-    pick = np.sort(np.random.RandomState(seed).choice(n_chunks, N_WINDOWS, replace=False))
+    if n_chunks < count:
+        raise RuntimeError(f"{len(text)} bytes hold only {n_chunks} windows, need {count}")
+    pick = np.sort(np.random.RandomState(seed).choice(n_chunks, count, replace=False))
     chunks = text[: n_chunks * (WINDOW + 1)].reshape(n_chunks, WINDOW + 1)[pick].astype(np.int64)
     return np.ascontiguousarray(chunks[:, :-1]), np.ascontiguousarray(chunks[:, 1:])
 
@@ -285,6 +294,21 @@ def save_windows(path: str, input_ids: np.ndarray, labels: np.ndarray) -> None:
     np.savez_compressed(path, input_ids=input_ids.astype(np.int64), labels=labels.astype(np.int64))
 
 
+def corpus_windows(corpus: Corpus, seed: int):
+    """(calib, test) windows: seeded by the model's seed alone, independent of training."""
+    return (windows(corpus.text["calib"], seed + 1, N_CALIB_WINDOWS),
+            windows(corpus.text["test"], seed + 2, N_TEST_WINDOWS))
+
+
+def write_windows(spec: DecoderSpec, out: str, seed: int) -> None:
+    """Rewrite NAME.calib.npz / NAME.test.npz only (the model file stays): the same
+    windows a full build writes, since they do not depend on training."""
+    calib, test = corpus_windows(stdlib_corpus(), seed)
+    save_windows(os.path.join(out, f"{spec.name}.calib.npz"), *calib)
+    save_windows(os.path.join(out, f"{spec.name}.test.npz"), *test)
+    print(f"  windows only: {len(calib[0])} calib + {len(test[0])} test windows of {WINDOW} bytes")
+
+
 def build_decoder(spec: DecoderSpec, out: str, seed: int) -> None:
     """Train, export, check and write NAME.onnx / .calib.npz / .test.npz (RNGs already seeded)."""
     corpus = stdlib_corpus()
@@ -294,8 +318,7 @@ def build_decoder(spec: DecoderSpec, out: str, seed: int) -> None:
         f"train/calib/test bytes {d['split_bytes']['train']:,}/{d['split_bytes']['calib']:,}/"
         f"{d['split_bytes']['test']:,}"
     )
-    calib = windows(corpus.text["calib"], seed + 1)
-    test = windows(corpus.text["test"], seed + 2)
+    calib, test = corpus_windows(corpus, seed)
     model = train(spec, corpus.text["train"], seed)
     onnx_path = os.path.join(out, f"{spec.name}.onnx")
     export(model, onnx_path, corpus.description)
@@ -367,7 +390,9 @@ README_INTRO = [
     "opset_version=18)`), input `input_ids` int64 (batch, seq) with dynamic `batch` and `seq`, output "
     "`logits` float32 (batch, seq, 256), no attention mask and no KV cache; `NAME.calib.npz` / "
     "`NAME.test.npz` hold `input_ids` int64 (n, 64) and `labels` int64 (n, 64), the next byte for every "
-    "position, so accuracy and perplexity are judged per token.",
+    "position, so accuracy and perplexity are judged per token. The windows do not depend on training: "
+    "`python tools/build_models.py --windows-only` rewrites them (4,096 calib windows: fit, select and "
+    "final check at a 99 % per-token agreement budget; 2,048 test windows) and leaves the models as they are.",
     "",
 ]
 
@@ -398,6 +423,7 @@ def readme_rows(spec: DecoderSpec, ev: dict) -> List[Tuple[str, str]]:
             f"{sb['train']:,} bytes)"
         )
         files = (", ".join(c["calib_files"]), ", ".join(c["test_files"]))
+    n_calib = ev["calib"]["windows"][0]
     n, seq = ev["test"]["windows"]
     u = ev["unigram"]
     tokens = spec.steps * spec.batch_size * spec.train_seq
@@ -420,7 +446,7 @@ def readme_rows(spec: DecoderSpec, ev: dict) -> List[Tuple[str, str]]:
         ("Corpus", corpus),
         ("Calib files", files[0]),
         ("Test files", files[1]),
-        ("Windows", f"{n} calib + {n} test windows of {seq} bytes: non-overlapping {seq + 1}-byte chunks "
+        ("Windows", f"{n_calib:,} calib + {n:,} test windows of {seq} bytes: non-overlapping {seq + 1}-byte chunks "
                     f"of the calib / test text picked by a seeded RandomState; labels = next byte"),
         ("Training", f"AdamW lr {spec.lr:g} (betas 0.9/0.95, weight decay {spec.weight_decay:g} on "
                      f"matrices), {spec.warmup} warmup steps then cosine to 10 %, grad-norm clip 1, "

@@ -39,6 +39,9 @@ class PassContext:
     cache: Any = None  # passes.cache.SearchCache shared by a budget search's candidates, or None
     # where streamed statistics are computed (onnxfold.distributed): this process, or a Ray cluster
     stats_backend: Any = field(default_factory=_local_stats)
+    # the model a list of passes started from (pipeline.run_passes sets it): a
+    # downstream refit fits the folded model's ops towards its outputs
+    reference: Any = None
 
     def measure(self, job, data, task: str) -> dict[str, Any]:
         """Accumulators of the statistics ``job`` (a ``distributed.StatsJob``) over ``data``."""

@@ -1,0 +1,252 @@
+"""Downstream refit: the linear ops after the folds, refit one after another.
+
+A fold's own least-squares repair refits only the op that reads the merged
+units (its consumer). The error it leaves travels on: every later linear op
+sees inputs that differ from the original's. This pass, run after the
+folding passes, walks the linear ops (``MatMul`` / ``Gemm`` with a constant
+2-D weight and an optional constant bias: ``find.projections``) in graph
+order from the first one a fold changed, and refits each whose output has
+the same meaning in both models (found by node name, same output width)
+so that the compressed model's own input to it reproduces the original's
+output of it:
+
+* ops are refit in order, each on the current model after the refits
+  before it, so each one sees (and corrects) the error the previous ones
+  left; ops that read the same tensor (q / k / v, gate / up) are refit from
+  one stream, since none of them changes what the others read;
+* an op whose output width changed (a folded producer: its units were
+  merged) is left alone;
+* each refit is :class:`~onnxfold.passes.refit.RefitEngine`'s: streamed Gram
+  matrices (no activation is stored), the ridge strength chosen on
+  held-out rows, the op's present weights kept when they are better there;
+  an intercept is added to an op that had no bias when it helps.
+
+``keep="better"`` then compares the refit model with the one it started
+from on held-out data (the context's held-out split, else a seeded share of
+the calibration samples, which the refit also fit on): the squared error of
+every float graph output against the original, relative to the original
+output's spread, summed over the outputs; the refit is kept only when it is
+lower. ``keep="always"`` keeps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..find.graph_index import GraphIndex
+from ..find.projections import Projection, projection_at
+from ..measure.jobs import StatsJob
+from ..rewrite.attention import ProjectionEdit, rewrite_projections
+from .base import PassContext, PassResult, heldout_mask
+from .refit import FoldState, RefitEngine
+
+KEEPS = ("better", "always")
+
+
+def linear_ops(model: onnx.ModelProto) -> list[Projection]:
+    """Every MatMul / Gemm with a constant 2-D weight it alone reads, in graph order
+    (with its bias Add when it has one)."""
+    ix = GraphIndex(model)
+    ops = []
+    for node in ix.nodes:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        p = None
+        after = ix.single_consumer(node.output[0]) if node.op_type == "MatMul" else None
+        if after is not None and after.op_type == "Add":
+            p = projection_at(ix, after.output[0])
+        if p is None:
+            p = projection_at(ix, node.output[0])
+        # a weight shared by several ops (tied embeddings) would need one refit for all of them
+        if p is not None and len(ix.consumers.get(p.weight_input, [])) == 1:
+            ops.append(p)
+    return ops
+
+
+def _same(a: Projection, b: Projection) -> bool:
+    if a.weight_shape != b.weight_shape or (a.bias is None) != (b.bias is None):
+        return False
+    if a.bias is not None and not np.array_equal(a.bias, b.bias):
+        return False
+    return bool(np.array_equal(a.weight, b.weight))
+
+
+def refit_plan(current: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[list[list[str]], int, int]:
+    """(stages: node names of the ops refit together, in order; ops from the first
+    changed one on; of those, ops left alone: no match, or an output of another
+    width or read differently). An op is matched to the reference's by node name."""
+    ref = {p.node: p for p in linear_ops(reference)}
+    ops = linear_ops(current)
+    first = next((i for i, p in enumerate(ops) if p.node not in ref or not _same(p, ref[p.node])), None)
+    if first is None:
+        return [], 0, 0
+    readers_now, readers_ref = GraphIndex(current).consumers, GraphIndex(reference).consumers
+
+    def same_meaning(p: Projection, r: Projection) -> bool:
+        # the same tensor read by the same nodes: nothing (a linear path of linearity folding, say) was
+        # added to the op's output in one model and not in the other, so the target is the whole output
+        return r.out_features == p.out_features and r.output == p.output and \
+            {n.name for n in readers_now.get(p.output, [])} == {n.name for n in readers_ref.get(r.output, [])}
+
+    stages: dict[str, list[str]] = {}  # input tensor -> ops reading it (inputs come before their readers)
+    skipped = 0
+    for p in ops[first:]:
+        r = ref.get(p.node)
+        if r is None or not same_meaning(p, r):
+            skipped += 1
+            continue
+        stages.setdefault(p.input, []).append(p.node)
+    return list(stages.values()), len(ops) - first, skipped
+
+
+@dataclass
+class SharedInputRows:
+    """Least-squares rows for ops that read one tensor ``x`` of the current
+    model: group i fits the reference's output ``targets[i]`` (tensor name)
+    as what op i's prior ``w_priors[i]`` (out × in) must add, plus an
+    intercept. Picklable (Ray)."""
+
+    x: str
+    dtype: Any
+    targets: list[str]
+    w_priors: list[np.ndarray]
+    max_rows = None
+
+    @property
+    def current(self) -> dict:
+        return {self.x: self.dtype}
+
+    @property
+    def original(self) -> dict:
+        return {t: self.dtype for t in self.targets}
+
+    @property
+    def widths(self) -> list[int]:
+        return [w.shape[0] for w in self.w_priors]
+
+    def rows(self, cur: dict, orig: dict):
+        x = np.asarray(cur[self.x])
+        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        out = []
+        for t, w in zip(self.targets, self.w_priors):
+            target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
+            out.append((x2, target - x2 @ w.T, target))
+        return x.shape[0], out
+
+
+class _ErrorSums:
+    """Per output: squared error against the reference and the reference's moments."""
+
+    def __init__(self, n: int):
+        self.sse, self.count = np.zeros(n), np.zeros(n)
+        self.sum, self.sum_sq = np.zeros(n), np.zeros(n)
+
+    def merge(self, other: "_ErrorSums") -> "_ErrorSums":
+        for k in ("sse", "count", "sum", "sum_sq"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    def relative(self) -> float:
+        spread = self.sum_sq - self.sum ** 2 / np.maximum(self.count, 1)
+        return float(np.sum(self.sse / np.where(spread > 0, spread, 1.0)))
+
+
+def _new_error_sums(n_outputs: int, n_models: int) -> dict:
+    return {f"model{i}": _ErrorSums(n_outputs) for i in range(n_models)}
+
+
+def _add_errors(n_models: int, accs: dict, _start, _feed, _labels, tensors: list) -> None:
+    reference = tensors[-1]
+    for i in range(n_models):
+        acc = accs[f"model{i}"]
+        for j, (name, ref) in enumerate(reference.items()):
+            r = np.asarray(ref, dtype=np.float64)
+            d = np.asarray(tensors[i][name], dtype=np.float64) - r
+            acc.sse[j] += float(np.sum(d * d))
+            acc.count[j] += r.size
+            acc.sum[j] += float(r.sum())
+            acc.sum_sq[j] += float(np.sum(r * r))
+
+
+def output_errors(models: list[onnx.ModelProto], reference: onnx.ModelProto, data, ctx: PassContext,
+                  task: str) -> list[float]:
+    """Each model's held-out error against ``reference``: squared error of every
+    float graph output relative to the reference output's spread, summed."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    names = [o.name for o in reference.graph.output if o.type.tensor_type.elem_type in floats]
+    job = StatsJob([(m, names) for m in models] + [(reference, names)],
+                   partial(_new_error_sums, len(names), len(models)), partial(_add_errors, len(models)))
+    accs = ctx.measure(job, data, task)
+    return [accs[f"model{i}"].relative() for i in range(len(models))]
+
+
+@dataclass
+class DownstreamRefitPass:
+    """Refit the linear ops downstream of the folds (module docstring);
+    ``reference``: the model before the folds (default: the context's)."""
+
+    keep: str = "better"
+    seed: int = 0
+    reference: onnx.ModelProto | None = field(default=None, repr=False)
+    name: str = "downstream_refit"
+
+    def __post_init__(self):
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be one of {KEEPS}, got {self.keep!r}")
+
+    def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        reference = self.reference if self.reference is not None else ctx.reference
+        if reference is None or ctx.calibration is None:
+            return PassResult(model, False, [], [])
+        stages, following, skipped = refit_plan(model, reference)
+        if not stages:
+            return PassResult(model, False, [], [])
+        state = FoldState(reference)
+        state.replace(model)
+        engine = RefitEngine(state, ctx, self.seed)
+        refit = kept = 0
+        ref = {p.node: p for p in linear_ops(reference)}
+        for i, nodes in enumerate(stages):
+            ctx.report_progress("downstream refit", i, len(stages))
+            ops = {p.node: p for p in linear_ops(state.current_model())}
+            group = [ops[n] for n in nodes]
+            rows = SharedInputRows(group[0].input, group[0].dtype, [ref[n].output for n in nodes],
+                                   [p.weight.astype(np.float64) for p in group])
+            outcomes = engine.solve(rows, [(p.weight.astype(np.float64), p.bias_or_zero().copy()) for p in group],
+                                    f"downstream refit {i + 1}/{len(stages)}")
+            edits = []
+            for p, (r, _held) in zip(group, outcomes):
+                if r.lam is None:
+                    kept += 1
+                    continue
+                refit += 1
+                # rewrite_projections writes Wᵀ as the MatMul's / Gemm's B; a transB Gemm stores W itself
+                edits.append(ProjectionEdit(p, r.weight.T if p.stored_out_in else r.weight, r.bias))
+            if edits:
+                state.replace(rewrite_projections(state.current_model(), edits, [],
+                                                  {n for p, _ in zip(group, outcomes) for n in p.nodes}))
+        ctx.report_progress("downstream refit", len(stages), len(stages))
+        what = (f"downstream refit: {refit} linear ops refit, {kept} kept as they were "
+                f"(of {following} from the first changed one; {skipped} left alone: output width or readers changed)")
+        if not refit:
+            return PassResult(model, False, [], [what])
+        result = state.current_model()
+        if self.keep == "always":
+            return PassResult(result, True, [], [what])
+        data, share = ctx.heldout, "held-out split"
+        if data is None:
+            held = heldout_mask(ctx.calibration.num_samples, self.seed)
+            if held is None:
+                return PassResult(result, True, [], [what + "; too few samples to compare, kept"])
+            data, share = ctx.calibration.subset(np.flatnonzero(held)), "held-out share of the calibration data"
+        before, after = output_errors([model, result], reference, data, ctx, "downstream refit: compare")
+        if after < before:
+            return PassResult(result, True, [], [f"{what}; kept: output error on the {share} {after:.4g} "
+                                                 f"(consumer-only {before:.4g})"])
+        return PassResult(model, False, [], [f"{what}; discarded: output error on the {share} {after:.4g} "
+                                             f"is not below consumer-only {before:.4g}"])

@@ -1,0 +1,158 @@
+"""The downstream refit (passes/downstream.py): after a fold, the linear ops
+that follow are refit in order towards the original model.
+
+Errors are measured here with onnxruntime on data the refit never saw,
+against the original model's outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from helpers import build_mlp, ort_run
+import onnxfold
+from onnxfold.errors import UsageError
+from onnxfold.measure.data import CalibrationSet, load_calibration
+from onnxfold.passes.base import PassContext
+from onnxfold.passes.downstream import DownstreamRefitPass, linear_ops, refit_plan
+from onnxfold.passes.folding import FoldingPass
+from onnxfold.pipeline import run_passes
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _inputs(n: int, d: int, seed: int) -> np.ndarray:
+    """Correlated inputs (a few latent factors plus noise): folding a layer loses something."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(100).standard_normal((4, d))
+    return (rng.standard_normal((n, 4)) @ mix + 0.3 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def _ctx(x: np.ndarray) -> PassContext:
+    return PassContext(calibration=CalibrationSet({"x": x}), batch_size=256)
+
+
+def _error(model: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray) -> float:
+    (y,), (y0,) = ort_run(model, x), ort_run(original, x)
+    return float(np.mean((y.astype(np.float64) - y0) ** 2))
+
+
+def _weights(model: onnx.ModelProto, node: str) -> np.ndarray:
+    names = {t.name for t in model.graph.initializer}
+    mm = next(n for n in model.graph.node if n.name == node)
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == mm.input[1] and t.name in names))
+
+
+@pytest.mark.parametrize("form", ["gemm", "matmul"])
+def test_downstream_refit_reduces_the_error_on_unseen_data(form):
+    model = build_mlp([8, 24, 16, 16, 4], "tanh", form=form, seed=3, weight_scale=2.0)
+    calib, test = _inputs(3000, 8, seed=1), _inputs(2000, 8, seed=2)
+    folded = FoldingPass({"layer0": 0.75}, repair="ls", seed=0)(model, _ctx(calib)).model
+    res = DownstreamRefitPass(keep="always", reference=model)(folded, _ctx(calib))
+    assert res.changed
+    consumer_only, downstream = _error(folded, model, test), _error(res.model, model, test)
+    # the layers after the folded one's consumer correct what the consumer refit left
+    assert downstream < 0.8 * consumer_only, (downstream, consumer_only)
+
+
+def test_nothing_folded_nothing_changed():
+    model = build_mlp([8, 16, 16, 4], "relu", seed=4)
+    res = DownstreamRefitPass(reference=model)(model, _ctx(_inputs(500, 8, seed=1)))
+    assert not res.changed and res.model is model
+    assert refit_plan(model, model) == ([], 0, 0)
+
+
+def test_ops_whose_width_changed_are_left_alone():
+    model = build_mlp([8, 24, 16, 16, 4], "tanh", form="matmul", seed=3, weight_scale=2.0)
+    calib = _inputs(3000, 8, seed=1)
+    folded = FoldingPass({"layer0": 0.75}, repair="ls", seed=0)(model, _ctx(calib)).model
+    stages, following, skipped = refit_plan(folded, model)
+    # fc0 lost 18 of its 24 outputs: left alone; fc1 (its consumer), fc2, fc3 are refit, one stage each
+    assert (following, skipped) == (4, 1)
+    assert stages == [["fc1"], ["fc2"], ["fc3"]]
+    res = DownstreamRefitPass(keep="always", reference=model)(folded, _ctx(calib))
+    np.testing.assert_array_equal(_weights(res.model, "fc0"), _weights(folded, "fc0"))
+    for node in ("fc2", "fc3"):  # untouched by the fold, refit here
+        assert _weights(folded, node).shape == _weights(res.model, node).shape
+        assert not np.array_equal(_weights(folded, node), _weights(res.model, node))
+
+
+def test_ops_reading_one_tensor_are_one_stage():
+    # two heads reading the same hidden tensor: one stream refits both
+    model = build_mlp([6, 12, 8, 3], "relu", form="matmul", seed=5)
+    g = model.graph
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32), "side.B")
+    g.initializer.append(w)
+    g.node.append(onnx.helper.make_node("MatMul", ["h1", "side.B"], ["side"], name="side"))
+    g.output.append(onnx.helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, ["N", 5]))
+    calib = _inputs(1500, 6, seed=1)
+    ops = [p.node for p in linear_ops(model)]
+    assert ops == ["fc0", "fc1", "fc2", "side"]
+    folded = FoldingPass({"layer0": 0.5}, repair="ls", seed=0)(model, _ctx(calib)).model
+    stages, _, _ = refit_plan(folded, model)
+    assert stages == [["fc1"], ["fc2", "side"]]
+
+
+def test_keep_better_returns_the_lower_held_out_error():
+    model = build_mlp([8, 24, 16, 16, 4], "tanh", form="gemm", seed=3, weight_scale=2.0)
+    calib, held = _inputs(3000, 8, seed=1), _inputs(1000, 8, seed=5)
+    ctx = PassContext(calibration=CalibrationSet({"x": calib}), heldout=CalibrationSet({"x": held}), batch_size=256)
+    folded = FoldingPass({"layer0": 0.75}, repair="ls", seed=0)(model, ctx).model
+    always = DownstreamRefitPass(keep="always", reference=model)(folded, ctx).model
+    better = DownstreamRefitPass(keep="better", reference=model)(folded, ctx)
+    errors = {"folded": _error(folded, model, held), "always": _error(always, model, held)}
+    chosen = _error(better.model, model, held)
+    assert chosen == pytest.approx(min(errors.values()), rel=1e-6)
+    assert any(("kept" if better.changed else "discarded") in n for n in better.notes)
+
+
+def test_pipeline_gives_the_pass_the_model_it_started_from():
+    model = build_mlp([8, 24, 16, 16, 4], "tanh", form="gemm", seed=3, weight_scale=2.0)
+    calib, test = _inputs(3000, 8, seed=1), _inputs(2000, 8, seed=2)
+    passes = [FoldingPass({"layer0": 0.75}, repair="ls", seed=0), DownstreamRefitPass(keep="always")]
+    out, changed, _, notes = run_passes(model, passes, _ctx(calib))
+    alone = DownstreamRefitPass(keep="always", reference=model)(passes[0](model, _ctx(calib)).model, _ctx(calib))
+    assert changed and any(n.startswith("downstream refit") for n in notes)
+    assert _error(out, model, test) == pytest.approx(_error(alone.model, model, test), rel=1e-6)
+
+
+def test_refit_option_is_validated():
+    model = build_mlp([8, 16, 4], "relu", seed=4)
+    with pytest.raises(UsageError, match="fold refit"):
+        onnxfold.optimize(model, CalibrationSet({"x": _inputs(100, 8, seed=1)}), fold_ratio=0.5, fold_refit="all")
+
+
+def test_auto_refit_on_a_shipped_model_is_not_worse_on_its_test_split():
+    """digits_mlp: consumer-only LS vs the default (auto: downstream when it wins on
+    held-out data), judged on the test split neither saw."""
+    model = onnx.load(MODELS / "digits_mlp.onnx")
+    calib = load_calibration(MODELS / "digits_mlp.calib.npz", model)
+    test = load_calibration(MODELS / "digits_mlp.test.npz", model, what="evaluation")
+    x = test.arrays["input"]
+    kw = dict(fold_ratio=0.5, provider="cpu", latency=False, seed=0)
+    consumer = onnxfold.optimize(model, calib, fold_refit="consumer", **kw).model
+    auto = onnxfold.optimize(model, calib, **kw)
+    (y0,), (yc,), (ya,) = ort_run(model, x), ort_run(consumer, x), ort_run(auto.model, x)
+    assert any(n.startswith("downstream refit") for n in auto.report["notes"])
+    assert np.mean((ya - y0) ** 2) <= np.mean((yc - y0) ** 2)
+
+
+def test_an_op_whose_output_is_read_differently_is_left_alone():
+    # something added to fc1's output in the compressed model only (as a linear path of linearity
+    # folding is): the original's fc1 output is then no target for fc1 alone
+    model = build_mlp([8, 24, 16, 16, 4], "tanh", form="matmul", seed=3, weight_scale=2.0)
+    folded = FoldingPass({"layer0": 0.75}, repair="ls", seed=0)(model, _ctx(_inputs(1000, 8, seed=1))).model
+    assert ["fc1"] in refit_plan(folded, model)[0]
+    g = folded.graph
+    out = next(p.output for p in linear_ops(folded) if p.node == "fc1")
+    reader = next(n for n in g.node if out in n.input)
+    g.initializer.append(numpy_helper.from_array(np.zeros(16, dtype=np.float32), "extra.c"))
+    g.node.append(onnx.helper.make_node("Add", [out, "extra.c"], ["extra"], name="extra"))
+    reader.input[list(reader.input).index(out)] = "extra"
+    stages, following, skipped = refit_plan(folded, model)
+    assert ["fc1"] not in stages and ["fc2"] in stages and skipped == 2

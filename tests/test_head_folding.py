@@ -539,11 +539,16 @@ def test_gated_ls_refit_beats_the_plain_fold():
     x = rng.standard_normal((8, 6, HIDDEN)).astype(np.float32)
     ref = ort_run(model, {"x": x})[0]
     errs = {}
-    for repair in ("none", "ls"):
+    for repair in ("none", "ls", "auto"):
         res = GatedFoldingPass(0.5, repair=repair)(model, ctx)
         onnx.checker.check_model(res.model)
         errs[repair] = float(((ort_run(res.model, {"x": x})[0] - ref) ** 2).mean())
     assert errs["ls"] < 0.9 * errs["none"], errs
+    # with calibration data, the default is the refit (the down projection acts per position)
+    assert errs["auto"] == errs["ls"], errs
+    # without data it is no repair
+    plain = GatedFoldingPass(0.5)(model, PassContext())
+    assert float(((ort_run(plain.model, {"x": x})[0] - ref) ** 2).mean()) == errs["none"]
 
 
 def test_bad_arguments_are_usage_errors():

@@ -340,7 +340,7 @@ METHOD_TEXT = (
     " parameters (embeddings included) relative to the original.\n\n"
     "*onnxfold*: `onnxfold.optimize` with explicit settings (`fold_ratio` folds the FFN channels: the"
     " decoders' gated MLPs, MiniLM's dense FFN blocks; `fold_heads` / `fold_kv_heads` fold attention heads),"
-    " the default selection and repair (gated MLPs and heads: no repair of their own, MiniLM's dense FFN"
+    " the default selection and repair (gated MLPs: the ls refit of the down projection; heads: no repair of their own; MiniLM's dense FFN"
     " blocks: the ls refit of each fold's consumer; then, with calibration data, the downstream refit of every"
     " linear op after the first changed one - the down and o projections included - `--refit auto`, kept when"
     " it lowers the output error on the held-out windows; the MiniLM rows may predate it, see Runs), seed {seed}, and the calibration windows given as `eval_data` too,"

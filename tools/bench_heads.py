@@ -25,7 +25,8 @@ of the held-out corpus (*window cosine*: the calibration data's format, other
 text). Writes ``OUT/heads.md`` and ``OUT/heads.json``; ``--sections search``
 (or ``folds``) reruns one part and keeps the other's last results. Each part
 it reruns is compared with the results it replaces (``_bench.against_previous``);
-``--reason TEXT`` says why numbers got worse.
+``--reason TEXT`` says why numbers got worse (``--render --reason TEXT``: after
+the run, from the JSON, once the reason is found out).
 """
 
 from __future__ import annotations
@@ -425,13 +426,31 @@ def compared(out: Path, payload: dict, flatten, lower_is_better, reason: str | N
 def _options(ap) -> None:
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                     help="what to run; the other section's last results are kept from OUT/heads.json")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: write OUT/heads.md again from OUT/heads.json, with --reason as the reason"
+                         " for the regressions its comparisons with the previous run list")
     reason_argument(ap)
+
+
+def give_reason(result: dict, reason: str) -> None:
+    """Fill in the reason of the stored comparisons that list regressions (found out after the run)."""
+    for lines in (result.get("against_previous"), (result.get("search") or {}).get("against_previous")):
+        for i, line in enumerate(lines or []):
+            if line.startswith("Why: "):
+                lines[i] = f"Why: {reason}"
 
 
 def main(argv=None) -> int:
     run, args = ResultsRun.from_args(__doc__.split("\n")[0], argv, _options)
     previous = args.out / "heads.json"
     result = json.loads(previous.read_text()) if previous.exists() else {}
+    if args.render:
+        if args.reason:
+            give_reason(result, args.reason)
+        (args.out / "heads.md").write_text(render(result))
+        previous.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out / 'heads.md'} from {previous}")
+        return 0
     tokenizer, bert = bm.load_encoder()
     if "search" in args.sections:
         result["search"] = run_search(tokenizer, bert, run)

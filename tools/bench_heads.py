@@ -1,6 +1,6 @@
 """Attention-head folding on a pretrained transformer: the all-MiniLM-L6-v2 encoder.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. python tools/bench_heads.py [--out tools/results]
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python tools/bench_heads.py [--sections folds|search] [--reason TEXT]
 
 Reuses ``tools/bench_minilm.py`` (encoder export to ``tools/_work/minilm.onnx``,
 calibration windows, WordSim-353 / held-out sentence evaluation); needs the
@@ -23,7 +23,10 @@ Scores: WordSim-353 Spearman and mean cosine to the original embedding of the
 held-out sentences (as bench_minilm), plus the mean cosine on 64-token windows
 of the held-out corpus (*window cosine*: the calibration data's format, other
 text). Writes ``OUT/heads.md`` and ``OUT/heads.json``; ``--sections search``
-(or ``folds``) reruns one part and keeps the other's last results.
+(or ``folds``) reruns one part and keeps the other's last results. Each part
+it reruns is compared with the results it replaces (``_bench.against_previous``);
+``--reason TEXT`` says why numbers got worse (``--render --reason TEXT``: after
+the run, from the JSON, once the reason is found out).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_minilm as bm
-from _bench import ResultsRun, footer
+from _bench import ResultsRun, against_previous, footer, reason_argument
 
 import onnxfold
 from onnxfold.decide.budget import Budget
@@ -264,7 +267,8 @@ def render_search(s: dict) -> list[str]:
         *(f"| {i} | {_per_group(c['heads_kept'], blocks, NUM_HEADS)} | {_per_group(c['fold_ratios'], ffns, 0)} |"
           f" {c['fold_select']} | {c['size']:.3f} | {c['spent']:.2f} | {'yes' if c['met'] else 'no'} |"
           for i, c in enumerate(s.get("candidates", []), 1)),
-        *([""] + [f"Note: {n}" for n in s["notes"]] if s["notes"] else [])]
+        *([""] + [f"Note: {n}" for n in s["notes"]] if s["notes"] else []),
+        *([""] + s["against_previous"] if s.get("against_previous") else [])]
 
 
 def render(res: dict) -> str:
@@ -306,6 +310,8 @@ def render(res: dict) -> str:
         out.append(f"| {r['method']} | {r['heads']} | {r['ffn_ratio']:g} | {r['attn_size']:.3f} | {r['size']:.3f} |"
                    f" {r['spearman']:.4f} | {r['spearman'] - o['spearman']:+.4f} | {r['cosine']:.4f} |"
                    f" {r['window_cosine']:.4f} | {r['seconds']:.1f} |")
+    if res.get("against_previous"):
+        out += [""] + res["against_previous"]
     search = res.get("search")
     if search:
         out += [""] + render_search(search)
@@ -384,17 +390,77 @@ def run_folds(tokenizer, bert, run: ResultsRun) -> dict:
             "total_seconds": time.perf_counter() - t_start}
 
 
+def flatten_folds(payload: dict) -> dict:
+    """Every row of the fold table, for the comparison with the previous run."""
+    return {f"{r['method']}, {r['heads']} heads, FFN r {r['ffn_ratio']:g}":
+            {"Spearman": r["spearman"], "cosine": r["cosine"], "window cosine": r["window_cosine"],
+             "encoder size": r["size"]} for r in payload.get("runs", [])}
+
+
+def flatten_search(payload: dict) -> dict:
+    """The search's outcome, for the comparison with the previous run."""
+    s = payload.get("search") or {}
+    if not s:
+        return {}
+    met = (s.get("final_check") or {}).get("met")
+    return {"budget search": {"encoder size": s["size"], "held-out agreement": s["heldout_agreement"],
+                              "final check met": None if met is None else float(bool(met))}}
+
+
+def compared(out: Path, payload: dict, flatten, lower_is_better, reason: str | None, heading: str,
+             section: str | None = None) -> list[str]:
+    """``_bench.against_previous`` for one section, under its own heading;
+    ``section``: the payload key whose own run time and machine the replaced
+    results are dated by (the sections run separately)."""
+    lines = against_previous(out, "heads", payload, flatten, lower_is_better, reason)
+    if not lines:
+        return []
+    old = json.loads((out / "heads.json").read_text())
+    if section and old.get(section):
+        said = f"ran {old.get('generated')} on {old.get('machine')}:"
+        lines = [line.replace(said, f"ran {old[section]['generated']} on {old[section]['machine']}:")
+                 for line in lines]
+    return [heading] + lines[1:]
+
+
+def _options(ap) -> None:
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="what to run; the other section's last results are kept from OUT/heads.json")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: write OUT/heads.md again from OUT/heads.json, with --reason as the reason"
+                         " for the regressions its comparisons with the previous run list")
+    reason_argument(ap)
+
+
+def give_reason(result: dict, reason: str) -> None:
+    """Fill in the reason of the stored comparisons that list regressions (found out after the run)."""
+    for lines in (result.get("against_previous"), (result.get("search") or {}).get("against_previous")):
+        for i, line in enumerate(lines or []):
+            if line.startswith("Why: "):
+                lines[i] = f"Why: {reason}"
+
+
 def main(argv=None) -> int:
-    run, args = ResultsRun.from_args(__doc__.split("\n")[0], argv, lambda ap: ap.add_argument(
-        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-        help="what to run; the other section's last results are kept from OUT/heads.json"))
+    run, args = ResultsRun.from_args(__doc__.split("\n")[0], argv, _options)
     previous = args.out / "heads.json"
     result = json.loads(previous.read_text()) if previous.exists() else {}
+    if args.render:
+        if args.reason:
+            give_reason(result, args.reason)
+        (args.out / "heads.md").write_text(render(result))
+        previous.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out / 'heads.md'} from {previous}")
+        return 0
     tokenizer, bert = bm.load_encoder()
     if "search" in args.sections:
         result["search"] = run_search(tokenizer, bert, run)
+        result["search"]["against_previous"] = compared(
+            args.out, result, flatten_search, {"encoder size"}, args.reason,
+            "### Against the previous search run", section="search")
     if "folds" in args.sections:
         result = {**run_folds(tokenizer, bert, run), "search": result.get("search")}
+        result["against_previous"] = compared(args.out, result, flatten_folds, {"encoder size"}, args.reason,
+                                              "## Against the previous run (fixed head counts)")
     if "runs" not in result:
         print("no fold results yet: run with --sections folds first")
         return 1

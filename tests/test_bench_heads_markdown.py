@@ -8,7 +8,7 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
-from bench_heads import compared, flatten_folds, flatten_search, main  # noqa: E402
+from bench_heads import compared, flatten_folds, flatten_search, main, search_checks  # noqa: E402
 
 HEADING = "### Against the previous search run"
 
@@ -54,3 +54,25 @@ def test_render_fills_in_the_reason_found_out_after_the_run(tmp_path):
     md = (tmp_path / "heads.md").read_text()
     assert "- a row: Spearman 0.7 → 0.6\n\nWhy: found out later\n" in md and "no reason given" not in md
     assert json.loads((tmp_path / "heads.json").read_text())["against_previous"][6] == "Why: found out later"
+
+
+def _cand(heads, ffn, size, spent, met=True):
+    return {"heads_kept": heads, "fold_ratios": ffn, "fold_select": "kmeans", "size": size, "spent": spent, "met": met}
+
+
+def test_the_search_check_needs_both_knob_kinds_tried_and_a_smaller_model_that_met_the_final_check():
+    cands = [_cand({}, {}, 1.0, 0.1), _cand({"attn0": 11}, {}, 0.98, 0.9), _cand({}, {"layer0": 0.4}, 0.9, 0.8),
+             _cand({"attn0": 6}, {}, 0.92, 1.5, met=False)]
+    run = {"candidates": cands, "status": "optimized", "size": 0.9, "heads_kept": {"attn0": 12},
+           "fold_ratios": {"layer0": 0.4}}
+    lines = search_checks(run)
+    assert lines[0].startswith("CHECK") and lines[0].endswith("PASS")
+    assert "2 candidates with fewer heads, 1 with folded FFN blocks, of 4" in lines[0]
+    assert "heads all kept" in lines[1]
+    # the evidence: the best met candidate of each kind (the unmet 6-head one does not count)
+    assert "heads-only one saved 2.0 % of the parameters spending 0.90" in lines[2]
+    assert "FFN-only one 10.0 % spending 0.80" in lines[2]
+    for broken in ({"status": "final_check_failed"}, {"size": 1.0},
+                   {"candidates": [c for c in cands if not c["heads_kept"]]},
+                   {"candidates": [c for c in cands if not c["fold_ratios"]]}):
+        assert search_checks({**run, **broken})[0].endswith("FAIL"), broken

@@ -132,13 +132,19 @@ def resolution_warning(budget: Budget, select, final, *, has_eval: bool, sequenc
             f"can be accepted ({more} for more compression)")
 
 
-def _import_clustering() -> None:
-    """Import the libraries folding clusters with now, as part of loading:
-    scikit-learn takes 1-2 s to import whatever the model, which would
-    otherwise land in the first k-means of the decide stage and hide what
-    deciding costs."""
+def _import_decide_libraries() -> None:
+    """Import what the decide stage runs on now, as part of loading:
+    scikit-learn takes 1-2 s to import whatever the model, and the passes,
+    the search, the graph editor and onnx_graphsurgeon another 0.3-1 s on a
+    loaded machine; imported lazily they would land in the first candidate
+    of the decide stage and hide what deciding costs (issue 16 compares
+    decide with calibration seconds)."""
     import sklearn.cluster  # noqa: F401
     import threadpoolctl  # noqa: F401
+
+    from . import search  # noqa: F401
+    from .passes import channel_folding, folding, head_folding, linearity  # noqa: F401
+    from .rewrite import materialize  # noqa: F401
 
 
 def optimize(model, calibration=None, *, eval_data=None, options: OptimizeOptions | None = None,
@@ -272,7 +278,7 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     with timer("load"):
         original, input_path = _load(model)
         if calibration is not None or opts.fold.ratio is not None or opts.fold.heads is not None:
-            _import_clustering()
+            _import_decide_libraries()
     providers, notice = resolve_provider(opts.runtime.provider)
     if notice:
         notes.append(notice)

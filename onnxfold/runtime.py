@@ -11,7 +11,9 @@ there becomes the one-line reason.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -171,6 +173,60 @@ def _session_options(intra_op_threads: int | None):
     return so
 
 
+class SessionCache:
+    """onnxruntime sessions by content: the serialized model bytes (SHA-1),
+    the providers and the thread count. A budget search streams the same model
+    parts again and again - the original model's part that computes a refit's
+    targets is the same for every candidate, and so is every part upstream of
+    the layers a candidate changes - and building a session (graph
+    optimisation, kernel setup) costs as much as running a small one.
+    A session's outputs depend only on those bytes and options, so a reused
+    session gives bit-identical results. Least recently used dropped first;
+    only models up to ``max_model_bytes`` are kept."""
+
+    def __init__(self, max_sessions: int = 16, max_bytes: int = 256 * 2**20):
+        self.max_sessions, self.max_bytes = max_sessions, max_bytes
+        self._sessions: dict = {}  # key -> (session, model bytes), in use order (dicts keep insertion order)
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def keeps(self, model_bytes: int) -> bool:
+        """Whether a model of this size is cached (a bigger one is built every time)."""
+        return model_bytes <= self.max_bytes // 4
+
+    def clear(self) -> None:
+        self._sessions.clear()
+        self.bytes = 0
+
+    def get_or_build(self, key, size: int, build):
+        if key in self._sessions:
+            self.hits += 1
+            self._sessions[key] = self._sessions.pop(key)  # most recently used last
+            return self._sessions[key][0]
+        self.misses += 1
+        session = build()
+        self._sessions[key] = (session, size)
+        self.bytes += size
+        while len(self._sessions) > 1 and (len(self._sessions) > self.max_sessions or self.bytes > self.max_bytes):
+            _, dropped = self._sessions.pop(next(iter(self._sessions)))
+            self.bytes -= dropped
+        return session
+
+
+_SESSIONS: contextvars.ContextVar[SessionCache | None] = contextvars.ContextVar("onnxfold_sessions", default=None)
+
+
+@contextlib.contextmanager
+def reusing_sessions(cache: SessionCache | None = None):
+    """Within the block, :func:`create_session` returns the same session for
+    the same model bytes and options (see :class:`SessionCache`)."""
+    token = _SESSIONS.set(cache if cache is not None else SessionCache())
+    try:
+        yield _SESSIONS.get()
+    finally:
+        _SESSIONS.reset(token)
+
+
 def create_session(
     model: onnx.ModelProto | str | os.PathLike,
     providers: list[str],
@@ -221,7 +277,11 @@ def create_session(
     if not deferred and io_sizes.estimate_serialized_size(model) <= min(SESSION_BYTES_LIMIT, io_sizes.EXTERNAL_THRESHOLD):
         data = model.SerializeToString()
         try:
-            return build(data)
+            cache = _SESSIONS.get()
+            if cache is None or not cache.keeps(len(data)):
+                return build(data)
+            key = (hashlib.sha1(data).hexdigest(), tuple(providers), so.intra_op_num_threads)
+            return cache.get_or_build(key, len(data), lambda: build(data))
         finally:
             del data
     tmp = Path(tempfile.mkdtemp(prefix="onnxfold-session-", dir=scratch_dir))

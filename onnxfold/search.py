@@ -39,6 +39,7 @@ from .find.groups import KNOB_ORDER, RATIO_STEPS, THRESHOLD_STEPS, FoldableGroup
 from .passes.base import LayerReport, PassContext
 from .passes.cache import SearchCache, model_digest
 from .pipeline import merge_layer_reports, run_passes
+from .runtime import SessionCache, reusing_sessions
 from .verify import compare_models, reference_outputs
 
 __all__ = ["RATIO_STEPS", "THRESHOLD_STEPS", "SELECTS", "BudgetSearch", "Candidate", "SearchResult", "Setting",
@@ -244,6 +245,9 @@ class BudgetSearch:
         self._last: tuple[Setting, onnx.ModelProto] | None = None  # the last candidate evaluated, with its model
         self.original_params = count_parameters(original)
         self._judge = judge
+        # onnxruntime sessions reused for identical model parts: the original's
+        # part behind a refit's targets, parts upstream of what a candidate changes
+        self.sessions = SessionCache()
         self.reference = None if judge is not None else reference_outputs(
             original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
 
@@ -273,7 +277,8 @@ class BudgetSearch:
         if self._judge is not None:
             return self._remember(setting, self._judge(setting))
         evaluator = self._evaluator()
-        cand = evaluator(setting)
+        with reusing_sessions(self.sessions):
+            cand = evaluator(setting)
         if setting == Setting() and evaluator.lossless is not None:
             self._lossless = evaluator.lossless  # every later candidate starts from it
         return self._remember(setting, cand)
@@ -292,7 +297,8 @@ class BudgetSearch:
             return self._last[1]
         if s == Setting() and self._lossless is not None:
             return self._lossless[0]
-        return self._evaluator().build(s)[0]
+        with reusing_sessions(self.sessions):
+            return self._evaluator().build(s)[0]
 
     def prefetch(self, settings: list[Setting]) -> None:
         """Evaluate, side by side, the settings a sequential walk over
@@ -359,8 +365,11 @@ class BudgetSearch:
         # threads waiting on cores busy with onnxruntime or another process
         # made an eigh 10-15x slower on a loaded 2-core machine.
         limit = 1 if self.original_params <= ONE_BLAS_THREAD_UP_TO else None
-        with threadpool_limits(limits=limit, user_api="blas"):
-            return self._run(groups)
+        try:
+            with threadpool_limits(limits=limit, user_api="blas"), reusing_sessions(self.sessions):
+                return self._run(groups)
+        finally:
+            self.sessions.clear()  # their memory goes back once the search is done
 
     def _uniform(self, groups: list[Group], base: Candidate) -> tuple[Candidate | None, dict[str, int]]:
         """Phase 2: for each knob (and selection method where it acts), the

@@ -338,3 +338,39 @@ def test_collect_neuron_stats_matches_direct(seq):
     np.testing.assert_allclose(st.var_a, _direct.var_a, rtol=1e-9)
     np.testing.assert_array_equal(st.piece_counts, _direct.piece_counts)
     np.testing.assert_allclose(st.mean_z, (x @ W1 + b1).reshape(-1, 8).mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_ridge_single_lam_solve_equals_the_eigen_path():
+    """A lam solved alone on a fresh accumulator (Cholesky) gives what the
+    eigendecomposition path gives, for a well- and an ill-conditioned X."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((400, 30))
+    ill = base @ np.diag(np.logspace(0, -7, 30))  # condition number ~1e7
+    for X in (base, ill):
+        Y = X @ rng.standard_normal((30, 4)) + 0.01 * rng.standard_normal((400, 4))
+        for lam in (1e-6, 1e-2, 10.0):
+            alone, path = GramAccumulator(), GramAccumulator()
+            alone.update(X, Y)
+            path.update(X, Y)
+            W_path, b_path = path.solve_ridge_path([lam])[0]
+            assert alone._eig is None
+            W, b = alone.solve_ridge(lam)
+            assert alone._eig is None  # no eigendecomposition was needed
+            np.testing.assert_allclose(W, W_path, rtol=1e-6, atol=1e-9 * np.abs(W_path).max())
+            np.testing.assert_allclose(b, b_path, rtol=1e-6, atol=1e-9)
+
+
+def test_update_never_modifies_the_callers_rows():
+    """Centring happens in place only on the float64 copy of float32 rows."""
+    rng = np.random.default_rng(4)
+    for dtype in (np.float64, np.float32):
+        X, Y = rng.standard_normal((50, 3)).astype(dtype), rng.standard_normal((50, 2)).astype(dtype)
+        X0, Y0 = X.copy(), Y.copy()
+        g = GramAccumulator()
+        g.update(X, Y)
+        np.testing.assert_array_equal(X, X0)
+        np.testing.assert_array_equal(Y, Y0)
+        X64, Y64 = X0.astype(np.float64), Y0.astype(np.float64)
+        Xc, Yc = X64 - X64.mean(0), Y64 - Y64.mean(0)
+        np.testing.assert_allclose(g.sxx, Xc.T @ Xc, rtol=1e-12)
+        np.testing.assert_allclose(g.sxy, Xc.T @ Yc, rtol=1e-12)

@@ -230,6 +230,40 @@ def test_create_session_from_model():
     assert session.get_providers() == ["CPUExecutionProvider"]
 
 
+def test_reusing_sessions_keys_by_content():
+    """Within reusing_sessions the same model bytes and options give the same
+    session (a copy of the model too); another model, another thread count or
+    no active cache give a new one."""
+    model, other = affine(), affine(n_out=2)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    cpu = ["CPUExecutionProvider"]
+    with rt.reusing_sessions() as cache:
+        a = rt.create_session(model, cpu)
+        assert rt.create_session(copy, cpu) is a
+        assert rt.create_session(other, cpu) is not a
+        assert rt.create_session(model, cpu, intra_op_threads=1) is not a
+        assert (cache.hits, cache.misses) == (1, 3)
+        y_reused = a.run(None, {"x": X, "k": K})[0]
+    assert rt.create_session(model, cpu) is not a  # no cache outside the block
+    np.testing.assert_array_equal(y_reused, rt.create_session(model, cpu).run(None, {"x": X, "k": K})[0])
+    np.testing.assert_allclose(rt.create_session(other, cpu).run(None, {"x": X, "k": K})[0],
+                               expected(other, X), rtol=1e-6)
+
+
+def test_session_cache_bounds():
+    cache = rt.SessionCache(max_sessions=2, max_bytes=400)
+    assert cache.keeps(100) and not cache.keeps(101)
+    for key in "abc":
+        cache.get_or_build(key, 100, object)
+    assert list(cache._sessions) == ["b", "c"]  # least recently used dropped first
+    cache.get_or_build("b", 100, object)
+    cache.get_or_build("d", 100, object)
+    assert list(cache._sessions) == ["b", "d"] and cache.bytes == 200
+    cache.clear()
+    assert not cache._sessions and cache.bytes == 0
+
+
 def test_create_session_from_path_with_external_data(tmp_path):
     model = affine(n_out=300)  # W is 4.8 KB: goes to the data file
     path = fio.save_model(model, tmp_path / "m.onnx", external_data=True)

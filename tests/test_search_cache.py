@@ -65,3 +65,23 @@ def test_passes_never_stream_the_split_that_judges_the_candidates(monkeypatch):
     assert all(d is fit for d, _ in streamed)
     # the ridge strength is chosen on a held-out share of the fit split
     assert all(h is not None and 0 < h.sum() < fit.num_samples for _, h in streamed)
+
+
+def test_reused_sessions_give_the_fresh_metrics():
+    """Candidates judged with onnxruntime sessions reused across candidates
+    (identical model parts) measure exactly what fresh sessions measure."""
+    model = onnx.load(MODELS / "digits_mlp.onnx")
+    data = load_calibration(str(MODELS / "digits_mlp.calib.npz"), model)
+    fit, select = data.split((0.75, 0.25), seed=0)
+    uniform = Setting.of({(n, "ratio"): 2 for n in ("layer0", "layer1", "layer2")})
+    settings = [Setting(), uniform, uniform.with_step("layer2", "ratio", 4)]
+    shared = _search(model, fit, select)
+    for s in settings:
+        got = shared.evaluate(s)
+        fresh = _search(model, fit, select)
+        fresh.sessions.max_sessions = 0  # every session built anew
+        want = fresh.evaluate(s)
+        assert fresh.sessions.hits == 0
+        assert got.comparison == want.comparison, s
+        assert shared.model_for(got).SerializeToString() == fresh.model_for(want).SerializeToString(), s
+    assert shared.sessions.hits > 0  # the reuse happened

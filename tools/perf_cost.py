@@ -207,8 +207,8 @@ def _f(x, nd=2):
 def cost_markdown(cost: dict) -> list[str]:
     L = ["## 2. Optimizer cost by stage", "",
          "`onnxfold optimize --profile-memory` in a fresh process per model, calibration and evaluation data "
-         "given explicitly (`--calib`, `--eval`). Stages: load (parse + checks, and importing scikit-learn for "
-         "the clustering: 1.5-2.5 s here whatever the model), "
+         "given explicitly (`--calib`, `--eval`). Stages: load (parse + checks, and importing what the decide stage "
+         "runs on - scikit-learn's clustering, the passes, the graph editor: 2-3 s here whatever the model), "
          "load_data, calibration (onnxruntime runs over calibration data: statistics and candidate evaluation), "
          "decide (finding chains, clustering, fits, the search's bookkeeping), rewrite (graph surgery), verify "
          "(final comparison), save (atomic write + checker + onnxruntime load). Seconds (peak RSS MiB).", "",
@@ -249,7 +249,12 @@ def cost_markdown(cost: dict) -> list[str]:
               "differences only). Two stage boundaries moved, so the decide / calibration ratios before and after "
               "are not measured the same way: model runs that judge candidates are now counted as calibration "
               "(they were counted as decide, against the stage description above), and the scikit-learn import "
-              "(1.5-2.5 s) is now part of load (it was the first k-means' share of decide).", ""]
+              "(1.5-2.5 s) is now part of load (it was the first k-means' share of decide), and so is importing "
+              "the passes, the search and the graph editor (0.3-1 s, the first candidate's share of decide). A "
+              "refit's final single-strength ridge solve is a Cholesky solve instead of an eigendecomposition "
+              "(same solution to float tolerance), and onnxruntime sessions of identical model parts are reused "
+              "across candidates (bit-identical outputs; this shortens calibration, not decide, so it raises the "
+              "decide / calibration ratio).", ""]
     if cost["fixed_batch"]:
         L += ["### Batch axis fixed at 1", "",
               f"A copy of each model with its batch axis fixed at 1 (inputs and outputs), next to the model itself "

@@ -280,7 +280,9 @@ class GramAccumulator:
         self._eig = self._xtx_eig = None
         x64 = Xr.astype(np.float64, copy=False)
         bx = x64.mean(axis=0)
-        xc = x64 - bx
+        # centred in place when astype made a copy (float32 rows): one m×p
+        # float64 array less to allocate and fill per batch, same values
+        xc = np.subtract(x64, bx, out=x64) if x64 is not Xr and x64.base is None else x64 - bx
         n1, n = self.count, self.count + m
         w = n1 * m / n
         dx = bx - self.mean_x
@@ -290,7 +292,7 @@ class GramAccumulator:
         if has_y:
             y64 = Yr.astype(np.float64, copy=False)
             by = y64.mean(axis=0)
-            yc = y64 - by
+            yc = np.subtract(y64, by, out=y64) if y64 is not Yr and y64.base is None else y64 - by
             dy = by - self.mean_y
             self.sxy += xc.T @ yc
             self.syy += np.einsum("ij,ij->j", yc, yc)
@@ -396,8 +398,31 @@ class GramAccumulator:
         energy to every diagonal entry - invariant to the scale of X, so the
         grid ``DEFAULT_RIDGE_LAMS`` is meaningful for any layer. lam=0 gives
         the minimum-norm least-squares solution (pseudo-inverse).
+
+        One lam > 0 on a matrix not decomposed yet (a refit's final solve on
+        all rows) is a Cholesky solve of A + λI, a fraction of the cost of
+        the eigendecomposition a path of lams shares: the same solution (to
+        float tolerance), since λ ≥ 1e-6 · trace(A)/p keeps every direction
+        above the pseudo-inverse's cutoff for any p under ~60 000.
         """
+        if lam > 0 and self._eig is None:
+            solved = self._solve_cholesky(lam)
+            if solved is not None:
+                return solved
         return self.solve_ridge_path([lam])[0]
+
+    def _solve_cholesky(self, lam: float) -> tuple[np.ndarray, np.ndarray] | None:
+        from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+        A, B = self._system()
+        reg = A + (lam * self.lam_scale()) * np.eye(self.p)
+        try:
+            Wt = cho_solve(cho_factor(reg, lower=True, check_finite=False), B, check_finite=False)  # p×q
+        except LinAlgError:  # not positive definite in floating point: the eigendecomposition handles it
+            return None
+        W = np.ascontiguousarray(Wt.T)
+        b = self.mean_y - W @ self.mean_x if self.with_bias else np.zeros(self.q)
+        return W, b
 
     def solve_ridge_path(self, lams: Iterable[float]) -> list[tuple[np.ndarray, np.ndarray]]:
         """:meth:`solve_ridge` for several lams, sharing one eigendecomposition."""

@@ -307,10 +307,15 @@ class ResultsRun:
 
     def write(self, stem: str, markdown: str, result: dict, flatten=None, lower_is_better=frozenset()) -> None:
         """``OUT/STEM.md`` and ``.json``; with ``flatten`` (see ``against_previous``)
-        the markdown ends with the comparison with the files this run replaces."""
+        the markdown ends with the comparison with the files this run replaces,
+        whose numbers the JSON keeps (``previous``), so that a re-rendering of a
+        saved result compares with them and not with itself."""
         self.out.mkdir(parents=True, exist_ok=True)
         if flatten is not None:
-            markdown += "\n".join(["", *against_previous(self.out, stem, result, flatten, lower_is_better, self.reason)])
+            if "previous" not in result:
+                result = {**result, "previous": previous_run(self.out, stem, flatten)}
+            markdown += "\n".join(["", *compare_lines(result["previous"], flatten(result), lower_is_better,
+                                                       self.reason)])
         (self.out / f"{stem}.md").write_text(markdown)
         (self.out / f"{stem}.json").write_text(
             json.dumps({"generated": self.when, "machine": self.where, **result}, indent=1) + "\n")

@@ -29,6 +29,7 @@ Writes ``OUT/minilm.md`` and ``OUT/minilm.json``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -246,7 +247,13 @@ def render(res: dict, run: ResultsRun) -> str:
 
 
 def main(argv=None) -> int:
-    run, _ = ResultsRun.from_args(__doc__.split("\n")[0], argv)
+    run, args = ResultsRun.from_args(__doc__.split("\n")[0], argv, lambda ap: ap.add_argument(
+        "--render", action="store_true", help="only re-render minilm.md from minilm.json (e.g. with a --reason)"))
+    if args.render:
+        result = json.loads((run.out / "minilm.json").read_text())
+        run.when, run.where = result.pop("generated"), result.pop("machine")
+        run.write("minilm", render(result, run), result, flatten, {"ffn_size", "size"})
+        return 0
     tokenizer, bert = load_encoder()
     export_error = export_encoder(bert, tokenizer, EXPORT_PATH)
     del bert

@@ -215,7 +215,13 @@ def study_lines(results: list[dict], seeds: int) -> tuple[list[str], bool]:
                          + ("none meets" if o is None else f"{o['parameter_ratio']:.3f} ({o['sparsity']:g})")
                          + f" | {below} |")
             if below in ("no", "tie"):
-                if part < r["needed_per_part"]:
+                if below == "tie" and part >= r["needed_per_part"]:
+                    why.append(f"- {r['model']}, {r['budget']}: a tie at {median:.3f}: the held-out parts resolve "
+                               f"the budget ({part} >= {r['needed_per_part']} samples), but in {fallbacks} of "
+                               f"{len(runs)} seeds the model the search chose failed onnxfold's own final check "
+                               "(its third part of the calibration data), so the lossless model or the original "
+                               "came back; onnxsim's test-chosen oracle removes no more.")
+                elif part < r["needed_per_part"]:
                     why.append(f"- {r['model']}, {r['budget']}: the calibration data hold {part} samples per "
                                f"held-out part, and the budget needs {r['needed_per_part']} at 95 % confidence; "
                                "below that only candidates with no observed change can be accepted, so onnxfold "
@@ -238,7 +244,10 @@ def flatten(payload: dict) -> dict:
     test split and the median ratio; per model the search's ratio and test agreement (section 2)."""
     cells = {f"{r['model']}, {r['budget']}": {
         "meets on test": sum(x["meets_on_test"] for x in r["runs"]),
-        "median ratio": float(np.median([x["parameter_ratio"] for x in r["runs"]]))}
+        "median ratio": float(np.median([x["parameter_ratio"] for x in r["runs"]])),
+        "min ratio": min(x["parameter_ratio"] for x in r["runs"]),
+        "max ratio": max(x["parameter_ratio"] for x in r["runs"]),
+        "fallbacks": sum(x["status"] == "final_check_failed" for x in r["runs"])}
         for res in payload["holdout"] for r in res["rows"]}
     cells.update({f"{r['model']}, search (default budget)": {
         "ratio": r["search"]["parameter_ratio"], "test agreement": r["search"]["agreement"]}
@@ -246,7 +255,7 @@ def flatten(payload: dict) -> dict:
     return cells
 
 
-LOWER_IS_BETTER = {"median ratio", "ratio"}
+LOWER_IS_BETTER = {"median ratio", "min ratio", "max ratio", "fallbacks", "ratio"}
 
 # shipped models the default model list leaves out (``--models`` can still name them), and why
 LEFT_OUT = {
@@ -264,6 +273,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=10, help="seeds per model and budget in the hold-out study")
     ap.add_argument("--out", default=str(ROOT / "tools" / "results" / "budget.md"))
     ap.add_argument("--render", metavar="JSON", help="only re-render the markdown from a saved budget.json")
+    ap.add_argument("--previous", metavar="JSON", help="with --render: compare with this results file (e.g. one "
+                                                        "checked out from git) instead of the one the JSON keeps")
     reason_argument(ap)
     args = ap.parse_args()
     out = Path(args.out)
@@ -277,6 +288,8 @@ def main() -> int:
         study, results, previous = saved["holdout"], saved["fixed"], saved.get("previous")
         generated, where = saved.get("generated", "?"), saved.get("machine", "?")
         left_out = saved.get("left_out", {})
+        if args.previous:
+            previous = previous_run(Path(args.previous).parent, Path(args.previous).stem, flatten)
     else:
         previous = previous_run(out.parent, out.stem, flatten)
         generated, where = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", machine()

@@ -125,8 +125,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the BENCHMARKS.md block from tools/results/ray.json (e.g. with a --reason)")
+    ap.add_argument("--previous", type=Path, help="with --render: compare with this ray.json (e.g. one checked out "
+                                                  "from git) instead of the one ray.json keeps")
     reason_argument(ap)
     args = ap.parse_args(argv)
+    out_json = ROOT / "tools" / "results" / "ray.json"
+    if args.render:
+        result = json.loads(out_json.read_text())
+        if args.previous:
+            result["previous"] = previous_run(args.previous.parent, args.previous.stem, flatten)
+        write(result, out_json, Path(args.out), args.reason)
+        return 0
 
     import ray
 
@@ -185,14 +196,19 @@ def main(argv=None) -> int:
               "load_average_1min_after": round(os.getloadavg()[0], 2),
               "job": f"NeuronStats of {len(find_dense_graph(model).chains)} hidden layers + Gram of the first",
               "rows": rows, "driver_memory": memory, "memory_workers": max(args.workers)}
-    out_json = ROOT / "tools" / "results" / "ray.json"
-    result["against_previous"] = compare_lines(previous_run(out_json.parent, "ray", flatten), flatten(result),
-                                               {"max rel. diff", "driver growth (MB)"}, args.reason, level=3)
+    result["previous"] = previous_run(out_json.parent, "ray", flatten)  # kept for --render
+    write(result, out_json, Path(args.out), args.reason)
+    return 0
+
+
+def write(result: dict, out_json: Path, markdown: Path, reason: str | None) -> None:
+    """ray.json and the BENCHMARKS.md block, which ends with the comparison with the run ``result`` replaced."""
+    result["against_previous"] = compare_lines(result.get("previous"), flatten(result),
+                                               {"max rel. diff", "driver growth (MB)"}, reason, level=3)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
-    _write_section(Path(args.out), _section(result))
+    _write_section(markdown, _section(result))
     print(_section(result))
-    return 0
 
 
 def _parquet_row(model, x: np.ndarray, job, ref: dict, workers: int, args) -> dict:

@@ -166,37 +166,61 @@ def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
     print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
 
 
-def against_previous(out: Path, stem: str, current: dict, flatten, lower_is_better=frozenset(),
-                     reason: str | None = None) -> list[str]:
-    """Markdown lines comparing this run with the ``OUT/STEM.json`` it is about
-    to replace: how many numbers got better or stayed, each one that got worse,
-    and the reason given for those (``--reason``). ``flatten(payload)`` maps a
-    payload to ``{row label: {metric: value}}``; higher is better unless the
-    metric is in ``lower_is_better``."""
+def previous_run(out: Path, stem: str, flatten) -> dict | None:
+    """What the ``OUT/STEM.json`` a run is about to replace holds, as
+    ``{"when", "where", "cells": flatten(payload)}`` (None when there is none):
+    small enough to keep in the new payload, so that ``--render`` can redo the
+    comparison with a ``--reason`` after the old file is gone."""
     path = out / f"{stem}.json"
     if not path.exists():
-        return []
+        return None
     previous = json.loads(path.read_text())
-    old, new = flatten(previous), flatten(current)
+    when = (previous.get("generated") or previous.get("run") or previous.get("date")
+            or previous.get("meta", {}).get("date"))
+    if not when:  # files written before their payload carried a date: the commit that last changed it
+        import subprocess
+
+        when = subprocess.run(["git", "log", "-1", "--format=committed %cd", "--date=format:%Y-%m-%d %H:%M",
+                               "--", path.name], cwd=path.parent, capture_output=True, text=True).stdout.strip()
+    where = previous.get("machine") or previous.get("meta", {}).get("machine", "a machine it did not record")
+    return {"when": when or "?", "where": where, "cells": flatten(previous)}
+
+
+def compare_lines(previous: dict | None, cells: dict, lower_is_better=frozenset(), reason: str | None = None,
+                  ignore=frozenset(), level: int = 2) -> list[str]:
+    """Markdown lines comparing ``cells`` (``{row label: {metric: value}}``)
+    with a ``previous_run``: how many numbers got better or stayed, each one
+    that got worse, and the reason given for those. Higher is better unless
+    the metric is in ``lower_is_better``; metrics in ``ignore`` (wall times)
+    are not compared; ``level``: the heading's level."""
+    if previous is None:
+        return []
+    old = previous["cells"]
     counts, worse = {"better": 0, "the same": 0}, []
-    for row, metrics in new.items():
+    for row, metrics in cells.items():
         for metric, value in metrics.items():
             before = old.get(row, {}).get(metric)
-            if before is None or value is None:
+            if before is None or value is None or metric in ignore:
                 continue
             gain = (before - value) if metric in lower_is_better else (value - before)
             if gain < -1e-9:
                 worse.append(f"- {row}: {metric} {before:.4g} → {value:.4g}")
             else:
                 counts["better" if gain > 1e-9 else "the same"] += 1
-    when = previous.get("generated") or previous.get("run") or previous.get("meta", {}).get("date", "?")
-    where = previous.get("machine") or previous.get("meta", {}).get("machine", "?")
-    lines = ["## Against the previous run", "",
-             f"The results this file replaced ran {when} on {where}: {counts['better']} numbers got better,"
-             f" {counts['the same']} stayed the same, {len(worse)} got worse" + (":" if worse else "."), ""]
+    lines = ["#" * level + " Against the previous run", "",
+             f"The results this file replaced ran {previous['when']} on {previous['where']}: {counts['better']} numbers"
+             f" got better, {counts['the same']} stayed the same, {len(worse)} got worse" + (":" if worse else "."), ""]
     if worse:
         lines += worse + ["", f"Why: {reason or 'no reason given (regenerate with --reason TEXT)'}", ""]
     return lines
+
+
+def against_previous(out: Path, stem: str, current: dict, flatten, lower_is_better=frozenset(),
+                     reason: str | None = None) -> list[str]:
+    """Markdown lines comparing this run with the ``OUT/STEM.json`` it is about
+    to replace (``compare_lines``). ``flatten(payload)`` maps a payload to
+    ``{row label: {metric: value}}``."""
+    return compare_lines(previous_run(out, stem, flatten), flatten(current), lower_is_better, reason)
 
 
 # --------------------------------------------------------------------------
@@ -257,16 +281,18 @@ class ResultsRun:
     where: str = field(default_factory=machine)
     started: float = field(default_factory=time.perf_counter)
     checks: list[str] = field(default_factory=list)
+    reason: str | None = None  # --reason: why numbers got worse than in the file this run replaces
 
     @classmethod
     def from_args(cls, description: str, argv=None, add_options=None) -> tuple["ResultsRun", argparse.Namespace]:
         """Parse ``--out`` (and what ``add_options(parser)`` adds) and start the clock."""
         ap = argparse.ArgumentParser(description=description)
         ap.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+        reason_argument(ap)
         if add_options is not None:
             add_options(ap)
         args = ap.parse_args(argv)
-        return cls(args.out), args
+        return cls(args.out, reason=args.reason), args
 
     def check(self, what: str, ok: bool) -> None:
         self.checks.append(f"CHECK {what}: {'PASS' if ok else 'FAIL'}")
@@ -279,8 +305,17 @@ class ResultsRun:
     def passed(self) -> bool:
         return all(c.endswith("PASS") for c in self.checks)
 
-    def write(self, stem: str, markdown: str, result: dict) -> None:
+    def write(self, stem: str, markdown: str, result: dict, flatten=None, lower_is_better=frozenset()) -> None:
+        """``OUT/STEM.md`` and ``.json``; with ``flatten`` (see ``against_previous``)
+        the markdown ends with the comparison with the files this run replaces,
+        whose numbers the JSON keeps (``previous``), so that a re-rendering of a
+        saved result compares with them and not with itself."""
         self.out.mkdir(parents=True, exist_ok=True)
+        if flatten is not None:
+            if "previous" not in result:
+                result = {**result, "previous": previous_run(self.out, stem, flatten)}
+            markdown += "\n".join(["", *compare_lines(result["previous"], flatten(result), lower_is_better,
+                                                       self.reason)])
         (self.out / f"{stem}.md").write_text(markdown)
         (self.out / f"{stem}.json").write_text(
             json.dumps({"generated": self.when, "machine": self.where, **result}, indent=1) + "\n")

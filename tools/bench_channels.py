@@ -219,7 +219,12 @@ def flatten(payload: dict) -> dict:
     res = payload["results"][0]
     cells = {f"{x['target_sparsity']:.0%} {x['select']}+{x['repair']}": x for x in res["runs"]}
     cells.update({f"fold_residual r={x['ratio']:.2f} {x['select']}+{x['repair']}": x for x in res["residual_runs"]})
-    return {k: {"test_acc": x["test_acc"], "agreement": x["agreement"]} for k, x in cells.items()}
+    rows = {k: {"test_acc": x["test_acc"], "agreement": x["agreement"]} for k, x in cells.items()}
+    d = res.get("done_when")
+    if d and d.get("test"):  # the budget search of the first section (lower conv ratio is better)
+        rows["done-when budget search"] = {"conv_ratio": d["conv_ratio"], "test_acc": d["test"]["accuracy"],
+                                           "agreement": d["test"]["agreement"]}
+    return rows
 
 
 def render(result: dict, when: str, total_s: float) -> str:
@@ -314,7 +319,7 @@ def main(argv=None) -> int:
                "seconds": round(total, 1), "sparsities": list(SPARSITIES), "selects": list(SELECTS),
                "repairs": list(REPAIRS), "residual_ratios": list(RESIDUAL_RATIOS),
                "residual_configs": ["+".join(c) for c in RESIDUAL_CONFIGS], "seed": SEED, "results": [result]}
-    md += "\n".join(["", *against_previous(args.out, "channels", payload, flatten, reason=args.reason)])
+    md += "\n".join(["", *against_previous(args.out, "channels", payload, flatten, {"conv_ratio"}, args.reason)])
     write_results(args.out, "channels", md, payload)
     print(md)
     line = f"CHECK {names[0]} done-when: {'PASS' if result['done_when']['pass'] else 'FAIL'}"

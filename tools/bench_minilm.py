@@ -29,6 +29,7 @@ Writes ``OUT/minilm.md`` and ``OUT/minilm.json``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -44,7 +45,7 @@ import onnx  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _bench import ResultsRun, footer  # noqa: E402
+from _bench import ResultsRun, footer, previous_run  # noqa: E402
 
 from onnxfold.find import find_dense_graph  # noqa: E402
 from onnxfold.io import count_parameters  # noqa: E402
@@ -204,6 +205,15 @@ def ffn_params(model: onnx.ModelProto) -> int:
     return sum(op.num_params for op in ops.values())
 
 
+def flatten(payload: dict) -> dict:
+    """Every row's quality, size and fold time, for the comparison with the previous run."""
+    return {f"r={r['ratio']:g} {r['repair']}": {k: r[k] for k in ("spearman", "cosine", "ffn_size", "size", "seconds")}
+            for r in payload["runs"]}
+
+
+LOWER_IS_BETTER = {"ffn_size", "size", "seconds"}
+
+
 def render(res: dict, run: ResultsRun) -> str:
     orig = res["original"]
     out = ["# Neuron folding on a pretrained transformer: all-MiniLM-L6-v2", "",
@@ -240,7 +250,20 @@ def render(res: dict, run: ResultsRun) -> str:
 
 
 def main(argv=None) -> int:
-    run, _ = ResultsRun.from_args(__doc__.split("\n")[0], argv)
+    def options(ap):
+        ap.add_argument("--render", action="store_true", help="only re-render minilm.md from minilm.json (e.g. with a"
+                                                              " --reason)")
+        ap.add_argument("--previous", type=Path, help="with --render: compare with this results JSON (e.g. one checked"
+                                                      " out from git) instead of the one minilm.json keeps")
+
+    run, args = ResultsRun.from_args(__doc__.split("\n")[0], argv, options)
+    if args.render:
+        result = json.loads((run.out / "minilm.json").read_text())
+        run.when, run.where = result.pop("generated"), result.pop("machine")
+        if args.previous:
+            result["previous"] = previous_run(args.previous.parent, args.previous.stem, flatten)
+        run.write("minilm", render(result, run), result, flatten, LOWER_IS_BETTER)
+        return 0
     tokenizer, bert = load_encoder()
     export_error = export_encoder(bert, tokenizer, EXPORT_PATH)
     del bert
@@ -280,7 +303,7 @@ def main(argv=None) -> int:
                   calib_tokens=int(calib.arrays["attention_mask"].sum()),
                   heldout_sentences=len(evaluation.sentences), runs=runs, checks=run.checks,
                   total_seconds=run.seconds)
-    run.write("minilm", render(result, run), result)
+    run.write("minilm", render(result, run), result, flatten, LOWER_IS_BETTER)
     return 0 if run.passed else 1
 
 

@@ -22,6 +22,7 @@ Writes ``tools/results/ray.json`` and the section between
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, machine  # noqa: E402
+from _bench import ROOT, compare_lines, machine, previous_run, reason_argument  # noqa: E402
 
 from onnxfold.distributed import LocalStats, RayStats, StatsJob, run_stats_job  # noqa: E402
 from onnxfold.find import find_dense_graph  # noqa: E402
@@ -124,7 +125,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the BENCHMARKS.md block from tools/results/ray.json (e.g. with a --reason)")
+    ap.add_argument("--previous", type=Path, help="with --render: compare with this ray.json (e.g. one checked out "
+                                                  "from git) instead of the one ray.json keeps")
+    reason_argument(ap)
     args = ap.parse_args(argv)
+    out_json = ROOT / "tools" / "results" / "ray.json"
+    if args.render:
+        result = json.loads(out_json.read_text())
+        if args.previous:
+            result["previous"] = previous_run(args.previous.parent, args.previous.stem, flatten)
+        write(result, out_json, Path(args.out), args.reason)
+        return 0
 
     import ray
 
@@ -177,17 +190,25 @@ def main(argv=None) -> int:
         r["vs_single_process"] = r["samples_per_s"] / rows[0]["samples_per_s"]
         r["vs_1_worker"] = None if one is None or r["workers"] is None else r["samples_per_s"] / one["samples_per_s"]
 
-    result = {"model": args.model, "samples": args.samples, "batch_size": args.batch_size,
+    result = {"generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "model": args.model, "samples": args.samples, "batch_size": args.batch_size,
               "repeats": args.repeats, "machine": machine(), "ray": ray.__version__,
               "load_average_1min_after": round(os.getloadavg()[0], 2),
               "job": f"NeuronStats of {len(find_dense_graph(model).chains)} hidden layers + Gram of the first",
               "rows": rows, "driver_memory": memory, "memory_workers": max(args.workers)}
-    out_json = ROOT / "tools" / "results" / "ray.json"
+    result["previous"] = previous_run(out_json.parent, "ray", flatten)  # kept for --render
+    write(result, out_json, Path(args.out), args.reason)
+    return 0
+
+
+def write(result: dict, out_json: Path, markdown: Path, reason: str | None) -> None:
+    """ray.json and the BENCHMARKS.md block, which ends with the comparison with the run ``result`` replaced."""
+    result["against_previous"] = compare_lines(result.get("previous"), flatten(result),
+                                               {"max rel. diff", "driver growth (MB)"}, reason, level=3)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
-    _write_section(Path(args.out), _section(result))
+    _write_section(markdown, _section(result))
     print(_section(result))
-    return 0
 
 
 def _parquet_row(model, x: np.ndarray, job, ref: dict, workers: int, args) -> dict:
@@ -210,6 +231,16 @@ def _parquet_row(model, x: np.ndarray, job, ref: dict, workers: int, args) -> di
             backend.close()
     return {"backend": f"Ray Data from Parquet, {workers} workers", "workers": None, "seconds": t,
             "samples_per_s": args.samples / t, "max_rel_diff_vs_single": _max_rel_diff(got, ref)}
+
+
+def flatten(payload: dict) -> dict:
+    """The numbers compared with the previous run: each backend's throughput and its difference from the
+    single process, and the driver's memory growth."""
+    cells = {row["backend"]: {"samples/s": row["samples_per_s"], "max rel. diff": row["max_rel_diff_vs_single"]}
+             for row in payload["rows"]}
+    cells.update({f"driver memory, {m['samples']} samples, {job} job": {"driver growth (MB)": m[f"{job}_job_growth_mb"]}
+                  for m in payload["driver_memory"] for job in ("first", "later")})
+    return cells
 
 
 def _section(r: dict) -> str:
@@ -241,7 +272,8 @@ def _section(r: dict) -> str:
               "Ray daemons share 2 cores with whatever else runs (1-minute load average "
               f"{r['load_average_1min_after']} right after the run),",
               "so the ratios are noisy; on a cluster each worker brings its own cores (or a GPU,",
-              "`--ray-gpus-per-worker`). Raw numbers: `tools/results/ray.json`.", END]
+              "`--ray-gpus-per-worker`). Raw numbers: `tools/results/ray.json`.", "",
+              *r.get("against_previous", []), END]
     return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_minilm as bm
-from _bench import ResultsRun, against_previous, footer, reason_argument
+from _bench import ResultsRun, against_previous, footer
 
 import onnxfold
 from onnxfold.decide.budget import Budget
@@ -456,7 +456,7 @@ def _options(ap) -> None:
     ap.add_argument("--render", action="store_true",
                     help="run nothing: write OUT/heads.md again from OUT/heads.json, with --reason as the reason"
                          " for the regressions its comparisons with the previous run list")
-    reason_argument(ap)
+    # --reason comes with ResultsRun.from_args
 
 
 def give_reason(result: dict, reason: str) -> None:

@@ -43,6 +43,7 @@ from ..find.projections import Projection, projection_at
 from ..measure.jobs import StatsJob
 from ..rewrite.attention import ProjectionEdit, rewrite_projections
 from .base import PassContext, PassResult, heldout_mask
+from .handlers import OneInputRows
 from .refit import FoldState, RefitEngine
 
 KEEPS = ("better", "always")
@@ -105,7 +106,7 @@ def refit_plan(current: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[li
 
 
 @dataclass
-class SharedInputRows:
+class SharedInputRows(OneInputRows):
     """Least-squares rows for ops that read one tensor ``x`` of the current
     model: group i fits the reference's output ``targets[i]`` (tensor name)
     as what op i's prior ``w_priors[i]`` (out × in) must add, plus an
@@ -115,11 +116,6 @@ class SharedInputRows:
     dtype: Any
     targets: list[str]
     w_priors: list[np.ndarray]
-    max_rows = None
-
-    @property
-    def current(self) -> dict:
-        return {self.x: self.dtype}
 
     @property
     def original(self) -> dict:
@@ -130,13 +126,12 @@ class SharedInputRows:
         return [w.shape[0] for w in self.w_priors]
 
     def rows(self, cur: dict, orig: dict):
-        x = np.asarray(cur[self.x])
-        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        x2 = self.input_rows(cur)
         out = []
         for t, w in zip(self.targets, self.w_priors):
             target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
             out.append((x2, target - x2 @ w.T, target))
-        return x.shape[0], out
+        return np.shape(cur[self.x])[0], out
 
 
 class _ErrorSums:

@@ -421,8 +421,25 @@ class OutputRows:
         return x.shape[0], [(X, target.astype(np.float64) - current + self.b_prior, target)]
 
 
+class OneInputRows:
+    """What every rows builder that reads one tensor ``x`` (of dtype
+    ``dtype``) of the current model has in common: a refit streams that tensor
+    alone from the current model, every row of it."""
+
+    max_rows = None
+
+    @property
+    def current(self) -> dict:
+        return {self.x: self.dtype}
+
+    def input_rows(self, cur: dict) -> np.ndarray:
+        """The streamed input as float64 rows (the last axis is the feature)."""
+        x = np.asarray(cur[self.x])
+        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+
+
 @dataclass
-class ProjectionRows:
+class ProjectionRows(OneInputRows):
     """Rows for refitting a projection's columns in groups (see
     ``head_folding``): group ``("output", cols)`` fits the original output
     with ``cols`` (None: all), the other columns' fold in the prediction;
@@ -436,11 +453,6 @@ class ProjectionRows:
     w_prior: np.ndarray
     groups: list[tuple] = field(default_factory=lambda: [("output", None)])
     w_orig: np.ndarray | None = None
-    max_rows = None
-
-    @property
-    def current(self) -> dict:
-        return {self.x: self.dtype}
 
     @property
     def original(self) -> dict:
@@ -451,8 +463,7 @@ class ProjectionRows:
         return [self.w_prior.shape[0]] * len(self.groups)
 
     def rows(self, cur: dict, orig: dict):
-        x = np.asarray(cur[self.x])
-        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        x2 = self.input_rows(cur)
         o2 = np.asarray(orig[self.orig]).reshape(x2.shape[0], -1).astype(np.float64)
         out = []
         for g in self.groups:
@@ -465,4 +476,4 @@ class ProjectionRows:
                 t = o2[:, ocols] @ self.w_orig[:, ocols].T
                 y = t - x2[:, cols] @ self.w_prior[:, cols].T
             out.append((x2[:, cols], y, t))
-        return x.shape[0], out
+        return np.shape(cur[self.x])[0], out

@@ -125,13 +125,13 @@ class FoldSettings:
     """Ratio (one for all, or per layer), selection, repair, seed and layer
     filter of a folding pass. ``what`` names the pass in messages ("fold",
     "channel fold"). ``repairs``: the repairs the pass offers; ``auto_repair``:
-    what 'auto' means (default: ``ls`` with calibration data, ``ar``
-    without); ``check_value(what, where, value)`` validates each ratio and
+    what 'auto' means whatever the data (default: ``ls`` with calibration
+    data, ``auto_without_data`` - ``ar`` - without); ``check_value(what, where, value)`` validates each ratio and
     ``as_value`` converts it (head folding also takes head counts)."""
 
     def __init__(self, what: str, ratio, select: str, repair: str, seed: int, layers, *,
                  repairs: Sequence[str] = FOLD_REPAIRS, auto_repair: str | None = None,
-                 check_value: Callable = check_ratio, as_value: Callable = float):
+                 auto_without_data: str = "ar", check_value: Callable = check_ratio, as_value: Callable = float):
         if select not in FOLD_SELECTS:
             raise UsageError(f"unknown {what} selection {select!r}; choose one of {', '.join(FOLD_SELECTS)}")
         if repair not in repairs:
@@ -140,7 +140,7 @@ class FoldSettings:
         for where, r in ratios.items():
             check_value(what, where, r)
         self.what, self.ratio, self.select, self.repair = what, ratio, select, repair
-        self.auto_repair, self.as_value = auto_repair, as_value
+        self.auto_repair, self.auto_without_data, self.as_value = auto_repair, auto_without_data, as_value
         self.seed = int(seed)
         self.layers = None if layers is None else list(layers)
 
@@ -159,11 +159,11 @@ class FoldSettings:
         return {n: self.as_value(self.ratio) for n in chosen}
 
     def repair_mode(self, ctx: "PassContext") -> str:
-        """'auto' is the least-squares refit with calibration data, Fold-AR
-        without (or the pass's ``auto_repair``)."""
+        """'auto' is the least-squares refit with calibration data, the pass's
+        ``auto_without_data`` without (or its ``auto_repair`` either way)."""
         repair = self.repair
         if repair == "auto":
-            repair = self.auto_repair or ("ls" if ctx.calibration is not None else "ar")
+            repair = self.auto_repair or ("ls" if ctx.calibration is not None else self.auto_without_data)
         if ctx.calibration is None and repair in DATA_REPAIRS:
             raise UsageError(f"{self.what} repair {repair!r} needs calibration data; give calibration data or use"
                              " repair 'ar' or 'none'")

@@ -55,13 +55,6 @@ REPAIRS = ("auto", "none", "ar", "ls")
 #: generalises as far as the calibration data's input lengths
 #: (tools/results/heads.md): it is there on request, not by default.
 AUTO_REPAIR = "none"
-#: what 'auto' means for a gated MLP: the ridge refit of its down projection
-#: when there is calibration data (none without). Unlike an o-projection, the
-#: down projection acts on each position alone, so its refit does not depend
-#: on the calibration data's input lengths; without it a 30 % fold of the
-#: shipped decoders' MLPs kept 94 % per-token agreement, with it 99.3 %
-#: (tools/results/refit.md, transformers.md).
-GATED_AUTO_REPAIR = {True: "ls", False: "none"}
 
 
 def _check_heads(what: str, where: str | None, v, name: str = "heads") -> None:
@@ -311,12 +304,18 @@ class GatedFoldingPass:
 
     def __init__(self, ratio: float | Mapping[str, float], select: str = "kmeans", repair: str = "auto",
                  seed: int = 0):
-        self.settings = FoldSettings("gated fold", ratio, select, repair, seed, None, repairs=REPAIRS)
+        # 'auto' for a gated MLP: the ridge refit of its down projection with
+        # calibration data, none without. Unlike an o-projection, the down
+        # projection acts on each position alone, so its refit does not depend
+        # on the calibration data's input lengths; without it a 30 % fold of the
+        # shipped decoders' MLPs kept 94 % per-token agreement, with it 99.3 %
+        # (tools/results/refit.md, transformers.md).
+        self.settings = FoldSettings("gated fold", ratio, select, repair, seed, None, repairs=REPAIRS,
+                                     auto_without_data="none")
         self.ratio, self.select, self.repair, self.seed = ratio, select, repair, self.settings.seed
 
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        repair = GATED_AUTO_REPAIR[ctx.calibration is not None] if self.repair == "auto" \
-            else self.settings.repair_mode(ctx)
+        repair = self.settings.repair_mode(ctx)
         view = find_transformer(model)
         if not view.gated:
             return PassResult(model, False, [], ["gated_folding: no gated MLP found"])

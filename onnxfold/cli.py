@@ -22,6 +22,8 @@ from .version import __version__
 from .decide.budget import Budget, parse_max_error
 from .errors import OnnxFoldError, UsageError
 from .options import (
+    FOLD_REPAIRS,
+    FOLD_SELECTS,
     DataOptions,
     FoldOptions,
     LinearityOptions,
@@ -136,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = opt.add_argument_group("neuron folding")
     g.add_argument("--fold-ratio", type=_ratio_arg, default=None, metavar="R",
                    help="share of neurons removed per hidden layer, e.g. 0.5, or layer0=0.5,layer1=0.3")
-    g.add_argument("--fold-select", "--select", dest="fold_select", choices=("kmeans", "magnitude"), default="kmeans",
-                   help="merge clusters (kmeans, default) or keep the largest neurons (magnitude)")
-    g.add_argument("--fold-repair", choices=("auto", "none", "ar", "repair", "ls"), default="auto",
+    g.add_argument("--fold-select", "--select", dest="fold_select", choices=FOLD_SELECTS, default="kmeans",
+                   help="merge clusters (kmeans, default), keep the largest neurons (magnitude), or keep the "
+                   "neurons whose removal the refit of their readers makes up for best on the calibration data "
+                   "(obs: Optimal Brain Surgeon; dense, gated MLP and attention layers)")
+    g.add_argument("--fold-repair", choices=FOLD_REPAIRS, default="auto",
                    help="auto: ls with calibration data, ar without")
     g.add_argument("--refit", dest="fold_refit", choices=("auto", "consumer", "downstream"), default="auto",
                    help="with the ls repair: consumer = refit each fold's consumer only; downstream = also every "

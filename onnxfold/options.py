@@ -24,11 +24,10 @@ from typing import Any
 
 from .decide.budget import Budget
 from .errors import UsageError
+from .passes.base import FOLD_REPAIRS, FOLD_SELECTS
 
 LINEAR_MODES = ("extended", "paper")
 LINEAR_PATHS = ("auto", "dense", "factored", "svd")
-FOLD_SELECTS = ("kmeans", "magnitude")
-FOLD_REPAIRS = ("auto", "none", "ar", "repair", "ls")
 # after the folds: consumer = each fold's own consumer refit only; downstream = also every linear op
 # after the first changed one, in order; auto = downstream, kept when its held-out output error is lower
 FOLD_REFITS = ("auto", "consumer", "downstream")

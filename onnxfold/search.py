@@ -4,7 +4,8 @@ Candidates are *settings* - a step per (group, knob) over every foldable
 group of the model (``find.groups``: dense chains get a linearity threshold
 and a fold ratio, conv chains and gated MLPs a fold ratio, attention blocks a
 head count, residual streams a fold ratio when asked for), plus one selection
-method - turned into a model by running the passes on the original, and
+method (k-means, magnitude, or Optimal Brain Surgeon on the dense, gated and
+attention groups: ``OBS_KINDS``) - turned into a model by running the passes on the original, and
 judged on the *select* split against the budget. The search never looks at
 the final evaluation data.
 
@@ -45,7 +46,10 @@ from .verify import compare_models, reference_outputs
 __all__ = ["RATIO_STEPS", "THRESHOLD_STEPS", "SELECTS", "BudgetSearch", "Candidate", "SearchResult", "Setting",
            "describe", "passes_for"]
 
-SELECTS = ("kmeans", "magnitude")
+SELECTS = ("kmeans", "magnitude", "obs")
+#: group kinds "obs" selects in (it needs readers taking the units as their input's last axis:
+#: passes.foldcore); a sweep or move with it leaves the other kinds (conv channels) where they are
+OBS_KINDS = ("neuron", "gated", "head")
 #: knobs the selection method acts on: their uniform phase runs once per method
 SELECTING_KNOBS = ("ratio", "heads")
 #: knobs the greedy phase moves straight to the lowest uniform step that met the
@@ -78,6 +82,11 @@ class Setting:
         d = {(g, k): s for g, k, s in self.steps}
         d[(group, knob)] = step
         return Setting.of(d, select=self.select, lossless=self.lossless)
+
+
+def _selects_in(select: str, group: Group) -> bool:
+    """Whether a setting with this selection may move ``group``'s knobs."""
+    return select != "obs" or group.kind in OBS_KINDS
 
 
 def _values(setting: Setting, groups: Mapping[str, Group]) -> Iterable[tuple[Group, str, object]]:
@@ -384,7 +393,9 @@ class BudgetSearch:
             [(k, SELECTS[0]) for k in knobs if k not in SELECTING_KNOBS]
         jump_to: dict[str, int] = {}
         for knob, select in sweeps:
-            having = [g for g in groups if knob in g.knobs]
+            having = [g for g in groups if knob in g.knobs and _selects_in(select, g)]
+            if not having:
+                continue
 
             def uniform(step: int) -> Setting:
                 return Setting.of({(g.name, knob): min(step, len(g.knobs[knob]) - 1) for g in having},
@@ -408,6 +419,8 @@ class BudgetSearch:
         """Phase 3's candidates: one step further for each group and knob."""
         moves = []
         for g in groups:
+            if not _selects_in(current.select, g):
+                continue
             for knob in (k for k in KNOB_ORDER if k in g.knobs):
                 step = current.step(g.name, knob)
                 if knob in JUMP_KNOBS:

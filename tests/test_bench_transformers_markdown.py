@@ -100,7 +100,8 @@ def test_tables_rows_and_side_by_side():
 
 def test_done_when_and_peer_notes():
     md = render({"models": [DECODER, ENCODER]})
-    assert ("embedding cosine on MiniLM): **NOT MET**: not ahead in 2 of 3 comparisons:\n"
+    assert ("embedding cosine on MiniLM; each tool's best result at the ratio): **NOT MET**: not ahead in 2 of 3"
+            " comparisons:\n"
             "  - llama_mha #1 FFN fold r = 0.3: behind by 4.00 pp agreement") in md
     assert "\n  - llama_mha #2 head fold 4 → 3 heads: behind by 2.80 pp agreement" in md
     assert ("  - not compared (3):\n    - llama_mha #3 (r = 0.3, 4 → 3 heads): onnxsim has no result within 0.01 of"
@@ -122,6 +123,21 @@ def test_ahead_everywhere_is_met_and_a_missing_search_is_said():
     assert "**MET**: not ahead in 0 of 1 comparisons." in md
     assert "- llama_mha: the budget search was not run." in md
     assert "What onnxsim did not do" in md and "What onnxfold said" not in md
+
+
+def test_an_ffn_fold_to_the_same_ratio_is_onnxfolds_best_and_the_head_fold_is_still_shown():
+    decoder = json.loads(json.dumps(DECODER))
+    decoder["comparisons"][1]["onnxfold"].append(
+        row("onnxfold", "FFN fold", "r = 0.17 (same ratio)", 0.9, lm(0.999, 10.01)))
+    md = render({"models": [decoder]})
+    assert ("- #2 head fold 4 → 3 heads: ahead by 0.10 pp agreement (99.90 % vs 99.80 %); ahead by 0.10 pp of"
+            " perplexity increase (+0.10 % vs +0.20 %) (onnxfold's best here: r = 0.17 (same ratio))") in md
+    assert "\n  - llama_mha #2 head fold" not in md  # not behind at this ratio any more
+    # the head folds' own gap stays in the file
+    assert ("  - method by method, the head folds alone (not what the line above judges") in md
+    assert ("    - llama_mha #2 head fold 4 → 3 heads: behind by 2.80 pp agreement (97.00 % vs 99.80 %); behind by"
+            " 2.80 pp of perplexity increase (+3.00 % vs +0.20 %) (onnxfold's best here: 4 → 3 heads, repair ls)")\
+        in md
 
 
 def test_render_option_rewrites_the_markdown_from_the_json(tmp_path):

@@ -75,8 +75,18 @@ def test_stub_search_starts_lossless_and_sweeps_every_knob_uniformly():
     assert {s for _, _, s in uniform.steps} == {2}
     # the head count had its own uniform sweep (the only group with it: h alone moved), with both selections
     heads_only = [s for s in search.cache if s.steps and all(knob == "heads" for _, knob, _ in s.steps)]
-    assert {s.select for s in heads_only} == {"kmeans", "magnitude"}
+    assert {s.select for s in heads_only} == {"kmeans", "magnitude", "obs"}
     assert res.best.parameters < res.baseline_uniform.parameters
+
+
+def test_obs_settings_never_move_a_conv_chain():
+    search, judged = _stub_search()
+    search.run()
+    obs = [s for s in judged if s.select == "obs"]
+    assert obs, "the obs selection was swept"
+    # it selects from the readers' input covariance, which a conv channel's kernel columns are not
+    assert all(g != "c" for s in obs for g, _, _ in s.steps)
+    assert any(g == "g" for s in obs for g, _, _ in s.steps) and any(g == "h" for s in obs for g, _, _ in s.steps)
 
 
 def test_stub_search_stops_at_the_evaluation_limit():

@@ -272,6 +272,73 @@ def magnitude_keep(w_in: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k])
 
 
+#: Damping of the input covariance in :func:`obs_keep`, relative to its
+#: mean diagonal: keeps the inverse finite when units are (nearly) collinear
+#: on the data (dead or duplicate units), as OBS/SparseGPT do.
+OBS_DAMPING = 1e-2
+
+
+def obs_keep(cov: np.ndarray, weight: np.ndarray, k: int, unit: int = 1,
+                 parts: list[np.ndarray] | None = None) -> np.ndarray:
+    """Indices (ascending) of the ``k`` units to keep so that the reader
+    ``y = weight @ x``, refit by least squares on what is kept, loses least:
+    structured Optimal Brain Surgeon, greedy (Hassibi & Stork, 1993; the
+    structured form of Kurtic et al., ZipLM 2023).
+
+    ``cov``: the covariance of the reader's input over the data (p × p,
+    p = units · ``unit``, unit u owning columns ``u·unit … u·unit+unit−1``);
+    ``weight``: the reader's weight (q × p; several readers of the same input
+    stacked). Removing unit u with the rest re-solved costs
+    ``tr(W_u (H⁻¹)_uu⁻¹ W_uᵀ)`` of summed squared output error; the cheapest
+    unit goes, W and H⁻¹ are updated in closed form, and so on until ``k``
+    are left. ``parts``: unit index arrays that must each keep an equal share
+    (``k // len(parts)``), as query heads keep a count per key/value group.
+    """
+    H = np.asarray(cov, dtype=np.float64)
+    W = np.array(weight, dtype=np.float64)
+    p = H.shape[0]
+    n = p // unit
+    if W.shape[1] != p or n * unit != p:
+        raise ValueError(f"weight has {W.shape[1]} columns, the covariance {p}; unit {unit}")
+    damp = OBS_DAMPING * max(float(np.mean(np.diag(H))), 1e-12)
+    Hinv = np.linalg.inv(H + damp * np.eye(p))
+    alive = np.ones(n, dtype=bool)
+    part_of = np.zeros(n, dtype=np.int64)
+    quota = None
+    if parts is not None:
+        for i, part in enumerate(parts):
+            part_of[np.asarray(part, dtype=np.int64)] = i
+        per = max(1, k // len(parts))
+        quota = np.full(len(parts), per)
+        k = per * len(parts)
+    cols = np.arange(p).reshape(n, unit)
+    while alive.sum() > k:
+        costs = np.full(n, np.inf)
+        if unit == 1:
+            d = np.diag(Hinv)
+            costs[alive] = np.einsum("ij,ij->j", W[:, alive], W[:, alive]) / d[alive]
+        else:
+            for u in np.flatnonzero(alive):
+                c = cols[u]
+                Wu = W[:, c]
+                costs[u] = float(np.trace(Wu @ np.linalg.solve(Hinv[np.ix_(c, c)], Wu.T)))
+        if quota is not None:  # a part at its quota keeps what it has
+            counts = np.bincount(part_of[alive], minlength=quota.size)
+            costs[counts[part_of] <= quota[part_of]] = np.inf
+        best = int(np.argmin(costs))
+        c = cols[best]
+        block = np.linalg.inv(Hinv[np.ix_(c, c)])
+        # the kept columns take over what the removed unit carried; its row/column of H⁻¹ drop out
+        W -= (W[:, c] @ block) @ Hinv[c, :]
+        Hinv -= (Hinv[:, c] @ block) @ Hinv[c, :]
+        W[:, c] = 0.0
+        Hinv[c, :] = 0.0
+        Hinv[:, c] = 0.0
+        Hinv[c, c] = 1.0  # never read again (the unit is dead); keeps the diagonal positive
+        alive[best] = False
+    return np.flatnonzero(alive)
+
+
 def cluster_maps(labels: np.ndarray, sparse: bool = False):
     """(row_map k×n of cluster means, col_map n×k of cluster membership).
 

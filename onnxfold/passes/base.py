@@ -109,7 +109,7 @@ def heldout_mask(n: int, seed: int) -> np.ndarray | None:
 # ---------------------------------------------------------------------------
 # the options every ratio-driven folding pass takes, validated one way
 
-FOLD_SELECTS = ("kmeans", "magnitude")
+FOLD_SELECTS = ("kmeans", "magnitude", "obs")  # obs needs calibration data
 FOLD_REPAIRS = ("auto", "none", "ar", "repair", "ls")
 DATA_REPAIRS = ("repair", "ls")  # need calibration data
 

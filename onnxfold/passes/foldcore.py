@@ -6,8 +6,10 @@ s; the steps are the same for all of them:
 
 1. **measure** (REPAIR, dropping constant units): per-unit moments of the
    producers' outputs, on the current model and the original;
-2. **select**: k-means clusters of units (``select="kmeans"``) or the k units
-   with the largest rows (``select="magnitude"``: pruning) → labels
+2. **select**: k-means clusters of units (``select="kmeans"``), the k units
+   with the largest rows (``select="magnitude"``: pruning) or the k units
+   whose removal costs the readers' refit output least on the data
+   (``select="obs"``: pruning by Optimal Brain Surgeon) → labels
    (-1: removed) → ``decide.cluster_maps``: row map (cluster means) and
    column map (cluster sums);
 3. **repair** the merged rows: none; ``ar`` (Fold-AR, data-free variance
@@ -29,10 +31,11 @@ from functools import partial
 import numpy as np
 
 from ..decide import folding as decide
+from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..measure.stats import GramAccumulator, NeuronStats
 from .base import PassContext
-from .handlers import output_rows
+from .handlers import last_axis_rows, output_rows
 from .refit import FoldState, RefitEngine, RefitOutcome, lockstep_job
 from .units import Member, UnitGroup
 
@@ -106,7 +109,8 @@ class FoldCore:
         if self.select == "kmeans":
             labels[rest] = group.cluster(k, self.seed, units)
             return FoldPlan(labels, int(removed.size), merged=int(rest.size - labels.max() - 1))
-        kept = rest[decide.magnitude_keep(group.magnitude_rows(units), k)]
+        kept = rest[self._obs_keep(group, k, rest) if self.select == "obs" else
+                    decide.magnitude_keep(group.magnitude_rows(units), k)]
         labels[kept] = np.arange(kept.size)
         return FoldPlan(labels, int(removed.size), pruned=int(rest.size - kept.size))
 
@@ -118,6 +122,8 @@ class FoldCore:
         per = max(1, k // len(group.parts))
         labels = np.full(group.width, -1, dtype=np.int64)
         merged = pruned = 0
+        obs_kept = self._obs_keep(group, per * len(group.parts), None, parts=group.parts) \
+            if self.select == "obs" else None
         for i, part in enumerate(group.parts):
             part = np.asarray(part, dtype=np.int64)
             if part.size <= per:
@@ -125,12 +131,41 @@ class FoldCore:
             elif self.select == "kmeans":
                 local = decide.split_clusters(group.cluster(per, self.seed, part), per)
                 merged += part.size - per
+            elif obs_kept is not None:
+                mine = np.flatnonzero(np.isin(part, obs_kept))
+                local = np.full(part.size, -1, dtype=np.int64)
+                local[mine] = np.arange(mine.size)
+                pruned += part.size - per
             else:
                 local = np.full(part.size, -1, dtype=np.int64)
                 local[decide.magnitude_keep(group.magnitude_rows(part), per)] = np.arange(per)
                 pruned += part.size - per
             labels[part] = np.where(local >= 0, local + i * per, -1)
         return FoldPlan(labels, 0, merged=merged, pruned=pruned)
+
+    def _obs_keep(self, group: UnitGroup, k: int, units: np.ndarray | None, parts=None) -> np.ndarray:
+        """Positions (into ``units``, or unit indices when None) of the ``k``
+        units :func:`decide.obs_keep` keeps, from the covariance of the
+        readers' input on the current model (one streamed run per call; the
+        same call again - the same model and units - is computed once)."""
+        readers = group.consumers
+        if self.ctx.calibration is None:
+            raise UsageError(f"{group.name}: selection 'obs' needs calibration data (it measures what each unit "
+                             "carries); give calibration data or use 'kmeans' or 'magnitude'")
+        source, unit = readers[0].source, readers[0].unit
+        weights = [m.handler.prior(m.op)[0] for m in readers]
+        if source is None or any(m.source != source or m.unit != unit or m.handler.channels_first
+                                 for m in readers) or any(w.shape[1] != group.width * unit for w in weights):
+            raise UsageError(f"{group.name}: selection 'obs' needs readers that take the units as their input's "
+                             "last axis (dense, gated MLP and attention readers; not convolutions); use 'kmeans' "
+                             "or 'magnitude' for this model")
+        job = lockstep_job(self.state, {source.tensor: source.dtype}, {}, _new_input_gram,
+                           partial(_add_input_rows, source.tensor, source.activation))
+        cov = self.ctx.measure(job, self.ctx.calibration, f"{group.name}: measuring what each unit carries")["x"].sxx
+        cols = np.arange(group.width * unit).reshape(group.width, unit)
+        pick = cols if units is None else cols[units]
+        flat = pick.reshape(-1)
+        return decide.obs_keep(cov[np.ix_(flat, flat)], np.vstack(weights)[:, flat], k, unit, parts)
 
     # -- 3 + 4. repair and rewrite --------------------------------------------
     def rewrite(self, group: UnitGroup, plan: FoldPlan, moments: dict[str, Moments] | None = None) -> None:
@@ -182,6 +217,16 @@ class FoldCore:
             m.handler.set_refit(m.op, outcome.refit.weight.copy(), outcome.refit.bias.copy())
             self.state.edit()
         return outcome, ""
+
+
+def _new_input_gram() -> dict:
+    return {"x": GramAccumulator(with_bias=True)}
+
+
+def _add_input_rows(tensor: str, activation: ActivationSpec | None, accs: dict, _start, _feed, _labels,
+                    tensors: list) -> None:
+    x = tensors[0][tensor]
+    accs["x"].update(last_axis_rows(x if activation is None else activation.apply(x)))
 
 
 def _new_moments(width: int, tensors: list[str], repair: bool, constants: ActivationSpec | None) -> dict:

@@ -585,3 +585,39 @@ def test_cli_fold_heads_folds_duplicated_heads_losslessly(tmp_path):
     for batch, seq in ((1, 5), (3, 11)):
         feed = _feed(batch, seq)
         np.testing.assert_allclose(_run(folded, feed), _run(model, feed), atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- selection by Optimal Brain Surgeon
+
+
+def test_obs_gated_fold_drops_the_copies_and_the_refit_makes_it_lossless():
+    torch.manual_seed(0)
+    mlp = _Gated()
+    with torch.no_grad():  # neurons 5 and 6 copy 1 and 2, with the largest down columns
+        for lin in (mlp.gate, mlp.up):
+            lin.weight[5:7] = lin.weight[1:3]
+        mlp.down.weight[:, 5:7] = 3 * mlp.down.weight[:, 1:3]
+    dyn = {0: "batch", 1: "seq"}
+    model = _export(mlp, (torch.randn(2, 5, HIDDEN),), ["x"], {"x": dyn, "y": dyn})
+    rng = np.random.default_rng(0)
+    ctx = PassContext(calibration=CalibrationSet({"x": rng.standard_normal((64, 6, HIDDEN)).astype(np.float32)}),
+                      batch_size=16)
+    res = GatedFoldingPass(0.25, select="obs", repair="ls")(model, ctx)
+    assert [(r.width_before, r.width_after, r.pruned) for r in res.layers] == [(8, 6, 2)]
+    x = rng.standard_normal((3, 9, HIDDEN)).astype(np.float32)  # another length than the calibration's
+    np.testing.assert_allclose(ort_run(res.model, {"x": x})[0], ort_run(model, {"x": x})[0], atol=1e-4, rtol=0)
+    # keeping the largest rows keeps both copies and drops two distinct neurons: the check above can fail
+    lossy = GatedFoldingPass(0.25, select="magnitude", repair="ls")(model, ctx)
+    assert np.abs(ort_run(lossy.model, {"x": x})[0] - ort_run(model, {"x": x})[0]).max() > 1e-3
+
+
+def test_obs_query_heads_keep_one_per_key_value_group_and_drop_the_copies():
+    model = _gqa_model("query")
+    rng = np.random.default_rng(0)
+    calib = CalibrationSet({"x": rng.standard_normal((64, 8, HIDDEN)).astype(np.float32),
+                            "mask": np.ones((64, 8), np.float32)})
+    res = HeadFoldingPass(2, select="obs", repair="ls")(model, PassContext(calibration=calib, batch_size=16))
+    # one query head of each pair kept: either rebuilds its copy once the o projection is refit
+    assert [(r.width_before, r.width_after, r.merged, r.pruned) for r in res.layers] == [(HEADS, 2, 0, 2)] * 2
+    assert _counts(res.model) == [(2, 2)] * 2
+    _same_outputs(model, res.model, atol=1e-3)

@@ -130,3 +130,23 @@ def test_obs_on_a_convolution_is_a_usage_error_and_the_input_is_untouched():
     with pytest.raises(UsageError, match="not convolutions"):
         ChannelFoldingPass(0.5, select="obs")(model, PassContext(calibration=CalibrationSet({"x": x})))
     assert model.SerializeToString() == before
+
+
+def test_obs_covariance_is_shared_through_the_search_cache():
+    from onnxfold.passes.cache import SearchCache
+
+    model = build_mlp([4, 12, 8, 3], "relu", seed=5)
+    x = np.random.default_rng(1).standard_normal((300, 4)).astype(np.float32)
+    cache = SearchCache()
+    ctx = PassContext(calibration=CalibrationSet({"x": x}), batch_size=100, cache=cache)
+    first = FoldingPass({"layer0": 0.5, "layer1": 0.5}, select="obs", repair="none")(model, ctx)
+    misses = cache.misses
+    # another candidate folding layer0 the same way and layer1 further: layer0's input covariance is
+    # the original's, layer1's is taken on the model with layer0 folded - both as before
+    again = FoldingPass({"layer0": 0.5, "layer1": 0.75}, select="obs", repair="none")(model, ctx)
+    assert cache.misses == misses and cache.hits >= 2
+    fresh = FoldingPass({"layer0": 0.5, "layer1": 0.75}, select="obs", repair="none")(
+        model, PassContext(calibration=CalibrationSet({"x": x}), batch_size=100))
+    x_test = np.random.default_rng(2).standard_normal((20, 4)).astype(np.float32)
+    np.testing.assert_array_equal(ort_run(again.model, {"x": x_test})[0], ort_run(fresh.model, {"x": x_test})[0])
+    assert [r.width_after for r in first.layers] == [6, 4]

@@ -34,8 +34,10 @@ from ..decide import folding as decide
 from ..errors import UsageError
 from ..find.activations import ActivationSpec
 from ..measure.stats import GramAccumulator, NeuronStats
+from ..measure.stream import needed_part
 from .base import PassContext
-from .handlers import last_axis_rows, output_rows
+from .cache import cached, model_digest
+from .handlers import RowSource, last_axis_rows, output_rows
 from .refit import FoldState, RefitEngine, RefitOutcome, lockstep_job
 from .units import Member, UnitGroup
 
@@ -159,13 +161,32 @@ class FoldCore:
             raise UsageError(f"{group.name}: selection 'obs' needs readers that take the units as their input's "
                              "last axis (dense, gated MLP and attention readers; not convolutions); use 'kmeans' "
                              "or 'magnitude' for this model")
-        job = lockstep_job(self.state, {source.tensor: source.dtype}, {}, _new_input_gram,
-                           partial(_add_input_rows, source.tensor, source.activation))
-        cov = self.ctx.measure(job, self.ctx.calibration, f"{group.name}: measuring what each unit carries")["x"].sxx
+        cov = cached(self.ctx.cache, self._covariance_key(source),
+                     lambda: self._input_covariance(source, f"{group.name}: measuring what each unit carries"))
         cols = np.arange(group.width * unit).reshape(group.width, unit)
         pick = cols if units is None else cols[units]
         flat = pick.reshape(-1)
         return decide.obs_keep(cov[np.ix_(flat, flat)], np.vstack(weights)[:, flat], k, unit, parts)
+
+    def _input_covariance(self, source: RowSource, task: str) -> np.ndarray:
+        job = lockstep_job(self.state, {source.tensor: source.dtype}, {}, _new_input_gram,
+                           partial(_add_input_rows, source.tensor, source.activation))
+        return self.ctx.measure(job, self.ctx.calibration, task)["x"].sxx
+
+    def _covariance_key(self, source: RowSource):
+        """In a budget search, candidates that change nothing upstream of the
+        readers' input share its covariance: keyed by the model part that
+        computes it (passes.cache)."""
+        cache, ctx = self.ctx.cache, self.ctx
+        if cache is None:
+            return None
+        part = needed_part(self.state.current_model(), {source.tensor: source.dtype})
+        act = source.activation
+        # the activation applied in numpy: its kind and parameters (a PRelu's slopes as bytes)
+        act_key = None if act is None else (act.kind, act.alpha, act.lo, act.hi,
+                                             None if act.slope is None else np.asarray(act.slope).tobytes())
+        return ("obs input covariance", model_digest(part), source.tensor, act_key,
+                cache.identity(ctx.calibration), ctx.batch_size)
 
     # -- 3 + 4. repair and rewrite --------------------------------------------
     def rewrite(self, group: UnitGroup, plan: FoldPlan, moments: dict[str, Moments] | None = None) -> None:

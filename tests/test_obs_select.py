@@ -150,3 +150,18 @@ def test_obs_covariance_is_shared_through_the_search_cache():
     x_test = np.random.default_rng(2).standard_normal((20, 4)).astype(np.float32)
     np.testing.assert_array_equal(ort_run(again.model, {"x": x_test})[0], ort_run(fresh.model, {"x": x_test})[0])
     assert [r.width_after for r in first.layers] == [6, 4]
+
+
+def test_obs_with_a_linear_path_reading_the_layer_selects_from_the_refit_reader():
+    from test_folding import _mlp_with_paths
+
+    model = _mlp_with_paths(consumer_reads_hidden=False)  # layer0 read by fc1 and by a path into fc2
+    x = np.random.default_rng(1).standard_normal((400, 5)).astype(np.float32)
+    res = FoldingPass({"layer0": 0.5}, select="obs", repair="ls")(model, PassContext(
+        calibration=CalibrationSet({"x": x}), batch_size=100))
+    (layer0,) = [r for r in res.layers if r.layer == "layer0"]
+    assert (layer0.width_after, layer0.pruned) == (4, 4)
+    # layer0 repeats each of its 4 neurons twice: keeping one of each pair lets the refit of fc1 rebuild
+    # its output exactly (the path into fc2 keeps the plain fold: methods.md 2.4)
+    held_out = float(layer0.note.split("held-out relative error ")[1].split()[0])
+    assert held_out < 1e-9, layer0.note

@@ -279,7 +279,7 @@ OBS_DAMPING = 1e-2
 
 
 def obs_keep(cov: np.ndarray, weight: np.ndarray, k: int, unit: int = 1,
-                 parts: list[np.ndarray] | None = None) -> np.ndarray:
+             parts: list[np.ndarray] | None = None) -> np.ndarray:
     """Indices (ascending) of the ``k`` units to keep so that the reader
     ``y = weight @ x``, refit by least squares on what is kept, loses least:
     structured Optimal Brain Surgeon, greedy (Hassibi & Stork, 1993; the

@@ -150,14 +150,15 @@ class FoldCore:
         units :func:`decide.obs_keep` keeps, from the covariance of the
         readers' input on the current model (one streamed run per call; the
         same call again - the same model and units - is computed once)."""
-        readers = group.consumers
+        # the readers that are refit; a linear path reading the units (linearity folding) keeps the plain fold
+        readers = [m for m in group.consumers if m.source is not None]
         if self.ctx.calibration is None:
             raise UsageError(f"{group.name}: selection 'obs' needs calibration data (it measures what each unit "
                              "carries); give calibration data or use 'kmeans' or 'magnitude'")
-        source, unit = readers[0].source, readers[0].unit
+        source, unit = (readers[0].source, readers[0].unit) if readers else (None, 1)
         weights = [m.handler.prior(m.op)[0] for m in readers]
-        if source is None or any(m.source != source or m.unit != unit or m.handler.channels_first
-                                 for m in readers) or any(w.shape[1] != group.width * unit for w in weights):
+        if not readers or any(m.source.tensor != source.tensor or m.unit != unit or m.handler.channels_first
+                              for m in readers) or any(w.shape[1] != group.width * unit for w in weights):
             raise UsageError(f"{group.name}: selection 'obs' needs readers that take the units as their input's "
                              "last axis (dense, gated MLP and attention readers; not convolutions); use 'kmeans' "
                              "or 'magnitude' for this model")

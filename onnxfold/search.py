@@ -50,6 +50,8 @@ SELECTS = ("kmeans", "magnitude", "obs")
 #: group kinds "obs" selects in (it needs readers taking the units as their input's last axis:
 #: passes.foldcore); a sweep or move with it leaves the other kinds (conv channels) where they are
 OBS_KINDS = ("neuron", "gated", "head")
+#: selections whose uniform sweeps run after every other knob's
+LATE_SELECTS = ("obs",)
 #: knobs the selection method acts on: their uniform phase runs once per method
 SELECTING_KNOBS = ("ratio", "heads")
 #: knobs the greedy phase moves straight to the lowest uniform step that met the
@@ -389,8 +391,12 @@ class BudgetSearch:
         best = base if base.met else None
         lossless = base.met
         knobs = [k for k in KNOB_ORDER if any(k in g.knobs for g in groups)]
-        sweeps = [(k, s) for k in knobs if k in SELECTING_KNOBS for s in SELECTS] + \
-            [(k, SELECTS[0]) for k in knobs if k not in SELECTING_KNOBS]
+        # obs sweeps last: it streams a covariance per group, and under a small --max-evaluations the
+        # other knobs (thresholds) come first, as they did before it existed
+        early = [s for s in SELECTS if s not in LATE_SELECTS]
+        sweeps = [(k, s) for k in knobs if k in SELECTING_KNOBS for s in early] + \
+            [(k, SELECTS[0]) for k in knobs if k not in SELECTING_KNOBS] + \
+            [(k, s) for s in LATE_SELECTS for k in knobs if k in SELECTING_KNOBS]
         jump_to: dict[str, int] = {}
         for knob, select in sweeps:
             having = [g for g in groups if knob in g.knobs and _selects_in(select, g)]

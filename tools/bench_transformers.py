@@ -329,9 +329,13 @@ def compare(subject: Subject, quick: bool) -> dict:
         report_progress(subject.name, [*ours, *theirs])
     if not (quick and subject.kind == "encoder"):
         ours = run_search(subject, params0)
-        comparisons.append({"target": ours["ratio"] if ours["ratio"] is not None and ours["ratio"] < 1.0 else None,
-                            "onnxfold": [ours], "onnxsim": [], "matched": False, "search": True})
-        report_progress(subject.name, [ours])
+        target = ours["ratio"] if ours["ratio"] is not None and ours["ratio"] < 1.0 else None
+        # onnxsim at the size the search chose: is the search's model also ahead at its own ratio?
+        sparsity = peer.matching_sparsity(target) if target is not None else None
+        theirs = [peer.run("magnitude", sparsity)] if sparsity is not None else []
+        comparisons.append({"target": target, "onnxfold": [ours], "onnxsim": theirs, "matched": sparsity is not None,
+                            "search": True})
+        report_progress(subject.name, [ours, *theirs])
     return {"name": subject.name, "kind": subject.kind, "params": params0, "original": original,
             "info": subject.info, "comparisons": comparisons, "quick": quick}
 
@@ -367,7 +371,8 @@ METHOD_TEXT = (
     " so that it fits on 75 % of them and chooses its ridge and the refit on the rest; *time* leaves out its own final check"
     " (the `verify` stage). *budget search*: `onnxfold.optimize` with the calibration windows alone and"
     " `Budget(min_agreement={agreement:g})` (per token on a sequence output), judged afterwards like every"
-    " other result; its time is the whole call.\n\n"
+    " other result; its time is the whole call; onnxsim's magnitude pruning + refit also runs at the ratio it"
+    " chose.\n\n"
     "*onnxsim*: `apply_structured_pruning` (magnitude) and `apply_structured_wanda_pruning`, each followed by"
     " `apply_pruning_finetune` (its closed-form ridge refit of every surviving MatMul; skipped when nothing was"
     " pruned), and `apply_attention_head_pruning` (+ the same refit) at the share of heads onnxfold removes."

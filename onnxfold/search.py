@@ -455,7 +455,7 @@ class BudgetSearch:
             self.prefetch(moves)  # independent candidates: Ray tasks when the backend has them
             scored = []
             for s in moves:
-                if not self._budget_left():
+                if s not in self.cache and not self._budget_left():  # prefetched candidates cost nothing more
                     break
                 c = self.evaluate(s)
                 saved = current.parameters - c.parameters

@@ -47,7 +47,7 @@ def digits(tmp_path):
 
 @pytest.mark.parametrize("model, settings", [
     ("digits_mlp", dict(fold_ratio=0.5, batch_size=64)),  # linearity + folding with least-squares refits, 4 shards
-    ("cancer_mlp_paper", dict(max_evaluations=12, batch_size=256)),  # budget search down to its per-layer step
+    ("cancer_mlp_paper", dict(max_evaluations=18, batch_size=256)),  # budget search down to its per-layer step
 ], ids=["fixed", "search"])
 def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, settings):
     for suffix in (".onnx", ".calib.npz", ".test.npz"):

@@ -67,7 +67,7 @@ BOTH_FFN_RATIO = 0.3
 # of their reader makes up for best on the calibration windows. Measured before this was the bench's choice
 # (fixed settings of 2026-12-02, 512 windows): llama_mha FFN r = 0.3 99.56 % per-token agreement vs 99.35 %
 # with k-means, 4 → 3 heads 88.17 % vs 87.58 %; MiniLM FFN r = 0.3 cosine 0.968 vs 0.936 (128 windows)
-FFN_KEYWORDS = {"fold_select": "obs"}
+ONNXFOLD_KEYWORDS = {"fold_select": "obs"}
 # optimize keywords of each head fold and the share of heads (onnxsim: of key/value groups) it removes;
 # the first is also folded with the FFN, and the only one in a --quick run
 HEAD_FOLDS = {"llama_mha": ((dict(fold_heads=3), "4 → 3 heads", 0.25),),
@@ -117,15 +117,15 @@ class Subject:
 
 
 def fold_settings(name: str, kind: str, quick: bool) -> list[FoldSetting]:
-    out = [FoldSetting("FFN fold", f"r = {r:g}", {**FFN_KEYWORDS, "fold_ratio": r}, r, 0.0)
+    out = [FoldSetting("FFN fold", f"r = {r:g}", dict(fold_ratio=r), r, 0.0)
            for r in (QUICK_FFN_RATIOS if quick else FFN_RATIOS[kind])]
     heads = HEAD_FOLDS[name][:1] if quick else HEAD_FOLDS[name]
     out += [FoldSetting("head fold", label, kw, 0.0, share) for kw, label, share in heads]
     kw, label, share = HEAD_FOLDS[name][0]
     out.append(FoldSetting("FFN + head fold", f"r = {BOTH_FFN_RATIO:g}, {label}",
                            dict(fold_ratio=BOTH_FFN_RATIO, **kw), BOTH_FFN_RATIO, share))
-    out = [FoldSetting(s.method, s.setting, {**FFN_KEYWORDS, **s.keywords}, s.ffn_share, s.head_share) for s in out]
-    return out
+    return [FoldSetting(s.method, s.setting, {**ONNXFOLD_KEYWORDS, **s.keywords}, s.ffn_share, s.head_share)
+            for s in out]
 
 
 # ---------------------------------------------------------------- the models
@@ -319,7 +319,7 @@ def compare(subject: Subject, quick: bool) -> dict:
             # (onnxsim's results here prune FFN channels too: its head pruning finds no heads)
             r = round((1.0 - target) / ffn_slope, 3)
             ours.append(run_onnxfold(subject, FoldSetting("FFN fold", f"r = {r:g} (same ratio)",
-                                                          {**FFN_KEYWORDS, "fold_ratio": r}, r, 0.0), params0))
+                                                          {**ONNXFOLD_KEYWORDS, "fold_ratio": r}, r, 0.0), params0))
         sparsity = peer.matching_sparsity(target) if target is not None else None
         nominal = s.ffn_share or s.head_share
         theirs = [peer.run(m, nominal if sparsity is None else sparsity) for m in ("magnitude", "wanda")]

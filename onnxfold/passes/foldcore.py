@@ -148,8 +148,8 @@ class FoldCore:
     def _obs_keep(self, group: UnitGroup, k: int, units: np.ndarray | None, parts=None) -> np.ndarray:
         """Positions (into ``units``, or unit indices when None) of the ``k``
         units :func:`decide.obs_keep` keeps, from the covariance of the
-        readers' input on the current model (one streamed run per call; the
-        same call again - the same model and units - is computed once)."""
+        readers' input on the current model (one streamed run; in a budget
+        search shared by the candidates that compute that input alike)."""
         # the readers that are refit; a linear path reading the units (linearity folding) keeps the plain fold
         readers = [m for m in group.consumers if m.source is not None]
         if self.ctx.calibration is None:

@@ -39,7 +39,7 @@ import onnx
 
 from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError, first_line
 from onnxfold.measure.data import CalibrationSet
-from onnxfold.measure.jobs import Accumulators, StatsJob, UpdateFn, merge_accumulators, run_stats_job
+from onnxfold.measure.jobs import Accumulators, StatsJob, StreamMemo, UpdateFn, merge_accumulators, run_stats_job
 
 __all__ = ["StatsJob", "StatsBackend", "LocalStats", "RayStats", "merge_accumulators", "run_stats_job",
            "make_backend", "import_ray", "RAY_INSTALL_HINT", "Accumulators", "UpdateFn"]
@@ -50,7 +50,8 @@ class StatsBackend(Protocol):
     name: str
 
     def reduce(self, job: StatsJob, data: CalibrationSet, *, batch_size: int, providers: list[str],
-               progress: Callable[[int, int], None] | None = None) -> Accumulators: ...
+               progress: Callable[[int, int], None] | None = None,
+               memo: StreamMemo | None = None) -> Accumulators: ...
 
     def close(self) -> None: ...
 
@@ -61,8 +62,9 @@ class LocalStats:
     name = "local"
 
     def reduce(self, job: StatsJob, data: CalibrationSet, *, batch_size: int, providers: list[str],
-               progress: Callable[[int, int], None] | None = None) -> Accumulators:
-        return run_stats_job(job, data, batch_size=batch_size, providers=providers, progress=progress)
+               progress: Callable[[int, int], None] | None = None,
+               memo: StreamMemo | None = None) -> Accumulators:
+        return run_stats_job(job, data, batch_size=batch_size, providers=providers, progress=progress, memo=memo)
 
     def close(self) -> None:
         pass
@@ -196,9 +198,11 @@ class RayStats:
 
     # -- jobs ---------------------------------------------------------------
     def reduce(self, job: StatsJob, data: CalibrationSet, *, batch_size: int, providers: list[str] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Accumulators:
+               progress: Callable[[int, int], None] | None = None,
+               memo: StreamMemo | None = None) -> Accumulators:
         """``job`` over every shard of ``data``, merged in shard order. ``providers``
-        is ignored: each worker resolved its own."""
+        is ignored: each worker resolved its own; so is ``memo`` (the workers'
+        runs are not recorded on the driver)."""
         from onnxfold.measure.stream import MEASURING_STAGES
         from onnxfold.profile import stage
 

@@ -221,9 +221,10 @@ def test_gram_merge_and_singular():
         gx.solve_ridge(1e-3)
 
 
-def test_ridge_path_picks_heldout_best():
+@pytest.mark.parametrize("q", [2, 30])  # few outputs: residual per solution; many: in the eigenbasis
+def test_ridge_path_picks_heldout_best(q):
     rng = np.random.default_rng(3)
-    p, q = 40, 2
+    p = 40
     Xtr, Xte = rng.normal(size=(45, p)), rng.normal(size=(200, p))
     Wtrue = rng.normal(size=(q, p)) * 0.1
     Ytr = Xtr @ Wtrue.T + rng.normal(size=(45, q))

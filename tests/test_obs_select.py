@@ -72,6 +72,24 @@ def test_obs_is_close_to_the_best_subset_and_far_ahead_of_magnitude():
     assert np.mean(magnitude_ratios) > 3 * np.mean(ratios), magnitude_ratios
 
 
+@pytest.mark.parametrize("unit", [1, 2])
+def test_one_obs_path_answers_every_k_in_any_order(unit):
+    """A budget search asks one layer for several ratios: the path walked for
+    one k answers the others exactly as a fresh greedy run for that k would."""
+    acts, weight, _ = _problem(3, n=12, q=6)
+    cov = _cov(acts)
+    n_units = 12 // unit
+    weight = weight[:, :n_units * unit]
+    path = decide.ObsPath(cov, weight, unit)
+    for k in (n_units // 2, n_units - 1, 2, n_units // 2 + 1, n_units, 1):
+        fresh = decide.obs_keep(cov, weight, k, unit)
+        assert fresh.size == k
+        np.testing.assert_array_equal(path.keep(k), fresh)
+        # column updates run in place on the path's own copies, whatever the caller's memory order
+        np.testing.assert_array_equal(decide.obs_keep(np.asfortranarray(cov), np.asfortranarray(weight), k, unit),
+                                      fresh)
+
+
 def test_obs_removes_whole_blocks_and_keeps_each_parts_share():
     rng = np.random.default_rng(3)
     d, m = 3, 500

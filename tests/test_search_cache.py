@@ -67,9 +67,13 @@ def test_passes_never_stream_the_split_that_judges_the_candidates(monkeypatch):
     assert all(h is not None and 0 < h.sum() < fit.num_samples for _, h in streamed)
 
 
-def test_reused_sessions_give_the_fresh_metrics():
+def test_reused_sessions_give_the_fresh_metrics(monkeypatch):
     """Candidates judged with onnxruntime sessions reused across candidates
     (identical model parts) measure exactly what fresh sessions measure."""
+    from onnxfold.measure import jobs
+
+    # the original's parts would be replayed from the stream memo instead of run again
+    monkeypatch.setattr(jobs, "STREAM_MEMO_BYTES", 0)
     model = onnx.load(MODELS / "digits_mlp.onnx")
     data = load_calibration(str(MODELS / "digits_mlp.calib.npz"), model)
     fit, select = data.split((0.75, 0.25), seed=0)

@@ -294,49 +294,98 @@ def obs_keep(cov: np.ndarray, weight: np.ndarray, k: int, unit: int = 1,
     are left. ``parts``: unit index arrays that must each keep an equal share
     (``k // len(parts)``), as query heads keep a count per key/value group.
     """
-    H = np.asarray(cov, dtype=np.float64)
-    W = np.array(weight, dtype=np.float64)
-    p = H.shape[0]
-    n = p // unit
-    if W.shape[1] != p or n * unit != p:
-        raise ValueError(f"weight has {W.shape[1]} columns, the covariance {p}; unit {unit}")
-    damp = OBS_DAMPING * max(float(np.mean(np.diag(H))), 1e-12)
-    Hinv = np.linalg.inv(H + damp * np.eye(p))
-    alive = np.ones(n, dtype=bool)
-    part_of = np.zeros(n, dtype=np.int64)
-    quota = None
-    if parts is not None:
-        for i, part in enumerate(parts):
-            part_of[np.asarray(part, dtype=np.int64)] = i
-        per = max(1, k // len(parts))
-        quota = np.full(len(parts), per)
-        k = per * len(parts)
-    cols = np.arange(p).reshape(n, unit)
-    while alive.sum() > k:
-        costs = np.full(n, np.inf)
+    if parts is None:
+        return ObsPath(cov, weight, unit).keep(k)
+    path = ObsPath(cov, weight, unit)
+    part_of = np.zeros(path.units, dtype=np.int64)
+    for i, part in enumerate(parts):
+        part_of[np.asarray(part, dtype=np.int64)] = i
+    per = max(1, k // len(parts))
+    while path.alive.sum() > per * len(parts):
+        # a part at its quota keeps what it has
+        counts = np.bincount(part_of[path.alive], minlength=len(parts))
+        path.remove_cheapest(counts[part_of] <= per)
+    return np.flatnonzero(path.alive)
+
+
+class ObsPath:
+    """The greedy removal order of :func:`obs_keep` (without ``parts``),
+    walked only as far as asked: the units kept at k are the units kept at
+    k + 1 less the next one removed, whatever k is asked for, so one path
+    answers every k of a sweep (a budget search asks for several ratios of
+    the same layer) at the price of the deepest one."""
+
+    def __init__(self, cov: np.ndarray, weight: np.ndarray, unit: int = 1):
+        H = np.asarray(cov, dtype=np.float64)
+        self.W = np.array(weight, dtype=np.float64, order="C")  # C order: _remove_column updates it in place
+        p = H.shape[0]
+        self.unit = unit
+        self.units = p // unit
+        if self.W.shape[1] != p or self.units * unit != p:
+            raise ValueError(f"weight has {self.W.shape[1]} columns, the covariance {p}; unit {unit}")
+        damp = OBS_DAMPING * max(float(np.mean(np.diag(H))), 1e-12)
+        self.Hinv = np.ascontiguousarray(np.linalg.inv(H + damp * np.eye(p)))
+        self.alive = np.ones(self.units, dtype=bool)
+        self.removed: list[int] = []
+
+    def keep(self, k: int) -> np.ndarray:
+        """Indices (ascending) of the ``k`` units kept (at least one)."""
+        k = max(1, min(int(k), self.units))
+        while self.units - len(self.removed) > k:
+            self.remove_cheapest()
+        alive = np.ones(self.units, dtype=bool)
+        alive[self.removed[:self.units - k]] = False
+        return np.flatnonzero(alive)
+
+    def remove_cheapest(self, blocked: np.ndarray | None = None) -> int:
+        """Remove the unit whose loss costs least (``blocked`` units stay)."""
+        W, Hinv, alive, unit = self.W, self.Hinv, self.alive, self.unit
         if unit == 1:
-            d = np.diag(Hinv)
-            costs[alive] = np.einsum("ij,ij->j", W[:, alive], W[:, alive]) / d[alive]
-        else:
-            for u in np.flatnonzero(alive):
-                c = cols[u]
-                Wu = W[:, c]
-                costs[u] = float(np.trace(Wu @ np.linalg.solve(Hinv[np.ix_(c, c)], Wu.T)))
-        if quota is not None:  # a part at its quota keeps what it has
-            counts = np.bincount(part_of[alive], minlength=quota.size)
-            costs[counts[part_of] <= quota[part_of]] = np.inf
+            return self._remove_column(blocked)
+        costs = np.full(self.units, np.inf)
+        cols = np.arange(self.units * unit).reshape(self.units, unit)
+        for u in np.flatnonzero(alive):
+            c = cols[u]
+            Wu = W[:, c]
+            costs[u] = float(np.trace(Wu @ np.linalg.solve(Hinv[np.ix_(c, c)], Wu.T)))
+        if blocked is not None:
+            costs[blocked] = np.inf
         best = int(np.argmin(costs))
-        c = cols[best]
-        block = np.linalg.inv(Hinv[np.ix_(c, c)])
+        c = slice(best * unit, (best + 1) * unit)
+        block = np.linalg.inv(Hinv[c, c])
         # the kept columns take over what the removed unit carried; its row/column of H⁻¹ drop out
         W -= (W[:, c] @ block) @ Hinv[c, :]
         Hinv -= (Hinv[:, c] @ block) @ Hinv[c, :]
         W[:, c] = 0.0
         Hinv[c, :] = 0.0
         Hinv[:, c] = 0.0
-        Hinv[c, c] = 1.0  # never read again (the unit is dead); keeps the diagonal positive
+        Hinv[c, c] = np.eye(unit)  # never read again (the unit is dead); keeps the diagonal positive
         alive[best] = False
-    return np.flatnonzero(alive)
+        self.removed.append(best)
+        return best
+
+    def _remove_column(self, blocked: np.ndarray | None) -> int:
+        """:meth:`remove_cheapest` for single columns: the updates are rank-1,
+        done in place by BLAS (no p × p temporary per removal)."""
+        from scipy.linalg.blas import dger
+
+        W, Hinv, alive = self.W, self.Hinv, self.alive
+        costs = np.einsum("ij,ij->j", W, W) / Hinv.diagonal()
+        costs[~alive] = np.inf
+        if blocked is not None:
+            costs[blocked] = np.inf
+        best = int(np.argmin(costs))
+        h, w = Hinv[:, best].copy(), W[:, best].copy()
+        # H⁻¹ is symmetric and C-ordered, so its transpose is the Fortran-ordered matrix BLAS updates in place
+        dger(-1.0 / h[best], h, h, a=Hinv.T, overwrite_a=1)
+        dger(-1.0 / h[best], h, w, a=W.T, overwrite_a=1)
+        W[:, best] = 0.0
+        Hinv[best, :] = 0.0
+        Hinv[:, best] = 0.0
+        Hinv[best, best] = 1.0
+        alive[best] = False
+        self.removed.append(best)
+        return best
 
 
 def cluster_maps(labels: np.ndarray, sparse: bool = False):

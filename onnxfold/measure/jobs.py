@@ -10,16 +10,19 @@ Ray actors, which call :func:`run_stats_job` on their part and whose results
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .data import CalibrationSet
 from .stream import stream_tensors
 
-__all__ = ["Accumulators", "UpdateFn", "StatsJob", "merge_accumulators", "run_stats_job"]
+__all__ = ["Accumulators", "UpdateFn", "StatsJob", "StreamMemo", "merge_accumulators", "run_stats_job"]
 
 #: accumulators by name; every value has ``merge(other)`` (in place, returns self)
 Accumulators = dict[str, Any]
@@ -38,6 +41,86 @@ class StatsJob:
     models: Sequence[tuple[onnx.ModelProto, Sequence[str]]]
     init: Callable[[], Accumulators]
     update: UpdateFn
+    #: indices into ``models`` of the ones that give the same tensors every time they run on the
+    #: same data (parts of the model a search started from): a :class:`StreamMemo` may replay them
+    replayable: tuple[int, ...] = ()
+
+
+#: what a :class:`StreamMemo` holds by default, all streams together
+STREAM_MEMO_BYTES = 1 << 30
+
+
+class StreamMemo:
+    """Recorded streams of models that a budget search runs again and again
+    on the same data: the original model's parts, which every candidate's
+    refit reads its targets from. A stream is keyed by the part's content
+    (its serialized bytes), the tensors, the data object and the batching, so
+    a replay yields exactly the arrays a fresh run would. The least recently
+    used streams go first past ``max_bytes``; a stream larger than half of it
+    is never recorded (it would push out everything else)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = STREAM_MEMO_BYTES if max_bytes is None else max_bytes
+        self.bytes = 0
+        self.replays = 0
+        self._streams: OrderedDict[Hashable, tuple[list, int]] = OrderedDict()
+        self._data: dict[int, Any] = {}  # keeps each keyed data object alive, so its id is not reused
+
+    def key(self, model: onnx.ModelProto, names: Sequence[str], data: CalibrationSet, batch_size: int,
+            providers: list[str] | None, first_sample: int) -> Hashable:
+        self._data[id(data)] = data
+        digest = hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
+        return digest, tuple(names), id(data), batch_size, tuple(providers or ()), first_sample
+
+    def get(self, key: Hashable) -> list | None:
+        entry = self._streams.get(key)
+        if entry is None:
+            return None
+        self._streams.move_to_end(key)
+        self.replays += 1
+        return entry[0]
+
+    def put(self, key: Hashable, batches: list, size: int) -> None:
+        if size > self.max_bytes // 2 or key in self._streams:
+            return
+        self._streams[key] = (batches, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._streams.popitem(last=False)
+            self.bytes -= dropped
+
+
+def _tensor_bytes(tensors: dict) -> int:
+    return sum(np.asarray(v).nbytes for v in tensors.values())
+
+
+def _recorded(stream: Iterator, into: list, limit: int) -> Iterator:
+    """``stream``, with each batch's tensors appended to ``into`` until they pass ``limit`` bytes
+    (then ``into`` is emptied and ``None`` appended: too large to keep)."""
+    size = 0
+    for feed, labels, tensors in stream:
+        if into is not None:
+            size += _tensor_bytes(tensors)
+            if size > limit:
+                into.clear()
+                into.append(None)
+                into = None
+            else:
+                for value in tensors.values():
+                    if isinstance(value, np.ndarray):
+                        value.flags.writeable = False  # replayed later: an update must not change it in place
+                into.append(tensors)
+        yield feed, labels, tensors
+
+
+def _replayed(batches: list, data: CalibrationSet, batch_size: int,
+              progress: Callable[[int, int], None] | None) -> Iterator:
+    total, done = data.num_samples, 0
+    for (feed, labels), tensors in zip(data.labeled_batches(batch_size), batches):
+        done += next(iter(feed.values())).shape[0]
+        if progress is not None:
+            progress(done, total)
+        yield feed, labels, tensors
 
 
 def merge_accumulators(into: Accumulators, other: Accumulators) -> Accumulators:
@@ -51,17 +134,35 @@ def merge_accumulators(into: Accumulators, other: Accumulators) -> Accumulators:
 
 def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, providers: list[str] | None,
                   first_sample: int = 0, progress: Callable[[int, int], None] | None = None,
-                  intra_op_threads: int | None = None) -> Accumulators:
+                  intra_op_threads: int | None = None, memo: StreamMemo | None = None) -> Accumulators:
     """Run ``job`` over ``data`` in this process. ``first_sample``: index of
     ``data``'s first sample in the whole data set (a shard's offset), which
-    ``update`` receives per batch. ``intra_op_threads``: see ``stream_tensors``."""
+    ``update`` receives per batch. ``intra_op_threads``: see ``stream_tensors``.
+    ``memo``: replays the job's replayable models from an earlier run, or
+    records them for a later one."""
     accs = job.init()
-    streams = [stream_tensors(model, list(names), data, batch_size=batch_size, providers=providers,
-                              progress=progress if i == 0 else None, intra_op_threads=intra_op_threads)
-               for i, (model, names) in enumerate(job.models)]
+    streams, recordings = [], []
+    for i, (model, names) in enumerate(job.models):
+        shown = progress if i == 0 else None
+        key = None
+        if memo is not None and i in job.replayable:
+            key = memo.key(model, names, data, batch_size, providers, first_sample)
+            batches = memo.get(key)
+            if batches is not None:
+                streams.append(_replayed(batches, data, batch_size, shown))
+                continue
+        stream = stream_tensors(model, list(names), data, batch_size=batch_size, providers=providers,
+                                progress=shown, intra_op_threads=intra_op_threads)
+        if key is not None:
+            recordings.append((key, []))
+            stream = _recorded(stream, recordings[-1][1], memo.max_bytes // 2)
+        streams.append(stream)
     start = first_sample
     for batches in zip(*streams):
         feed, labels, _ = batches[0]
         job.update(accs, start, feed, labels, [tensors for _f, _l, tensors in batches])
         start += next(iter(feed.values())).shape[0]
+    for key, batches in recordings:
+        if batches and batches[0] is not None:
+            memo.put(key, batches, sum(_tensor_bytes(t) for t in batches))
     return accs

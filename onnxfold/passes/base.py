@@ -46,7 +46,8 @@ class PassContext:
     def measure(self, job, data, task: str) -> dict[str, Any]:
         """Accumulators of the statistics ``job`` (a ``distributed.StatsJob``) over ``data``."""
         return self.stats_backend.reduce(job, data, batch_size=self.batch_size, providers=self.providers,
-                                         progress=lambda done, total: self.report_progress(task, done, total))
+                                         progress=lambda done, total: self.report_progress(task, done, total),
+                                         memo=None if self.cache is None else self.cache.streams)
 
     def report_progress(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx
 
+from ..measure.jobs import StreamMemo
+
 T = TypeVar("T")
 
 #: what the cache may hold (least recently used dropped first): Gram
@@ -64,6 +66,8 @@ class SearchCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        # the original model's streamed tensors, replayed to every candidate (apart: they are large)
+        self.streams = StreamMemo()
 
     def identity(self, obj: Any) -> int | None:
         """Identity of an object (a data split) for a key; None for None. The

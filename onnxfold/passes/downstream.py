@@ -175,7 +175,8 @@ def output_errors(models: list[onnx.ModelProto], reference: onnx.ModelProto, dat
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     names = [o.name for o in reference.graph.output if o.type.tensor_type.elem_type in floats]
     job = StatsJob([(m, names) for m in models] + [(reference, names)],
-                   partial(_new_error_sums, len(names), len(models)), partial(_add_errors, len(models)))
+                   partial(_new_error_sums, len(names), len(models)), partial(_add_errors, len(models)),
+                   replayable=(len(models),))
     accs = ctx.measure(job, data, task)
     return [accs[f"model{i}"].relative() for i in range(len(models))]
 

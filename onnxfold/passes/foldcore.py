@@ -24,6 +24,7 @@ and use steps 2 and 5 only. Method: ``docs/methods.md`` sections 2-3.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import partial
@@ -162,12 +163,21 @@ class FoldCore:
             raise UsageError(f"{group.name}: selection 'obs' needs readers that take the units as their input's "
                              "last axis (dense, gated MLP and attention readers; not convolutions); use 'kmeans' "
                              "or 'magnitude' for this model")
-        cov = cached(self.ctx.cache, self._covariance_key(source),
+        cov_key = self._covariance_key(source)
+        cov = cached(self.ctx.cache, cov_key,
                      lambda: self._input_covariance(source, f"{group.name}: measuring what each unit carries"))
         cols = np.arange(group.width * unit).reshape(group.width, unit)
         pick = cols if units is None else cols[units]
         flat = pick.reshape(-1)
-        return decide.obs_keep(cov[np.ix_(flat, flat)], np.vstack(weights)[:, flat], k, unit, parts)
+        weight = np.vstack(weights)[:, flat]
+        if parts is not None:  # the quota per part depends on k: no path shared across k
+            return decide.obs_keep(cov[np.ix_(flat, flat)], weight, k, unit, parts)
+        # the greedy path is the same whatever k: a sweep over ratios walks it once
+        path_key = None if cov_key is None else (
+            "obs path", cov_key, unit, hashlib.sha1(flat.tobytes()).hexdigest(),
+            hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest())
+        path = cached(self.ctx.cache, path_key, lambda: decide.ObsPath(cov[np.ix_(flat, flat)], weight, unit))
+        return path.keep(k)
 
     def _input_covariance(self, source: RowSource, task: str) -> np.ndarray:
         job = lockstep_job(self.state, {source.tensor: source.dtype}, {}, _new_input_gram,

@@ -84,7 +84,7 @@ def lockstep_job(state: FoldState, current: Mapping[str, np.dtype], original: Ma
         both = {**current, **original}
         return StatsJob([(needed_part(state.current_model(), both), list(both))], init, update)
     return StatsJob([(needed_part(state.current_model(), current), list(current)),
-                     (needed_part(state.original, original), list(original))], init, update)
+                     (needed_part(state.original, original), list(original))], init, update, replayable=(1,))
 
 
 class RefitOutcome(NamedTuple):  # a tuple: the search cache sizes what it holds through tuples
@@ -143,13 +143,15 @@ class RefitEngine:
         sampler = None if rows.max_rows is None else np.random.default_rng(self.seed + 1)
         job = StatsJob([(needed_part(self.state.current_model(), rows.current), list(rows.current)),
                         (needed_part(self.state.original, rows.original), list(rows.original))],
-                       partial(_new_grams, rows.widths), partial(_add_rows, rows, held_samples, sampler))
+                       partial(_new_grams, rows.widths), partial(_add_rows, rows, held_samples, sampler),
+                       replayable=(1,))
         if sampler is None:
             accs = self.ctx.measure(job, data, task)
         else:
             ctx = self.ctx
             accs = run_stats_job(job, data, batch_size=ctx.batch_size, providers=ctx.providers,
-                                 progress=lambda done, total: ctx.report_progress(task, done, total))
+                                 progress=lambda done, total: ctx.report_progress(task, done, total),
+                                 memo=None if ctx.cache is None else ctx.cache.streams)
         return [(accs[f"fit{i}"], accs[f"held{i}"], float(accs[f"spread{i}"].m2_z.sum()))
                 for i in range(len(rows.widths))]
 

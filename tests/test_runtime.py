@@ -245,7 +245,10 @@ def test_reusing_sessions_keys_by_content():
         assert rt.create_session(model, cpu, intra_op_threads=1) is not a
         assert (cache.hits, cache.misses) == (1, 3)
         y_reused = a.run(None, {"x": X, "k": K})[0]
+        # a kept session frees its buffers after each run: an idle memory arena per kept session added up
+        assert a.get_session_options().enable_cpu_mem_arena is False
     assert rt.create_session(model, cpu) is not a  # no cache outside the block
+    assert rt.create_session(model, cpu).get_session_options().enable_cpu_mem_arena is True  # not kept: as before
     np.testing.assert_array_equal(y_reused, rt.create_session(model, cpu).run(None, {"x": X, "k": K})[0])
     np.testing.assert_allclose(rt.create_session(other, cpu).run(None, {"x": X, "k": K})[0],
                                expected(other, X), rtol=1e-6)

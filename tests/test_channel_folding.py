@@ -155,6 +155,15 @@ def test_im2col_matches_onnxruntime_conv():
     cols = dch.im2col(x.astype(np.float64), (3, 2), strides, pads, dil)
     got = cols @ w.reshape(4, -1).T.astype(np.float64) + b
     np.testing.assert_allclose(got, dch.nchw_rows(ref), rtol=1e-4, atol=1e-4)
+    # the rows a refit draws, copied out alone, against onnxruntime's outputs at those positions
+    lazy = dch.PatchRows(x, (3, 2), strides, pads, dil)
+    assert lazy.shape == cols.shape
+    idx = np.sort(rng.choice(cols.shape[0], 17, replace=False))
+    picked = lazy[idx].astype(np.float64) @ w.reshape(4, -1).T.astype(np.float64) + b
+    np.testing.assert_allclose(picked, dch.nchw_rows(ref)[idx], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(lazy[np.arange(cols.shape[0])], cols.astype(np.float32))
+    with pytest.raises(TypeError):
+        lazy[idx > 3]
 
 
 def test_channel_labels_merge_exact_duplicates_whatever_their_readers():

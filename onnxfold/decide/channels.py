@@ -65,15 +65,41 @@ def im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: S
     x: [N, C, H, W]; returns [N·Ho·Wo, C·kh·kw] in the order of a kernel
     reshaped ``W.reshape(out, -1)`` (channel, then kernel row, then column),
     rows ordered (n, ho, wo) like :func:`nchw_rows` of the output."""
+    win = _windows(x, kernel, strides, pads, dilations)
+    N, C, Ho, Wo, kh, kw = win.shape
+    return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(N * Ho * Wo, C * kh * kw)
+
+
+def _windows(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """A view [N, C, Ho, Wo, kh, kw] of the (padded) input's patches."""
     kh, kw = kernel
     sh, sw = strides
     dh, dw = dilations
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    N, C = x.shape[:2]
     win = np.lib.stride_tricks.sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
-    Ho, Wo = win.shape[2], win.shape[3]
-    return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(N * Ho * Wo, C * kh * kw)
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+class PatchRows:
+    """:func:`im2col`'s rows, copied out only when taken: ``rows[idx]`` equals
+    ``im2col(x, ...)[idx]`` for an index array. A refit that draws a few
+    thousand of a batch's output positions copies only those patches (the
+    whole patch matrix is C·kh·kw times the input)."""
+
+    def __init__(self, x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+                 dilations: Sequence[int]):
+        self._win = _windows(x, kernel, strides, pads, dilations)
+        N, C, self._ho, self._wo, kh, kw = self._win.shape
+        self.shape = (N * self._ho * self._wo, C * kh * kw)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.dtype == bool or idx.ndim != 1:
+            raise TypeError("PatchRows takes a 1-D array of row indices")
+        n, pos = np.divmod(idx, self._ho * self._wo)
+        ho, wo = np.divmod(pos, self._wo)
+        # advanced indices around a slice: the row axis comes first, then (C, kh, kw)
+        return self._win[n, :, ho, wo].reshape(idx.size, self.shape[1])
 
 
 def chain_params(widths: Sequence[int], per_channel: Sequence[int], fixed: Sequence[int]) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse import issparse
 
-from ..decide.channels import im2col, nchw_rows
+from ..decide.channels import PatchRows, nchw_rows
 from ..find.activations import ActivationSpec
 from ..find.attention import Projection
 from ..find.conv import ConvOp, GemmReader
@@ -409,7 +409,7 @@ class OutputRows:
         """(length of the source's first axis, [(X, Y, target)])."""
         x = np.asarray(cur[self.x])
         if self.geometry is not None:
-            X = im2col(x, *self.geometry)
+            X = PatchRows(x, *self.geometry)  # the refit takes a few thousand rows of it per batch
         else:
             X = last_axis_rows(x if self.activation is None else self.activation.apply(x))
         current, target = output_rows(cur[self.out], self.channels_first), output_rows(orig[self.out],

@@ -10,7 +10,6 @@ Ray actors, which call :func:`run_stats_job` on their part and whose results
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 
 from .data import CalibrationSet
-from .stream import stream_tensors
+from .stream import model_digest, stream_tensors
 
 __all__ = ["Accumulators", "UpdateFn", "StatsJob", "StreamMemo", "merge_accumulators", "run_stats_job"]
 
@@ -69,8 +68,7 @@ class StreamMemo:
     def key(self, model: onnx.ModelProto, names: Sequence[str], data: CalibrationSet, batch_size: int,
             providers: list[str] | None, first_sample: int) -> Hashable:
         self._data[id(data)] = data
-        digest = hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
-        return digest, tuple(names), id(data), batch_size, tuple(providers or ()), first_sample
+        return model_digest(model), tuple(names), id(data), batch_size, tuple(providers or ()), first_sample
 
     def get(self, key: Hashable) -> list | None:
         entry = self._streams.get(key)
@@ -90,27 +88,27 @@ class StreamMemo:
             self.bytes -= dropped
 
 
-def _tensor_bytes(tensors: dict) -> int:
-    return sum(np.asarray(v).nbytes for v in tensors.values())
+class _Recording:
+    """The batches of one stream as it runs, and their bytes; ``batches`` is
+    None once they passed ``limit`` (too large to keep)."""
 
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.batches: list | None = []
+        self.size = 0
 
-def _recorded(stream: Iterator, into: list, limit: int) -> Iterator:
-    """``stream``, with each batch's tensors appended to ``into`` until they pass ``limit`` bytes
-    (then ``into`` is emptied and ``None`` appended: too large to keep)."""
-    size = 0
-    for feed, labels, tensors in stream:
-        if into is not None:
-            size += _tensor_bytes(tensors)
-            if size > limit:
-                into.clear()
-                into.append(None)
-                into = None
-            else:
-                for value in tensors.values():
-                    if isinstance(value, np.ndarray):
-                        value.flags.writeable = False  # replayed later: an update must not change it in place
-                into.append(tensors)
-        yield feed, labels, tensors
+    def wrap(self, stream: Iterator) -> Iterator:
+        for feed, labels, tensors in stream:
+            if self.batches is not None:
+                self.size += sum(np.asarray(v).nbytes for v in tensors.values())
+                if self.size > self.limit:
+                    self.batches = None
+                else:
+                    for value in tensors.values():
+                        if isinstance(value, np.ndarray):
+                            value.flags.writeable = False  # replayed later: an update must not change it in place
+                    self.batches.append(tensors)
+            yield feed, labels, tensors
 
 
 def _replayed(batches: list, data: CalibrationSet, batch_size: int,
@@ -154,15 +152,15 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
         stream = stream_tensors(model, list(names), data, batch_size=batch_size, providers=providers,
                                 progress=shown, intra_op_threads=intra_op_threads)
         if key is not None:
-            recordings.append((key, []))
-            stream = _recorded(stream, recordings[-1][1], memo.max_bytes // 2)
+            recordings.append((key, _Recording(memo.max_bytes // 2)))
+            stream = recordings[-1][1].wrap(stream)
         streams.append(stream)
     start = first_sample
     for batches in zip(*streams):
         feed, labels, _ = batches[0]
         job.update(accs, start, feed, labels, [tensors for _f, _l, tensors in batches])
         start += next(iter(feed.values())).shape[0]
-    for key, batches in recordings:
-        if batches and batches[0] is not None:
-            memo.put(key, batches, sum(_tensor_bytes(t) for t in batches))
+    for key, rec in recordings:
+        if rec.batches:
+            memo.put(key, rec.batches, rec.size)
     return accs

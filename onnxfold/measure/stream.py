@@ -12,6 +12,8 @@ to follow long runs.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -146,6 +148,20 @@ def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx
     out.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
                             for name, dt in outputs.items())
     return out
+
+
+_UNIQUE = itertools.count()
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """Content key of a model (or model part): its serialized bytes. A model
+    protobuf cannot serialize (over 2 GB in memory) gets a key of its own,
+    equal to no other: nothing is shared, nothing is wrong."""
+    try:
+        data = model.SerializeToString(deterministic=True)
+    except Exception:  # noqa: BLE001 - protobuf's size limit (ValueError / EncodeError)
+        return f"unserializable {next(_UNIQUE)}"
+    return hashlib.sha1(data).hexdigest()
 
 
 def stream_tensors(

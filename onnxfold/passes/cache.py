@@ -24,8 +24,6 @@ The cache lives for one search (``PassContext.cache``); outside a search it is
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -34,6 +32,7 @@ import numpy as np
 import onnx
 
 from ..measure.jobs import StreamMemo
+from ..measure.stream import model_digest  # noqa: F401 - keyed by it here, imported from here by the passes
 
 T = TypeVar("T")
 
@@ -42,20 +41,6 @@ T = TypeVar("T")
 MAX_BYTES = 1 << 30
 #: input models whose digests are remembered (see SearchCache.input_digest)
 DIGESTED_MODELS = 4
-
-_UNIQUE = itertools.count()
-
-
-def model_digest(model: onnx.ModelProto) -> str:
-    """Content key of a model (or model part): its serialized bytes. A model
-    protobuf cannot serialize (over 2 GB in memory) gets a key of its own,
-    equal to no other: nothing is shared, nothing is wrong."""
-    try:
-        data = model.SerializeToString(deterministic=True)
-    except Exception:  # noqa: BLE001 - protobuf's size limit (ValueError / EncodeError)
-        return f"unserializable {next(_UNIQUE)}"
-    return hashlib.sha1(data).hexdigest()
-
 
 class SearchCache:
     def __init__(self, max_bytes: int = MAX_BYTES):

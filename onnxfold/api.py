@@ -45,6 +45,10 @@ SPLIT_WITHOUT_EVAL = (0.6, 0.2, 0.2)
 HELD_OUT_FACTOR = 2  # twice what an unchanged candidate needs, so a candidate with a flip or two can pass
 HELD_OUT_CAP_WITHOUT_EVAL = 0.3  # per held-out part: the fit part keeps at least 40 %
 HELD_OUT_CAP_WITH_EVAL = 0.4  # the select part, when --eval is the final check: fit keeps at least 60 %
+# and at most this many samples per held-out part, unless the budget needs more: a 20 % share of millions
+# of samples would only slow every candidate's comparison down, and the held-out parts live on the driver
+# even when the data is read by Ray (its memory stays flat in the number of samples beyond this)
+HELD_OUT_MAX_SAMPLES = 50_000
 # the settings the report's "settings" object records (report schema, flat keyword names)
 REPORTED_SETTINGS = ("linear", "linear_threshold", "linear_mode", "linear_path", "fold_ratio", "fold_select",
                      "fold_repair", "fold_refit", "fold_residual", "fold_heads", "fold_kv_heads", "seed", "batch_size")
@@ -75,9 +79,10 @@ def held_out_size(n: int, needed: int, cap: float, floor: float) -> int:
     hold that, else the ``floor`` share (more would not resolve the budget
     and would only starve the fit part)."""
     base = max(1, int(round(floor * n)))
+    limit = max(HELD_OUT_MAX_SAMPLES, HELD_OUT_FACTOR * needed)
     if cap * n < needed:
-        return base
-    return max(base, min(HELD_OUT_FACTOR * needed, int(cap * n)))
+        return min(base, limit)
+    return min(max(base, min(HELD_OUT_FACTOR * needed, int(cap * n))), limit)
 
 
 def split_data(calib, eval_set, seed: int, needed: int | None):
@@ -89,19 +94,19 @@ def split_data(calib, eval_set, seed: int, needed: int | None):
     if eval_set is not None:
         if n < MIN_SAMPLES_TO_SPLIT:
             return calib, calib, eval_set
-        if needed is None:
+        if needed is None and round(SPLIT_WITH_EVAL[1] * n) <= HELD_OUT_MAX_SAMPLES:
             fit, select = calib.split(SPLIT_WITH_EVAL, seed)
         else:
-            h = held_out_size(n, needed, HELD_OUT_CAP_WITH_EVAL, SPLIT_WITH_EVAL[1])
+            h = held_out_size(n, needed or 0, HELD_OUT_CAP_WITH_EVAL, SPLIT_WITH_EVAL[1])
             fit, select = calib.split(((n - h) / n, h / n), seed)
         return fit, select, eval_set
     if n < MIN_SAMPLES_TO_SPLIT:
         raise CalibrationDataError(
             f"calibration data has {n} samples; give at least {MIN_SAMPLES_TO_SPLIT} (part is held out to verify)"
             " or pass a separate evaluation set")
-    if needed is None:
+    if needed is None and round(SPLIT_WITHOUT_EVAL[1] * n) <= HELD_OUT_MAX_SAMPLES:
         return tuple(calib.split(SPLIT_WITHOUT_EVAL, seed))
-    h = held_out_size(n, needed, HELD_OUT_CAP_WITHOUT_EVAL, SPLIT_WITHOUT_EVAL[1])
+    h = held_out_size(n, needed or 0, HELD_OUT_CAP_WITHOUT_EVAL, SPLIT_WITHOUT_EVAL[1])
     fit, select, final = calib.split(((n - 2 * h) / n, h / n, h / n), seed)
     return fit, select, final
 
@@ -250,15 +255,16 @@ def _optimize(model, calibration, eval_data, opts: OptimizeOptions, *, progress,
 
 
 def _load_data(source, model, what: str, backend):
-    """A CalibrationSet, or with Ray a Parquet / Ray Dataset source as a
+    """A CalibrationSet, or with Ray a Parquet / Ray Dataset source or a
+    directory of ``.npz`` shards as a
     :class:`~onnxfold.measure.raydata.RayCalibration` (an evaluation set is
     gathered into memory: it is only compared on)."""
     from .measure.data import load_calibration
-    from .measure.raydata import is_ray_source, load_ray_calibration
+    from .measure.raydata import load_ray_calibration, reads_with_ray_data
 
     if source is None:
         return None
-    if backend is not None and is_ray_source(source):
+    if backend is not None and reads_with_ray_data(source, model):
         data = load_ray_calibration(source, model, what=what)
         if what == "evaluation" and getattr(data, "is_ray_dataset", False):
             import numpy as np
@@ -327,6 +333,14 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
     if backend is not None:
         ctx.stats_backend = backend
         notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers")
+        source = getattr(fit, "parent", None)
+        if source is not None:
+            notes.append(f"calibration data ({source.source}) read by Ray into the object store; the driver holds "
+                         "only the held-out parts")
+        elif fit is not None:  # the task pool starts now (a Ray Data source's jobs start actor pools of their own)
+            note = backend.provider_note(providers)
+            if note:
+                notes.append(note)
     # every foldable group and what was skipped (names, widths and node names: no weights read)
     groups = find_groups(original, fold_residual=opts.fold.residual)
     before = summarize_model(original, groups)

@@ -102,7 +102,10 @@ class _StatsWorker:
         return fn(item)
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "providers": self.providers, "notice": self.notice}
+        import ray
+
+        return {"pid": os.getpid(), "providers": self.providers, "notice": self.notice,
+                "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
 
 @dataclass
@@ -350,6 +353,18 @@ class RayStats:
 
     def worker_info(self) -> list[dict]:
         return self._ray.get([w.info.remote() for w in self.workers], timeout=self.timeout_s)
+
+    def provider_note(self, driver_providers: list[str]) -> str | None:
+        """One line when the workers' sessions run on other providers than the
+        driver's (each worker resolves ``provider`` on its own host: a worker
+        without CUDA falls back to CPU under 'auto'); None when they agree."""
+        infos = self.worker_info()
+        chosen = [i["providers"][0].replace("ExecutionProvider", "") for i in infos]
+        if all(c == driver_providers[0].replace("ExecutionProvider", "") for c in chosen):
+            return None
+        counts = ", ".join(f"{c} on {chosen.count(c)}" for c in dict.fromkeys(chosen))
+        why = next((i["notice"] for i in infos if i["notice"]), None)
+        return f"Ray workers' sessions: {counts} of {len(infos)} workers" + (f" ({why})" if why else "")
 
     def close(self) -> None:
         ray = self._ray

@@ -320,6 +320,36 @@ def test_held_out_parts_are_sized_for_the_budget():
     assert held_out_size(100_000, 598, 0.3, 0.2) == 20_000
     # too little data to resolve it at any share: keep the floor and starve the fit part no further
     assert held_out_size(500, 598, 0.3, 0.2) == 100
+    # a share of millions is capped at 50,000 samples per part, unless the budget needs more
+    assert held_out_size(1_000_000, 598, 0.3, 0.2) == 50_000
+    assert held_out_size(1_000_000, 40_000, 0.3, 0.2) == 80_000
+
+
+class _Counted:
+    """A stand-in data set: how many samples, and the part sizes it was split into."""
+
+    def __init__(self, n):
+        self.num_samples, self.sizes = n, None
+
+    def split(self, fractions, seed):
+        from onnxfold.measure.data import split_indices
+
+        self.sizes = [len(p) for p in split_indices(self.num_samples, fractions, seed)]
+        return [None] * len(fractions)
+
+
+@pytest.mark.parametrize("n, with_eval, needed, sizes", [
+    (10_000, False, None, [6000, 2000, 2000]),  # fixed fractions below the cap: as always
+    (1_000_000, False, None, [900_000, 50_000, 50_000]),
+    (1_000_000, True, None, [950_000, 50_000]),
+    (1_000_000, False, 598, [900_000, 50_000, 50_000]),
+])
+def test_held_out_parts_stay_bounded_in_the_number_of_samples(n, with_eval, needed, sizes):
+    from onnxfold.api import split_data
+
+    calib = _Counted(n)
+    split_data(calib, object() if with_eval else None, 0, needed)
+    assert calib.sizes == sizes
 
 
 def test_little_data_is_said_up_front(digits):

@@ -33,7 +33,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # one declared GPU (no real one here): the GPU wiring is checked without CUDA
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -74,6 +75,32 @@ def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, setti
     x = np.load(path.with_suffix(".test.npz"))["input"]
     (y_single,), (y_ray,) = ort_run(single.model, {"input": x}), ort_run(on_ray.model, {"input": x})
     np.testing.assert_allclose(y_ray, y_single, rtol=0, atol=1e-5)
+
+
+def test_the_blocks_of_a_transformer_cluster_side_by_side_as_ray_tasks(monkeypatch):
+    """Data-free folding of a LLaMA-class decoder: every gated MLP's and every
+    attention block's k-means runs as a Ray task, ahead of the block-by-block
+    rewrite (a block's fold rewrites only its own projections); the driver
+    clusters nothing itself, and the model is the one-process model, byte for byte."""
+    import onnxfold.decide.folding as decide
+
+    tasks, map_tasks = [], RayStats.map_tasks
+
+    def counted_map_tasks(self, fn, items):
+        tasks.extend(items)
+        return map_tasks(self, fn, items)
+
+    settings = dict(fold_ratio=0.3, fold_heads=0.5, provider="cpu", latency=False, seed=2)
+    single = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, **settings)
+    driver_calls = []
+    kmeans_labels = decide.kmeans_labels
+    monkeypatch.setattr(decide, "kmeans_labels", lambda *a, **k: driver_calls.append(1) or kmeans_labels(*a, **k))
+    monkeypatch.setattr(RayStats, "map_tasks", counted_map_tasks)
+    on_ray = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, ray_address="local", ray_workers=2, **settings)
+    # 4 gated MLPs, then 4 attention blocks x 2 key/value groups of query heads
+    assert len(tasks) == 12 and not driver_calls
+    assert [lr.to_dict() for lr in on_ray.layers] == [lr.to_dict() for lr in single.layers]
+    assert on_ray.model.graph.SerializeToString() == single.model.graph.SerializeToString()
 
 
 def _init(n):
@@ -134,6 +161,34 @@ def test_a_killed_worker_is_restarted_and_the_result_is_right(tmp_path):
     assert (tmp_path / "killed-task").exists() and squares == [1, 4, 9, 16]
 
 
+def test_a_gpu_worker_reserves_its_gpu_and_chooses_its_own_provider():
+    """--ray-gpus-per-worker: an actor reserves that many of the cluster's GPUs
+    (Ray hands it the device) and resolves the provider on its own host: under
+    'auto', a host without CUDA falls back to CPU, says why, and computes the
+    right statistics. No CUDA here, so the CUDA session itself is not run."""
+    from onnxfold.errors import ScaleOutError
+
+    model = build_mlp([6, 10, 4], "relu", seed=3)
+    x = np.random.default_rng(1).normal(size=(200, 6)).astype(np.float32)
+    data = load_calibration({"x": x}, model)
+    job = StatsJob([(model, ["h0.pre"])], functools.partial(_init, 10), _update)
+    expected = LocalStats().reduce(job, data, batch_size=50, providers=CPU)
+    backend = RayStats(provider="auto", gpus_per_worker=1, timeout_s=300)
+    try:
+        assert backend.num_workers == 1  # one per GPU of the cluster
+        (info,) = backend.worker_info()
+        note = backend.provider_note(["CUDAExecutionProvider", "CPUExecutionProvider"])
+        got = backend.reduce(job, data, batch_size=50)
+    finally:
+        backend.close()
+    assert info["gpus"] == ["0"] and info["providers"] == CPU
+    assert info["notice"].startswith("CUDA not available")
+    assert note.startswith("Ray workers' sessions: CPU on 1 of 1 workers (CUDA not available")
+    np.testing.assert_allclose(got["gram"].XtX, expected["gram"].XtX, rtol=1e-10)
+    with pytest.raises(ScaleOutError, match="the Ray cluster has 1 GPUs; a worker asks for 2"):
+        RayStats(gpus_per_worker=2)
+
+
 # ---------------------------------------------------------------------------
 # Parquet files and Ray Dataset objects (Ray Data). Before the module's `backend`
 # fixture: its actors hold the CPUs that Ray Data's actors need.
@@ -178,6 +233,46 @@ def test_parquet_and_a_dataset_give_the_npz_result(digits, tmp_path):
         assert got.report["verification"]["samples"] == want.report["verification"]["samples"]
         (y_want,), (y_got,) = ort_run(want.model, {"input": x}), ort_run(got.model, {"input": x})
         np.testing.assert_allclose(y_got, y_want, rtol=0, atol=1e-5)
+
+
+def test_npz_shards_are_read_by_ray_tasks_and_give_the_npz_result(digits, tmp_path, monkeypatch):
+    """A directory of .npz shards with --ray: each shard is read and validated
+    by a Ray task into the object store (the driver never loads them: its
+    in-memory shard reader is made to fail here), numbered and split like the
+    concatenated .npz, so the result is the single-process one."""
+    import onnxfold.measure.data as data_module
+    import onnxfold.measure.raydata as raydata
+
+    calib = np.load(digits.with_suffix(".calib.npz"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    n = len(calib["input"])
+    cuts = [0, n // 3, n // 3 + 1, n - 7, n]  # uneven, one a single sample
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        np.savez(shards / f"part-{i:03d}.npz", input=calib["input"][a:b], labels=calib["labels"][a:b])
+    common = dict(eval_data=digits.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, linear=False,
+                  fold_ratio=0.5, batch_size=64, fold_repair="ar")
+    single = onnxfold.optimize(digits, digits.with_suffix(".calib.npz"), **common)
+
+    def no_driver_read(*_a, **_k):
+        raise AssertionError("the driver read the shards into memory")
+
+    monkeypatch.setattr(data_module, "_load_shards", no_driver_read)
+    monkeypatch.setattr(raydata, "SHARDS_IN_MEMORY_MAX_BYTES", 0)  # the real threshold is 2 GiB
+    on_ray = onnxfold.optimize(digits, shards, ray_address="local", ray_workers=1, **common)
+    assert f"calibration data (shards '{shards}') read by Ray into the object store; the driver holds only the " \
+           "held-out parts" in on_ray.report["notes"]
+    assert on_ray.report["settings"] == single.report["settings"]
+    assert [lr.to_dict() for lr in on_ray.layers] == [lr.to_dict() for lr in single.layers]
+    assert on_ray.report["verification"]["samples"] == single.report["verification"]["samples"]
+    x = np.load(digits.with_suffix(".test.npz"))["input"]
+    (y_single,), (y_ray,) = ort_run(single.model, {"input": x}), ort_run(on_ray.model, {"input": x})
+    np.testing.assert_allclose(y_ray, y_single, rtol=0, atol=1e-5)
+    # a shard that does not fit the model: one line naming it, from the task that read it
+    np.savez(shards / "part-002.npz", input=calib["input"][:5, :10], labels=calib["labels"][:5])
+    with pytest.raises(CalibrationDataError) as e:
+        onnxfold.optimize(digits, shards, ray_address="local", ray_workers=1, **common)
+    assert f"calibration shard '{shards / 'part-002.npz'}'" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_parquet_file_with_a_wrong_column_is_one_clear_error(digits, tmp_path):

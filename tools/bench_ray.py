@@ -93,9 +93,10 @@ def _time(backend, job, data, batch_size: int, repeats: int):
     return best, result
 
 
-def _driver_rss_growth(backend, job, data, batch_size: int) -> float:
-    """Peak growth of this (driver) process's resident memory during one job, MB
-    (sampled every 2 ms; the baseline is taken just before the job)."""
+def _peak_growth(fn) -> tuple[float, object]:
+    """(peak growth of this (driver) process's resident memory while ``fn()``
+    runs, MB, and what it returned); sampled every 2 ms, the baseline taken
+    just before."""
     import threading
 
     from onnxfold.profile import current_rss
@@ -110,11 +111,54 @@ def _driver_rss_growth(backend, job, data, batch_size: int) -> float:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
-        backend.reduce(job, data, batch_size=batch_size, providers=["CPUExecutionProvider"])
+        out = fn()
     finally:
         stop.set()
         t.join()
-    return (max(peak[0], current_rss()) - base) / 2**20
+    return (max(peak[0], current_rss()) - base) / 2**20, out
+
+
+def _driver_rss_growth(backend, job, data, batch_size: int) -> float:
+    """Peak growth of the driver's resident memory during one job, MB."""
+    return _peak_growth(lambda: backend.reduce(job, data, batch_size=batch_size,
+                                               providers=["CPUExecutionProvider"]))[0]
+
+
+def _shard_memory(model_name: str, sizes: list[int], shards: int = 8) -> list[dict]:
+    """The driver's memory while a directory of .npz shards is read and split
+    into fit / select / final parts as ``onnxfold optimize`` does with fixed
+    settings: by the driver (``load_calibration``, the default up to 2 GiB of
+    shards), and by Ray tasks into the object store (``load_ray_calibration``,
+    above 2 GiB); the samples are the model's calibration set, repeated."""
+    import gc
+    import tempfile
+
+    from onnxfold.api import split_data
+    from onnxfold.measure.raydata import load_ray_calibration
+
+    model = load_model(ROOT / "models" / f"{model_name}.onnx")
+    base = np.load(ROOT / "models" / f"{model_name}.calib.npz")
+    rows = []
+    for n in [1000, *sizes]:  # the first, small, run warms Ray Data up (imports, its executor): not reported
+        reps = -(-n // base["input"].shape[0])
+        x = np.concatenate([base["input"]] * reps)[:n]
+        y = np.concatenate([base["labels"]] * reps)[:n]
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (a, b) in enumerate(zip(np.linspace(0, n, shards + 1).astype(int)[:-1],
+                                           np.linspace(0, n, shards + 1).astype(int)[1:])):
+                np.savez(Path(tmp) / f"part-{i:03d}.npz", input=x[a:b], labels=y[a:b])
+            data_mb = (x.nbytes + y.nbytes) / 2**20
+            del x, y
+            gc.collect()
+            in_memory, _ = _peak_growth(lambda: split_data(load_calibration(tmp, model), None, 0, None))
+            gc.collect()
+            by_ray, parts = _peak_growth(lambda: split_data(load_ray_calibration(tmp, model), None, 0, None))
+            held = sum(p.num_samples for p in parts[1:])
+            del parts
+            gc.collect()
+        rows.append({"samples": n, "data_mb": data_mb, "held_out_samples": held,
+                     "driver_growth_mb": in_memory, "ray_growth_mb": by_ray})
+    return rows[1:]
 
 
 def main(argv=None) -> int:
@@ -124,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shard-samples", type=int, nargs="+", default=[300_000, 1_200_000],
+                    help="samples of digits_mlp data written as .npz shards for the driver-memory table")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the BENCHMARKS.md block from tools/results/ray.json (e.g. with a --reason)")
@@ -183,6 +229,7 @@ def main(argv=None) -> int:
                                "later_job_growth_mb": later})
         finally:
             backend.close()
+        shard_memory = _shard_memory("digits_mlp", args.shard_samples)
     finally:
         ray.shutdown()
     one = next((r for r in rows if r["workers"] == 1), None)
@@ -195,7 +242,8 @@ def main(argv=None) -> int:
               "repeats": args.repeats, "machine": machine(), "ray": ray.__version__,
               "load_average_1min_after": round(os.getloadavg()[0], 2),
               "job": f"NeuronStats of {len(find_dense_graph(model).chains)} hidden layers + Gram of the first",
-              "rows": rows, "driver_memory": memory, "memory_workers": max(args.workers)}
+              "rows": rows, "driver_memory": memory, "memory_workers": max(args.workers),
+              "shard_memory": shard_memory}
     result["previous"] = previous_run(out_json.parent, "ray", flatten)  # kept for --render
     write(result, out_json, Path(args.out), args.reason)
     return 0
@@ -204,7 +252,7 @@ def main(argv=None) -> int:
 def write(result: dict, out_json: Path, markdown: Path, reason: str | None) -> None:
     """ray.json and the BENCHMARKS.md block, which ends with the comparison with the run ``result`` replaced."""
     result["against_previous"] = compare_lines(result.get("previous"), flatten(result),
-                                               {"max rel. diff", "driver growth (MB)"}, reason, level=3)
+                                               {"max rel. diff", "driver growth (MB)", "Ray growth (MB)"}, reason, level=3)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
     _write_section(markdown, _section(result))
@@ -240,6 +288,9 @@ def flatten(payload: dict) -> dict:
              for row in payload["rows"]}
     cells.update({f"driver memory, {m['samples']} samples, {job} job": {"driver growth (MB)": m[f"{job}_job_growth_mb"]}
                   for m in payload["driver_memory"] for job in ("first", "later")})
+    cells.update({f"reading .npz shards, {m['samples']} samples": {"driver growth (MB)": m["driver_growth_mb"],
+                                                                  "Ray growth (MB)": m["ray_growth_mb"]}
+                  for m in payload.get("shard_memory", [])})
     return cells
 
 
@@ -267,6 +318,17 @@ def _section(r: dict) -> str:
     for m in r["driver_memory"]:
         lines.append(f"| {m['samples']} | {m['data_mb']:.1f} | {m['first_job_growth_mb']:.1f} | "
                      f"{m['later_job_growth_mb']:.1f} |")
+    if r.get("shard_memory"):
+        lines += ["", "Reading a directory of 8 `.npz` shards (`digits_mlp` samples, repeated) and splitting it into",
+                  "fit / select / final parts as `optimize` does with fixed settings: growth of the driver's resident",
+                  "set when the driver loads the shards (the default up to 2 GiB of shards) and when Ray tasks read",
+                  "them into the object store (above 2 GiB; the held-out parts, at most 50,000 samples each, are",
+                  "then gathered on the driver).", "",
+                  "| samples | data (MB) | held-out samples | driver loads: growth (MB) | Ray reads: growth (MB) |",
+                  "|---:|---:|---:|---:|---:|"]
+        for m in r["shard_memory"]:
+            lines.append(f"| {m['samples']:,} | {m['data_mb']:.1f} | {m['held_out_samples']:,} | "
+                         f"{m['driver_growth_mb']:.1f} | {m['ray_growth_mb']:.1f} |")
     lines += ["", "Ray pays per job: shipping the model to the workers and one session per worker per job; the",
               "shards stay in the object store between the jobs of one run. Here the driver, the workers and the",
               "Ray daemons share 2 cores with whatever else runs (1-minute load average "

@@ -38,7 +38,7 @@ import onnx
 
 from onnxfold.errors import CalibrationDataError, UsageError
 
-from .inputs import feed_specs, fixed_batch_of, model_inputs, validate_input
+from .inputs import FeedSpec, feed_specs, fixed_batch_of, model_inputs, validate_input
 from .sources import (
     LABELS_KEY,
     as_array,
@@ -54,7 +54,7 @@ from .sources import (
 #: (``onnxfold.api.split_data``; a Ray source that small is gathered into memory)
 MIN_SAMPLES_TO_SPLIT = 10
 
-__all__ = ["CalibrationSet", "load_calibration", "model_inputs", "LABELS_KEY", "MIN_SAMPLES_TO_SPLIT",
+__all__ = ["CalibrationSet", "load_calibration", "load_for_specs", "model_inputs", "LABELS_KEY", "MIN_SAMPLES_TO_SPLIT",
            "SampleCount", "split_indices"]
 
 
@@ -280,11 +280,11 @@ def _part_sizes(fr: np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
-def _load_shards(path: Path, model: onnx.ModelProto, what: str) -> CalibrationSet:
+def _load_shards(path: Path, specs: dict[str, FeedSpec], what: str) -> CalibrationSet:
     parts: list[CalibrationSet] = []
     for f in sorted(path.glob("*.npz")):
         try:
-            part = load_calibration(f, model, what=what)
+            part = load_for_specs(f, specs, what=what)
         except CalibrationDataError as e:
             raise CalibrationDataError(f"{what} shard '{f}': {e}") from None
         if parts and (part.has_labels != parts[0].has_labels or part.input_names != parts[0].input_names):
@@ -326,7 +326,12 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError("load_calibration needs an onnx.ModelProto")
-    specs = feed_specs(model)
+    return load_for_specs(source, feed_specs(model), what=what)
+
+
+def load_for_specs(source: Any, specs: dict[str, FeedSpec], *, what: str = "calibration") -> CalibrationSet:
+    """:func:`load_calibration` against a model's input specs (``feed_specs``):
+    what a Ray task reading one shard needs, without the model's weights."""
     required = [s.name for s in specs.values() if not s.optional]
     labels_is_input = LABELS_KEY in specs
 
@@ -337,7 +342,7 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibr
         if source.labels is not None and not labels_is_input:
             raw[LABELS_KEY] = source.labels
     elif isinstance(source, (str, os.PathLike)) and is_shard_dir(Path(source)):
-        return _load_shards(Path(source), model, what)
+        return _load_shards(Path(source), specs, what)
     elif isinstance(source, (str, os.PathLike)):
         raw = read_path(Path(source), specs, what)
     elif isinstance(source, Mapping):

@@ -1,5 +1,7 @@
-"""Calibration data as a Ray Dataset: Parquet files, or a ``ray.data.Dataset``
-passed to the API (``--ray`` / ``ray_address=`` only).
+"""Calibration data as a Ray Dataset: Parquet files, a ``ray.data.Dataset``
+passed to the API, or a directory of ``.npz`` shards too big for the driver
+(each shard read and validated by a Ray task on the driver's node); ``--ray`` /
+``ray_address=`` only.
 
 Columns are the model's input names (a column may hold fixed-shape tensors:
 Ray's tensor extension type, or flat lists that reshape to the input's
@@ -21,6 +23,7 @@ the driver merges while it iterates the results (see
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,14 @@ import onnx
 
 from onnxfold.errors import CalibrationDataError, RayNotInstalledError, first_line
 
-from .data import MIN_SAMPLES_TO_SPLIT, CalibrationSet, SampleCount, load_calibration, split_indices
+from .data import MIN_SAMPLES_TO_SPLIT, CalibrationSet, SampleCount, load_calibration, load_for_specs, split_indices
 from .inputs import feed_specs
 from .jobs import StatsJob, merge_accumulators, run_stats_job
-from .sources import LABELS_KEY, RAY_DATA_HINT, describe_ray_source, is_dataset, is_ray_source, quote_names
+from .sources import (LABELS_KEY, RAY_DATA_HINT, describe_ray_source, is_dataset, is_ray_source, is_shard_dir,
+                      quote_names)
 
-__all__ = ["is_ray_source", "describe_ray_source", "load_ray_calibration", "RayCalibration", "RayFitData",
-           "DatasetStatsWorker", "RAY_DATA_HINT"]
+__all__ = ["is_ray_source", "describe_ray_source", "reads_with_ray_data", "SHARDS_IN_MEMORY_MAX_BYTES",
+           "load_ray_calibration", "RayCalibration", "RayFitData", "DatasetStatsWorker", "RAY_DATA_HINT"]
 
 ROW = "_onnxfold_row"  # a row's index in the whole data set
 MIN_BLOCK_ROWS = 64
@@ -196,56 +200,56 @@ class DatasetStatsWorker:
 
 
 # ---------------------------------------------------------------------------
+#: A directory of ``.npz`` shards bigger than this (bytes on disk) is read by
+#: Ray tasks into the object store with ``--ray``, never into the driver: the
+#: driver's memory then stays flat in the number of samples. Smaller ones are
+#: loaded by the driver, which keeps what in-memory data allows (the budget
+#: search's candidates as Ray tasks, conv least-squares refits, next-token
+#: labels) at twice the data in the head node's memory.
+SHARDS_IN_MEMORY_MAX_BYTES = 2 * 2**30
+
+
+def shard_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.npz"))
+
+
+def reads_with_ray_data(source: Any, model: onnx.ModelProto) -> bool:
+    """Whether ``--ray`` reads ``source`` with Ray Data: Parquet and Dataset
+    sources always; a directory of ``.npz`` shards when it is bigger than
+    :data:`SHARDS_IN_MEMORY_MAX_BYTES`, the model's batch axis is dynamic (a
+    fixed batch axis needs the in-memory set and its per-sample fallback) and
+    the driver is on the cluster (``ray://`` clients read on the driver: the
+    cluster's nodes may not see their files)."""
+    if is_ray_source(source):
+        return True
+    if not (isinstance(source, (str, os.PathLike)) and is_shard_dir(Path(source))):
+        return False
+    if shard_bytes(Path(source)) <= SHARDS_IN_MEMORY_MAX_BYTES:
+        return False
+    specs = feed_specs(model)
+    if any(s.dims and s.dims[0] is not None for s in specs.values() if not s.optional):
+        return False
+    import ray
+
+    return not ray.util.client.ray.is_connected()
+
+
 def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "calibration"
                          ) -> RayCalibration | CalibrationSet:
-    """Read ``source`` (Parquet path or ``ray.data.Dataset``) for ``model``:
-    columns checked against the model's inputs, the first rows validated like
-    any data (dtype, shape, NaN), all rows numbered in the object store. Fewer
-    samples than are worth splitting come back as an in-memory set."""
+    """Read ``source`` (Parquet path, ``ray.data.Dataset`` or a directory of
+    ``.npz`` shards) for ``model``: columns checked against the model's inputs,
+    the first rows validated like any data (dtype, shape, NaN), all rows
+    numbered in the object store. Fewer samples than are worth splitting come
+    back as an in-memory set."""
     ray = _import_ray_data()
-    label = describe_ray_source(source)
-    if is_dataset(source):
-        ds = source
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise CalibrationDataError(f"{what} data '{path}' does not exist; give a .parquet file or a directory "
-                                       "of .parquet files")
-        try:
-            ds = ray.data.read_parquet(str(path))
-        except Exception as e:  # noqa: BLE001 - any failure is a data problem
-            raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
     specs = feed_specs(model)
-    required = [s.name for s in specs.values() if not s.optional]
-    labels_is_input = LABELS_KEY in specs
-    try:
-        columns = list(ds.columns())
-    except Exception as e:  # noqa: BLE001
-        raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
-    missing = [n for n in required if n not in columns]
-    if missing:
-        raise CalibrationDataError(f"{what} {label} has no column for input '{missing[0]}' (has: {quote_names(columns)}); "
-                                   f"the model's inputs are {quote_names(required)}")
-    extra = [c for c in columns if c not in specs and c != LABELS_KEY]
-    if extra:
-        raise CalibrationDataError(f"{what} {label} has {quote_names(extra)} which {'is' if len(extra) == 1 else 'are'} not "
-                                   f"a model input (inputs: {quote_names(required)}; labels go under '{LABELS_KEY}'); "
-                                   "remove or rename it")
+    if isinstance(source, (str, os.PathLike)) and is_shard_dir(Path(source)):
+        tables, counts, columns = _read_shards(ray, Path(source), specs, what)
+        label = f"shards '{source}'"
+    else:
+        tables, counts, columns, label = _read_dataset(ray, source, specs, what)
     dims = {n: specs[n].dims for n in specs if n in columns}
-    has_labels = LABELS_KEY in columns and not labels_is_input
-    # a fixed order (the numbering depends on it), on a copy: the caller's dataset keeps its context
-    ds = type(ds).copy(ds, _deep_copy=True)
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
-    fixed = [specs[n].dims[0] for n in dims if specs[n].dims and specs[n].dims[0] is not None]
-    if fixed:
-        raise CalibrationDataError(f"the model's batch axis is fixed to {fixed[0]}: {label} needs a dynamic batch "
-                                   "axis; give the data as .npz instead")
-    try:
-        tables = ds.to_arrow_refs()  # the columns were checked: inputs and labels only
-        counts = ray.get([ray.remote(_num_rows).remote(t) for t in tables])
-    except Exception as e:  # noqa: BLE001 - unreadable files
-        raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
+    has_labels = LABELS_KEY in columns and LABELS_KEY not in specs
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     n = int(offsets[-1])
     if n == 0:
@@ -262,6 +266,103 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
     if n < MIN_SAMPLES_TO_SPLIT:
         return data.gather(np.arange(n))
     return data
+
+
+def _read_dataset(ray, source: Any, specs: dict, what: str) -> tuple[list, list[int], list[str], str]:
+    """A Parquet path or a Dataset: (Arrow table refs, their row counts, the columns, how to name it)."""
+    label = describe_ray_source(source)
+    if is_dataset(source):
+        ds = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CalibrationDataError(f"{what} data '{path}' does not exist; give a .parquet file or a directory "
+                                       "of .parquet files")
+        try:
+            ds = ray.data.read_parquet(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure is a data problem
+            raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
+    required = [s.name for s in specs.values() if not s.optional]
+    try:
+        columns = list(ds.columns())
+    except Exception as e:  # noqa: BLE001
+        raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
+    missing = [n for n in required if n not in columns]
+    if missing:
+        raise CalibrationDataError(f"{what} {label} has no column for input '{missing[0]}' (has: {quote_names(columns)}); "
+                                   f"the model's inputs are {quote_names(required)}")
+    extra = [c for c in columns if c not in specs and c != LABELS_KEY]
+    if extra:
+        raise CalibrationDataError(f"{what} {label} has {quote_names(extra)} which {'is' if len(extra) == 1 else 'are'} not "
+                                   f"a model input (inputs: {quote_names(required)}; labels go under '{LABELS_KEY}'); "
+                                   "remove or rename it")
+    # a fixed order (the numbering depends on it), on a copy: the caller's dataset keeps its context
+    ds = type(ds).copy(ds, _deep_copy=True)
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    fixed = [specs[n].dims[0] for n in columns if n in specs and specs[n].dims and specs[n].dims[0] is not None]
+    if fixed:
+        raise CalibrationDataError(f"the model's batch axis is fixed to {fixed[0]}: {label} needs a dynamic batch "
+                                   "axis; give the data as .npz instead")
+    try:
+        tables = ds.to_arrow_refs()  # the columns were checked: inputs and labels only
+        counts = ray.get([ray.remote(_num_rows).remote(t) for t in tables])
+    except Exception as e:  # noqa: BLE001 - unreadable files
+        raise CalibrationDataError(f"cannot read {label}: {first_line(e)}") from None
+    return tables, counts, columns, label
+
+
+def _read_shards(ray, path: Path, specs: dict, what: str) -> tuple[list, list[int], list[str]]:
+    """A directory of ``.npz`` shards, each read and validated by a Ray task
+    into an Arrow table in the object store: the driver only sees each
+    shard's row count and keys. The tasks run on the driver's node (its files
+    may be local to it), in worker processes, so the samples never pass
+    through the driver's memory."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    read = ray.remote(_read_shard).options(num_returns=2, scheduling_strategy=here)
+    files = sorted(path.glob("*.npz"))
+    refs = [read.remote(str(f), specs, what) for f in files]
+    tables = [t for t, _ in refs]
+    infos = []
+    for f, (_, info) in zip(files, refs):
+        try:
+            infos.append(ray.get(info))
+        except ray.exceptions.RayTaskError as e:
+            cause = _cause(e)
+            if cause is None:
+                raise CalibrationDataError(f"{what} shard '{f}': {first_line(e)}") from None
+            raise type(cause)(str(cause)) from None
+    first_keys = infos[0][1]
+    for f, (_, keys) in zip(files, infos):
+        if keys != first_keys:
+            raise CalibrationDataError(
+                f"{what} shard '{f}' has {quote_names(keys)} but the first shard has {quote_names(first_keys)}; "
+                "give every shard the same keys")
+    return tables, [count for count, _ in infos], list(first_keys)
+
+
+def _read_shard(path: str, specs: dict, what: str):
+    """(one ``.npz`` shard as an Arrow table, (its rows, its keys)): validated
+    as any calibration data, errors naming the shard."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    try:
+        part = load_for_specs(path, specs, what=what)
+    except CalibrationDataError as e:
+        raise CalibrationDataError(f"{what} shard '{path}': {e}") from None
+    columns = dict(part.arrays)
+    if part.has_labels:
+        columns[LABELS_KEY] = part.labels
+    table = pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v) for k, v in columns.items()})
+    return table, (part.num_samples, list(columns))
+
+
+def _cause(e: BaseException) -> CalibrationDataError | None:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, CalibrationDataError) else None
 
 
 def _num_rows(table) -> int:

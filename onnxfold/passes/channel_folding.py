@@ -80,8 +80,8 @@ class ChannelFoldingPass:
         repair = self.settings.repair_mode(ctx)
         if repair == "ls" and getattr(ctx.calibration, "is_ray_dataset", False):
             raise UsageError("conv channel folding with the least-squares refit streams its data in this process "
-                             "and does not take a Parquet / Ray Dataset source; give the calibration data as .npz "
-                             "or use --fold-repair ar")
+                             "and does not take data read by Ray (Parquet, a Ray Dataset, a shard directory over "
+                             "2 GiB); give the calibration data as .npz or use --fold-repair ar")
         view = find_conv_graph(model)
         ratios = self._ratios(view)
         notes = [describe_residual(g, self.fold_residual) for g in view.residual]

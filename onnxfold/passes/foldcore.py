@@ -79,6 +79,45 @@ class FoldCore:
         #: output tensor of a producer whose rows were merged → its row map:
         #: a later refit of that op aims at the merged original output
         self.out_maps: dict[str, np.ndarray] = {}
+        #: k-means answers computed ahead as tasks (prefetch_clusters), by their problem
+        self.prefetched: dict[tuple, np.ndarray] = {}
+
+    # -- 0. clusterings ahead, side by side --------------------------------------
+    def prefetch_clusters(self, groups: list[tuple[UnitGroup, int]]) -> int:
+        """Cluster ``(group, k)`` s ahead of :meth:`plan`, as tasks on the
+        statistics backend when it runs tasks (Ray): k-means problems that
+        depend on nothing measured, so independent groups (the blocks of a
+        transformer) cluster side by side. The answers are kept by their
+        problem (the features' bytes, k, seed): :meth:`plan` uses one only if
+        its group still has exactly those features when its turn comes (an
+        earlier group's rewrite changed nothing there), so the result is the
+        one-by-one result. Returns the problems sent. Not for a Ray Dataset
+        fit part, whose Ray Data jobs need the CPUs a task pool would hold."""
+        run = getattr(self.ctx.stats_backend, "map_tasks", None)
+        if run is None or self.select != "kmeans" or getattr(self.ctx.calibration, "is_ray_dataset", False):
+            return 0
+        problems = []
+        for group, k in groups:
+            if group.parts is not None:
+                per = max(1, k // len(group.parts))
+                asked = [(np.asarray(p, dtype=np.int64), per) for p in group.parts if len(p) > per]
+            else:
+                asked = [(None, k)] if group.width > k else []
+            for units, kk in asked:
+                feats = group.kmeans_features(self.seed, units)
+                if feats is not None:
+                    problems.append((np.ascontiguousarray(feats, dtype=np.float64), kk))
+        problems = list({_kmeans_key(f, k, self.seed): (f, k) for f, k in problems}.items())
+        if len(problems) < 2:
+            return 0  # one problem: no side by side to gain, only the shipping
+        answers = run(partial(_kmeans_task, seed=self.seed), [p for _, p in problems])
+        self.prefetched.update(zip((key for key, _ in problems), answers))
+        return len(problems)
+
+    def _kmeans(self, features: np.ndarray, k: int, seed: int) -> np.ndarray:
+        features = np.ascontiguousarray(features, dtype=np.float64)
+        known = self.prefetched.pop(_kmeans_key(features, k, seed), None) if self.prefetched else None
+        return known.copy() if known is not None else decide.kmeans_labels(features, k, seed=seed)
 
     # -- 1. measure ----------------------------------------------------------
     def measure(self, group: UnitGroup, what: str, constants: ActivationSpec | None = None) -> dict[str, Moments]:
@@ -110,7 +149,7 @@ class FoldCore:
             return FoldPlan(labels, int(removed.size))
         units = None if rest.size == n else rest
         if self.select == "kmeans":
-            labels[rest] = group.cluster(k, self.seed, units)
+            labels[rest] = group.cluster(k, self.seed, units, kmeans=self._kmeans)
             return FoldPlan(labels, int(removed.size), merged=int(rest.size - labels.max() - 1))
         kept = rest[self._obs_keep(group, k, rest) if self.select == "obs" else
                     decide.magnitude_keep(group.magnitude_rows(units), k)]
@@ -132,7 +171,7 @@ class FoldCore:
             if part.size <= per:
                 local = np.arange(part.size)
             elif self.select == "kmeans":
-                local = decide.split_clusters(group.cluster(per, self.seed, part), per)
+                local = decide.split_clusters(group.cluster(per, self.seed, part, kmeans=self._kmeans), per)
                 merged += part.size - per
             elif obs_kept is not None:
                 mine = np.flatnonzero(np.isin(part, obs_kept))
@@ -249,6 +288,16 @@ class FoldCore:
             m.handler.set_refit(m.op, outcome.refit.weight.copy(), outcome.refit.bias.copy())
             self.state.edit()
         return outcome, ""
+
+
+def _kmeans_key(features: np.ndarray, k: int, seed: int) -> tuple:
+    return hashlib.sha1(features.data).hexdigest(), features.shape, int(k), int(seed)
+
+
+def _kmeans_task(problem: tuple[np.ndarray, int], seed: int) -> np.ndarray:
+    """One prefetched clustering, on a worker."""
+    features, k = problem
+    return decide.kmeans_labels(features, k, seed=seed)
 
 
 def _new_input_gram() -> dict:

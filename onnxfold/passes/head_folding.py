@@ -46,7 +46,7 @@ from .base import FoldSettings, LayerReport, PassContext, PassResult
 from .foldcore import FoldCore
 from .handlers import ProjectionRows
 from .refit import FoldState
-from .units import gated_group, head_group, query_head_group
+from .units import UnitGroup, gated_group, head_group, query_head_group
 
 #: what the transformer passes offer: REPAIR's moment matching is not implemented for them
 REPAIRS = ("auto", "none", "ar", "ls")
@@ -185,7 +185,7 @@ class HeadFoldingPass:
                                  lambda b: LayerReport(layer=b.name, producer=b.q.node, activation="attention (heads)",
                                                        width_before=b.num_heads, width_after=b.num_heads),
                                  lambda b, h: int(np.prod(self._shape(b, dh.heads_after(b.num_heads, h)))),
-                                 "not selected for head folding")
+                                 "not selected for head folding", ahead=self._groups_ahead)
         return PassResult(state.current_model(), state.edited, reports, notes)
 
     def _shape(self, b: AttentionBlock, heads: int) -> tuple[int, int]:
@@ -198,6 +198,18 @@ class HeadFoldingPass:
         if groups:
             return lambda: w.group_features(self.features)
         return w.circuits if self.features == "circuits" else w.features
+
+    def _groups_ahead(self, b: AttentionBlock, k: int) -> list[tuple[UnitGroup, int]]:
+        """The first clustering :meth:`_fold_block` will ask for ``b`` (the
+        second one clusters what the first merged)."""
+        kv, per = self._shape(b, k)
+        w = dh.HeadWeights.split(b.q.weight, b.q.bias, b.k.weight, b.k.bias, b.v.weight, b.v.bias,
+                                 b.o.weight, b.o.bias, b.num_heads, b.num_kv_heads)
+        if kv < b.num_kv_heads:
+            return [(head_group(b, self._features(w, groups=True)), kv)]
+        if per < b.group_size:
+            return [(query_head_group(b, self._features(w, groups=False)), kv * per)]
+        return []
 
     def _fold_block(self, core: FoldCore, b0: AttentionBlock, b: AttentionBlock, k: int, rep: LayerReport) -> None:
         """Select (the core's), merge (the heads' own rule), write, refit (the core's engine):
@@ -326,7 +338,8 @@ class GatedFoldingPass:
                                  lambda g: LayerReport(layer=g.name, producer=g.gate.node,
                                                        activation=f"gated {g.activation.describe()}",
                                                        width_before=g.width, width_after=g.width),
-                                 lambda g, r: fold.target_width(g.width, r), "not selected for folding")
+                                 lambda g, r: fold.target_width(g.width, r), "not selected for folding",
+                                 ahead=lambda g, k: [(gated_group(g), k)])
         return PassResult(state.current_model(), state.edited, reports, [])
 
     def _fold_glu(self, core: FoldCore, g0: GatedMLP, g: GatedMLP, k: int, rep: LayerReport) -> None:
@@ -351,13 +364,18 @@ class GatedFoldingPass:
 
 
 def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str, fold_one, report, target,
-                   unselected: str) -> list[LayerReport]:
+                   unselected: str, ahead=None) -> list[LayerReport]:
     """One report per block (as ``found`` in the input model), in order: each
     is found again in the current model (``refind``: earlier rewrites moved
     it), folded to ``target(current, wanted[name])`` units by ``fold_one(core,
     found, current, k, report)`` unless that removes nothing, and its
-    parameters counted before and after."""
+    parameters counted before and after. ``ahead(block, k)``: the unit groups
+    and k its fold will cluster first; a block's fold rewrites only its own
+    projections, so these are clustered for every block at once, side by side
+    on Ray (``FoldCore.prefetch_clusters``)."""
     state, ctx = core.state, core.ctx
+    if ahead is not None:
+        core.prefetch_clusters([p for x0 in found if x0.name in wanted for p in ahead(x0, target(x0, wanted[x0.name]))])
     reports = []
     for i, x0 in enumerate(found):
         ctx.report_progress(task, i, len(found))

@@ -144,17 +144,26 @@ class UnitGroup:
         rows = [m.handler.weight_rows(m.op, m.unit, units) for m in self.producers]
         return rows[0] if len(rows) == 1 else np.hstack(rows)
 
-    def cluster(self, k: int, seed: int, units: np.ndarray | None = None) -> np.ndarray:
-        """k-means labels (0..k'-1) of the units (of ``units`` when given)."""
+    def cluster(self, k: int, seed: int, units: np.ndarray | None = None,
+                kmeans: Callable[[np.ndarray, int, int], np.ndarray] = decide.kmeans_labels) -> np.ndarray:
+        """k-means labels (0..k'-1) of the units (of ``units`` when given).
+        ``kmeans(features, k, seed)``: the clustering (one that may already
+        know the answer, see ``FoldCore.prefetch_clusters``)."""
+        if self.features is None and self.merge_equal_own:
+            own, readers = self.own_blocks(units), self.reader_blocks(units)
+            return dch.channel_labels(decide.unit_features(own), decide.unit_features(readers), k, seed=seed)
+        return kmeans(self.kmeans_features(seed, units), k, seed)
+
+    def kmeans_features(self, seed: int, units: np.ndarray | None = None) -> np.ndarray | None:
+        """What :meth:`cluster` hands k-means (None for conv chains that merge
+        equal kernels first, which cluster in their own way)."""
         if self.features is not None:
             feats = self.features()
-            return decide.kmeans_labels(feats if units is None else feats[units], k, seed=seed)
-        own, readers = self.own_blocks(units), self.reader_blocks(units)
+            return feats if units is None else feats[units]
         if self.merge_equal_own:
-            return dch.channel_labels(decide.unit_features(own), decide.unit_features(readers), k, seed=seed)
-        blocks = own + readers
-        feats = decide.unit_sketch(blocks, seed=seed) if decide.needs_sketch(blocks) else decide.unit_features(blocks)
-        return decide.kmeans_labels(feats, k, seed=seed)
+            return None
+        blocks = self.own_blocks(units) + self.reader_blocks(units)
+        return decide.unit_sketch(blocks, seed=seed) if decide.needs_sketch(blocks) else decide.unit_features(blocks)
 
 
 # --------------------------------------------------------------------------

@@ -275,6 +275,35 @@ def test_npz_shards_are_read_by_ray_tasks_and_give_the_npz_result(digits, tmp_pa
     assert f"calibration shard '{shards / 'part-002.npz'}'" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_next_token_labels_of_data_read_by_ray_are_the_in_memory_labels():
+    """--labels next-token on a Ray Dataset: each batch of rows gets its labels
+    where it is (a Ray Data map, row by row), equal to the in-memory labels,
+    padding ignored; the data is never gathered for them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxfold.measure.labels import next_token_labels
+    from onnxfold.measure.raydata import load_ray_calibration
+
+    emb = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["logits"])], "lm",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])],
+                              [numpy_helper.from_array(emb, "emb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 50, size=(300, 12))
+    mask = (np.arange(12)[None, :] < rng.integers(3, 13, size=(300, 1))).astype(np.int64)
+    ds = ray.data.from_items([{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask)])
+    on_ray = next_token_labels(load_ray_calibration(ds, model))
+    assert on_ray.is_ray_dataset and on_ray.has_labels
+    got = on_ray.gather(np.arange(300))
+    want = next_token_labels(load_calibration({"input_ids": ids, "attention_mask": mask}, model))
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.arrays["input_ids"], ids)
+    assert (got.labels == -100).sum() > 300  # the last position and the padding are ignored
+
+
 def test_a_parquet_file_with_a_wrong_column_is_one_clear_error(digits, tmp_path):
     calib = np.load(digits.with_suffix(".calib.npz"))
     pq_path = _write_parquet(tmp_path / "calib.parquet", calib["input"], calib["labels"], name="image", tensor=False)

@@ -89,6 +89,11 @@ def _number_rows(table, offset: int, a: int, b: int):
     return table.slice(a, b - a).append_column(ROW, pa.array(np.arange(offset + a, offset + b, dtype=np.int64)))
 
 
+def _add_labels(batch: dict, rows_fn, columns: tuple[str, ...], dims: dict) -> dict:
+    args = [column_array(batch[c], dims.get(c)) if c in batch else None for c in columns]
+    return {**batch, LABELS_KEY: rows_fn(*args)}
+
+
 def _pick_rows(batch: dict, rows: np.ndarray) -> dict:
     keep = np.isin(batch[ROW], rows)
     return {k: v[keep] for k, v in batch.items()}
@@ -110,6 +115,17 @@ class RayCalibration(SampleCount):
     @property
     def input_names(self) -> list[str]:
         return list(self.dims)
+
+    def with_labels(self, rows_fn, *columns: str) -> "RayCalibration":
+        """These samples with a labels column ``rows_fn(*columns)`` computed
+        batch by batch where the rows are (a row's labels from that row alone;
+        a column the data lacks is passed as None)."""
+        ds = self.ds.map_batches(_add_labels, fn_kwargs={"rows_fn": rows_fn, "columns": columns,
+                                                         "dims": self.dims}, batch_format="numpy")
+        ds = type(ds).copy(ds, _deep_copy=True)
+        ds.context.execution_options.preserve_order = True
+        ds.context.enable_progress_bars = False
+        return RayCalibration(ds, self._n, self.model, self.dims, True, self.what, self.source)
 
     def gather(self, rows: np.ndarray) -> CalibrationSet:
         """The samples at ``rows`` (sorted indices) as an in-memory set, in row order."""
@@ -204,8 +220,8 @@ class DatasetStatsWorker:
 #: Ray tasks into the object store with ``--ray``, never into the driver: the
 #: driver's memory then stays flat in the number of samples. Smaller ones are
 #: loaded by the driver, which keeps what in-memory data allows (the budget
-#: search's candidates as Ray tasks, conv least-squares refits, next-token
-#: labels) at twice the data in the head node's memory.
+#: search's candidates as Ray tasks, conv least-squares refits) at twice the
+#: data in the head node's memory.
 SHARDS_IN_MEMORY_MAX_BYTES = 2 * 2**30
 
 

@@ -309,6 +309,39 @@ def test_data_aware_truncation_matches_the_weighted_optimum():
     assert err == pytest.approx((s[3:] ** 2).sum() / (s ** 2).sum(), rel=1e-3)
 
 
+def test_a_gram_root_is_a_square_root_and_both_roots_truncate_alike():
+    """The truncation weighs by a Cholesky root of the ridged Gram; a Gram that
+    is not numerically positive definite falls back to a root from its
+    eigendecomposition. Either is a square root, and the truncation (rank,
+    error, product) does not depend on which one."""
+    from onnxfold.measure.stats import GramRoot
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((400, 4)) @ rng.standard_normal((4, 10)) + 1e-3 * rng.standard_normal((400, 10))
+    G = X.T @ X
+    lam = 1e-9 * np.trace(G) / 10
+    chol = GramRoot(G, 1e-9)
+    assert chol.upper is not None
+    R = chol.apply(np.eye(10))
+    np.testing.assert_allclose(R.T @ R, G + lam * np.eye(10), rtol=1e-10, atol=1e-9 * np.abs(G).max())
+    np.testing.assert_allclose(chol.solve(R), np.eye(10), atol=1e-6)
+    # an indefinite "Gram" (rounding gone wrong): the eigen root, negative eigenvalues clipped
+    bad = G - 2 * np.linalg.eigvalsh(G)[-1] * np.outer(np.eye(10)[0], np.eye(10)[0])
+    eig = GramRoot(bad, 1e-9)
+    assert eig.upper is None
+    np.testing.assert_allclose(eig.solve(eig.apply(np.eye(10))), np.eye(10), atol=1e-8)
+    A, B = rng.standard_normal((10, 6)), rng.standard_normal((6, 7))
+    eig_of_G = GramRoot.__new__(GramRoot)  # the same Gram's eigen root, built as the fallback builds it
+    evals, eig_of_G.Q = np.linalg.eigh(G)
+    eig_of_G.upper, eig_of_G.scale = None, np.sqrt(np.clip(evals, 0, None) + lam)
+    by_chol = decide.data_aware_truncation([A, B], G, 1e-4, chol)
+    by_eig = decide.data_aware_truncation([A, B], G, 1e-4, eig_of_G)
+    assert by_chol.rank == by_eig.rank == 4
+    assert by_chol.discarded == pytest.approx(by_eig.discarded, rel=1e-6)
+    np.testing.assert_allclose(decide.product(by_chol.factors), decide.product(by_eig.factors), rtol=1e-6,
+                               atol=1e-8 * np.abs(A @ B).max())
+
+
 def test_paper_criterion_and_parameter_prediction_agree():
     for k, d_in, d_out in [(5, 10, 10), (60, 50, 40), (10, 784, 512), (300, 784, 512)]:
         shape = decide.LayerShape(row_cost=d_in + 1, col_cost=d_out, params=10 ** 7)

@@ -33,7 +33,7 @@ from functools import reduce
 import numpy as np
 
 from ..find.activations import ActivationSpec
-from ..measure.stats import gram_eigh
+from ..measure.stats import GramRoot
 
 MIXED, LINEAR, CONSTANT = 0, 1, 2
 KIND_NAMES = {MIXED: "mixed", LINEAR: "linear", CONSTANT: "constant"}
@@ -356,27 +356,25 @@ class Truncation:
 
 
 def data_aware_truncation(factors: list[np.ndarray], gram: np.ndarray, tolerance: float,
-                          gram_eig: tuple[np.ndarray, np.ndarray] | None = None) -> Truncation:
+                          gram_root: GramRoot | None = None) -> Truncation:
     """Truncated SVD of the path ``M = A B`` weighted by its input's Gram XᵀX.
 
-    Minimises ``‖X M − X M_r‖_F`` over rank-r M_r: with ``XᵀX + λI = RᵀR``
-    (R = Λ^½ Qᵀ from the eigendecomposition), the best M_r is
-    ``R⁻¹ · svd_r(R M)``. The smallest r whose discarded share of the energy
-    is ≤ ``tolerance`` is kept. Works on the factors, so the cost is that of
-    the bottleneck, not of the dense in × out product. ``gram_eig``: the
-    eigendecomposition of the Gram, ``measure.stats.gram_eigh``, when the caller has it
-    already (every path from one input shares it). All eigenpairs are used:
-    the whitening R spans the whole input space, so none can be skipped.
+    Minimises ``‖X M − X M_r‖_F`` over rank-r M_r: with any square root
+    ``XᵀX + λI = RᵀR`` (a Cholesky factor, :class:`~onnxfold.measure.stats.GramRoot`),
+    the best M_r is ``R⁻¹ · svd_r(R M)`` (another root differs by a rotation,
+    which changes neither the singular values nor M_r). The smallest r whose
+    discarded share of the energy is ≤ ``tolerance`` is kept. Works on the
+    factors, so the cost is that of the bottleneck, not of the dense in × out
+    product. ``gram_root``: the Gram's root (``SVD_RIDGE``), when the caller
+    has it already (every path from one input shares it).
     """
     A, B = split_factors(factors) if len(factors) > 1 else (factors[0], np.eye(factors[0].shape[1]))
     d = A.shape[0]
     G = np.asarray(gram, dtype=np.float64)
     if G.shape != (d, d):
         raise ValueError(f"gram has shape {G.shape}, expected {(d, d)}")
-    evals, Q = gram_eigh(G) if gram_eig is None else gram_eig
-    scale = max(float(np.trace(G)) / d, np.finfo(np.float64).tiny)
-    sq = np.sqrt(np.clip(evals, 0.0, None) + SVD_RIDGE * scale)
-    RA = (Q.T @ A) * sq[:, None]
+    root = GramRoot(G, SVD_RIDGE) if gram_root is None else gram_root
+    RA = root.apply(A)
     Qa, Ra = np.linalg.qr(RA)
     Qb, Rb = np.linalg.qr(B.T)
     U, sig, Vt = np.linalg.svd(Ra @ Rb.T)
@@ -388,7 +386,7 @@ def data_aware_truncation(factors: list[np.ndarray], gram: np.ndarray, tolerance
     rank = int(np.argmax(tail <= tolerance))
     if rank == 0:
         return Truncation(factors=[], rank=0, discarded=float(tail[0]), singular_values=sig)
-    A_r = Q @ ((Qa @ (U[:, :rank] * sig[:rank])) / sq[:, None])
+    A_r = root.solve(Qa @ (U[:, :rank] * sig[:rank]))
     B_r = (Qb @ Vt[:rank].T).T
     return Truncation(factors=[A_r, B_r], rank=rank, discarded=float(tail[rank]), singular_values=sig)
 
@@ -413,14 +411,14 @@ def exact_rank_bound(factors: list[np.ndarray]) -> int:
 
 
 def choose_path_form(factors: list[np.ndarray], path_form: str = "auto", *, gram: np.ndarray | None = None,
-                     gram_eig: tuple[np.ndarray, np.ndarray] | None = None,
+                     gram_root: GramRoot | None = None,
                      mean_input: np.ndarray | None = None, tolerance: float = 1e-4) -> PathChoice:
     """Store a path as ``dense`` (one in × out matrix), ``factored`` (exact, two
     factors at the bottleneck) or ``svd`` (data-aware truncation, needs the
     input's ``gram``); ``auto`` takes the fewest parameters among them, exact
     forms winning ties. A truncation's mean error on the calibration inputs
     (``mean_input`` @ (M − M_r)) is returned as ``bias_shift`` so the reader's
-    bias can absorb it. ``gram_eig``: see :func:`data_aware_truncation`.
+    bias can absorb it. ``gram_root``: see :func:`data_aware_truncation`.
     """
     if path_form not in PATH_FORMS:
         raise ValueError(f"path_form must be one of {PATH_FORMS}, got {path_form!r}")
@@ -434,7 +432,7 @@ def choose_path_form(factors: list[np.ndarray], path_form: str = "auto", *, gram
     exact = factored if factored.params < dense.params else dense
     if gram is None:
         return exact  # no data: nothing to weigh a truncation with
-    t = data_aware_truncation(factors, gram, tolerance, gram_eig)
+    t = data_aware_truncation(factors, gram, tolerance, gram_root)
     shift = None
     if mean_input is not None:
         full = np.asarray(mean_input, dtype=np.float64) @ product(factors)

@@ -214,10 +214,42 @@ class NeuronStats:
         return f"NeuronStats({self.activation.kind}, n={self.n}, rows={self.count})"
 
 
-def gram_eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of a Gram matrix, symmetrised first."""
-    G = np.asarray(gram, dtype=np.float64)
-    return np.linalg.eigh((G + G.T) / 2.0)
+class GramRoot:
+    """A square root R of a ridged Gram matrix, ``RᵀR = G + λI`` with ``λ =
+    rel_ridge · trace(G) / d``: what weighting by the data needs
+    (``‖X M‖ ≈ ‖R M‖``), at the cost of a Cholesky factorisation, several
+    times cheaper than the eigendecomposition it replaces (p = 3264: ~0.2 s
+    against ~20 s on 2 cores). When G + λI is not numerically positive
+    definite, R comes from the eigendecomposition with the negative
+    eigenvalues clipped (``diag(√(e + λ)) Qᵀ``)."""
+
+    def __init__(self, gram: np.ndarray, rel_ridge: float):
+        from scipy.linalg import LinAlgError, cholesky
+
+        G = np.asarray(gram, dtype=np.float64)
+        G = (G + G.T) / 2.0
+        d = G.shape[0]
+        lam = rel_ridge * max(float(np.trace(G)) / max(d, 1), np.finfo(np.float64).tiny)
+        self.upper = self.scale = self.Q = None
+        try:
+            self.upper = cholesky(G + lam * np.eye(d), lower=False, check_finite=False)
+        except LinAlgError:
+            evals, self.Q = np.linalg.eigh(G)
+            self.scale = np.sqrt(np.clip(evals, 0.0, None) + lam)
+
+    def apply(self, A: np.ndarray) -> np.ndarray:
+        """R @ A."""
+        if self.upper is not None:
+            return self.upper @ A
+        return (self.Q.T @ A) * self.scale[:, None]
+
+    def solve(self, Y: np.ndarray) -> np.ndarray:
+        """R⁻¹ @ Y."""
+        if self.upper is not None:
+            from scipy.linalg import solve_triangular
+
+            return solve_triangular(self.upper, Y, lower=False, check_finite=False)
+        return self.Q @ (Y / self.scale[:, None])
 
 
 class GramAccumulator:
@@ -245,7 +277,7 @@ class GramAccumulator:
         self.sxy: np.ndarray | None = None
         self.syy: np.ndarray | None = None
         self._eig = None  # cached eigendecomposition of the regularised matrix
-        self._xtx_eig = None  # cached eigendecomposition of XᵀX (data-aware truncations)
+        self._xtx_root = None  # cached (relative ridge, GramRoot of XᵀX): data-aware truncations
 
     def _init(self, p: int, q: int | None):
         self.p, self.q = p, q
@@ -277,7 +309,7 @@ class GramAccumulator:
         m = Xr.shape[0]
         if m == 0:
             return
-        self._eig = self._xtx_eig = None
+        self._eig = self._xtx_root = None
         x64 = Xr.astype(np.float64, copy=False)
         bx = x64.mean(axis=0)
         # centred in place when astype made a copy (float32 rows): one m×p
@@ -312,7 +344,7 @@ class GramAccumulator:
             for k in ("mean_x", "mean_y", "sxx", "sxy", "syy"):
                 v = getattr(other, k)
                 setattr(self, k, None if v is None else v.copy())
-            self._eig = self._xtx_eig = None
+            self._eig = self._xtx_root = None
             return self
         if (self.p, self.q, self._has_y) != (other.p, other.q, other._has_y):
             raise ValueError("can only merge GramAccumulators of the same shapes")
@@ -328,7 +360,7 @@ class GramAccumulator:
             self.mean_y = self.mean_y + dy * (n2 / n)
         self.mean_x = self.mean_x + dx * (n2 / n)
         self.count = n
-        self._eig = self._xtx_eig = None
+        self._eig = self._xtx_root = None
         return self
 
     # -- raw statistics --------------------------------------------------------
@@ -383,12 +415,12 @@ class GramAccumulator:
             self._eig = (d, V, V.T @ B)
         return self._eig
 
-    def xtx_eigh(self) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`gram_eigh` of ``XtX``, computed once per accumulated state:
+    def xtx_root(self, rel_ridge: float) -> GramRoot:
+        """:class:`GramRoot` of ``XtX``, computed once per accumulated state:
         every truncated path from this input weighs with the same Gram."""
-        if self._xtx_eig is None:
-            self._xtx_eig = gram_eigh(self.XtX)
-        return self._xtx_eig
+        if self._xtx_root is None or self._xtx_root[0] != rel_ridge:
+            self._xtx_root = (rel_ridge, GramRoot(self.XtX, rel_ridge))
+        return self._xtx_root[1]
 
     def solve_ridge(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
         """(W (q×p), b (q,)) minimising ||X Wᵀ + b - Y||² + λ||W||², b unpenalised.

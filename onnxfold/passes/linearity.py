@@ -315,7 +315,7 @@ class LinearityPass:
                     acc = grams.get(src_input)
                     choice = decide.choose_path_form(
                         factors, self.path_form, gram=None if acc is None else acc.XtX,
-                        gram_eig=None if acc is None else acc.xtx_eigh(),
+                        gram_root=None if acc is None else acc.xtx_root(decide.SVD_RIDGE),
                         mean_input=None if acc is None else acc.mean_x, tolerance=tolerance)
                     if choice.bias_shift is not None:
                         delta = delta + choice.bias_shift

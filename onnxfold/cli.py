@@ -84,7 +84,8 @@ def _threshold_arg(text: str) -> float:
 def _add_data_options(p: argparse.ArgumentParser, *, eval_too: bool) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--calib", metavar="DATA", help="calibration data: .npz (keys = input names, optional 'labels') "
-                   "or a directory of .npy files (one per input) or of .npz shards; with --ray also a .parquet file or a "
+                   "or a directory of .npy files (one per input) or of .npz shards (with --ray, shards over 2 GiB in all "
+                   "are read by Ray tasks, never by this process); with --ray also a .parquet file or a "
                    "directory of them (columns = input names, optional 'labels'); default: <model stem>.calib.npz next to the model, if present")
     if eval_too:
         g.add_argument("--eval", metavar="DATA", help="separate evaluation data for the final report (never used "

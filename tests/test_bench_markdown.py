@@ -34,6 +34,18 @@ def test_full_regeneration_keeps_the_ray_block_too():
     assert out.count(RAY) == 1
 
 
+def test_every_block_of_another_script_is_kept_in_order():
+    """bench_ray's and bench_decompositions' blocks, one after the other at the end of a section (each with
+    a '## ' heading of its own): both kept, in order, in the section they were in, even when it is regenerated."""
+    other = ("<!-- begin:bench_decompositions -->\n## Decompositions\n\n| d | table |\n"
+             "<!-- end:bench_decompositions -->\n")
+    old = OLD.replace("## 5. CUDA\n\nold five\n", "## 5. CUDA\n\nold five\n\n" + RAY + "\n" + other)
+    for regenerated in ({2}, {5}, {1, 2, 3, 4, 5}):
+        out = merge_markdown(old, NEW, regenerated)
+        assert out.count(RAY) == 2 and out.count(other) == 1  # the one in section 2 and the one in section 5
+        assert out.index("## 5. CUDA") < out.rindex(RAY) < out.index(other)
+
+
 def test_no_ray_block_no_change_in_kept_sections():
     old = OLD.replace(RAY, "")
     out = merge_markdown(old, NEW, {2})

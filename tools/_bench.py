@@ -166,6 +166,18 @@ def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
     print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
 
 
+def write_block(path: Path, begin: str, end: str, block: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) into
+    the markdown file ``path``: in place of the block there, else at the end."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
 def previous_run(out: Path, stem: str, flatten) -> dict | None:
     """What the ``OUT/STEM.json`` a run is about to replace holds, as
     ``{"when", "where", "cells": flatten(payload)}`` (None when there is none):

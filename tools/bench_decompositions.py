@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, compare_lines, machine, now, previous_run, reason_argument  # noqa: E402
+from _bench import ROOT, compare_lines, machine, now, previous_run, reason_argument, write_block  # noqa: E402
 
 from onnxfold.decide.linearity import SVD_RIDGE, data_aware_truncation  # noqa: E402
 from onnxfold.measure.stats import GramRoot  # noqa: E402
@@ -121,15 +121,8 @@ def write(result: dict, out_json: Path, markdown: Path, reason: str | None) -> N
                                                level=3)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown.read_text() if markdown.exists() else ""
-    block = section(result)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    markdown.write_text(text)
-    print(block)
+    write_block(markdown, BEGIN, END, section(result))
+    print(section(result))
 
 
 def main(argv=None) -> int:

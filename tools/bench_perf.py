@@ -438,7 +438,8 @@ def write_markdown(res: dict) -> str:
 
 
 SECTIONS = {1: "inference", 2: "cost", 3: "scaling", 4: "calibration", 5: "cuda"}
-RAY_BLOCK = re.compile(r"<!-- begin:bench_ray -->.*?<!-- end:bench_ray -->\n?", re.S)
+#: a block another script writes (bench_ray, bench_decompositions): kept verbatim
+OTHER_BLOCK = re.compile(r"<!-- begin:([\w-]+) -->.*?<!-- end:\1 -->\n?", re.S)
 
 
 def _split_sections(text: str) -> tuple[str, dict[str, str]]:
@@ -454,24 +455,24 @@ def _split_sections(text: str) -> tuple[str, dict[str, str]]:
 
 
 def merge_markdown(old: str, new: str, regenerated: set[int], stamp: str = "") -> str:
-    """``new`` where it regenerated a section, ``old`` elsewhere; the block
-    between ``<!-- begin:bench_ray -->`` and ``<!-- end:bench_ray -->`` (another
-    script writes it) is kept verbatim, at the end of the section it was in.
+    """``new`` where it regenerated a section, ``old`` elsewhere; every block
+    between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->`` (other scripts
+    write them: bench_ray, bench_decompositions) is kept verbatim, in order,
+    at the end of the section it was in (headings inside blocks do not count).
     ``stamp``: a line put under the heading of each regenerated section when
     the file keeps old ones (its header speaks for those)."""
-    block = RAY_BLOCK.search(old)
-    anchor = None
-    if block:
-        before = old[:block.start()]
-        headings = re.findall(r"(?m)^## .*$", before)
-        anchor = headings[-1] if headings else ""
-        old = old[:block.start()] + old[block.end():]
+    blocks = []
+    for m in OTHER_BLOCK.finditer(old):
+        headings = re.findall(r"(?m)^## .*$", OTHER_BLOCK.sub("", old[:m.start()]))
+        blocks.append((m.group(0), headings[-1] if headings else ""))
+    old = OTHER_BLOCK.sub("", old)
     old_pre, old_secs = _split_sections(old)
     new_pre, new_secs = _split_sections(new)
     everything = regenerated >= set(SECTIONS)
     pre = new_pre if everything or not old_pre else old_pre
     keys = list(dict.fromkeys([*old_secs, *new_secs]))
-    keys.sort(key=lambda k: (int(k) if k.isdigit() else len(SECTIONS) + 1 + keys.index(k)))
+    first_seen = {k: i for i, k in enumerate(keys)}  # (list.sort empties the list while it sorts)
+    keys.sort(key=lambda k: (int(k) if k.isdigit() else len(SECTIONS) + 1 + first_seen[k]))
     secs = {k: (new_secs.get(k, "") if k.isdigit() and int(k) in regenerated else old_secs.get(k, new_secs.get(k, "")))
             for k in keys}
     if stamp and not everything and old_pre:
@@ -479,17 +480,17 @@ def merge_markdown(old: str, new: str, regenerated: set[int], stamp: str = "") -
             if k.isdigit() and int(k) in regenerated and secs[k]:
                 heading, _, rest = secs[k].partition("\n")
                 secs[k] = f"{heading}\n\n{stamp}\n{rest}"
-    if block:
-        text = block.group(0) if block.group(0).endswith("\n") else block.group(0) + "\n"
+    for i, (block, anchor) in enumerate(blocks):
+        text = block if block.endswith("\n") else block + "\n"
         key = next((k for k, v in secs.items() if v.splitlines() and v.splitlines()[0] == anchor), None)
         if anchor == "":
             pre = pre.rstrip("\n") + "\n\n" + text + "\n"
         elif key is not None:
             secs[key] = secs[key].rstrip("\n") + "\n\n" + text + "\n"
         else:
-            keys.append("ray")
-            secs["ray"] = text
-    return pre + "".join(secs[k] for k in keys if secs.get(k))
+            keys.append(f"block {i}")
+            secs[f"block {i}"] = text
+    return (pre + "".join(secs[k] for k in keys if secs.get(k))).rstrip("\n") + "\n"
 
 
 def flatten(payload: dict) -> dict:

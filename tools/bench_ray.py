@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, compare_lines, machine, previous_run, reason_argument  # noqa: E402
+from _bench import ROOT, compare_lines, machine, previous_run, reason_argument, write_block  # noqa: E402
 
 from onnxfold.distributed import LocalStats, RayStats, StatsJob, run_stats_job  # noqa: E402
 from onnxfold.find import find_dense_graph  # noqa: E402
@@ -255,7 +255,7 @@ def write(result: dict, out_json: Path, markdown: Path, reason: str | None) -> N
                                                {"max rel. diff", "driver growth (MB)", "Ray growth (MB)"}, reason, level=3)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
-    _write_section(markdown, _section(result))
+    write_block(markdown, BEGIN, END, _section(result))
     print(_section(result))
 
 
@@ -337,16 +337,6 @@ def _section(r: dict) -> str:
               "`--ray-gpus-per-worker`). Raw numbers: `tools/results/ray.json`.", "",
               *r.get("against_previous", []), END]
     return "\n".join(lines)
-
-
-def _write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def test_the_blocks_of_a_transformer_cluster_side_by_side_as_ray_tasks(monkeypat
     """Data-free folding of a LLaMA-class decoder: every gated MLP's and every
     attention block's k-means runs as a Ray task, ahead of the block-by-block
     rewrite (a block's fold rewrites only its own projections); the driver
-    clusters nothing itself, and the model is the one-process model, byte for byte."""
+    clusters nothing itself, and the model is the one-process model, byte for
+    byte. The answers are memoised as the driver's own would be."""
     import onnxfold.decide.folding as decide
 
     tasks, map_tasks = [], RayStats.map_tasks
@@ -92,15 +93,20 @@ def test_the_blocks_of_a_transformer_cluster_side_by_side_as_ray_tasks(monkeypat
 
     settings = dict(fold_ratio=0.3, fold_heads=0.5, provider="cpu", latency=False, seed=2)
     single = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, **settings)
+    monkeypatch.setattr(decide, "_KMEANS_CACHE", type(decide._KMEANS_CACHE)())  # forget the one-process run's
     driver_calls = []
-    kmeans_labels = decide.kmeans_labels
-    monkeypatch.setattr(decide, "kmeans_labels", lambda *a, **k: driver_calls.append(1) or kmeans_labels(*a, **k))
+    computed = decide._kmeans_labels  # what clusters, past the memo
+    monkeypatch.setattr(decide, "_kmeans_labels", lambda *a, **k: driver_calls.append(1) or computed(*a, **k))
     monkeypatch.setattr(RayStats, "map_tasks", counted_map_tasks)
     on_ray = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, ray_address="local", ray_workers=2, **settings)
     # 4 gated MLPs, then 4 attention blocks x 2 key/value groups of query heads
     assert len(tasks) == 12 and not driver_calls
     assert [lr.to_dict() for lr in on_ray.layers] == [lr.to_dict() for lr in single.layers]
     assert on_ray.model.graph.SerializeToString() == single.model.graph.SerializeToString()
+    # the answers are remembered like the driver's own: the same fold again sends nothing
+    again = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, ray_address="local", ray_workers=2, **settings)
+    assert len(tasks) == 12 and not driver_calls
+    assert again.model.graph.SerializeToString() == single.model.graph.SerializeToString()
 
 
 def _init(n):

@@ -105,7 +105,7 @@ class FoldCore:
                 asked = [(None, k)] if group.width > k else []
             for units, kk in asked:
                 feats = group.kmeans_features(self.seed, units)
-                if feats is not None:
+                if feats is not None and not decide.kmeans_known(feats, kk, self.seed):  # known: answered here at once
                     problems.append((np.ascontiguousarray(feats, dtype=np.float64), kk))
         problems = list({_kmeans_key(f, k, self.seed): (f, k) for f, k in problems}.items())
         if len(problems) < 2:
@@ -117,7 +117,10 @@ class FoldCore:
     def _kmeans(self, features: np.ndarray, k: int, seed: int) -> np.ndarray:
         features = np.ascontiguousarray(features, dtype=np.float64)
         known = self.prefetched.pop(_kmeans_key(features, k, seed), None) if self.prefetched else None
-        return known.copy() if known is not None else decide.kmeans_labels(features, k, seed=seed)
+        if known is None:
+            return decide.kmeans_labels(features, k, seed=seed)
+        decide.remember_kmeans(features, k, seed, known)  # as if computed here: later candidates ask again
+        return known.copy()
 
     # -- 1. measure ----------------------------------------------------------
     def measure(self, group: UnitGroup, what: str, constants: ActivationSpec | None = None) -> dict[str, Moments]:

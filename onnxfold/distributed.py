@@ -39,7 +39,8 @@ import onnx
 
 from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError, first_line
 from onnxfold.measure.data import CalibrationSet
-from onnxfold.measure.jobs import Accumulators, StatsJob, StreamMemo, UpdateFn, merge_accumulators, run_stats_job
+from onnxfold.measure.jobs import (Accumulators, StatsJob, StreamMemo, UpdateFn, merge_accumulators, model_of,
+                                   run_stats_job)
 
 __all__ = ["StatsJob", "StatsBackend", "LocalStats", "RayStats", "merge_accumulators", "run_stats_job",
            "make_backend", "import_ray", "RAY_INSTALL_HINT", "Accumulators", "UpdateFn"]
@@ -231,7 +232,7 @@ class RayStats:
         ray = self._ray
         parent = data.parent
         size = self._dataset_pool_size()
-        models = [(m.SerializeToString(), list(names)) for m, names in job.models]
+        models = [(model_of(m).SerializeToString(), list(names)) for m, names in job.models]
         # rows per map_batches call: a few stats batches, so that each call's accumulators (width^2) stay cheap
         rows = max(batch_size, min(data.num_samples, 4 * batch_size))
         out = parent.ds.map_batches(
@@ -267,7 +268,7 @@ class RayStats:
         ray = self._ray
         parts = self._shards_of(data, batch_size)
         # put once, shared by every shard's task: the models and what the update closes over (weights, masks)
-        models = ray.put([(m.SerializeToString(), list(names)) for m, names in job.models])
+        models = ray.put([(model_of(m).SerializeToString(), list(names)) for m, names in job.models])
         init, update = ray.put(job.init), ray.put(job.update)
         refs = [self.workers[i % len(self.workers)].run.remote(models, init, update, ref, first, batch_size)
                 for i, (first, _count, ref) in enumerate(parts)]

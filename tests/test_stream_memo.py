@@ -76,6 +76,29 @@ def test_a_replayed_stream_gives_what_a_fresh_run_gives(monkeypatch):
     assert memo.replays == 1
 
 
+def test_a_keyed_model_is_neither_built_nor_digested_when_its_stream_replays(monkeypatch):
+    """The search's original parts come as KeyedModels whose key is the digest the
+    search computed once: a replay needs neither the part nor a digest of it, and
+    the key is the content's own, so it replays a stream a plain part recorded."""
+    from onnxfold.measure.jobs import KeyedModel
+    from onnxfold.measure.stream import model_digest
+
+    model, data, hidden = _setup()
+    part = needed_part(model, {hidden: np.float32})
+    memo = StreamMemo()
+    first = run_stats_job(_job(model, hidden), data, batch_size=32, providers=None, memo=memo)["s"]
+    built = []
+    keyed = KeyedModel(lambda: built.append(1) or part, model_digest(part))
+    monkeypatch.setattr(jobs, "model_digest", lambda m: pytest.fail("digested a keyed model"))
+    job = StatsJob([(part, [hidden]), (keyed, [hidden])], _new, partial(_add, hidden), replayable=(1,))
+    again = run_stats_job(job, data, batch_size=32, providers=None, memo=memo)["s"]
+    assert memo.replays == 1 and not built and again.total == first.total
+    # not recorded yet (other batching): built once, to run
+    run_stats_job(StatsJob([(part, [hidden]), (keyed, [hidden])], _new, partial(_add, hidden), replayable=(1,)),
+                  data, batch_size=16, providers=None, memo=memo)
+    assert built == [1]
+
+
 def test_a_stream_over_half_the_memo_is_not_recorded_and_old_ones_make_room():
     model, data, hidden = _setup()
     one = 70 * 16 * 4

@@ -21,12 +21,36 @@ import onnx
 from .data import CalibrationSet
 from .stream import model_digest, stream_tensors
 
-__all__ = ["Accumulators", "UpdateFn", "StatsJob", "StreamMemo", "merge_accumulators", "run_stats_job"]
+__all__ = ["Accumulators", "UpdateFn", "StatsJob", "KeyedModel", "model_of", "StreamMemo", "merge_accumulators",
+           "run_stats_job"]
 
 #: accumulators by name; every value has ``merge(other)`` (in place, returns self)
 Accumulators = dict[str, Any]
 #: update(accumulators, index of the batch's first sample in the data, feed, labels, tensors per model)
 UpdateFn = Callable[[Accumulators, int, dict, Any, list], None]
+
+
+class KeyedModel:
+    """A model a job runs, built on first use, with its content key known
+    beforehand (what :func:`model_digest` of it gives): a replayed stream
+    (:class:`StreamMemo`) then needs neither the model nor its digest. For the
+    parts of the model a search started from, whose digests the search
+    computes once (``passes.cache.SearchCache.input_digest``)."""
+
+    def __init__(self, build: Callable[[], onnx.ModelProto], key: Hashable):
+        self._build, self.key = build, key
+        self._model: onnx.ModelProto | None = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+
+def model_of(model: onnx.ModelProto | KeyedModel) -> onnx.ModelProto:
+    """The ModelProto of a job's model (building a :class:`KeyedModel`)."""
+    return model.model if isinstance(model, KeyedModel) else model
 
 
 @dataclass
@@ -37,7 +61,7 @@ class StatsJob:
     them module-level functions (or ``functools.partial`` of them) holding no
     model or data."""
 
-    models: Sequence[tuple[onnx.ModelProto, Sequence[str]]]
+    models: Sequence[tuple[onnx.ModelProto | KeyedModel, Sequence[str]]]
     init: Callable[[], Accumulators]
     update: UpdateFn
     #: indices into ``models`` of the ones that give the same tensors every time they run on the
@@ -65,10 +89,11 @@ class StreamMemo:
         self._streams: OrderedDict[Hashable, tuple[list, int]] = OrderedDict()
         self._data: dict[int, Any] = {}  # keeps each keyed data object alive, so its id is not reused
 
-    def key(self, model: onnx.ModelProto, names: Sequence[str], data: CalibrationSet, batch_size: int,
+    def key(self, model: onnx.ModelProto | KeyedModel, names: Sequence[str], data: CalibrationSet, batch_size: int,
             providers: list[str] | None, first_sample: int) -> Hashable:
         self._data[id(data)] = data
-        return model_digest(model), tuple(names), id(data), batch_size, tuple(providers or ()), first_sample
+        digest = model.key if isinstance(model, KeyedModel) else model_digest(model)
+        return digest, tuple(names), id(data), batch_size, tuple(providers or ()), first_sample
 
     def get(self, key: Hashable) -> list | None:
         entry = self._streams.get(key)
@@ -149,7 +174,7 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
             if batches is not None:
                 streams.append(_replayed(batches, data, batch_size, shown))
                 continue
-        stream = stream_tensors(model, list(names), data, batch_size=batch_size, providers=providers,
+        stream = stream_tensors(model_of(model), list(names), data, batch_size=batch_size, providers=providers,
                                 progress=shown, intra_op_threads=intra_op_threads)
         if key is not None:
             recordings.append((key, _Recording(memo.max_bytes // 2)))

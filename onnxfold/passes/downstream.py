@@ -40,7 +40,7 @@ import onnx
 
 from ..find.graph_index import GraphIndex
 from ..find.projections import Projection, projection_at
-from ..measure.jobs import StatsJob
+from ..measure.jobs import KeyedModel, StatsJob
 from ..rewrite.attention import ProjectionEdit, rewrite_projections
 from .base import PassContext, PassResult, heldout_mask
 from .handlers import OneInputRows
@@ -174,7 +174,10 @@ def output_errors(models: list[onnx.ModelProto], reference: onnx.ModelProto, dat
     float graph output relative to the reference output's spread, summed."""
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     names = [o.name for o in reference.graph.output if o.type.tensor_type.elem_type in floats]
-    job = StatsJob([(m, names) for m in models] + [(reference, names)],
+    # the reference is the model the search started from: its digest once per model object, not per job
+    ref = reference if ctx.cache is None else \
+        KeyedModel(lambda: reference, ctx.cache.input_digest(reference, "whole model", lambda: reference))
+    job = StatsJob([(m, names) for m in models] + [(ref, names)],
                    partial(_new_error_sums, len(names), len(models)), partial(_add_errors, len(models)),
                    replayable=(len(models),))
     accs = ctx.measure(job, data, task)

@@ -132,7 +132,8 @@ class FoldCore:
         current = {t: dt for t, (dt, _) in outs.items()}
         job = lockstep_job(self.state, current, current if repair else {},
                            partial(_new_moments, group.width, list(outs), repair, constants),
-                           partial(_add_moments, {t: cf for t, (_, cf) in outs.items()}, repair, constants is not None))
+                           partial(_add_moments, {t: cf for t, (_, cf) in outs.items()}, repair, constants is not None),
+                           self.ctx.cache)
         accs = self.ctx.measure(job, self.ctx.calibration, f"{what}: measuring")
         return {t: Moments(accs.get("current:" + t), accs.get("target:" + t), accs.get("constant:" + t))
                 for t in outs}

@@ -29,6 +29,7 @@ import onnx
 
 from ..decide import folding as decide
 from ..distributed import StatsJob, run_stats_job
+from ..measure.jobs import KeyedModel
 from ..find.activations import ActivationSpec
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
@@ -72,19 +73,32 @@ class FoldState:
         self._current = model
 
 
+def original_part(state: FoldState, tensors: Mapping[str, np.dtype], cache) -> onnx.ModelProto | KeyedModel:
+    """The part of the pass's input model that computes ``tensors``. In a
+    budget search a :class:`~onnxfold.measure.jobs.KeyedModel`: its digest is
+    computed once per input model (the search cache's ``input_digest``) and the
+    part is built only when its stream is not replayed."""
+    if cache is None:
+        return needed_part(state.original, tensors)
+    part = KeyedModel(lambda: needed_part(state.original, tensors), None)
+    part.key = cache.input_digest(state.original, ("part", tuple(tensors.items())), lambda: part.model)
+    return part
+
+
 def lockstep_job(state: FoldState, current: Mapping[str, np.dtype], original: Mapping[str, np.dtype], init,
-                 update) -> StatsJob:
+                 update, cache=None) -> StatsJob:
     """A statistics job over the current model's ``current`` tensors and the
     original model's ``original`` tensors (name → dtype), the two models in
     lockstep over the same batches (``update`` gets their tensors in that
     order); a single run while nothing has been edited (then both are the
     same, and the update gets one tensor dict). Only the part of each model
-    that computes its tensors is run."""
+    that computes its tensors is run; ``cache``: the search cache, if any
+    (see :func:`original_part`)."""
     if not state.edited or not original:
         both = {**current, **original}
         return StatsJob([(needed_part(state.current_model(), both), list(both))], init, update)
     return StatsJob([(needed_part(state.current_model(), current), list(current)),
-                     (needed_part(state.original, original), list(original))], init, update, replayable=(1,))
+                     (original_part(state, original, cache), list(original))], init, update, replayable=(1,))
 
 
 class RefitOutcome(NamedTuple):  # a tuple: the search cache sizes what it holds through tuples
@@ -142,7 +156,7 @@ class RefitEngine:
         # shards run on other workers could not reproduce: such rows stream in this process
         sampler = None if rows.max_rows is None else np.random.default_rng(self.seed + 1)
         job = StatsJob([(needed_part(self.state.current_model(), rows.current), list(rows.current)),
-                        (needed_part(self.state.original, rows.original), list(rows.original))],
+                        (original_part(self.state, rows.original, self.ctx.cache), list(rows.original))],
                        partial(_new_grams, rows.widths), partial(_add_rows, rows, held_samples, sampler),
                        replayable=(1,))
         if sampler is None:

@@ -332,7 +332,8 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
                       progress=progress)
     if backend is not None:
         ctx.stats_backend = backend
-        notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers")
+        notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers" if fit is not None else
+                     f"no calibration data: the {backend.num_workers} Ray workers only cluster transformer blocks")
         source = getattr(fit, "parent", None)
         if source is not None:
             notes.append(f"calibration data ({source.source}) read by Ray into the object store; the driver holds "

@@ -325,16 +325,22 @@ class RayStats:
         except ray.exceptions.RayActorError as e:
             raise ScaleOutError(f"a Ray worker died and was not restarted ({first_line(e)})") from None
 
-    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any],
+                  progress: Callable[[int, int], None] | None = None) -> list:
         """``[fn(item) for item in items]`` as tasks spread over the workers
         (independent decisions, e.g. budget-search candidates); results in the
-        order of ``items``. ``fn`` is pickled once; a task whose worker dies is
-        retried on the restarted worker."""
+        order of ``items``, ``progress(done, total)`` as they come. ``fn`` is
+        pickled once; a task whose worker dies is retried on the restarted worker."""
         ray = self._ray
         fn_ref = ray.put(fn)
         refs = [self.workers[i % len(self.workers)].call.remote(fn_ref, item) for i, item in enumerate(items)]
         try:
-            return [self._get(ref) for ref in refs]
+            out = []
+            for ref in refs:
+                out.append(self._get(ref))
+                if progress is not None:
+                    progress(len(out), len(refs))
+            return out
         except BaseException:
             self._drop(refs)
             raise

@@ -326,7 +326,8 @@ class BudgetSearch:
         from .distributed import LocalStats
 
         task_ctx = replace(self.ctx, progress=None, stats_backend=LocalStats(), cache=SearchCache())
-        for setting, cand in zip(todo, run_tasks(self._evaluator(task_ctx), todo)):
+        shown = lambda done, total: self.ctx.report_progress("budget search: candidates on Ray", done, total)  # noqa: E731
+        for setting, cand in zip(todo, run_tasks(self._evaluator(task_ctx), todo, progress=shown)):
             self._remember(setting, cand)
 
     def _ratio_ok(self, c: Candidate) -> bool:

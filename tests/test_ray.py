@@ -56,9 +56,9 @@ def test_ray_gives_the_single_process_result(tmp_path, monkeypatch, model, setti
     path = tmp_path / f"{model}.onnx"
     tasks, map_tasks = [], RayStats.map_tasks
 
-    def counted_map_tasks(self, fn, items):
+    def counted_map_tasks(self, fn, items, progress=None):
         tasks.extend(items)
-        return map_tasks(self, fn, items)
+        return map_tasks(self, fn, items, progress)
 
     monkeypatch.setattr(RayStats, "map_tasks", counted_map_tasks)
     common = dict(eval_data=path.with_suffix(".test.npz"), provider="cpu", seed=3, latency=False, **settings)
@@ -87,9 +87,9 @@ def test_the_blocks_of_a_transformer_cluster_side_by_side_as_ray_tasks(monkeypat
 
     tasks, map_tasks = [], RayStats.map_tasks
 
-    def counted_map_tasks(self, fn, items):
+    def counted_map_tasks(self, fn, items, progress=None):
         tasks.extend(items)
-        return map_tasks(self, fn, items)
+        return map_tasks(self, fn, items, progress)
 
     settings = dict(fold_ratio=0.3, fold_heads=0.5, provider="cpu", latency=False, seed=2)
     single = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, **settings)
@@ -98,9 +98,14 @@ def test_the_blocks_of_a_transformer_cluster_side_by_side_as_ray_tasks(monkeypat
     computed = decide._kmeans_labels  # what clusters, past the memo
     monkeypatch.setattr(decide, "_kmeans_labels", lambda *a, **k: driver_calls.append(1) or computed(*a, **k))
     monkeypatch.setattr(RayStats, "map_tasks", counted_map_tasks)
-    on_ray = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, ray_address="local", ray_workers=2, **settings)
+    shown = []
+    on_ray = onnxfold.optimize(MODELS / "llama_gqa.onnx", None, ray_address="local", ray_workers=2,
+                               progress=lambda task, done, total: shown.append((task, done, total)), **settings)
     # 4 gated MLPs, then 4 attention blocks x 2 key/value groups of query heads
     assert len(tasks) == 12 and not driver_calls
+    assert "no calibration data: the 2 Ray workers only cluster transformer blocks" in on_ray.report["notes"]
+    assert [s for s in shown if "on Ray" in s[0]] == [("gated folding: clustering on Ray", i, 4) for i in (1, 2, 3, 4)] \
+        + [("head folding: clustering on Ray", i, 8) for i in range(1, 9)]
     assert [lr.to_dict() for lr in on_ray.layers] == [lr.to_dict() for lr in single.layers]
     assert on_ray.model.graph.SerializeToString() == single.model.graph.SerializeToString()
     # the answers are remembered like the driver's own: the same fold again sends nothing

@@ -83,7 +83,7 @@ class FoldCore:
         self.prefetched: dict[tuple, np.ndarray] = {}
 
     # -- 0. clusterings ahead, side by side --------------------------------------
-    def prefetch_clusters(self, groups: list[tuple[UnitGroup, int]]) -> int:
+    def prefetch_clusters(self, groups: list[tuple[UnitGroup, int]], task: str = "clustering") -> int:
         """Cluster ``(group, k)`` s ahead of :meth:`plan`, as tasks on the
         statistics backend when it runs tasks (Ray): k-means problems that
         depend on nothing measured, so independent groups (the blocks of a
@@ -91,8 +91,9 @@ class FoldCore:
         problem (the features' bytes, k, seed): :meth:`plan` uses one only if
         its group still has exactly those features when its turn comes (an
         earlier group's rewrite changed nothing there), so the result is the
-        one-by-one result. Returns the problems sent. Not for a Ray Dataset
-        fit part, whose Ray Data jobs need the CPUs a task pool would hold."""
+        one-by-one result. Returns the problems sent; progress is reported as
+        ``task``. Not for a Ray Dataset fit part, whose Ray Data jobs need the
+        CPUs a task pool would hold."""
         run = getattr(self.ctx.stats_backend, "map_tasks", None)
         if run is None or self.select != "kmeans" or getattr(self.ctx.calibration, "is_ray_dataset", False):
             return 0
@@ -110,7 +111,8 @@ class FoldCore:
         problems = list({_kmeans_key(f, k, self.seed): (f, k) for f, k in problems}.items())
         if len(problems) < 2:
             return 0  # one problem: no side by side to gain, only the shipping
-        answers = run(partial(_kmeans_task, seed=self.seed), [p for _, p in problems])
+        answers = run(partial(_kmeans_task, seed=self.seed), [p for _, p in problems],
+                      progress=lambda done, total: self.ctx.report_progress(task, done, total))
         self.prefetched.update(zip((key for key, _ in problems), answers))
         return len(problems)
 

@@ -375,7 +375,8 @@ def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str,
     on Ray (``FoldCore.prefetch_clusters``)."""
     state, ctx = core.state, core.ctx
     if ahead is not None:
-        core.prefetch_clusters([p for x0 in found if x0.name in wanted for p in ahead(x0, target(x0, wanted[x0.name]))])
+        core.prefetch_clusters([p for x0 in found if x0.name in wanted for p in ahead(x0, target(x0, wanted[x0.name]))],
+                               f"{task}: clustering on Ray")
     reports = []
     for i, x0 in enumerate(found):
         ctx.report_progress(task, i, len(found))

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import onnx
 
-from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError, first_line
+from onnxfold.errors import OnnxFoldError, RayNotInstalledError, ScaleOutError, UsageError, first_line, wrapped_error
 from onnxfold.measure.data import CalibrationSet
 from onnxfold.measure.jobs import (Accumulators, StatsJob, StreamMemo, UpdateFn, merge_accumulators, model_of,
                                    run_stats_job)
@@ -255,7 +255,7 @@ class RayStats:
         except OnnxFoldError:
             raise
         except Exception as e:
-            cause = _onnxfold_cause(e)
+            cause = wrapped_error(e)
             if cause is not None:  # the data or model's fault, not the cluster's: the user's error, one line
                 raise type(cause)(str(cause)) from None
             raise ScaleOutError(f"the Ray Data statistics job failed ({first_line(e)})") from None
@@ -397,17 +397,6 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise ScaleOutError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it with "
                             "'ray start --head --port=6379' on that host, or use --ray without an address for a "
                             "local instance") from None
-
-
-def _onnxfold_cause(e: BaseException | None) -> OnnxFoldError | None:
-    """The OnnxFoldError a (Ray Data) error wraps, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OnnxFoldError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
 
 
 def make_backend(ray_address: str | None, *, provider: str = "auto", workers: int | None = None,

@@ -67,6 +67,20 @@ def first_line(exc: BaseException | str) -> str:
     return type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
 
 
+def wrapped_error(e: BaseException | None) -> "OnnxFoldError | None":
+    """The OnnxFoldError a library's error wraps (a Ray task's, Ray Data's), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a Ray task error's original (Ray's own class also derives from it)
+        if isinstance(cause, OnnxFoldError):
+            return cause
+        if isinstance(e, OnnxFoldError):
+            return e
+        e = cause or e.__cause__ or e.__context__
+    return None
+
+
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 _SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+")

@@ -331,9 +331,8 @@ def test_a_gram_root_is_a_square_root_and_both_roots_truncate_alike():
     assert eig.upper is None
     np.testing.assert_allclose(eig.solve(eig.apply(np.eye(10))), np.eye(10), atol=1e-8)
     A, B = rng.standard_normal((10, 6)), rng.standard_normal((6, 7))
-    eig_of_G = GramRoot.__new__(GramRoot)  # the same Gram's eigen root, built as the fallback builds it
-    evals, eig_of_G.Q = np.linalg.eigh(G)
-    eig_of_G.upper, eig_of_G.scale = None, np.sqrt(np.clip(evals, 0, None) + lam)
+    eig_of_G = GramRoot(G, 1e-9, method="eigh")  # the same Gram's eigen root, as the fallback builds it
+    assert eig_of_G.upper is None
     by_chol = decide.data_aware_truncation([A, B], G, 1e-4, chol)
     by_eig = decide.data_aware_truncation([A, B], G, 1e-4, eig_of_G)
     assert by_chol.rank == by_eig.rank == 4

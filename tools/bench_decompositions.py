@@ -41,12 +41,7 @@ BOTTLENECK = 64  # a path's inner width (linear neurons moved), the cost of ever
 
 def _eigen_root(gram: np.ndarray) -> GramRoot:
     """The root the truncation used before: diag(√(e + λ)) Qᵀ from the full eigendecomposition."""
-    G = (gram + gram.T) / 2.0
-    lam = SVD_RIDGE * float(np.trace(G)) / G.shape[0]
-    root = GramRoot.__new__(GramRoot)
-    evals, root.Q = np.linalg.eigh(G)
-    root.upper, root.scale = None, np.sqrt(np.clip(evals, 0.0, None) + lam)
-    return root
+    return GramRoot(gram, SVD_RIDGE, method="eigh")
 
 
 def _problem(width: int, seed: int):

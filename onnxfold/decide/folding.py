@@ -128,18 +128,19 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
     return order[inverse].astype(np.int64)
 
 
-def _kmeans_key(features: np.ndarray, k: int, seed: int, n_init: int) -> tuple:
+def kmeans_key(features: np.ndarray, k: int, seed: int, n_init: int = KMEANS_N_INIT) -> tuple:
+    """What :func:`kmeans_labels` memoises a clustering by (``features`` C-contiguous float64)."""
     return hashlib.sha1(features.data).hexdigest(), features.shape, int(k), int(seed), int(n_init)
 
 
 def kmeans_known(features: np.ndarray, k: int, seed: int = 0, n_init: int = KMEANS_N_INIT) -> bool:
     """Whether :func:`kmeans_labels` has this clustering memoised (it would return at once)."""
-    return _kmeans_key(np.ascontiguousarray(features, dtype=np.float64), k, seed, n_init) in _KMEANS_CACHE
+    return kmeans_key(np.ascontiguousarray(features, dtype=np.float64), k, seed, n_init) in _KMEANS_CACHE
 
 
 def remember_kmeans(features: np.ndarray, k: int, seed: int, labels: np.ndarray, n_init: int = KMEANS_N_INIT) -> None:
     """Memoise what :func:`kmeans_labels` returned for this problem elsewhere (a Ray task)."""
-    _KMEANS_CACHE[_kmeans_key(np.ascontiguousarray(features, dtype=np.float64), k, seed, n_init)] = labels.copy()
+    _KMEANS_CACHE[kmeans_key(np.ascontiguousarray(features, dtype=np.float64), k, seed, n_init)] = labels.copy()
     while len(_KMEANS_CACHE) > _KMEANS_CACHE_SIZE:
         _KMEANS_CACHE.popitem(last=False)
 
@@ -154,7 +155,7 @@ def kmeans_labels(features: np.ndarray, k: int, seed: int = 0, n_init: int = KME
     memoised by the features' bytes.
     """
     features = np.ascontiguousarray(features, dtype=np.float64)
-    key = _kmeans_key(features, k, seed, n_init)
+    key = kmeans_key(features, k, seed, n_init)
     if key in _KMEANS_CACHE:
         _KMEANS_CACHE.move_to_end(key)
         return _KMEANS_CACHE[key].copy()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxfold.errors import CalibrationDataError, RayNotInstalledError, first_line
+from onnxfold.errors import CalibrationDataError, RayNotInstalledError, first_line, wrapped_error
 
 from .data import MIN_SAMPLES_TO_SPLIT, CalibrationSet, SampleCount, load_calibration, load_for_specs, split_indices
 from .inputs import feed_specs
@@ -89,6 +89,15 @@ def _number_rows(table, offset: int, a: int, b: int):
     return table.slice(a, b - a).append_column(ROW, pa.array(np.arange(offset + a, offset + b, dtype=np.int64)))
 
 
+def _in_order(ds):
+    """``ds`` on a copy with a context of its own (the caller's and the process-wide one are left as they
+    are) that keeps the rows' order - the numbering depends on it - and shows no progress bars."""
+    ds = type(ds).copy(ds, _deep_copy=True)
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return ds
+
+
 def _add_labels(batch: dict, rows_fn, columns: tuple[str, ...], dims: dict) -> dict:
     args = [column_array(batch[c], dims.get(c)) if c in batch else None for c in columns]
     return {**batch, LABELS_KEY: rows_fn(*args)}
@@ -120,11 +129,8 @@ class RayCalibration(SampleCount):
         """These samples with a labels column ``rows_fn(*columns)`` computed
         batch by batch where the rows are (a row's labels from that row alone;
         a column the data lacks is passed as None)."""
-        ds = self.ds.map_batches(_add_labels, fn_kwargs={"rows_fn": rows_fn, "columns": columns,
-                                                         "dims": self.dims}, batch_format="numpy")
-        ds = type(ds).copy(ds, _deep_copy=True)
-        ds.context.execution_options.preserve_order = True
-        ds.context.enable_progress_bars = False
+        ds = _in_order(self.ds.map_batches(_add_labels, fn_kwargs={"rows_fn": rows_fn, "columns": columns,
+                                                                   "dims": self.dims}, batch_format="numpy"))
         return RayCalibration(ds, self._n, self.model, self.dims, True, self.what, self.source)
 
     def gather(self, rows: np.ndarray) -> CalibrationSet:
@@ -275,10 +281,7 @@ def load_ray_calibration(source: Any, model: onnx.ModelProto, *, what: str = "ca
     numbered = ray.remote(_number_rows)
     rows_ds = ray.data.from_arrow_refs([numbered.remote(t, int(o), a, min(a + per_block, c))
                                         for t, o, c in zip(tables, offsets, counts) for a in range(0, c, per_block)])
-    rows_ds = type(rows_ds).copy(rows_ds, _deep_copy=True)  # its own context, not the process-wide one
-    rows_ds.context.execution_options.preserve_order = True
-    rows_ds.context.enable_progress_bars = False
-    data = RayCalibration(rows_ds, n, model, dims, has_labels, what, label)
+    data = RayCalibration(_in_order(rows_ds), n, model, dims, has_labels, what, label)
     if n < MIN_SAMPLES_TO_SPLIT:
         return data.gather(np.arange(n))
     return data
@@ -312,10 +315,7 @@ def _read_dataset(ray, source: Any, specs: dict, what: str) -> tuple[list, list[
         raise CalibrationDataError(f"{what} {label} has {quote_names(extra)} which {'is' if len(extra) == 1 else 'are'} not "
                                    f"a model input (inputs: {quote_names(required)}; labels go under '{LABELS_KEY}'); "
                                    "remove or rename it")
-    # a fixed order (the numbering depends on it), on a copy: the caller's dataset keeps its context
-    ds = type(ds).copy(ds, _deep_copy=True)
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
+    ds = _in_order(ds)
     fixed = [specs[n].dims[0] for n in columns if n in specs and specs[n].dims and specs[n].dims[0] is not None]
     if fixed:
         raise CalibrationDataError(f"the model's batch axis is fixed to {fixed[0]}: {label} needs a dynamic batch "
@@ -346,7 +346,7 @@ def _read_shards(ray, path: Path, specs: dict, what: str) -> tuple[list, list[in
         try:
             infos.append(ray.get(info))
         except ray.exceptions.RayTaskError as e:
-            cause = _cause(e)
+            cause = wrapped_error(e)
             if cause is None:
                 raise CalibrationDataError(f"{what} shard '{f}': {first_line(e)}") from None
             raise type(cause)(str(cause)) from None
@@ -374,11 +374,6 @@ def _read_shard(path: str, specs: dict, what: str):
         columns[LABELS_KEY] = part.labels
     table = pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v) for k, v in columns.items()})
     return table, (part.num_samples, list(columns))
-
-
-def _cause(e: BaseException) -> CalibrationDataError | None:
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, CalibrationDataError) else None
 
 
 def _num_rows(table) -> int:

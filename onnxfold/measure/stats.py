@@ -223,7 +223,9 @@ class GramRoot:
     definite, R comes from the eigendecomposition with the negative
     eigenvalues clipped (``diag(√(e + λ)) Qᵀ``)."""
 
-    def __init__(self, gram: np.ndarray, rel_ridge: float):
+    def __init__(self, gram: np.ndarray, rel_ridge: float, *, method: str = "cholesky"):
+        """``method="eigh"``: the root from the eigendecomposition right away
+        (what the fallback uses; also to compare the two)."""
         from scipy.linalg import LinAlgError, cholesky
 
         G = np.asarray(gram, dtype=np.float64)
@@ -231,11 +233,16 @@ class GramRoot:
         d = G.shape[0]
         lam = rel_ridge * max(float(np.trace(G)) / max(d, 1), np.finfo(np.float64).tiny)
         self.upper = self.scale = self.Q = None
-        try:
-            self.upper = cholesky(G + lam * np.eye(d), lower=False, check_finite=False)
-        except LinAlgError:
-            evals, self.Q = np.linalg.eigh(G)
-            self.scale = np.sqrt(np.clip(evals, 0.0, None) + lam)
+        if method == "cholesky":
+            try:
+                self.upper = cholesky(G + lam * np.eye(d), lower=False, check_finite=False)
+                return
+            except LinAlgError:
+                pass
+        elif method != "eigh":
+            raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
+        evals, self.Q = np.linalg.eigh(G)
+        self.scale = np.sqrt(np.clip(evals, 0.0, None) + lam)
 
     def apply(self, A: np.ndarray) -> np.ndarray:
         """R @ A."""

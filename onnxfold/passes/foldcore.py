@@ -108,7 +108,7 @@ class FoldCore:
                 feats = group.kmeans_features(self.seed, units)
                 if feats is not None and not decide.kmeans_known(feats, kk, self.seed):  # known: answered here at once
                     problems.append((np.ascontiguousarray(feats, dtype=np.float64), kk))
-        problems = list({_kmeans_key(f, k, self.seed): (f, k) for f, k in problems}.items())
+        problems = list({decide.kmeans_key(f, k, self.seed): (f, k) for f, k in problems}.items())
         if len(problems) < 2:
             return 0  # one problem: no side by side to gain, only the shipping
         answers = run(partial(_kmeans_task, seed=self.seed), [p for _, p in problems],
@@ -118,7 +118,7 @@ class FoldCore:
 
     def _kmeans(self, features: np.ndarray, k: int, seed: int) -> np.ndarray:
         features = np.ascontiguousarray(features, dtype=np.float64)
-        known = self.prefetched.pop(_kmeans_key(features, k, seed), None) if self.prefetched else None
+        known = self.prefetched.pop(decide.kmeans_key(features, k, seed), None) if self.prefetched else None
         if known is None:
             return decide.kmeans_labels(features, k, seed=seed)
         decide.remember_kmeans(features, k, seed, known)  # as if computed here: later candidates ask again
@@ -294,10 +294,6 @@ class FoldCore:
             m.handler.set_refit(m.op, outcome.refit.weight.copy(), outcome.refit.bias.copy())
             self.state.edit()
         return outcome, ""
-
-
-def _kmeans_key(features: np.ndarray, k: int, seed: int) -> tuple:
-    return hashlib.sha1(features.data).hexdigest(), features.shape, int(k), int(seed)
 
 
 def _kmeans_task(problem: tuple[np.ndarray, int], seed: int) -> np.ndarray:

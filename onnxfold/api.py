@@ -28,6 +28,8 @@ from .io import count_parameters
 from .io import load_working_copy as _load
 from .latency import measure_latency
 from .measure.data import MIN_SAMPLES_TO_SPLIT
+from .measure.jobs import StreamMemo
+from .measure.suffix import TensorMemo
 from .passes.base import LayerReport, PassContext
 from .profile import StageProfiler
 from .report import build_report, summarize_model
@@ -329,7 +331,7 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
             if notify:
                 notify(warning)
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
-                      progress=progress)
+                      progress=progress, streams=StreamMemo(tensors=TensorMemo()))
     if backend is not None:
         ctx.stats_backend = backend
         notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers" if fit is not None else

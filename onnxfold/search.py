@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from .decide.budget import Budget, BudgetCheck
@@ -41,12 +42,19 @@ from .passes.base import LayerReport, PassContext
 from .passes.cache import SearchCache, model_digest
 from .pipeline import merge_layer_reports, run_passes
 from .runtime import SessionCache, reusing_sessions
+from .measure.stream import stream_tensors
+from .measure.suffix import TensorMemo, cut_tensors, suffix_part
 from .verify import compare_models, reference_outputs
 
 __all__ = ["RATIO_STEPS", "THRESHOLD_STEPS", "SELECTS", "BudgetSearch", "Candidate", "SearchResult", "Setting",
            "describe", "passes_for"]
 
 SELECTS = ("kmeans", "magnitude", "obs")
+#: a candidate is judged from the tensors it shares with the lossless start when at most this share of
+#: its nodes is left to run (recording them costs one run of the shared part)
+SUFFIX_AT_MOST = 0.75
+#: recordings on the select split a search keeps (one per place where candidates start to differ)
+JUDGE_RECORDINGS = 8
 #: group kinds "obs" selects in (it needs readers taking the units as their input's last axis:
 #: passes.foldcore); a sweep or move with it leaves the other kinds (conv channels) where they are
 OBS_KINDS = ("neuron", "gated", "head")
@@ -187,6 +195,9 @@ class _Evaluator:
     lossless: tuple | None  # (model, layer reports, notes) after linearity folding at T = 1.0
     groups: Mapping[str, Group]
     select_split: Any  # the CalibrationSet candidates are judged on (never seen by the passes)
+    #: the tensors of the lossless start (or the original) recorded on the select split, from which a
+    #: candidate is run only after what it shares with them (None: every candidate runs in full)
+    judge_memo: TensorMemo | None = None
 
     def build(self, setting: Setting) -> tuple[onnx.ModelProto, list[LayerReport], list[str]]:
         """The model a setting stands for, with its layer reports and notes."""
@@ -221,7 +232,39 @@ class _Evaluator:
     def _compare(self, model: onnx.ModelProto):
         return compare_models(self.original, model, self.select_split, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
-                              original_outputs=self.reference)
+                              original_outputs=self.reference, candidate_outputs=self._suffix_outputs(model))
+
+    def _suffix_outputs(self, model: onnx.ModelProto):
+        """The candidate's outputs on the select split, batch by batch, run from
+        the tensors it shares with the model every candidate starts from (the
+        lossless start, else the original), recorded on the select split the
+        first time a candidate cuts there; None (run it in full) when there is
+        no memo, or it shares too little for the suffix to pay."""
+        memo = self.judge_memo
+        if memo is None or not all(o.type.HasField("tensor_type") for o in model.graph.output) \
+                or not memo.usable(model, [o.name for o in model.graph.output]):
+            return None
+        ctx, data, names = self.ctx, self.select_split, [o.name for o in model.graph.output]
+        key = memo.key(data, ctx.batch_size, ctx.providers, 0)
+        plan = memo.plan(key, model, names)
+        if plan.recording is None or plan.nodes > SUFFIX_AT_MOST * plan.full_nodes:
+            base = self.lossless[0] if self.lossless is not None else self.original
+            cut = cut_tensors(model, base)
+            if not cut or len(suffix_part(model, names, dict.fromkeys(cut, np.float32)).graph.node) \
+                    > SUFFIX_AT_MOST * plan.full_nodes:
+                return None
+            recorded = [dict(t) for _f, _l, t in stream_tensors(suffix_part(base, cut, {}), cut, data,
+                                                               batch_size=ctx.batch_size, providers=ctx.providers)]
+            memo.record(key, base, [{n: b[n] for n in cut} for b in recorded])
+            plan = memo.plan(key, model, names)
+            if plan.recording is None or plan.nodes > SUFFIX_AT_MOST * plan.full_nodes:
+                return None  # too large to keep
+        leaves = list(plan.leaf_batches())
+        if plan.nodes == 0:
+            return iter(leaves)
+        stream = stream_tensors(suffix_part(model, names, plan.leaves), names, data, batch_size=ctx.batch_size,
+                                providers=ctx.providers, extra_feeds=leaves)
+        return ({n: t[n] for n in names} for _f, _l, t in stream)
 
 
 class BudgetSearch:
@@ -259,13 +302,15 @@ class BudgetSearch:
         # onnxruntime sessions reused for identical model parts: the original's
         # part behind a refit's targets, parts upstream of what a candidate changes
         self.sessions = SessionCache()
+        self.judge_memo = TensorMemo(max_recordings=JUDGE_RECORDINGS)
         self.reference = None if judge is not None else reference_outputs(
             original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
+        # a Ray task gets no memo: its recordings would be shipped with it
         return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups,
-                          self.select_split)
+                          self.select_split, self.judge_memo if ctx is None else None)
 
     def describe(self, setting: Setting) -> dict:
         return describe(setting, self.groups)

@@ -22,6 +22,7 @@ Non-tensor outputs (e.g. ZipMap's sequence of maps) are skipped with a note.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -282,20 +283,29 @@ def _decisions(out: np.ndarray, thr: float) -> np.ndarray:
 def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, *, providers=None,
                    batch_size: int = 256, positive_threshold: float | None = None,
                    original_outputs: dict[str, np.ndarray] | None = None,
-                   keep_outputs: bool = False) -> Comparison:
+                   keep_outputs: bool = False,
+                   candidate_outputs: Iterator[dict[str, np.ndarray]] | None = None) -> Comparison:
     """Run both models on ``data`` (a CalibrationSet) and compare every output.
 
     ``original_outputs`` may hold the original model's outputs on ``data``
     already (the budget search judges many candidates against one reference).
     ``keep_outputs`` stores the candidate's outputs in ``Comparison.outputs_of_candidate``
-    (small selection sets only).
+    (small selection sets only). ``candidate_outputs``: the candidate's
+    outputs batch by batch (``data.labeled_batches(batch_size)``'s batches),
+    computed elsewhere - the search runs only the part of a candidate after
+    what it shares with the original (``measure.suffix``).
     """
     providers = providers or ["CPUExecutionProvider"]
-    cand_sess = _session(candidate, providers)
     ref_sess = None if original_outputs is not None else _session(original, providers)
-    tensor_outs = [o.name for o in cand_sess.get_outputs() if o.type.startswith("tensor")]
-    notes = [f"output '{o.name}' is not a tensor ({o.type}); not compared"
-             for o in cand_sess.get_outputs() if not o.type.startswith("tensor")]
+    if candidate_outputs is None:
+        cand_sess = _session(candidate, providers)
+        outs = [(o.name, o.type) for o in cand_sess.get_outputs()]
+    else:  # the caller computed tensors for every output
+        cand_sess = None
+        outs = [(o.name, "tensor") for o in candidate.graph.output]
+    tensor_outs = [name for name, kind in outs if kind.startswith("tensor")]
+    notes = [f"output '{name}' is not a tensor ({kind}); not compared"
+             for name, kind in outs if not kind.startswith("tensor")]
     accs = {n: _Acc(n, positive_threshold) for n in tensor_outs}
     kept: dict[str, list] = {n: [] for n in tensor_outs}
     start = 0
@@ -303,8 +313,12 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
         b = next(iter(feed.values())).shape[0]
         if ref_sess is not None:  # the original first: data that does not fit fails there, as a data error
             ref = dict(zip(tensor_outs, _run_on_data(ref_sess, tensor_outs, feed, data)))
-        with _in_runtime():
-            got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed, _quiet())))
+        if cand_sess is None:
+            batch = next(candidate_outputs)
+            got = {n: batch[n] for n in tensor_outs}
+        else:
+            with _in_runtime():
+                got = dict(zip(tensor_outs, cand_sess.run(tensor_outs, feed, _quiet())))
         if ref_sess is None:
             ref = {n: original_outputs[n][start:start + b] for n in tensor_outs}
         mask = _attention_mask(feed)

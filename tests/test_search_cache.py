@@ -72,8 +72,11 @@ def test_reused_sessions_give_the_fresh_metrics(monkeypatch):
     (identical model parts) measure exactly what fresh sessions measure."""
     from onnxfold.measure import jobs
 
-    # the original's parts would be replayed from the stream memo instead of run again
+    # the original's parts would be replayed from the stream memo instead of run again, and the
+    # candidates' own runs would start from recorded tensors (measure.suffix): parts of other bytes
     monkeypatch.setattr(jobs, "STREAM_MEMO_BYTES", 0)
+    monkeypatch.setattr("onnxfold.passes.cache.TensorMemo", lambda *a, **k: None)
+    monkeypatch.setattr("onnxfold.search.TensorMemo", lambda *a, **k: None)
     model = onnx.load(MODELS / "digits_mlp.onnx")
     data = load_calibration(str(MODELS / "digits_mlp.calib.npz"), model)
     fit, select = data.split((0.75, 0.25), seed=0)

@@ -11,7 +11,7 @@ Ray actors, which call :func:`run_stats_job` on their part and whose results
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 
 from .data import CalibrationSet
-from .stream import model_digest, stream_tensors
+from .stream import model_digest, needed_part, stream_tensors
+from .suffix import TensorMemo
 
-__all__ = ["Accumulators", "UpdateFn", "StatsJob", "KeyedModel", "model_of", "StreamMemo", "merge_accumulators",
+__all__ = ["Accumulators", "UpdateFn", "StatsJob", "KeyedModel", "part_of", "model_of", "StreamMemo", "merge_accumulators",
            "run_stats_job"]
 
 #: accumulators by name; every value has ``merge(other)`` (in place, returns self)
@@ -37,15 +38,26 @@ class KeyedModel:
     parts of the model a search started from, whose digests the search
     computes once (``passes.cache.SearchCache.input_digest``)."""
 
-    def __init__(self, build: Callable[[], onnx.ModelProto], key: Hashable):
+    def __init__(self, build: Callable[[], onnx.ModelProto], key: Hashable, whole: onnx.ModelProto | None = None):
         self._build, self.key = build, key
         self._model: onnx.ModelProto | None = None
+        #: the model this is a part of (:func:`part_of`): a suffix run plans on it (``measure.suffix``)
+        self.whole = whole
 
     @property
     def model(self) -> onnx.ModelProto:
         if self._model is None:
             self._model = self._build()
         return self._model
+
+
+def part_of(whole: onnx.ModelProto, tensors: Mapping[str, Any], key: Hashable = None) -> KeyedModel:
+    """The part of ``whole`` that computes ``tensors`` (name → dtype: ``stream.needed_part``),
+    built when a run needs it. A run that starts from recorded tensors plans
+    on ``whole`` instead: what the part's run computes that the rest of the
+    model reads (its frontier) is only known there. ``key``: see :class:`KeyedModel`."""
+    tensors = dict(tensors)
+    return KeyedModel(lambda: needed_part(whole, tensors), key, whole)
 
 
 def model_of(model: onnx.ModelProto | KeyedModel) -> onnx.ModelProto:
@@ -82,8 +94,10 @@ class StreamMemo:
     used streams go first past ``max_bytes``; a stream larger than half of it
     is never recorded (it would push out everything else)."""
 
-    def __init__(self, max_bytes: int | None = None):
+    def __init__(self, max_bytes: int | None = None, tensors: TensorMemo | None = None):
         self.max_bytes = STREAM_MEMO_BYTES if max_bytes is None else max_bytes
+        #: the frontiers of the other models' runs, which later runs start from (``measure.suffix``)
+        self.tensors = tensors
         self.bytes = 0
         self.replays = 0
         self._streams: OrderedDict[Hashable, tuple[list, int]] = OrderedDict()
@@ -92,7 +106,7 @@ class StreamMemo:
     def key(self, model: onnx.ModelProto | KeyedModel, names: Sequence[str], data: CalibrationSet, batch_size: int,
             providers: list[str] | None, first_sample: int) -> Hashable:
         self._data[id(data)] = data
-        digest = model.key if isinstance(model, KeyedModel) else model_digest(model)
+        digest = model.key if isinstance(model, KeyedModel) and model.key is not None else model_digest(model_of(model))
         return digest, tuple(names), id(data), batch_size, tuple(providers or ()), first_sample
 
     def get(self, key: Hashable) -> list | None:
@@ -174,8 +188,15 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
             if batches is not None:
                 streams.append(_replayed(batches, data, batch_size, shown))
                 continue
-        stream = stream_tensors(model_of(model), list(names), data, batch_size=batch_size, providers=providers,
-                                progress=shown, intra_op_threads=intra_op_threads)
+        frontiers = None if memo is None else memo.tensors
+        # a part is planned on the model it is a part of; another model must yield what a full run yields
+        whole = model.whole if isinstance(model, KeyedModel) and model.whole is not None else None
+        if frontiers is not None and frontiers.usable(whole or model_of(model), names, part=whole is not None):
+            stream = _suffix_stream(frontiers, whole or model_of(model), list(names), data, batch_size, providers,
+                                    first_sample, shown, intra_op_threads, recordings)
+        else:
+            stream = stream_tensors(model_of(model), list(names), data, batch_size=batch_size, providers=providers,
+                                    progress=shown, intra_op_threads=intra_op_threads)
         if key is not None:
             recordings.append((key, _Recording(memo.max_bytes // 2)))
             stream = recordings[-1][1].wrap(stream)
@@ -186,6 +207,69 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
         job.update(accs, start, feed, labels, [tensors for _f, _l, tensors in batches])
         start += next(iter(feed.values())).shape[0]
     for key, rec in recordings:
-        if rec.batches:
+        if isinstance(rec, _Frontier):
+            if rec.batches:
+                memo.tensors.record(key, rec.model, rec.batches)
+        elif rec.batches:
             memo.put(key, rec.batches, rec.size)
     return accs
+
+
+class _Frontier:
+    """The frontier tensors of one run as it goes (``suffix.TensorMemo.frontier``);
+    ``batches`` is None once they passed ``limit``."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], limit: int):
+        self.model, self.names, self.limit = model, names, limit
+        self.batches: list | None = []
+        self.size = 0
+
+    def add(self, tensors: dict) -> None:
+        if self.batches is None:
+            return
+        batch = {n: tensors[n] for n in self.names}
+        self.size += sum(np.asarray(v).nbytes for v in batch.values())
+        if self.size > self.limit:
+            self.batches = None
+        else:
+            self.batches.append(batch)
+
+
+def _suffix_stream(memo, model: onnx.ModelProto, names: list[str], data: CalibrationSet, batch_size: int,
+                   providers, first_sample: int, progress, intra_op_threads, recordings: list) -> Iterator:
+    """``model``'s ``names`` over ``data``, run from the tensors ``memo`` recorded
+    of an earlier run where it shares them (only the nodes after them run), its
+    own frontier recorded for the next run (:mod:`onnxfold.measure.suffix`).
+    Yields what :func:`stream_tensors` yields for ``names``."""
+    from .suffix import suffix_part
+
+    key = memo.key(data, batch_size, providers, first_sample)
+    plan = memo.plan(key, model, names)
+    frontier = memo.frontier(model, names, plan)
+    rec = _Frontier(model, frontier, memo.max_bytes // 2)
+    recordings.append((key, rec))
+    run = list(dict.fromkeys([*names, *frontier]))
+    if plan.nodes == 0:  # every tensor asked for was recorded (or is an input or a weight): nothing to run
+        stream = _leaves_only(model, run, list(plan.leaf_batches()), data, batch_size, progress)
+    else:
+        stream = stream_tensors(suffix_part(model, run, plan.leaves), run, data, batch_size=batch_size,
+                                providers=providers, progress=progress, intra_op_threads=intra_op_threads,
+                                extra_feeds=list(plan.leaf_batches()) if plan.leaves else None)
+    for feed, labels, tensors in stream:
+        rec.add(tensors)
+        yield feed, labels, {n: tensors[n] for n in names}
+
+
+def _leaves_only(model: onnx.ModelProto, names: list[str], leaves: list[dict], data: CalibrationSet,
+                 batch_size: int, progress) -> Iterator:
+    """A stream whose tensors are all recorded leaves, graph inputs or initializers."""
+    from ..tensors import tensor_array
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for (feed, labels, recorded) in _replayed(leaves, data, batch_size, progress):
+        tensors = dict(recorded)
+        for n in names:
+            if n not in tensors:
+                tensors[n] = feed[n] if n in feed else tensor_array(inits[n])
+        yield feed, labels, tensors
+

@@ -173,6 +173,7 @@ def stream_tensors(
     providers: list[str] | None = None,
     progress: ProgressFn | None = None,
     intra_op_threads: int | None = None,
+    extra_feeds: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray]]]:
     """Run ``model`` on ``data`` batch by batch, yielding ``(feed, labels, tensors)``.
 
@@ -187,7 +188,9 @@ def stream_tensors(
     of 1 is run one sample at a time. Nothing is kept between batches.
     ``progress(done_samples, total_samples)`` is called after every batch.
     ``intra_op_threads``: onnxruntime's thread count (default: its own, all
-    cores); a Ray worker sets the CPUs it reserved.
+    cores); a Ray worker sets the CPUs it reserved. ``extra_feeds``: per
+    batch, more graph inputs than the data has (a suffix run's recorded
+    tensors: :mod:`onnxfold.measure.suffix`); the yielded feed is the data's.
     """
     if not isinstance(data, CalibrationSet):
         raise TypeError("stream_tensors needs a CalibrationSet (use load_calibration)")
@@ -196,7 +199,8 @@ def stream_tensors(
     g = model.graph
     input_names = {vi.name for vi in g.input}
     inits = {t.name: t for t in g.initializer}
-    from_feed = [n for n in names if n in input_names and (n not in inits or n in data.input_names)]
+    fed_names = set(data.input_names) | set(extra_feeds[0] if extra_feeds else ())
+    from_feed = [n for n in names if n in input_names and (n not in inits or n in fed_names)]
     constants = {n: tensor_array(inits[n]) for n in names if n in inits and n not in from_feed}
     run_names = [n for n in names if n not in from_feed and n not in constants]
 
@@ -206,7 +210,7 @@ def stream_tensors(
         session = _make_session(exposed_model, providers, intra_op_threads)
     del exposed_model  # the session holds its own copy
     sess_inputs = {i.name for i in session.get_inputs()}
-    missing = sorted(sess_inputs - set(data.input_names))
+    missing = sorted(sess_inputs - fed_names)
     if missing:  # onnxruntime would raise a bare ValueError per batch; say which names do not match
         raise CalibrationDataError(
             f"the {data.what} data has no input {', '.join(repr(m) for m in missing)} (has: "
@@ -216,8 +220,9 @@ def stream_tensors(
     run_options = quiet_run_options()
 
     total, done = data.num_samples, 0
-    for feed, labels in data.labeled_batches(batch_size):
-        run_feed = {k: v for k, v in feed.items() if k in sess_inputs}
+    for i, (feed, labels) in enumerate(data.labeled_batches(batch_size)):
+        given = feed if extra_feeds is None else {**feed, **extra_feeds[i]}
+        run_feed = {k: v for k, v in given.items() if k in sess_inputs}
         try:
             with stage("calibration", unless_in=MEASURING_STAGES):
                 values = session.run(output_names, run_feed, run_options)
@@ -227,7 +232,7 @@ def stream_tensors(
             ) from None
         tensors = dict(zip(output_names, values))
         for n in from_feed:
-            tensors[n] = feed[n]
+            tensors[n] = given[n]
         tensors.update(constants)
         done += next(iter(feed.values())).shape[0]
         if progress is not None:

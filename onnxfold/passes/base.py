@@ -42,12 +42,15 @@ class PassContext:
     # the model a list of passes started from (pipeline.run_passes sets it): a
     # downstream refit fits the folded model's ops towards its outputs
     reference: Any = None
+    # recorded streams of a run outside a search (measure.jobs.StreamMemo: a refit's next run starts
+    # from what the last one computed); a search's cache has its own
+    streams: Any = None
 
     def measure(self, job, data, task: str) -> dict[str, Any]:
         """Accumulators of the statistics ``job`` (a ``distributed.StatsJob``) over ``data``."""
         return self.stats_backend.reduce(job, data, batch_size=self.batch_size, providers=self.providers,
                                          progress=lambda done, total: self.report_progress(task, done, total),
-                                         memo=None if self.cache is None else self.cache.streams)
+                                         memo=self.cache.streams if self.cache is not None else self.streams)
 
     def report_progress(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:

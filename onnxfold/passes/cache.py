@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from ..measure.jobs import StreamMemo
+from ..measure.suffix import TensorMemo
 from ..measure.stream import model_digest  # noqa: F401 - keyed by it here, imported from here by the passes
 
 T = TypeVar("T")
@@ -52,7 +53,8 @@ class SearchCache:
         self.hits = 0
         self.misses = 0
         # the original model's streamed tensors, replayed to every candidate (apart: they are large)
-        self.streams = StreamMemo()
+        # and the frontiers of the candidates' own runs, which the next run of a pass starts from
+        self.streams = StreamMemo(tensors=TensorMemo())
 
     def identity(self, obj: Any) -> int | None:
         """Identity of an object (a data split) for a key; None for None. The

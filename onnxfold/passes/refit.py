@@ -29,11 +29,10 @@ import onnx
 
 from ..decide import folding as decide
 from ..distributed import StatsJob, run_stats_job
-from ..measure.jobs import KeyedModel
+from ..measure.jobs import KeyedModel, part_of
 from ..find.activations import ActivationSpec
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
-from ..measure.stream import needed_part
 from .base import HELDOUT_SHARE, PassContext, heldout_mask
 
 
@@ -73,15 +72,14 @@ class FoldState:
         self._current = model
 
 
-def original_part(state: FoldState, tensors: Mapping[str, np.dtype], cache) -> onnx.ModelProto | KeyedModel:
-    """The part of the pass's input model that computes ``tensors``. In a
-    budget search a :class:`~onnxfold.measure.jobs.KeyedModel`: its digest is
+def original_part(state: FoldState, tensors: Mapping[str, np.dtype], cache) -> KeyedModel:
+    """The part of the pass's input model that computes ``tensors``
+    (:func:`~onnxfold.measure.jobs.part_of`). In a budget search its digest is
     computed once per input model (the search cache's ``input_digest``) and the
     part is built only when its stream is not replayed."""
-    if cache is None:
-        return needed_part(state.original, tensors)
-    part = KeyedModel(lambda: needed_part(state.original, tensors), None)
-    part.key = cache.input_digest(state.original, ("part", tuple(tensors.items())), lambda: part.model)
+    part = part_of(state.original, tensors)
+    if cache is not None:
+        part.key = cache.input_digest(state.original, ("part", tuple(tensors.items())), lambda: part.model)
     return part
 
 
@@ -96,8 +94,8 @@ def lockstep_job(state: FoldState, current: Mapping[str, np.dtype], original: Ma
     (see :func:`original_part`)."""
     if not state.edited or not original:
         both = {**current, **original}
-        return StatsJob([(needed_part(state.current_model(), both), list(both))], init, update)
-    return StatsJob([(needed_part(state.current_model(), current), list(current)),
+        return StatsJob([(part_of(state.current_model(), both), list(both))], init, update)
+    return StatsJob([(part_of(state.current_model(), current), list(current)),
                      (original_part(state, original, cache), list(original))], init, update, replayable=(1,))
 
 
@@ -155,7 +153,7 @@ class RefitEngine:
         # a row subsample draws from one RNG stream across the batches in order, which
         # shards run on other workers could not reproduce: such rows stream in this process
         sampler = None if rows.max_rows is None else np.random.default_rng(self.seed + 1)
-        job = StatsJob([(needed_part(self.state.current_model(), rows.current), list(rows.current)),
+        job = StatsJob([(part_of(self.state.current_model(), rows.current), list(rows.current)),
                         (original_part(self.state, rows.original, self.ctx.cache), list(rows.original))],
                        partial(_new_grams, rows.widths), partial(_add_rows, rows, held_samples, sampler),
                        replayable=(1,))

@@ -198,6 +198,8 @@ class _Evaluator:
     #: the tensors of the lossless start (or the original) recorded on the select split, from which a
     #: candidate is run only after what it shares with them (None: every candidate runs in full)
     judge_memo: TensorMemo | None = None
+    #: what the reference gives per batch of the select split (verify.compare_models' reference_memo)
+    reference_memo: dict | None = None
 
     def build(self, setting: Setting) -> tuple[onnx.ModelProto, list[LayerReport], list[str]]:
         """The model a setting stands for, with its layer reports and notes."""
@@ -232,7 +234,8 @@ class _Evaluator:
     def _compare(self, model: onnx.ModelProto):
         return compare_models(self.original, model, self.select_split, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
-                              original_outputs=self.reference, candidate_outputs=self._suffix_outputs(model))
+                              original_outputs=self.reference, candidate_outputs=self._suffix_outputs(model),
+                              reference_memo=self.reference_memo)
 
     def _suffix_outputs(self, model: onnx.ModelProto):
         """The candidate's outputs on the select split, batch by batch, run from
@@ -303,14 +306,15 @@ class BudgetSearch:
         # part behind a refit's targets, parts upstream of what a candidate changes
         self.sessions = SessionCache()
         self.judge_memo = TensorMemo(max_recordings=JUDGE_RECORDINGS)
+        self.reference_memo: dict = {}
         self.reference = None if judge is not None else reference_outputs(
             original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
-        # a Ray task gets no memo: its recordings would be shipped with it
+        # a Ray task gets no memos: they would be shipped with it
         return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups,
-                          self.select_split, self.judge_memo if ctx is None else None)
+                          self.select_split, *((self.judge_memo, self.reference_memo) if ctx is None else (None, None)))
 
     def describe(self, setting: Setting) -> dict:
         return describe(setting, self.groups)

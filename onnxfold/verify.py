@@ -138,9 +138,12 @@ class _Acc:
         self.sequences = _SequenceCounts()
 
     def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None,
-               mask: np.ndarray | None = None) -> None:
+               mask: np.ndarray | None = None, memo: dict | None = None) -> None:
         """One batch; ``mask`` (an attention mask, [batch, positions]) selects
-        the positions of a sequence output that are judged."""
+        the positions of a sequence output that are judged. ``memo``: what
+        this batch's reference gave the last time (``compare_models``'
+        ``reference_memo``): filled the first time, read afterwards."""
+        memo = {} if memo is None else memo
         ref, cand = np.asarray(ref), np.asarray(cand)
         if ref.shape != cand.shape:
             raise ValueError(f"output '{self.name}' changed shape: {ref.shape} -> {cand.shape}")
@@ -158,22 +161,28 @@ class _Acc:
         r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
         err = np.abs(r64 - c64)
         if err.size:
-            self.max_err = np.inf if np.isnan(err).any() else max(self.max_err, float(err.max()))
-            self.sum_err += float(np.nansum(err))
+            # a NaN makes the maximum NaN: the NaN-aware passes only when there is one (same sums otherwise)
+            nan = bool(np.isnan(err.max()))
+            self.max_err = np.inf if nan else max(self.max_err, float(err.max()))
+            self.sum_err += float(np.nansum(err) if nan else err.sum())
             self.n_elems += err.size
-            self.max_ref = max(self.max_ref, float(np.abs(r64).max()))
-            per_sample = np.where(np.isnan(err), np.inf, err).reshape(b, -1)
+            if "max_ref" not in memo:
+                memo["max_ref"] = float(np.abs(r64).max())
+            self.max_ref = max(self.max_ref, memo["max_ref"])
+            per_sample = (np.where(np.isnan(err), np.inf, err) if nan else err).reshape(b, -1)
             self.sample_max.append(per_sample.max(axis=1))
             self.sample_mean.append(per_sample.mean(axis=1))
         if self.kind == "sequence":
-            self.sequences.update(r64, c64, labels, mask)
+            self.sequences.update(r64, c64, labels, mask, memo)
             return
         if self.kind == "label":
             pr, pc = ref.reshape(b, -1), cand.reshape(b, -1)
             self.agree += int(np.all(pr == pc, axis=1).sum())
             pred_r, pred_c = pr[:, 0], pc[:, 0]
         elif self.kind == "classifier":
-            pred_r, pred_c = ref.argmax(-1), cand.argmax(-1)
+            if "pred" not in memo:
+                memo["pred"] = ref.argmax(-1)
+            pred_r, pred_c = memo["pred"], cand.argmax(-1)
             self.agree += int((pred_r == pred_c).reshape(b, -1).all(axis=1).sum())
         else:
             pred_r = pred_c = None
@@ -187,7 +196,9 @@ class _Acc:
                 self.newly_right += int((~right_r & right_c).sum())
                 self.n_labeled += lab.size
         if self.thr is not None and self.kind in ("classifier", "values"):
-            dr, dc = _decisions(r64, self.thr), _decisions(c64, self.thr)
+            if "decisions" not in memo:
+                memo["decisions"] = _decisions(r64, self.thr)
+            dr, dc = memo["decisions"], _decisions(c64, self.thr)
             self.dec_agree += int((dr == dc).sum())
             self.pos += int(dr.sum())
             self.pos_agree += int((dc[dr]).sum())
@@ -224,12 +235,16 @@ class _SequenceCounts:
             "tokens", "flips", "labeled", "right_ref", "right_cand", "newly_wrong", "newly_right", "nll_ref",
             "nll_cand")}
 
-    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, mask: np.ndarray | None) -> None:
+    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, mask: np.ndarray | None,
+               memo: dict | None = None) -> None:
+        memo = {} if memo is None else memo
         b, s = ref.shape[:2]
         judged = np.ones((b, s), dtype=bool)
         if mask is not None and np.shape(mask) == (b, s):
             judged = np.asarray(mask) != 0
-        pred_r, pred_c = ref.argmax(-1), cand.argmax(-1)
+        if "pred" not in memo:
+            memo["pred"] = ref.argmax(-1)
+        pred_r, pred_c = memo["pred"], cand.argmax(-1)
         add = {"tokens": judged.sum(1), "flips": ((pred_r != pred_c) & judged).sum(1)}
         lab = None if labels is None else np.asarray(labels)
         if lab is not None and lab.shape == (b, s) and np.issubdtype(lab.dtype, np.integer):
@@ -238,7 +253,10 @@ class _SequenceCounts:
             right_r, right_c = (pred_r == safe) & scored, (pred_c == safe) & scored
             add.update(labeled=scored.sum(1), right_ref=right_r.sum(1), right_cand=right_c.sum(1),
                        newly_wrong=(right_r & ~right_c).sum(1), newly_right=(~right_r & right_c).sum(1),
-                       nll_ref=(_nll(ref, safe) * scored).sum(1), nll_cand=(_nll(cand, safe) * scored).sum(1))
+                       nll_cand=(_nll(cand, safe) * scored).sum(1))
+            if "nll" not in memo:
+                memo["nll"] = (_nll(ref, safe) * scored).sum(1)
+            add["nll_ref"] = memo["nll"]
         for k, v in add.items():
             self.parts[k].append(np.asarray(v, dtype=np.float64))
 
@@ -284,7 +302,8 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
                    batch_size: int = 256, positive_threshold: float | None = None,
                    original_outputs: dict[str, np.ndarray] | None = None,
                    keep_outputs: bool = False,
-                   candidate_outputs: Iterator[dict[str, np.ndarray]] | None = None) -> Comparison:
+                   candidate_outputs: Iterator[dict[str, np.ndarray]] | None = None,
+                   reference_memo: dict | None = None) -> Comparison:
     """Run both models on ``data`` (a CalibrationSet) and compare every output.
 
     ``original_outputs`` may hold the original model's outputs on ``data``
@@ -293,7 +312,11 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     (small selection sets only). ``candidate_outputs``: the candidate's
     outputs batch by batch (``data.labeled_batches(batch_size)``'s batches),
     computed elsewhere - the search runs only the part of a candidate after
-    what it shares with the original (``measure.suffix``).
+    what it shares with the original (``measure.suffix``). ``reference_memo``:
+    a dict kept by a caller that compares many candidates on the same
+    ``data``, batching and ``original_outputs``; what the reference gives
+    per batch (its predictions, the perplexity of the labels under it) is
+    computed for the first candidate and read for the others.
     """
     providers = providers or ["CPUExecutionProvider"]
     ref_sess = None if original_outputs is not None else _session(original, providers)
@@ -323,7 +346,8 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
             ref = {n: original_outputs[n][start:start + b] for n in tensor_outs}
         mask = _attention_mask(feed)
         for n in tensor_outs:
-            accs[n].update(ref[n], got[n], labels, mask)
+            memo = None if reference_memo is None else reference_memo.setdefault((n, start, b), {})
+            accs[n].update(ref[n], got[n], labels, mask, memo)
             if keep_outputs:
                 kept[n].append(got[n])
         start += b

@@ -63,3 +63,48 @@ def test_softmax_detector_any_non_first_class():
     x = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.3, 0.1, 0.6]], dtype=np.float32)
     o = compare_models(ref, cand, CalibrationSet({"x": x}), positive_threshold=0.5).outputs["y"]
     assert o.positive_count == 2 and o.positive_agreement == 1.0 and o.max_abs_error == 0.0
+
+
+def _sequence_model(W: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """x [N, S, D] -> logits [N, S, V] = x W + b."""
+    g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["z"]), h.make_node("Add", ["z", "b"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", "S", W.shape[0]])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", "S", W.shape[1]])],
+                     [nh.from_array(W.astype(np.float32), "W"), nh.from_array(b.astype(np.float32), "b")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal, NaN included (a NaN is not equal to itself)."""
+    import json
+
+    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
+
+
+def test_a_reference_memo_gives_what_recomputing_the_reference_gives(monkeypatch):
+    """The search judges many candidates against one reference: what the
+    reference gives per batch is computed once (predictions, the perplexity of
+    the labels under it) and every comparison is the same as without it."""
+    from onnxfold import verify
+
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(4, 6))
+    ref = _sequence_model(W, np.zeros(6))
+    cands = [_sequence_model(W + rng.normal(scale=s, size=W.shape), rng.normal(scale=s, size=6)) for s in (0.2, 0.5)]
+    nan = _sequence_model(W, np.array([np.nan, 0, 0, 0, 0, 0]))
+    x = rng.normal(size=(20, 5, 4)).astype(np.float32)
+    data = CalibrationSet({"x": x}, rng.integers(0, 6, size=(20, 5)))
+    reference = verify.reference_outputs(ref, data, batch_size=8)
+    nll_calls = []
+    real_nll = verify._nll
+    monkeypatch.setattr(verify, "_nll", lambda logits, labels: nll_calls.append(1) or real_nll(logits, labels))
+    memo: dict = {}
+    for cand in [*cands, nan]:
+        fresh = compare_models(ref, cand, data, batch_size=8, original_outputs=reference).to_dict()
+        calls = len(nll_calls)
+        got = compare_models(ref, cand, data, batch_size=8, original_outputs=reference, reference_memo=memo)
+        assert _same(got.to_dict(), fresh), cand
+        # 3 batches: the reference's perplexity computed for the first candidate only
+        assert len(nll_calls) - calls == (6 if cand is cands[0] else 3)
+    assert got.outputs["y"].max_abs_error == np.inf  # a NaN output is still an infinite error
+    assert memo and all("nll" in v and "pred" in v for v in memo.values())

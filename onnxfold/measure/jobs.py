@@ -20,7 +20,7 @@ import onnx
 
 from .data import CalibrationSet
 from .stream import model_digest, needed_part, stream_tensors
-from .suffix import TensorMemo
+from .suffix import TensorMemo, suffix_part
 
 __all__ = ["Accumulators", "UpdateFn", "StatsJob", "KeyedModel", "part_of", "model_of", "StreamMemo", "merge_accumulators",
            "run_stats_job"]
@@ -241,8 +241,6 @@ def _suffix_stream(memo, model: onnx.ModelProto, names: list[str], data: Calibra
     of an earlier run where it shares them (only the nodes after them run), its
     own frontier recorded for the next run (:mod:`onnxfold.measure.suffix`).
     Yields what :func:`stream_tensors` yields for ``names``."""
-    from .suffix import suffix_part
-
     key = memo.key(data, batch_size, providers, first_sample)
     plan = memo.plan(key, model, names)
     frontier = memo.frontier(model, names, plan)

@@ -139,6 +139,19 @@ def test_a_recording_past_its_share_of_the_memo_is_not_kept():
     assert memo.tensors.suffix_runs == 0
 
 
+def test_the_weights_a_recording_copies_count_against_the_memo():
+    model = build_mlp([5, 300, 300, 3], seed=1)  # a 300 x 300 weight (360 kB) behind small activations
+    data = CalibrationSet({"x": random_input(model, batch=20, seed=2)})
+    h1 = _relus(model)[1]
+    activations = 20 * 300 * 4 * 2  # both hidden layers are on the frontier of a run to h1 at most
+    memo = StreamMemo(tensors=TensorMemo(max_bytes=4 * activations))
+    _stream(model, h1, data, memo)
+    assert memo.tensors.bytes == 0  # the copy of the weights would not fit in half of it
+    roomy = StreamMemo(tensors=TensorMemo(max_bytes=8 << 20))
+    _stream(model, h1, data, roomy)
+    assert roomy.tensors.bytes > 300 * 300 * 4
+
+
 def test_where_a_model_starts_to_differ():
     model = build_mlp([5, 8, 8, 8, 3], seed=1)
     h0, h1, h2 = _relus(model)

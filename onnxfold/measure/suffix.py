@@ -223,10 +223,14 @@ class TensorMemo:
         return list(dict.fromkeys([*(n for n in names if n in have), *sorted(have & read_later)]))
 
     def record(self, key: Hashable, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> None:
-        """Keep ``batches`` (per batch: tensor name → value) of a run of ``model``."""
+        """Keep ``batches`` (per batch: tensor name → value) of a run of ``model``,
+        with a copy of the part of ``model`` that computes them: both count
+        against ``max_bytes``, and a recording over half of it is not kept."""
         if not batches or not batches[0]:
             return
         nbytes = sum(np.asarray(v).nbytes for b in batches for v in b.values())
+        read = {i for n in _needed_nodes(model, list(batches[0]), set()) for i in n.input}
+        nbytes += sum(t.ByteSize() for t in model.graph.initializer if t.name in read)  # the weights copied
         if nbytes > self.max_bytes // 2:
             return
         from .stream import needed_part

@@ -120,6 +120,18 @@ def _make_session(model: onnx.ModelProto, providers: list[str] | None, intra_op_
     return create_session(model, providers, intra_op_threads=intra_op_threads)
 
 
+def empty_part(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model with ``model``'s versions, opsets, functions and graph name, and
+    an empty graph: what a part of it is built into."""
+    out = onnx.ModelProto()
+    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, fld, getattr(model, fld))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.name = model.graph.name
+    return out
+
+
 def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` (name → dtype), with
     exactly those as its typed graph outputs. Layer i of a deep model is then
@@ -135,12 +147,7 @@ def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx
         if any(o in need for o in node.output):
             keep.append(node)
             need.update(i for i in node.input if i)
-    out = onnx.ModelProto()
-    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, fld, getattr(model, fld))
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = g.name
+    out = empty_part(model)
     out.graph.input.extend(i for i in g.input if i.name in need)
     out.graph.initializer.extend(t for t in g.initializer if t.name in need)
     out.graph.node.extend(reversed(keep))

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .stream import empty_part, needed_part
+
 __all__ = ["same_tensors", "cut_tensors", "suffix_part", "SuffixPlan", "TensorMemo", "TENSOR_MEMO_BYTES"]
 
 #: what a :class:`TensorMemo` holds by default, all recordings together
@@ -111,12 +113,7 @@ def suffix_part(model: onnx.ModelProto, outputs: Sequence[str], leaves: Mapping[
     g = model.graph
     nodes = _needed_nodes(model, list(outputs), set(leaves))
     read = {i for n in nodes for i in n.input if i}
-    out = onnx.ModelProto()
-    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, fld, getattr(model, fld))
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.name = g.name
+    out = empty_part(model)
     wanted = read | set(outputs)
     fed = {n: dt for n, dt in leaves.items() if n in wanted}
     out.graph.input.extend(i for i in g.input if i.name in wanted and i.name not in fed)
@@ -233,8 +230,6 @@ class TensorMemo:
         nbytes += sum(t.ByteSize() for t in model.graph.initializer if t.name in read)  # the weights copied
         if nbytes > self.max_bytes // 2:
             return
-        from .stream import needed_part
-
         dtypes = {n: np.asarray(v).dtype for n, v in batches[0].items()}
         for b in batches:
             for v in b.values():

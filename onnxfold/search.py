@@ -33,7 +33,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from .decide.budget import Budget, BudgetCheck
@@ -42,7 +41,7 @@ from .passes.base import LayerReport, PassContext
 from .passes.cache import SearchCache, model_digest
 from .pipeline import merge_layer_reports, run_passes
 from .runtime import SessionCache, reusing_sessions
-from .measure.stream import stream_tensors
+from .measure.stream import needed_nodes, stream_tensors
 from .measure.suffix import TensorMemo, cut_tensors, suffix_part
 from .verify import compare_models, reference_outputs
 
@@ -253,12 +252,10 @@ class _Evaluator:
         if plan.recording is None or plan.nodes > SUFFIX_AT_MOST * plan.full_nodes:
             base = self.lossless[0] if self.lossless is not None else self.original
             cut = cut_tensors(model, base)
-            if not cut or len(suffix_part(model, names, dict.fromkeys(cut, np.float32)).graph.node) \
-                    > SUFFIX_AT_MOST * plan.full_nodes:
+            if not cut or len(needed_nodes(model, names, cut)) > SUFFIX_AT_MOST * plan.full_nodes:
                 return None
-            recorded = [dict(t) for _f, _l, t in stream_tensors(suffix_part(base, cut, {}), cut, data,
-                                                               batch_size=ctx.batch_size, providers=ctx.providers)]
-            memo.record(key, base, [{n: b[n] for n in cut} for b in recorded])
+            memo.record(key, base, [{n: t[n] for n in cut} for _f, _l, t in stream_tensors(
+                suffix_part(base, cut, {}), cut, data, batch_size=ctx.batch_size, providers=ctx.providers)])
             plan = memo.plan(key, model, names)
             if plan.recording is None or plan.nodes > SUFFIX_AT_MOST * plan.full_nodes:
                 return None  # too large to keep
@@ -312,9 +309,10 @@ class BudgetSearch:
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
-        # a Ray task gets no memos: they would be shipped with it
+        local = ctx is None  # a Ray task gets no memos: they would be shipped with it
         return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups,
-                          self.select_split, *((self.judge_memo, self.reference_memo) if ctx is None else (None, None)))
+                          self.select_split, judge_memo=self.judge_memo if local else None,
+                          reference_memo=self.reference_memo if local else None)
 
     def describe(self, setting: Setting) -> dict:
         return describe(setting, self.groups)

@@ -213,3 +213,12 @@ def test_a_fixed_fold_with_suffix_runs_gives_the_model_it_gives_without_them(mon
     assert with_suffix.report["layers"] == without.report["layers"]
     np.testing.assert_allclose(ort_run(with_suffix.model, {"x": x})[0], ort_run(without.model, {"x": x})[0],
                                rtol=0, atol=1e-5)
+
+
+def test_a_stream_of_a_graph_input_alone_yields_every_batch():
+    """A refit of the first layer streams the model's input itself: nothing to
+    run, and nothing recorded to start from; every batch must still come."""
+    model = build_mlp([5, 16, 3], seed=1)
+    data = CalibrationSet({"x": random_input(model, batch=70, seed=2)})
+    got = _stream(model, "x", data, StreamMemo(tensors=TensorMemo()))
+    np.testing.assert_array_equal(got, data.arrays["x"])

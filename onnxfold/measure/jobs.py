@@ -128,25 +128,31 @@ class StreamMemo:
 
 
 class _Recording:
-    """The batches of one stream as it runs, and their bytes; ``batches`` is
-    None once they passed ``limit`` (too large to keep)."""
+    """The batches of one stream as it runs (of the tensors ``names``, or all),
+    and their bytes; ``batches`` is None once they passed ``limit`` (too large
+    to keep)."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, names: list[str] | None = None):
+        self.limit, self.names = limit, names
         self.batches: list | None = []
         self.size = 0
 
+    def add(self, tensors: dict) -> None:
+        if self.batches is None:
+            return
+        batch = tensors if self.names is None else {n: tensors[n] for n in self.names}
+        self.size += sum(np.asarray(v).nbytes for v in batch.values())
+        if self.size > self.limit:
+            self.batches = None
+            return
+        for value in batch.values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False  # replayed later: an update must not change it in place
+        self.batches.append(batch)
+
     def wrap(self, stream: Iterator) -> Iterator:
         for feed, labels, tensors in stream:
-            if self.batches is not None:
-                self.size += sum(np.asarray(v).nbytes for v in tensors.values())
-                if self.size > self.limit:
-                    self.batches = None
-                else:
-                    for value in tensors.values():
-                        if isinstance(value, np.ndarray):
-                            value.flags.writeable = False  # replayed later: an update must not change it in place
-                    self.batches.append(tensors)
+            self.add(tensors)
             yield feed, labels, tensors
 
 
@@ -178,7 +184,7 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
     ``memo``: replays the job's replayable models from an earlier run, or
     records them for a later one."""
     accs = job.init()
-    streams, recordings = [], []
+    streams, finish = [], []  # finish: what to keep of the runs once they are done
     for i, (model, names) in enumerate(job.models):
         shown = progress if i == 0 else None
         key = None
@@ -193,50 +199,27 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
         whole = model.whole if isinstance(model, KeyedModel) and model.whole is not None else None
         if frontiers is not None and frontiers.usable(whole or model_of(model), names, part=whole is not None):
             stream = _suffix_stream(frontiers, whole or model_of(model), list(names), data, batch_size, providers,
-                                    first_sample, shown, intra_op_threads, recordings)
+                                    first_sample, shown, intra_op_threads, finish)
         else:
             stream = stream_tensors(model_of(model), list(names), data, batch_size=batch_size, providers=providers,
                                     progress=shown, intra_op_threads=intra_op_threads)
         if key is not None:
-            recordings.append((key, _Recording(memo.max_bytes // 2)))
-            stream = recordings[-1][1].wrap(stream)
+            rec = _Recording(memo.max_bytes // 2)
+            finish.append(lambda key=key, rec=rec: rec.batches and memo.put(key, rec.batches, rec.size))
+            stream = rec.wrap(stream)
         streams.append(stream)
     start = first_sample
     for batches in zip(*streams):
         feed, labels, _ = batches[0]
         job.update(accs, start, feed, labels, [tensors for _f, _l, tensors in batches])
         start += next(iter(feed.values())).shape[0]
-    for key, rec in recordings:
-        if isinstance(rec, _Frontier):
-            if rec.batches:
-                memo.tensors.record(key, rec.model, rec.batches)
-        elif rec.batches:
-            memo.put(key, rec.batches, rec.size)
+    for keep in finish:
+        keep()
     return accs
 
 
-class _Frontier:
-    """The frontier tensors of one run as it goes (``suffix.TensorMemo.frontier``);
-    ``batches`` is None once they passed ``limit``."""
-
-    def __init__(self, model: onnx.ModelProto, names: list[str], limit: int):
-        self.model, self.names, self.limit = model, names, limit
-        self.batches: list | None = []
-        self.size = 0
-
-    def add(self, tensors: dict) -> None:
-        if self.batches is None:
-            return
-        batch = {n: tensors[n] for n in self.names}
-        self.size += sum(np.asarray(v).nbytes for v in batch.values())
-        if self.size > self.limit:
-            self.batches = None
-        else:
-            self.batches.append(batch)
-
-
 def _suffix_stream(memo, model: onnx.ModelProto, names: list[str], data: CalibrationSet, batch_size: int,
-                   providers, first_sample: int, progress, intra_op_threads, recordings: list) -> Iterator:
+                   providers, first_sample: int, progress, intra_op_threads, finish: list) -> Iterator:
     """``model``'s ``names`` over ``data``, run from the tensors ``memo`` recorded
     of an earlier run where it shares them (only the nodes after them run), its
     own frontier recorded for the next run (:mod:`onnxfold.measure.suffix`).
@@ -244,8 +227,8 @@ def _suffix_stream(memo, model: onnx.ModelProto, names: list[str], data: Calibra
     key = memo.key(data, batch_size, providers, first_sample)
     plan = memo.plan(key, model, names)
     frontier = memo.frontier(model, names, plan)
-    rec = _Frontier(model, frontier, memo.max_bytes // 2)
-    recordings.append((key, rec))
+    rec = _Recording(memo.max_bytes // 2, frontier)
+    finish.append(lambda: rec.batches and memo.record(key, model, rec.batches))
     run = list(dict.fromkeys([*names, *frontier]))
     if plan.nodes == 0:  # every tensor asked for was recorded (or is an input or a weight): nothing to run
         stream = _leaves_only(model, run, list(plan.leaf_batches()), data, batch_size, progress)
@@ -260,14 +243,18 @@ def _suffix_stream(memo, model: onnx.ModelProto, names: list[str], data: Calibra
 
 def _leaves_only(model: onnx.ModelProto, names: list[str], leaves: list[dict], data: CalibrationSet,
                  batch_size: int, progress) -> Iterator:
-    """A stream whose tensors are all recorded leaves, graph inputs or initializers."""
+    """A stream whose tensors are all recorded leaves (``leaves``: one dict per
+    batch, or none), graph inputs or initializers."""
     from ..tensors import tensor_array
 
     inits = {t.name: t for t in model.graph.initializer}
-    for (feed, labels, recorded) in _replayed(leaves, data, batch_size, progress):
-        tensors = dict(recorded)
+    total, done = data.num_samples, 0
+    for i, (feed, labels) in enumerate(data.labeled_batches(batch_size)):
+        tensors = dict(leaves[i]) if leaves else {}
         for n in names:
             if n not in tensors:
                 tensors[n] = feed[n] if n in feed else tensor_array(inits[n])
+        done += next(iter(feed.values())).shape[0]
+        if progress is not None:
+            progress(done, total)
         yield feed, labels, tensors
-

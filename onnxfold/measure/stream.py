@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -120,6 +120,19 @@ def _make_session(model: onnx.ModelProto, providers: list[str] | None, intra_op_
     return create_session(model, providers, intra_op_threads=intra_op_threads)
 
 
+def needed_nodes(model: onnx.ModelProto, outputs: Sequence[str], given: Collection[str] = ()) -> list[onnx.NodeProto]:
+    """The nodes that compute ``outputs`` from the graph inputs, the
+    initializers and the tensors ``given``, in graph order."""
+    given = set(given)
+    need, keep = {o for o in outputs if o not in given}, []
+    for node in reversed(model.graph.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i and i not in given)
+    keep.reverse()
+    return keep
+
+
 def empty_part(model: onnx.ModelProto) -> onnx.ModelProto:
     """A model with ``model``'s versions, opsets, functions and graph name, and
     an empty graph: what a part of it is built into."""
@@ -142,15 +155,12 @@ def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx
     g = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         return model
-    need, keep = set(outputs), []
-    for node in reversed(g.node):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(i for i in node.input if i)
+    keep = needed_nodes(model, list(outputs))
+    need = set(outputs) | {i for n in keep for i in n.input if i}
     out = empty_part(model)
     out.graph.input.extend(i for i in g.input if i.name in need)
     out.graph.initializer.extend(t for t in g.initializer if t.name in need)
-    out.graph.node.extend(reversed(keep))
+    out.graph.node.extend(keep)
     out.graph.value_info.extend(v for v in g.value_info if v.name in need and v.name not in outputs)
     out.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt)), None)
                             for name, dt in outputs.items())

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .stream import empty_part, needed_part
+from .stream import empty_part, needed_nodes, needed_part
 
 __all__ = ["same_tensors", "cut_tensors", "suffix_part", "SuffixPlan", "TensorMemo", "TENSOR_MEMO_BYTES"]
 
@@ -92,18 +92,6 @@ def cut_tensors(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[str]
     return list(dict.fromkeys(cut))
 
 
-def _needed_nodes(model: onnx.ModelProto, outputs: Sequence[str], leaves: set[str]) -> list[onnx.NodeProto]:
-    """The nodes that compute ``outputs`` from the graph inputs, initializers
-    and ``leaves``, in graph order."""
-    need, keep = {o for o in outputs if o not in leaves}, []
-    for node in reversed(model.graph.node):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(i for i in node.input if i and i not in leaves)
-    keep.reverse()
-    return keep
-
-
 def suffix_part(model: onnx.ModelProto, outputs: Sequence[str], leaves: Mapping[str, np.dtype]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` when the tensors
     ``leaves`` (name → dtype) are given: those it reads, or that are asked
@@ -111,7 +99,7 @@ def suffix_part(model: onnx.ModelProto, outputs: Sequence[str], leaves: Mapping[
     them are left out. Outputs are untyped (onnxruntime infers them); an
     output that is a leaf is a graph input already and not repeated."""
     g = model.graph
-    nodes = _needed_nodes(model, list(outputs), set(leaves))
+    nodes = needed_nodes(model, list(outputs), set(leaves))
     read = {i for n in nodes for i in n.input if i}
     out = empty_part(model)
     wanted = read | set(outputs)
@@ -141,13 +129,17 @@ class _Recording:
 
 @dataclass
 class SuffixPlan:
-    """How to stream a model: run ``nodes`` nodes, starting from ``leaves``
-    (tensor names) of ``recording`` (None: a full run)."""
+    """How to stream a model: run the nodes ``ran``, starting from ``leaves``
+    (tensor names) of ``recording`` (None: a full run, of ``full_nodes`` nodes)."""
 
     recording: _Recording | None
     leaves: dict[str, np.dtype]
-    nodes: int
+    ran: list[onnx.NodeProto]
     full_nodes: int
+
+    @property
+    def nodes(self) -> int:
+        return len(self.ran)
 
     def leaf_batches(self) -> Iterator[dict[str, np.ndarray]]:
         for batch in ([] if self.recording is None else self.recording.batches):
@@ -181,8 +173,8 @@ class TensorMemo:
     def plan(self, key: Hashable, model: onnx.ModelProto, names: Sequence[str]) -> SuffixPlan:
         """The cheapest way to stream ``names`` of ``model`` over the keyed data:
         from the recording that leaves the fewest nodes to run, or a full run."""
-        full = len(_needed_nodes(model, names, set()))
-        best = SuffixPlan(None, {}, full, full)
+        ran = needed_nodes(model, names)
+        best = full = SuffixPlan(None, {}, ran, len(ran))
         if _has_subgraphs(model):
             return best
         for k, rec in reversed(self._recordings):
@@ -192,18 +184,18 @@ class TensorMemo:
             leaves = {n: dt for n, dt in rec.dtypes.items() if n in shared}
             if not leaves:
                 continue
-            nodes = _needed_nodes(model, names, set(leaves))
+            nodes = needed_nodes(model, names, set(leaves))
             # only the leaves the remaining nodes read (or that were asked for) are fed
             read = {i for n in nodes for i in n.input} | set(names)
             leaves = {n: dt for n, dt in leaves.items() if n in read}
             if len(nodes) < best.nodes:
-                best = SuffixPlan(rec, leaves, len(nodes), full)
+                best = SuffixPlan(rec, leaves, nodes, full.full_nodes)
         if best.recording is not None:
             entry = next(e for e in self._recordings if e[1] is best.recording)
             self._recordings.remove(entry)
             self._recordings.append(entry)
             self.suffix_runs += 1
-            self.nodes_skipped += full - best.nodes
+            self.nodes_skipped += best.full_nodes - best.nodes
         return best
 
     @staticmethod
@@ -212,10 +204,8 @@ class TensorMemo:
         for, and those it has (leaves, or outputs of the nodes it runs) that
         nodes it does not run read. Graph inputs and initializers are not
         recorded (every run has them)."""
-        leaves = set(plan.leaves)
-        ran = _needed_nodes(model, names, leaves)
-        ran_ids = {id(n) for n in ran}
-        have = leaves | {o for n in ran for o in n.output if o}
+        ran_ids = {id(n) for n in plan.ran}
+        have = set(plan.leaves) | {o for n in plan.ran for o in n.output if o}
         read_later = {i for n in model.graph.node if id(n) not in ran_ids for i in n.input if i}
         return list(dict.fromkeys([*(n for n in names if n in have), *sorted(have & read_later)]))
 
@@ -226,7 +216,7 @@ class TensorMemo:
         if not batches or not batches[0]:
             return
         nbytes = sum(np.asarray(v).nbytes for b in batches for v in b.values())
-        read = {i for n in _needed_nodes(model, list(batches[0]), set()) for i in n.input}
+        read = {i for n in needed_nodes(model, list(batches[0])) for i in n.input}
         nbytes += sum(t.ByteSize() for t in model.graph.initializer if t.name in read)  # the weights copied
         if nbytes > self.max_bytes // 2:
             return

@@ -14,8 +14,12 @@ output of it:
   before it, so each one sees (and corrects) the error the previous ones
   left; ops that read the same tensor (q / k / v, gate / up) are refit from
   one stream, since none of them changes what the others read;
-* an op whose output width changed (a folded producer: its units were
-  merged) is left alone;
+* an op whose output is added to the residual stream (``residual_addend``)
+  fits the original's sum less the current residual: it makes up for the
+  stream's error as well as its own;
+* an op whose output width changed is refit towards the original's output
+  at the units it kept when it kept them unchanged (``kept_units``: a fold
+  that selected units); one whose units were merged is left alone;
 * each refit is :class:`~onnxfold.passes.refit.RefitEngine`'s: streamed Gram
   matrices (no activation is stored), the ridge strength chosen on
   held-out rows, the op's present weights kept when they are better there;
@@ -77,6 +81,43 @@ def _same(a: Projection, b: Projection) -> bool:
     return bool(np.array_equal(a.weight, b.weight))
 
 
+def residual_addend(current: GraphIndex, reference: GraphIndex, op: Projection) -> tuple[str, str] | None:
+    """(sum, addend) when ``op``'s output is added, alone, to another computed
+    tensor (the residual stream) by an Add that both models have by name, with
+    the same inputs: then the reference's sum less the current addend is what
+    the op should output. None otherwise (nothing to add it to)."""
+    add = current.single_consumer(op.output)
+    if add is None or add.op_type != "Add" or len(add.input) != 2 or op.output in current.graph_outputs:
+        return None
+    addend = add.input[1] if add.input[0] == op.output else add.input[0]
+    if addend == op.output or current.is_const(addend):
+        return None
+    ref = reference.node_by_name.get(add.name)
+    if ref is None or ref.op_type != "Add" or list(ref.input) != list(add.input) or list(ref.output) != list(add.output):
+        return None
+    return add.output[0], addend
+
+
+def kept_units(op: Projection, original: Projection) -> np.ndarray | None:
+    """When ``op`` has fewer output units than ``original`` and each of them is
+    an unchanged copy of one of the original's (same weights and bias: a fold
+    that selected units rather than merged them), the original's index of each;
+    None otherwise. The original's output at those units is then a target."""
+    if op.out_features >= original.out_features or op.weight_shape[1] != original.weight_shape[1] \
+            or (op.bias is None) != (original.bias is None):
+        return None
+    def key(p: Projection, i: int) -> bytes:
+        bias = b"" if p.bias is None else np.float64(p.bias[i]).tobytes()
+        return np.ascontiguousarray(p.weight[i]).tobytes() + bias
+    where = {}
+    for j in range(original.out_features):
+        where.setdefault(key(original, j), j)
+    units = [where.get(key(op, i)) for i in range(op.out_features)]
+    if any(u is None for u in units) or len(set(units)) != len(units):
+        return None
+    return np.asarray(units)
+
+
 def refit_plan(current: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[list[list[str]], int, int]:
     """(stages: node names of the ops refit together, in order; ops from the first
     changed one on; of those, ops left alone: no match, or an output of another
@@ -91,7 +132,8 @@ def refit_plan(current: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[li
     def same_meaning(p: Projection, r: Projection) -> bool:
         # the same tensor read by the same nodes: nothing (a linear path of linearity folding, say) was
         # added to the op's output in one model and not in the other, so the target is the whole output
-        return r.out_features == p.out_features and r.output == p.output and \
+        width = r.out_features == p.out_features or kept_units(p, r) is not None
+        return width and r.output == p.output and \
             {n.name for n in readers_now.get(p.output, [])} == {n.name for n in readers_ref.get(r.output, [])}
 
     stages: dict[str, list[str]] = {}  # input tensor -> ops reading it (inputs come before their readers)
@@ -116,10 +158,26 @@ class SharedInputRows(OneInputRows):
     dtype: Any
     targets: list[str]
     w_priors: list[np.ndarray]
+    # per target, None or the original's units the op's outputs are (a fold that selected units)
+    units: list[np.ndarray | None] | None = None
+    # per target, None or (sum, addend): the op's output is added to ``addend`` (the residual stream) and
+    # the group fits the reference's ``sum`` less the current model's ``addend``, so that the refit makes
+    # up for the error the residual stream carries, not only for its own
+    residuals: list[tuple[str, str] | None] | None = None
+
+    def _residual(self, i: int) -> tuple[str, str] | None:
+        return None if self.residuals is None else self.residuals[i]
+
+    @property
+    def current(self) -> dict:
+        out = {self.x: self.dtype}
+        out.update({r[1]: self.dtype for r in (self.residuals or ()) if r is not None})
+        return out
 
     @property
     def original(self) -> dict:
-        return {t: self.dtype for t in self.targets}
+        return {(t if self._residual(i) is None else self._residual(i)[0]): self.dtype
+                for i, t in enumerate(self.targets)}
 
     @property
     def widths(self) -> list[int]:
@@ -128,8 +186,15 @@ class SharedInputRows(OneInputRows):
     def rows(self, cur: dict, orig: dict):
         x2 = self.input_rows(cur)
         out = []
-        for t, w in zip(self.targets, self.w_priors):
-            target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
+        for i, (t, w) in enumerate(zip(self.targets, self.w_priors)):
+            residual = self._residual(i)
+            if residual is None:
+                target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
+            else:
+                target = (np.asarray(orig[residual[0]], dtype=np.float64)
+                          - np.asarray(cur[residual[1]], dtype=np.float64)).reshape(x2.shape[0], -1)
+            if self.units is not None and self.units[i] is not None:
+                target = target[:, self.units[i]]
             out.append((x2, target - x2 @ w.T, target))
         return np.shape(cur[self.x])[0], out
 
@@ -191,6 +256,7 @@ class DownstreamRefitPass:
 
     keep: str = "better"
     seed: int = 0
+    residual: bool = True  # False: every op fits its own original output (residual_addend not used)
     reference: onnx.ModelProto | None = field(default=None, repr=False)
     name: str = "downstream_refit"
 
@@ -214,8 +280,16 @@ class DownstreamRefitPass:
             ctx.report_progress("downstream refit", i, len(stages))
             ops = {p.node: p for p in linear_ops(state.current_model())}
             group = [ops[n] for n in nodes]
+            residuals = None
+            if self.residual:
+                ix_now, ix_ref = GraphIndex(state.current_model()), GraphIndex(reference)
+                residuals = [residual_addend(ix_now, ix_ref, p) for p in group]
+            units = [kept_units(p, ref[p.node]) for p in group]
+            if residuals is not None:  # a narrower op's output is added to nothing of the original's width
+                residuals = [None if u is not None else r for r, u in zip(residuals, units)]
             rows = SharedInputRows(group[0].input, group[0].dtype, [ref[n].output for n in nodes],
-                                   [p.weight.astype(np.float64) for p in group])
+                                   [p.weight.astype(np.float64) for p in group], residuals=residuals,
+                                   units=units if any(u is not None for u in units) else None)
             outcomes = engine.solve(rows, [(p.weight.astype(np.float64), p.bias_or_zero().copy()) for p in group],
                                     f"downstream refit {i + 1}/{len(stages)}")
             edits = []

@@ -225,3 +225,20 @@ def test_units_a_fold_selected_are_refit_towards_the_originals_units():
     e_fold = np.mean((z_fold - z0[:, units]) ** 2)
     e_refit = np.mean((z_refit - z0[:, units]) ** 2)
     assert e_refit < 1e-3 * e_fold, (e_refit, e_fold)
+
+
+def test_a_sum_the_add_broadcast_the_op_output_into_is_no_target():
+    from onnxfold.passes.downstream import SharedInputRows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 4))  # the op's output is [2, 1, 3], the sum [2, 5, 3]
+    w = rng.standard_normal((3, 4))
+    own, addend = rng.standard_normal((2, 1, 3)), rng.standard_normal((2, 5, 3))
+    rows = SharedInputRows("x", np.float32, ["y"], [w], residuals=[("s", "r")])
+    assert rows.current == {"x": np.float32, "r": np.float32} and rows.original == {"y": np.float32, "s": np.float32}
+    _, [(_, _, target)] = rows.rows({"x": x, "r": addend}, {"y": own, "s": own + addend})
+    np.testing.assert_array_equal(target, own.reshape(2, 3))  # its own output, not the broadcast sum
+    # with matching shapes the sum less the current addend is the target
+    same = rng.standard_normal((2, 1, 3))
+    _, [(_, _, target)] = rows.rows({"x": x, "r": same}, {"y": own, "s": own + 2 * same})
+    np.testing.assert_allclose(target, (own + same).reshape(2, 3))

@@ -176,8 +176,10 @@ class SharedInputRows(OneInputRows):
 
     @property
     def original(self) -> dict:
-        return {(t if self._residual(i) is None else self._residual(i)[0]): self.dtype
-                for i, t in enumerate(self.targets)}
+        # the op's own output too where a sum is the target: it is the target where the Add broadcast it
+        out = {t: self.dtype for t in self.targets}
+        out.update({r[0]: self.dtype for r in (self.residuals or ()) if r is not None})
+        return out
 
     @property
     def widths(self) -> list[int]:
@@ -188,6 +190,10 @@ class SharedInputRows(OneInputRows):
         out = []
         for i, (t, w) in enumerate(zip(self.targets, self.w_priors)):
             residual = self._residual(i)
+            # the sum has the op output's shape unless the Add broadcast the op output itself; then
+            # the op's own output is the target (the same choice on every batch: shapes decide it)
+            if residual is not None and np.shape(orig[residual[0]]) != (*np.shape(cur[self.x])[:-1], w.shape[0]):
+                residual = None
             if residual is None:
                 target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
             else:

@@ -132,6 +132,7 @@ def refit_plan(current: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[li
     def same_meaning(p: Projection, r: Projection) -> bool:
         # the same tensor read by the same nodes: nothing (a linear path of linearity folding, say) was
         # added to the op's output in one model and not in the other, so the target is the whole output
+        # (or, for units a fold selected, the original's output at those units)
         width = r.out_features == p.out_features or kept_units(p, r) is not None
         return width and r.output == p.output and \
             {n.name for n in readers_now.get(p.output, [])} == {n.name for n in readers_ref.get(r.output, [])}
@@ -282,13 +283,14 @@ class DownstreamRefitPass:
         engine = RefitEngine(state, ctx, self.seed)
         refit = kept = 0
         ref = {p.node: p for p in linear_ops(reference)}
+        ix_ref = GraphIndex(reference)  # the reference never changes: indexed once, not per stage
         for i, nodes in enumerate(stages):
             ctx.report_progress("downstream refit", i, len(stages))
             ops = {p.node: p for p in linear_ops(state.current_model())}
             group = [ops[n] for n in nodes]
             residuals = None
             if self.residual:
-                ix_now, ix_ref = GraphIndex(state.current_model()), GraphIndex(reference)
+                ix_now = GraphIndex(state.current_model())
                 residuals = [residual_addend(ix_now, ix_ref, p) for p in group]
             units = [kept_units(p, ref[p.node]) for p in group]
             if residuals is not None:  # a narrower op's output is added to nothing of the original's width

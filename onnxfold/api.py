@@ -53,7 +53,8 @@ HELD_OUT_CAP_WITH_EVAL = 0.4  # the select part, when --eval is the final check:
 HELD_OUT_MAX_SAMPLES = 50_000
 # the settings the report's "settings" object records (report schema, flat keyword names)
 REPORTED_SETTINGS = ("linear", "linear_threshold", "linear_mode", "linear_path", "fold_ratio", "fold_select",
-                     "fold_repair", "fold_refit", "fold_residual", "fold_heads", "fold_kv_heads", "seed", "batch_size")
+                     "fold_repair", "fold_refit", "fold_residual", "fold_heads", "fold_kv_heads", "fold_allocate",
+                     "refine_epochs", "seed", "batch_size")
 
 
 @dataclass

@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "removed; each is merged with its query heads into another group (default: all kept)")
     g.add_argument("--fold-residual", action="store_true",
                    help="conv models: also fold residual-stream channels (one shared assignment per stream)")
+    g.add_argument("--fold-allocate", dest="fold_allocate", choices=("uniform", "sensitivity"), default="uniform",
+                   help="with one --fold-ratio for every dense hidden layer: uniform (default) folds each by it; "
+                   "sensitivity first folds each layer alone and measures the output error on held-out samples, "
+                   "then removes the same number of neurons in all, more from the layers that cost least")
+    g.add_argument("--refine-epochs", dest="refine_epochs", type=int, default=0, metavar="N",
+                   help="after the refits, train each folded hidden layer's kept neurons and its reader together "
+                   "for N epochs (Adam) towards the original's output on calibration rows; kept only when the "
+                   "output error on held-out data falls. Needs PyTorch (pip install 'onnxfold[refine]'); 0 "
+                   "(default): off")
     g.add_argument("--seed", type=int, default=0, help="random seed (splits, k-means)")
     g = opt.add_argument_group("budget and checks",
                                "With calibration data and no explicit --fold-ratio/--fold-heads/--linear-threshold, "
@@ -224,7 +233,8 @@ def options_from_args(args, budget: Budget | None) -> OptimizeOptions:
         linearity=LinearityOptions(enabled=not args.no_linear, threshold=args.linear_threshold,
                                    mode=args.linear_mode, path=args.linear_path),
         fold=FoldOptions(ratio=args.fold_ratio, select=args.fold_select, repair=args.fold_repair,
-                         refit=args.fold_refit, heads=args.fold_heads, residual=args.fold_residual, kv_heads=args.fold_kv_heads),
+                         refit=args.fold_refit, heads=args.fold_heads, residual=args.fold_residual, kv_heads=args.fold_kv_heads,
+                         allocate=args.fold_allocate, refine_epochs=args.refine_epochs),
         search=SearchOptions(budget=budget, positive_threshold=args.positive_threshold,
                              max_evaluations=args.max_evaluations),
         runtime=RuntimeOptions(provider=args.provider, batch_size=args.batch_size, seed=args.seed,

@@ -31,6 +31,7 @@ LINEAR_PATHS = ("auto", "dense", "factored", "svd")
 # after the folds: consumer = each fold's own consumer refit only; downstream = also every linear op
 # after the first changed one, in order; auto = downstream, kept when its held-out output error is lower
 FOLD_REFITS = ("auto", "consumer", "downstream")
+FOLD_ALLOCATIONS = ("uniform", "sensitivity")
 PROVIDERS = ("auto", "cpu", "cuda")
 LABEL_KINDS = ("next-token",)
 
@@ -90,11 +91,20 @@ class FoldOptions:
     residual: bool = False  # conv models: also fold residual-stream channels
     # grouped-query attention: key/value heads kept per block, or the share removed (None: fold within groups)
     kv_heads: int | float | Mapping[str, Any] | None = None
+    # one ratio for every dense layer: "uniform" folds each by it, "sensitivity" shares the same number
+    # of removed neurons by each layer's measured sensitivity (passes/folding.py, decide/allocation.py)
+    allocate: str = "uniform"
+    # epochs of the nonlinear refinement of each folded dense chain (passes/refine.py); 0: none
+    refine_epochs: int = 0
 
     def validate(self) -> None:
         _choice("fold selection", self.select, FOLD_SELECTS)
         _choice("fold repair", self.repair, FOLD_REPAIRS)
         _choice("fold refit", self.refit, FOLD_REFITS)
+        _choice("fold allocation", self.allocate, FOLD_ALLOCATIONS)
+        if self.allocate != "uniform" and (self.ratio is None or isinstance(self.ratio, Mapping)):
+            raise UsageError("allocating by sensitivity shares one fold ratio among the layers: give one"
+                             " --fold-ratio (e.g. 0.3), not per-layer ratios")
         if self.ratio is not None:
             _ratio("fold ratio", self.ratio)
         for what, v in (("heads", self.heads), ("kv heads", self.kv_heads)):
@@ -104,6 +114,11 @@ class FoldOptions:
                 if not ok:
                     raise UsageError(f"{what} must be a head count >= 1 or a share in [0, 1), got {h!r};"
                                      " give e.g. 8 or 0.25")
+        if isinstance(self.refine_epochs, bool) or not isinstance(self.refine_epochs, int) or self.refine_epochs < 0:
+            raise UsageError(f"refine epochs must be a whole number >= 0, got {self.refine_epochs!r}; give e.g. 12")
+        if self.refine_epochs and self.ratio is None:
+            raise UsageError("refine epochs train the hidden layers a fold ratio folded: give --fold-ratio too"
+                             " (the budget search does not refine)")
         if self.kv_heads is not None and self.heads is None:
             raise UsageError("kv heads need heads too (the query heads kept); give e.g. --fold-heads 0.0 to keep"
                              " every group's query heads")
@@ -209,6 +224,8 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "fold_heads": ("fold", "heads"),
     "fold_kv_heads": ("fold", "kv_heads"),
     "fold_residual": ("fold", "residual"),
+    "fold_allocate": ("fold", "allocate"),
+    "refine_epochs": ("fold", "refine_epochs"),
     "budget": ("search", "budget"),
     "positive_threshold": ("search", "positive_threshold"),
     "max_evaluations": ("search", "max_evaluations"),

@@ -71,7 +71,7 @@ def build_passes(opts: OptimizeOptions, *, has_data: bool, conv_chains: Sequence
             dense_ratio = {k: v for k, v in fold_ratio.items() if k not in conv_chains and k not in gated}
         if dense_ratio or not isinstance(dense_ratio, Mapping):
             passes.append(FoldingPass(ratio=dense_ratio, select=fold_select, repair=fold_repair, seed=seed,
-                                      drop_constant=has_data and not linear))
+                                      drop_constant=has_data and not linear, allocate=fold.allocate))
         if conv_chains and (conv_ratio or not isinstance(conv_ratio, Mapping)):
             from .passes.channel_folding import ChannelFoldingPass
 
@@ -94,6 +94,10 @@ def build_passes(opts: OptimizeOptions, *, has_data: bool, conv_chains: Sequence
         from .passes.downstream import DownstreamRefitPass
 
         passes.append(DownstreamRefitPass(keep="always" if fold.refit == "downstream" else "better", seed=seed))
+    if has_data and fold.refine_epochs and fold_ratio is not None:
+        from .passes.refine import BlockRefinePass
+
+        passes.append(BlockRefinePass(epochs=fold.refine_epochs, seed=seed))
     return passes
 
 

@@ -110,7 +110,8 @@ def test_done_when_and_peer_notes():
     assert ("- llama_mha: `--min-agreement 99` returns a model smaller than the smallest onnxsim result with the"
             " same measured agreement: **MET**: ratio 0.700 at 99.00 % test agreement; the smallest onnxsim"
             " result here that reaches it: ratio 0.805 (structured magnitude + refit, sparsity 0.30).") in md
-    assert ("Spearman at most 0.01 below the original: **MET**: cosine 0.9900, Spearman -0.0050.") in md
+    assert ("Spearman at most 0.01 below the original: **MET**: cosine 0.9900, Spearman -0.0050 (r = 0.3,"
+            " ratio 0.900).") in md
     assert ("onnxsim removed nothing (at every sparsity it was run at): attention-head pruning + refit on minilm;"
             " structured Wanda + refit on llama_mha; structured Wanda + refit on minilm.") in md
 
@@ -145,3 +146,18 @@ def test_render_option_rewrites_the_markdown_from_the_json(tmp_path):
     path.write_text(json.dumps({"models": [DECODER]}))
     assert main(["--render", str(path)]) == 0
     assert (tmp_path / "transformers.md").read_text() == render({"models": [DECODER]})
+
+
+def test_the_minilm_line_judges_the_best_ffn_fold_at_30_percent():
+    encoder = json.loads(json.dumps(ENCODER))
+    encoder["comparisons"][0]["onnxfold"][0]["metrics"] = {"spearman": 0.71, "cosine": 0.975}
+    assert "**NOT MET**: cosine 0.9750, Spearman +0.0100 (r = 0.3, ratio 0.900)." in render({"models": [encoder]})
+    # the allocated and refined fold at the same share is a row of its own; the better of the two is judged
+    encoder["comparisons"].insert(1, {"target": 0.9, "matched": False, "onnxsim": [], "onnxfold": [
+        row("onnxfold", "FFN fold", "r = 0.3, allocated by sensitivity, refined", 0.9,
+            {"spearman": 0.705, "cosine": 0.981})]})
+    assert ("**MET**: cosine 0.9810, Spearman +0.0050 (r = 0.3, allocated by sensitivity, refined, ratio 0.900)."
+            in render({"models": [encoder]}))
+    # a head fold with the FFN at 0.3 is no FFN fold at 30 %
+    encoder["comparisons"][1]["onnxfold"][0]["method"] = "FFN + head fold"
+    assert "**NOT MET**: cosine 0.9750" in render({"models": [encoder]})

@@ -375,3 +375,37 @@ def test_update_never_modifies_the_callers_rows():
         Xc, Yc = X64 - X64.mean(0), Y64 - Y64.mean(0)
         np.testing.assert_allclose(g.sxx, Xc.T @ Xc, rtol=1e-12)
         np.testing.assert_allclose(g.sxy, Xc.T @ Yc, rtol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_weighted_rows_solve_weighted_least_squares(with_bias):
+    """Streamed weighted rows (in batches, some merged) give numpy's weighted
+    least squares: lstsq on the rows (and the intercept column) scaled by the
+    square root of their weights."""
+    X, Y = _regression(m=300)
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    w = np.random.default_rng(7).uniform(0.05, 20.0, len(X))
+    g, other = GramAccumulator(with_bias=with_bias), GramAccumulator(with_bias=with_bias)
+    for s in range(0, 200, 64):
+        g.update(X[s:min(s + 64, 200)], Y[s:min(s + 64, 200)], w[s:min(s + 64, 200)])
+    other.update(X[200:], Y[200:], w[200:])
+    g.merge(other)
+    assert g.count == len(X) and g.weight == pytest.approx(w.sum())
+    r = np.sqrt(w)[:, None]
+    A = np.hstack([X64, np.ones((len(X), 1))]) if with_bias else X64
+    sol = np.linalg.lstsq(A * r, Y64 * r, rcond=None)[0]
+    W, b = g.solve_ridge(0.0)
+    np.testing.assert_allclose(W, sol[:6].T, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(b, sol[6] if with_bias else 0.0, rtol=1e-7, atol=1e-7)
+    # the residual from the statistics is the weighted one, for any W and b
+    Wr, br = np.random.default_rng(1).normal(size=(3, 6)), np.random.default_rng(2).normal(size=3)
+    assert g.residual(Wr, br) == pytest.approx(float((w[:, None] * (Y64 - X64 @ Wr.T - br) ** 2).sum()), rel=1e-9)
+    # weights of 1 are the unweighted accumulator
+    plain, ones = GramAccumulator(with_bias=with_bias), GramAccumulator(with_bias=with_bias)
+    plain.update(X, Y)
+    ones.update(X, Y, np.ones(len(X)))
+    np.testing.assert_allclose(ones.solve_ridge(1e-3)[0], plain.solve_ridge(1e-3)[0], rtol=1e-10)
+    with pytest.raises(ValueError, match="non-negative"):
+        GramAccumulator().update(X, Y, -w)
+    with pytest.raises(ValueError, match="one per row"):
+        GramAccumulator().update(X, Y, w[:5])

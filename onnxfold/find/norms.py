@@ -144,7 +144,8 @@ class _Decomposed:
             # LayerNorm: reduce is the mean, d = x − mean; the variance follows on d
             x, sub = src, readers[0]
             centered = sub.output[0]
-            sq = [c for c in ix.consumers.get(centered, []) if _squared(ix, c) == centered]
+            # Mul(d, d) reads d twice, so it is listed twice among d's consumers
+            sq = list({c.name: c for c in ix.consumers.get(centered, []) if _squared(ix, c) == centered}.values())
             if len(sq) != 1:
                 return None
             var = ix.single_consumer(sq[0].output[0])

@@ -270,13 +270,19 @@ class GramAccumulator:
 
     ``with_bias=True``: solutions include an unpenalised intercept (solved
     from the centred statistics); ``False``: no intercept (b = 0).
+
+    Rows may carry weights (``update(..., weights=)``): every statistic is
+    then the weighted one (weighted least squares), ``weight`` is the weights'
+    sum where unweighted rows count 1 each, and ``count`` stays the number of
+    rows.
     """
 
     def __init__(self, p: int | None = None, q: int | None = None, *, with_bias: bool = True):
         self.with_bias = with_bias
         self.p = p
         self.q = q
-        self.count = 0
+        self.count = 0  # rows
+        self.weight = 0.0  # the rows' summed weight (count, for unweighted rows)
         self._has_y: bool | None = None
         self.mean_x: np.ndarray | None = None
         self.mean_y: np.ndarray | None = None
@@ -295,8 +301,9 @@ class GramAccumulator:
             self.sxy = np.zeros((p, q))
             self.syy = np.zeros(q)
 
-    def update(self, X: np.ndarray, Y: np.ndarray | None = None) -> None:
-        """Add rows X (..., p) with targets Y (..., q) (same leading shape) or None."""
+    def update(self, X: np.ndarray, Y: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+        """Add rows X (..., p) with targets Y (..., q) (same leading shape) or
+        None; ``weights``: one non-negative weight per row (default 1)."""
         X = np.asarray(X)
         Xr = _rows(X, self.p, "X")
         if Y is not None:
@@ -314,40 +321,49 @@ class GramAccumulator:
         if self.mean_x is None:
             self._init(Xr.shape[1], Yr.shape[1] if has_y else None)
         m = Xr.shape[0]
-        if m == 0:
+        v = None
+        if weights is not None:
+            v = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if v.size != m or not np.all(np.isfinite(v)) or np.any(v < 0):
+                raise ValueError(f"weights must be {m} finite non-negative numbers, one per row")
+        mass = float(m) if v is None else float(v.sum())
+        if m == 0 or mass == 0.0:
             return
         self._eig = self._xtx_root = None
         x64 = Xr.astype(np.float64, copy=False)
-        bx = x64.mean(axis=0)
+        bx = x64.mean(axis=0) if v is None else (v @ x64) / mass
         # centred in place when astype made a copy (float32 rows): one m×p
         # float64 array less to allocate and fill per batch, same values
         xc = np.subtract(x64, bx, out=x64) if x64 is not Xr and x64.base is None else x64 - bx
-        n1, n = self.count, self.count + m
-        w = n1 * m / n
+        xv = xc if v is None else xc * v[:, None]
+        n1, n = self.weight, self.weight + mass
+        w = n1 * mass / n
         dx = bx - self.mean_x
-        self.sxx += xc.T @ xc
+        self.sxx += xv.T @ xc
         if n1:
             self.sxx += w * np.outer(dx, dx)
         if has_y:
             y64 = Yr.astype(np.float64, copy=False)
-            by = y64.mean(axis=0)
+            by = y64.mean(axis=0) if v is None else (v @ y64) / mass
             yc = np.subtract(y64, by, out=y64) if y64 is not Yr and y64.base is None else y64 - by
             dy = by - self.mean_y
-            self.sxy += xc.T @ yc
-            self.syy += np.einsum("ij,ij->j", yc, yc)
+            self.sxy += xv.T @ yc
+            self.syy += np.einsum("ij,ij->j", yc, yc) if v is None else v @ (yc * yc)
             if n1:
                 self.sxy += w * np.outer(dx, dy)
                 self.syy += w * dy * dy
-            self.mean_y = self.mean_y + dy * (m / n)
-        self.mean_x = self.mean_x + dx * (m / n)
-        self.count = n
+            self.mean_y = self.mean_y + dy * (mass / n)
+        self.mean_x = self.mean_x + dx * (mass / n)
+        self.count += m
+        self.weight = n
 
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
         """Add ``other``'s rows into this accumulator (in place; returns self)."""
         if other.count == 0:
             return self
         if self.count == 0:
-            self.p, self.q, self._has_y, self.count = other.p, other.q, other._has_y, other.count
+            self.p, self.q, self._has_y = other.p, other.q, other._has_y
+            self.count, self.weight = other.count, other.weight
             for k in ("mean_x", "mean_y", "sxx", "sxy", "syy"):
                 v = getattr(other, k)
                 setattr(self, k, None if v is None else v.copy())
@@ -355,7 +371,7 @@ class GramAccumulator:
             return self
         if (self.p, self.q, self._has_y) != (other.p, other.q, other._has_y):
             raise ValueError("can only merge GramAccumulators of the same shapes")
-        n1, n2 = self.count, other.count
+        n1, n2 = self.weight, other.weight
         n = n1 + n2
         w = n1 * n2 / n
         dx = other.mean_x - self.mean_x
@@ -366,33 +382,34 @@ class GramAccumulator:
             self.syy = self.syy + other.syy + w * dy * dy
             self.mean_y = self.mean_y + dy * (n2 / n)
         self.mean_x = self.mean_x + dx * (n2 / n)
-        self.count = n
+        self.count += other.count
+        self.weight = n
         self._eig = self._xtx_root = None
         return self
 
     # -- raw statistics --------------------------------------------------------
     @property
     def sum_x(self) -> np.ndarray:
-        return self.mean_x * self.count
+        return self.mean_x * self.weight
 
     @property
     def sum_y(self) -> np.ndarray:
         self._need_y()
-        return self.mean_y * self.count
+        return self.mean_y * self.weight
 
     @property
     def XtX(self) -> np.ndarray:
-        return self.sxx + self.count * np.outer(self.mean_x, self.mean_x)
+        return self.sxx + self.weight * np.outer(self.mean_x, self.mean_x)
 
     @property
     def XtY(self) -> np.ndarray:
         self._need_y()
-        return self.sxy + self.count * np.outer(self.mean_x, self.mean_y)
+        return self.sxy + self.weight * np.outer(self.mean_x, self.mean_y)
 
     @property
     def YtY_diag(self) -> np.ndarray:
         self._need_y()
-        return self.syy + self.count * self.mean_y**2
+        return self.syy + self.weight * self.mean_y**2
 
     def total_ss(self, per_output: bool = False) -> np.ndarray | float:
         """Sum of squares of Y about its mean (with_bias) or about 0 (without): the R² baseline."""
@@ -499,7 +516,7 @@ class GramAccumulator:
         for D in self._ridge_inverses(d, lams):
             shift = dy - (D * u) @ VtB  # held-out mean error of the solution (its intercept fits the train means)
             r = float(np.sum(heldout.syy)) - 2.0 * float(D @ lin) + float(D @ M @ D) \
-                + heldout.count * float(shift @ shift)
+                + heldout.weight * float(shift @ shift)
             out.append(max(r, 0.0))
         return out
 
@@ -526,7 +543,7 @@ class GramAccumulator:
             self.syy
             - 2.0 * np.einsum("jk,kj->j", W, self.sxy)
             + np.einsum("jk,jk->j", W @ self.sxx, W)
-            + self.count * d * d
+            + self.weight * d * d
         )
         r = np.clip(r, 0.0, None)
         return r if per_output else float(r.sum())

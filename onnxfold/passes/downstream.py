@@ -16,7 +16,12 @@ output of it:
   one stream, since none of them changes what the others read;
 * an op whose output is added to the residual stream (``residual_addend``)
   fits the original's sum less the current residual: it makes up for the
-  stream's error as well as its own;
+  stream's error as well as its own; where that sum is read only by a norm
+  over its last axis (a post-norm block: BERT's Add → LayerNorm), each
+  token's row is weighted by 1 / its variance (mean square for an RMSNorm)
+  in the original sum (``norm_weighting``): the norm divides a token's error
+  by its spread, so what the model outputs weighs a token's error by that
+  weight, not equally;
 * an op whose output width changed is refit towards the original's output
   at the units it kept when it kept them unchanged (``kept_units``: a fold
   that selected units); one whose units were merged is left alone;
@@ -43,6 +48,7 @@ import numpy as np
 import onnx
 
 from ..find.graph_index import GraphIndex
+from ..find.norms import FUSED_NORMS, decomposed_norm_at
 from ..find.projections import Projection, projection_at
 from ..measure.jobs import KeyedModel, StatsJob
 from ..rewrite.attention import ProjectionEdit, rewrite_projections
@@ -96,6 +102,42 @@ def residual_addend(current: GraphIndex, reference: GraphIndex, op: Projection) 
     if ref is None or ref.op_type != "Add" or list(ref.input) != list(add.input) or list(ref.output) != list(add.output):
         return None
     return add.output[0], addend
+
+
+#: how a norm divides each row: by its spread about the row mean (LayerNorm) or by its root mean square
+_CENTRED_NORMS = ("LayerNormalization", "LayerNorm (decomposed)")
+_RMS_NORMS = ("RMSNormalization", "SimplifiedLayerNormalization", "RMSNorm (decomposed)")
+
+
+def norm_weighting(ix: GraphIndex, tensor: str) -> str | None:
+    """``"variance"`` when every reader of ``tensor`` is one LayerNorm over its
+    last axis, ``"mean_square"`` for one RMSNorm, else None (the tensor is read
+    otherwise, or is a graph output). To first order the norm's output error
+    for a row is the row's error divided by that row's root variance (mean
+    square), so a least-squares fit of the tensor that weights each row by
+    1 / variance (mean square) minimises the normalised error."""
+    readers = ix.consumers.get(tensor, [])
+    if not readers or tensor in ix.graph_outputs:
+        return None
+    if len(readers) == 1 and readers[0].op_type in FUSED_NORMS:
+        node = readers[0]
+        if node.op_type.startswith("Skip") or node.input[0] != tensor or ix.attr(node, "axis", -1) != -1:
+            return None
+        kind = node.op_type
+    else:
+        norm = decomposed_norm_at(ix, tensor)
+        if norm is None or not {r.name for r in readers} <= set(norm.nodes):
+            return None
+        kind = norm.kind
+    return "variance" if kind in _CENTRED_NORMS else "mean_square" if kind in _RMS_NORMS else None
+
+
+def row_weights(rows: np.ndarray, weighting: str) -> np.ndarray:
+    """1 / each row's variance (``"variance"``) or mean square (``"mean_square"``),
+    floored at a millionth of the rows' mean so a constant row cannot take all
+    the weight."""
+    spread = rows.var(axis=1) if weighting == "variance" else np.mean(rows * rows, axis=1)
+    return 1.0 / np.maximum(spread, 1e-6 * max(float(spread.mean()), 1e-30))
 
 
 def kept_units(op: Projection, original: Projection) -> np.ndarray | None:
@@ -165,6 +207,8 @@ class SharedInputRows(OneInputRows):
     # the group fits the reference's ``sum`` less the current model's ``addend``, so that the refit makes
     # up for the error the residual stream carries, not only for its own
     residuals: list[tuple[str, str] | None] | None = None
+    # per target, None or how the norm that alone reads the residual sum weighs its rows (norm_weighting)
+    weightings: list[str | None] | None = None
 
     def _residual(self, i: int) -> tuple[str, str] | None:
         return None if self.residuals is None else self.residuals[i]
@@ -195,14 +239,17 @@ class SharedInputRows(OneInputRows):
             # the op's own output is the target (the same choice on every batch: shapes decide it)
             if residual is not None and np.shape(orig[residual[0]]) != (*np.shape(cur[self.x])[:-1], w.shape[0]):
                 residual = None
+            weights = None
             if residual is None:
                 target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
             else:
-                target = (np.asarray(orig[residual[0]], dtype=np.float64)
-                          - np.asarray(cur[residual[1]], dtype=np.float64)).reshape(x2.shape[0], -1)
+                total = np.asarray(orig[residual[0]], dtype=np.float64).reshape(x2.shape[0], -1)
+                target = total - np.asarray(cur[residual[1]], dtype=np.float64).reshape(x2.shape[0], -1)
+                if self.weightings is not None and self.weightings[i] is not None:
+                    weights = row_weights(total, self.weightings[i])
             if self.units is not None and self.units[i] is not None:
                 target = target[:, self.units[i]]
-            out.append((x2, target - x2 @ w.T, target))
+            out.append((x2, target - x2 @ w.T, target, weights))
         return np.shape(cur[self.x])[0], out
 
 
@@ -264,6 +311,7 @@ class DownstreamRefitPass:
     keep: str = "better"
     seed: int = 0
     residual: bool = True  # False: every op fits its own original output (residual_addend not used)
+    norm_weighted: bool = True  # False: a residual sum's rows weigh the same whatever norm reads it
     reference: onnx.ModelProto | None = field(default=None, repr=False)
     name: str = "downstream_refit"
 
@@ -288,16 +336,19 @@ class DownstreamRefitPass:
             ctx.report_progress("downstream refit", i, len(stages))
             ops = {p.node: p for p in linear_ops(state.current_model())}
             group = [ops[n] for n in nodes]
-            residuals = None
+            residuals = weightings = None
             if self.residual:
                 ix_now = GraphIndex(state.current_model())
                 residuals = [residual_addend(ix_now, ix_ref, p) for p in group]
             units = [kept_units(p, ref[p.node]) for p in group]
             if residuals is not None:  # a narrower op's output is added to nothing of the original's width
                 residuals = [None if u is not None else r for r, u in zip(residuals, units)]
+                if self.norm_weighted:
+                    weightings = [None if r is None else norm_weighting(ix_ref, r[0]) for r in residuals]
             rows = SharedInputRows(group[0].input, group[0].dtype, [ref[n].output for n in nodes],
                                    [p.weight.astype(np.float64) for p in group], residuals=residuals,
-                                   units=units if any(u is not None for u in units) else None)
+                                   units=units if any(u is not None for u in units) else None,
+                                   weightings=weightings if weightings and any(weightings) else None)
             outcomes = engine.solve(rows, [(p.weight.astype(np.float64), p.bias_or_zero().copy()) for p in group],
                                     f"downstream refit {i + 1}/{len(stages)}")
             edits = []
@@ -316,18 +367,28 @@ class DownstreamRefitPass:
                 f"(of {following} from the first changed one; {skipped} left alone: output width or readers changed)")
         if not refit:
             return PassResult(model, False, [], [what])
-        result = state.current_model()
-        if self.keep == "always":
-            return PassResult(result, True, [], [what])
-        data, share = ctx.heldout, "held-out split"
-        if data is None:
-            held = heldout_mask(ctx.calibration.num_samples, self.seed)
-            if held is None:
-                return PassResult(result, True, [], [what + "; too few samples to compare, kept"])
-            data, share = ctx.calibration.subset(np.flatnonzero(held)), "held-out share of the calibration data"
-        before, after = output_errors([model, result], reference, data, ctx, "downstream refit: compare")
-        if after < before:
-            return PassResult(result, True, [], [f"{what}; kept: output error on the {share} {after:.4g} "
-                                                 f"(consumer-only {before:.4g})"])
-        return PassResult(model, False, [], [f"{what}; discarded: output error on the {share} {after:.4g} "
-                                             f"is not below consumer-only {before:.4g}"])
+        return kept_if_better(model, state.current_model(), reference, ctx, self.keep, self.seed, what,
+                              "downstream refit: compare", "consumer-only")
+
+
+def kept_if_better(model: onnx.ModelProto, result: onnx.ModelProto, reference: onnx.ModelProto, ctx: PassContext,
+                   keep: str, seed: int, what: str, task: str, before: str) -> PassResult:
+    """``result`` (what a pass made of ``model``) with ``keep="always"``; with
+    ``"better"`` only when its output error against ``reference`` is lower on
+    held-out data (the context's held-out split, else a seeded share of the
+    calibration samples), else ``model``. The note starts with ``what`` and
+    names ``model``'s error ``before``."""
+    if keep == "always":
+        return PassResult(result, True, [], [what])
+    data, share = ctx.heldout, "held-out split"
+    if data is None:
+        held = heldout_mask(ctx.calibration.num_samples, seed)
+        if held is None:
+            return PassResult(result, True, [], [what + "; too few samples to compare, kept"])
+        data, share = ctx.calibration.subset(np.flatnonzero(held)), "held-out share of the calibration data"
+    error_before, error_after = output_errors([model, result], reference, data, ctx, task)
+    if error_after < error_before:
+        return PassResult(result, True, [], [f"{what}; kept: output error on the {share} {error_after:.4g} "
+                                             f"({before} {error_before:.4g})"])
+    return PassResult(model, False, [], [f"{what}; discarded: output error on the {share} {error_after:.4g} "
+                                         f"is not below {before} {error_before:.4g}"])

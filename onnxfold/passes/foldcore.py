@@ -267,7 +267,7 @@ class FoldCore:
         if self.repair == "repair":
             mo = moments[m.op.output]
             cur, target = mo.current, mo.target
-            merged_mean, merged_std = decide.merged_moments(row_map, cur.mean_x, cur.sxx / cur.count)
+            merged_mean, merged_std = decide.merged_moments(row_map, cur.mean_x, cur.sxx / cur.weight)
             return decide.repair_affine(row_map @ target.mean_z, row_map @ target.std_z, merged_mean, merged_std)
         return None, None
 

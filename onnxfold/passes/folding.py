@@ -37,6 +37,11 @@ from .foldcore import FoldCore
 from .refit import FoldState, refit_note
 from .units import dense_group
 
+ALLOCATIONS = ("uniform", "sensitivity")
+#: samples the sensitivity probes fit on and are judged on (each at most): the probes rank layers, a few
+#: hundred samples of a transformer's tokens do that; the fold itself uses all the calibration data
+PROBE_SAMPLES = 512
+
 
 class FoldingPass:
     """Model folding (Wang et al., ICLR 2025) on every hidden layer of a model.
@@ -56,16 +61,25 @@ class FoldingPass:
     drop_constant: first remove neurons whose output is constant on the
         calibration data (e.g. a ReLU never active), moving that constant
         into the consumer's bias. Needs calibration data.
+    allocate: with one ``ratio`` for every layer, ``"uniform"`` folds each by
+        it; ``"sensitivity"`` (needs calibration data) first folds each layer
+        alone at a probe ratio, measures the output error on held-out samples,
+        and shares the same number of removed neurons in inverse proportion
+        to those errors (``decide/allocation.py``).
     """
 
     name = "folding"
 
     def __init__(self, ratio: float | Mapping[str, float], select: str = "kmeans", repair: str = "auto",
-                 seed: int = 0, layers: Sequence[str] | None = None, drop_constant: bool = False):
+                 seed: int = 0, layers: Sequence[str] | None = None, drop_constant: bool = False,
+                 allocate: str = "uniform"):
         self.settings = FoldSettings("fold", ratio, select, repair, seed, layers)
         self.ratio, self.select, self.repair, self.seed = ratio, select, repair, self.settings.seed
         self.layers = self.settings.layers
         self.drop_constant = bool(drop_constant)
+        if allocate not in ALLOCATIONS:
+            raise UsageError(f"unknown fold allocation {allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
+        self.allocate = allocate
 
     # ------------------------------------------------------------------ run
     def __call__(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -77,14 +91,56 @@ class FoldingPass:
         ratios = self.settings.ratios([c.name for c in view.chains], "unknown layer {!r} for folding", "layers")
         if not view.chains:
             return PassResult(model, False, [], ["folding: no foldable hidden layer found"])
+        notes = []
+        if self.allocate == "sensitivity" and not isinstance(self.ratio, Mapping) and len(ratios) > 1:
+            if ctx.calibration is None:
+                raise UsageError("allocating the fold ratio by sensitivity needs calibration data")
+            ratios, note = self._by_sensitivity(model, ctx, view, ratios)
+            notes.append(note)
         run = _FoldRun(model, view, ctx, select=self.select, repair=repair, seed=self.seed,
                        drop_constant=self.drop_constant)
         reports = fold_in_order(view.chains, ratios, ctx, "folding", run.fold,
                                 lambda c: _report(c, c.width, note="not selected for folding"), _chain_params,
                                 before_each=view.release_except)  # unedited weights are read again when needed
         out = run.state.final_model() if run.state.edited else model
-        notes = self.settings.auto_note(ctx, repair, "folding")
+        notes = self.settings.auto_note(ctx, repair, "folding") + notes
         return PassResult(out, run.state.edited, reports, notes)
+
+    def _by_sensitivity(self, model: onnx.ModelProto, ctx: PassContext, view: DenseGraph,
+                        ratios: dict[str, float]) -> tuple[dict[str, float], str]:
+        """Per-chain ratios sharing the neurons ``ratios`` would remove by each
+        chain's sensitivity: its output error folded alone at the probe ratio,
+        on held-out samples (at most PROBE_SAMPLES to fit and to judge on)."""
+        from dataclasses import replace
+
+        from ..decide.allocation import allocate_by_sensitivity, probe_ratio
+        from .base import heldout_mask
+        from .downstream import output_errors
+
+        ratio = float(self.ratio)
+        n = ctx.calibration.num_samples
+        held = heldout_mask(n, self.seed)
+        if ctx.heldout is not None:
+            fit, judge = ctx.calibration, ctx.heldout
+        elif held is None:
+            fit = judge = ctx.calibration
+        else:
+            fit, judge = ctx.calibration.subset(np.flatnonzero(~held)), ctx.calibration.subset(np.flatnonzero(held))
+        fit = fit.subset(slice(0, PROBE_SAMPLES)) if fit.num_samples > PROBE_SAMPLES else fit
+        judge = judge.subset(slice(0, PROBE_SAMPLES)) if judge.num_samples > PROBE_SAMPLES else judge
+        probe_ctx = replace(ctx, calibration=fit, heldout=None, reference=model)
+        probes = []
+        for i, name in enumerate(ratios):
+            ctx.report_progress("folding: sensitivity", i, len(ratios))
+            alone = FoldingPass({name: probe_ratio(ratio)}, select=self.select, repair=self.repair, seed=self.seed)
+            probes.append(alone(model, probe_ctx).model)
+        ctx.report_progress("folding: sensitivity", len(ratios), len(ratios))
+        losses = dict(zip(ratios, output_errors(probes, model, judge, ctx, "folding: sensitivity, compare")))
+        widths = {c.name: c.width for c in view.chains if c.name in ratios}
+        allocated = allocate_by_sensitivity(widths, losses, ratio)
+        shown = ", ".join(f"{k} {allocated[k]:.3f} (error {losses[k]:.3g})" for k in ratios)
+        return allocated, (f"folding: ratio {ratio:g} allocated by sensitivity (each layer folded alone at "
+                           f"{probe_ratio(ratio):g}, output error on {judge.num_samples} held-out samples): {shown}")
 
 
 def _chain_params(chain: Chain) -> int:

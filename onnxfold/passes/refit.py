@@ -182,7 +182,8 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, accs: dict, start:
     batch's first sample in the data."""
     count = next(iter(feed.values())).shape[0]
     first_axis, groups = rows.rows(tensors[0], tensors[-1])
-    for i, (X, Y, target) in enumerate(groups):
+    for i, (X, Y, target, *weights) in enumerate(groups):
+        weights = weights[0] if weights else None  # a builder may weigh its rows (weighted least squares)
         n = X.shape[0]
         if held_samples is None or n % first_axis:
             held = np.zeros(n, dtype=bool)
@@ -193,9 +194,11 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, accs: dict, start:
             if sampler is not None and idx.size > rows.max_rows:
                 idx = np.sort(sampler.choice(idx, rows.max_rows, replace=False))
             if idx.size:
-                acc.update(X[idx], Y[idx])
+                acc.update(X[idx], Y[idx], None if weights is None else weights[idx])
                 if acc is accs[f"held{i}"]:
-                    accs[f"spread{i}"].update(target[idx])
+                    # the held-out target's spread, in the weighted rows' units (relative errors in notes)
+                    accs[f"spread{i}"].update(target[idx] if weights is None
+                                              else target[idx] * np.sqrt(weights[idx])[:, None])
 
 
 def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:

@@ -110,7 +110,8 @@ class FoldingPass:
                         ratios: dict[str, float]) -> tuple[dict[str, float], str]:
         """Per-chain ratios sharing the neurons ``ratios`` would remove by each
         chain's sensitivity: its output error folded alone at the probe ratio,
-        on held-out samples (at most PROBE_SAMPLES to fit and to judge on)."""
+        on held-out samples (the first PROBE_SAMPLES of the fit part to fit on,
+        of the held-out part to judge on)."""
         from dataclasses import replace
 
         from ..decide.allocation import allocate_by_sensitivity, probe_ratio
@@ -129,13 +130,14 @@ class FoldingPass:
         fit = fit.subset(slice(0, PROBE_SAMPLES)) if fit.num_samples > PROBE_SAMPLES else fit
         judge = judge.subset(slice(0, PROBE_SAMPLES)) if judge.num_samples > PROBE_SAMPLES else judge
         probe_ctx = replace(ctx, calibration=fit, heldout=None, reference=model)
-        probes = []
+        losses = {}
         for i, name in enumerate(ratios):
             ctx.report_progress("folding: sensitivity", i, len(ratios))
             alone = FoldingPass({name: probe_ratio(ratio)}, select=self.select, repair=self.repair, seed=self.seed)
-            probes.append(alone(model, probe_ctx).model)
+            # judged one at a time: one probe model in memory besides the original, whatever the depth
+            losses[name] = output_errors([alone(model, probe_ctx).model], model, judge, ctx,
+                                         f"folding: sensitivity of {name}")[0]
         ctx.report_progress("folding: sensitivity", len(ratios), len(ratios))
-        losses = dict(zip(ratios, output_errors(probes, model, judge, ctx, "folding: sensitivity, compare")))
         widths = {c.name: c.width for c in view.chains if c.name in ratios}
         allocated = allocate_by_sensitivity(widths, losses, ratio)
         shown = ", ".join(f"{k} {allocated[k]:.3f} (error {losses[k]:.3g})" for k in ratios)

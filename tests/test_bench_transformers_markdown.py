@@ -158,6 +158,10 @@ def test_the_minilm_line_judges_the_best_ffn_fold_at_30_percent():
             {"spearman": 0.705, "cosine": 0.981})]})
     assert ("**MET**: cosine 0.9810, Spearman +0.0050 (r = 0.3, allocated by sensitivity, refined, ratio 0.900)."
             in render({"models": [encoder]}))
+    # with the sentences' lower bound, the line says whether they show it at that confidence too
+    encoder["comparisons"][1]["onnxfold"][0]["metrics"].update(cosine_lower=0.9785, sentences=148)
+    assert ("ratio 0.900). The cosine is a mean over 148 held-out sentences; its one-sided 95 % lower bound is"
+            " 0.9785 (Student's t), so these sentences do not show it at that confidence." in render({"models": [encoder]}))
     # a head fold with the FFN at 0.3 is no FFN fold at 30 %
     encoder["comparisons"][1]["onnxfold"][0]["method"] = "FFN + head fold"
     assert "**NOT MET**: cosine 0.9750" in render({"models": [encoder]})

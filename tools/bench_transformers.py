@@ -41,6 +41,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -180,7 +181,26 @@ def encoder_subject() -> Subject:
                            " gensim's `lee_background.cor`",
             "evaluation": f"{len(evaluation.pairs)} WordSim-353 pairs ({len(evaluation.words)} words),"
                           f" {len(evaluation.sentences)} held-out sentences (`lee.cor`)", "export": export}
-    return Subject("minilm", "encoder", model, calib, evaluation.score, info)
+    return Subject("minilm", "encoder", model, calib, partial(encoder_metrics, evaluation), info)
+
+
+#: one-sided confidence of the bound on the mean sentence cosine shown beside the done-when's point value
+COSINE_CONFIDENCE = 0.95
+
+
+def encoder_metrics(evaluation, model) -> dict:
+    """bench_minilm's scores, and a lower bound of the mean sentence cosine: the done-when is a mean over
+    the held-out sentences, and how far it can be trusted depends on how many there are and how they vary
+    (Student's t, the bound onnxfold's budgets put on a mean: onnxfold.decide.confidence.mean_upper)."""
+    from bench_minilm import _cos
+    from onnxfold.decide.confidence import mean_upper
+
+    out = evaluation.score(model)
+    sent = evaluation.embed(model, evaluation.sent_tokens)
+    cos = np.array([_cos(x, y) for x, y in zip(sent, evaluation.reference)])
+    out["cosine_lower"] = 1.0 - mean_upper(1.0 - cos, COSINE_CONFIDENCE)
+    out["sentences"] = int(cos.size)
+    return out
 
 
 # ---------------------------------------------------------------- the methods
@@ -545,9 +565,14 @@ def done_when(models: list[dict]) -> list[str]:
         r30 = max(ran, key=lambda r: r["metrics"]["cosine"])
         cos, d = r30["metrics"]["cosine"], r30["metrics"]["spearman"] - m["original"]["spearman"]
         met = cos >= 0.98 and d >= -0.01
+        bound = r30["metrics"].get("cosine_lower")
+        sure = "" if bound is None else (
+            f" The cosine is a mean over {r30['metrics']['sentences']} held-out sentences; its one-sided"
+            f" {100 * COSINE_CONFIDENCE:g} % lower bound is {bound:.4f} (Student's t), so these sentences"
+            f" {'also show' if bound >= 0.98 else 'do not show'} it at that confidence.")
         out.append(f"- MiniLM with 30 % of the FFN neurons removed keeps embedding cosine ≥ 0.98 and WordSim"
                    f" Spearman at most 0.01 below the original: **{'MET' if met else 'NOT MET'}**: cosine"
-                   f" {cos:.4f}, Spearman {d:+.4f} ({r30['setting']}, ratio {r30['ratio']:.3f}).")
+                   f" {cos:.4f}, Spearman {d:+.4f} ({r30['setting']}, ratio {r30['ratio']:.3f}).{sure}")
     return out + [""]
 
 

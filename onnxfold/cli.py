@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .version import __version__
+from .decide.allocation import ALLOCATIONS
 from .decide.budget import Budget, parse_max_error
 from .errors import OnnxFoldError, UsageError
 from .options import (
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "removed; each is merged with its query heads into another group (default: all kept)")
     g.add_argument("--fold-residual", action="store_true",
                    help="conv models: also fold residual-stream channels (one shared assignment per stream)")
-    g.add_argument("--fold-allocate", dest="fold_allocate", choices=("uniform", "sensitivity"), default="uniform",
+    g.add_argument("--fold-allocate", dest="fold_allocate", choices=ALLOCATIONS, default="uniform",
                    help="with one --fold-ratio for every dense hidden layer: uniform (default) folds each by it; "
                    "sensitivity first folds each layer alone and measures the output error on held-out samples, "
                    "then removes the same number of neurons in all, more from the layers that cost least")

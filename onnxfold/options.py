@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from numbers import Real
 from typing import Any
 
+from .decide.allocation import ALLOCATIONS
 from .decide.budget import Budget
 from .errors import UsageError
 from .passes.base import FOLD_REPAIRS, FOLD_SELECTS
@@ -31,7 +32,6 @@ LINEAR_PATHS = ("auto", "dense", "factored", "svd")
 # after the folds: consumer = each fold's own consumer refit only; downstream = also every linear op
 # after the first changed one, in order; auto = downstream, kept when its held-out output error is lower
 FOLD_REFITS = ("auto", "consumer", "downstream")
-FOLD_ALLOCATIONS = ("uniform", "sensitivity")
 PROVIDERS = ("auto", "cpu", "cuda")
 LABEL_KINDS = ("next-token",)
 
@@ -101,7 +101,7 @@ class FoldOptions:
         _choice("fold selection", self.select, FOLD_SELECTS)
         _choice("fold repair", self.repair, FOLD_REPAIRS)
         _choice("fold refit", self.refit, FOLD_REFITS)
-        _choice("fold allocation", self.allocate, FOLD_ALLOCATIONS)
+        _choice("fold allocation", self.allocate, ALLOCATIONS)
         if self.allocate != "uniform" and (self.ratio is None or isinstance(self.ratio, Mapping)):
             raise UsageError("allocating by sensitivity shares one fold ratio among the layers: give one"
                              " --fold-ratio (e.g. 0.3), not per-layer ratios")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+#: how one fold ratio is shared: the same for every layer, or by sensitivity
+ALLOCATIONS = ("uniform", "sensitivity")
 #: no layer loses more than this share, however insensitive it measured
 MAX_ALLOCATED_RATIO = 0.9
 #: a layer is probed at this multiple of the ratio (capped): far enough from the ratio that the measured

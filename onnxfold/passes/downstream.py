@@ -234,23 +234,37 @@ class SharedInputRows(OneInputRows):
         x2 = self.input_rows(cur)
         out = []
         for i, (t, w) in enumerate(zip(self.targets, self.w_priors)):
-            residual = self._residual(i)
-            # the sum has the op output's shape unless the Add broadcast the op output itself; then
-            # the op's own output is the target (the same choice on every batch: shapes decide it)
-            if residual is not None and np.shape(orig[residual[0]]) != (*np.shape(cur[self.x])[:-1], w.shape[0]):
-                residual = None
-            weights = None
-            if residual is None:
-                target = np.asarray(orig[t]).reshape(x2.shape[0], -1).astype(np.float64)
-            else:
-                total = np.asarray(orig[residual[0]], dtype=np.float64).reshape(x2.shape[0], -1)
-                target = total - np.asarray(cur[residual[1]], dtype=np.float64).reshape(x2.shape[0], -1)
-                if self.weightings is not None and self.weightings[i] is not None:
-                    weights = row_weights(total, self.weightings[i])
-            if self.units is not None and self.units[i] is not None:
-                target = target[:, self.units[i]]
+            target, weights = fit_target(cur, orig, np.shape(cur[self.x])[:-1], t, w.shape[0], self._residual(i),
+                                         None if self.units is None else self.units[i],
+                                         None if self.weightings is None else self.weightings[i])
             out.append((x2, target - x2 @ w.T, target, weights))
         return np.shape(cur[self.x])[0], out
+
+
+def fit_target(cur: dict, orig: dict, lead: tuple, own: str, width: int, residual: tuple[str, str] | None,
+               units: np.ndarray | None, weighting: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """What an op of output ``width`` whose input has leading shape ``lead`` is fit
+    to, as float64 rows, and the rows' weights (None: equal): the original's
+    own output ``own`` (at ``units`` when given), or the original's sum less
+    the current addend (``residual``), weighted by ``weighting``
+    (``norm_weighting``). ``cur`` / ``orig``: one batch's tensors of the
+    current and the original model."""
+    # the sum has the op output's shape unless the Add broadcast the op output itself; then
+    # the op's own output is the target (the same choice on every batch: shapes decide it)
+    if residual is not None and np.shape(orig[residual[0]]) != (*lead, width):
+        residual = None
+    rows = int(np.prod(lead))
+    weights = None
+    if residual is None:
+        target = np.asarray(orig[own]).reshape(rows, -1).astype(np.float64)
+    else:
+        total = np.asarray(orig[residual[0]], dtype=np.float64).reshape(rows, -1)
+        target = total - np.asarray(cur[residual[1]], dtype=np.float64).reshape(rows, -1)
+        if weighting is not None:
+            weights = row_weights(total, weighting)
+    if units is not None:
+        target = target[:, units]
+    return target, weights
 
 
 class _ErrorSums:

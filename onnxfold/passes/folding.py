@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from ..decide import folding as decide
+from ..decide.allocation import ALLOCATIONS
 from ..errors import UsageError
 from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..measure.stats import NeuronStats
@@ -37,7 +38,6 @@ from .foldcore import FoldCore
 from .refit import FoldState, refit_note
 from .units import dense_group
 
-ALLOCATIONS = ("uniform", "sensitivity")
 #: samples the sensitivity probes fit on and are judged on (each at most): the probes rank layers, a few
 #: hundred samples of a transformer's tokens do that; the fold itself uses all the calibration data
 PROBE_SAMPLES = 512
@@ -119,8 +119,7 @@ class FoldingPass:
         from .downstream import output_errors
 
         ratio = float(self.ratio)
-        n = ctx.calibration.num_samples
-        held = heldout_mask(n, self.seed)
+        held = None if ctx.heldout is not None else heldout_mask(ctx.calibration.num_samples, self.seed)
         if ctx.heldout is not None:
             fit, judge = ctx.calibration, ctx.heldout
         elif held is None:

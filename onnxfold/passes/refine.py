@@ -25,8 +25,8 @@ outputs on held-out data is lower, as the downstream refit does.
 Folded chains this pass does not handle are left as they are and named in
 the notes: a producer or consumer that is no plain MatMul / Gemm with
 constant weights, a linear path (linearity folding), an activation without
-a PyTorch form here, a folded consumer whose units were merged (no output
-of the original's matches them).
+a PyTorch form here, a folded consumer whose units are no unchanged copies
+of the original's (merged, or refit by the fold of the chain before).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from ..find.projections import Projection
 from ..measure.jobs import StatsJob, part_of
 from ..rewrite.attention import ProjectionEdit, rewrite_projections
 from .base import PassContext, PassResult, heldout_mask
-from .downstream import (KEEPS, kept_if_better, kept_units, linear_ops, norm_weighting, residual_addend,
-                         row_weights)
+from .downstream import (KEEPS, fit_target, kept_if_better, kept_units, linear_ops, norm_weighting,
+                         residual_addend)
 from .refit import FoldState, original_part
 
 #: rows sampled per chain (input + target, float32), and the memory they may take: MiniLM's 1024
@@ -132,7 +132,7 @@ def refine_targets(current: onnx.ModelProto, reference: onnx.ModelProto) -> tupl
             # the reader was folded too (the next chain's producer): its kept units are the target
             units = kept_units(cons, ref[cons.node])
             if units is None:
-                why = "its reader's units were merged, so no output of the original's matches them"
+                why = "its reader's units are no unchanged copies of the original's (merged or refit)"
         if why is not None:
             skipped.append(f"{chain.name}: not refined ({why})")
             continue
@@ -172,15 +172,9 @@ def _add_sample(target: RefineTarget, max_rows: int, seed: int, held_samples: np
     per_sample = x.size // (count * x.shape[-1])  # rows per sample (tokens, positions)
     keep = min(1.0, max_rows / (held_samples.size * per_sample))
     X = x.reshape(-1, x.shape[-1])
-    if target.residual is None:
-        total = None
-        T = np.asarray(orig[target.target], dtype=np.float32).reshape(X.shape[0], -1)
-        if target.units is not None:
-            T = T[:, target.units]
-    else:
-        total = np.asarray(orig[target.residual[0]], dtype=np.float64).reshape(X.shape[0], -1)
-        T = (total - np.asarray(cur[target.residual[1]], dtype=np.float64).reshape(X.shape[0], -1))
-    w = np.ones(X.shape[0]) if target.weighting is None else row_weights(total, target.weighting)
+    T, w = fit_target(cur, orig, x.shape[:-1], target.target, target.consumer.out_features, target.residual,
+                      target.units, target.weighting)
+    w = np.ones(X.shape[0]) if w is None else w
     held = np.repeat(held_samples[start:start + count], per_sample)
     # the same rows whatever the batching: the draw is seeded by the batch's first sample
     chosen = np.random.default_rng([seed, start]).random(X.shape[0]) < keep

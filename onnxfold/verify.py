@@ -158,8 +158,10 @@ class _Acc:
                 self.kind = "values"
         b = ref.shape[0] if ref.ndim else 1
         self.n += b
-        r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
-        err = np.abs(r64 - c64)
+        # float64 copies only where a float64 value is read (the reference's mostly come from ``memo``)
+        f64 = np.float64
+        err = np.subtract(ref, cand, dtype=f64)  # what r64 - c64 gives, without the two copies
+        np.abs(err, out=err)
         if err.size:
             # a NaN makes the maximum NaN: the NaN-aware passes only when there is one (same sums otherwise)
             nan = bool(np.isnan(err.max()))
@@ -167,13 +169,13 @@ class _Acc:
             self.sum_err += float(np.nansum(err) if nan else err.sum())
             self.n_elems += err.size
             if "max_ref" not in memo:
-                memo["max_ref"] = float(np.abs(r64).max())
+                memo["max_ref"] = float(np.abs(ref.astype(f64)).max())
             self.max_ref = max(self.max_ref, memo["max_ref"])
             per_sample = (np.where(np.isnan(err), np.inf, err) if nan else err).reshape(b, -1)
             self.sample_max.append(per_sample.max(axis=1))
             self.sample_mean.append(per_sample.mean(axis=1))
         if self.kind == "sequence":
-            self.sequences.update(r64, c64, labels, mask, memo)
+            self.sequences.update(ref, cand, labels, mask, memo)
             return
         if self.kind == "label":
             pr, pc = ref.reshape(b, -1), cand.reshape(b, -1)
@@ -197,8 +199,8 @@ class _Acc:
                 self.n_labeled += lab.size
         if self.thr is not None and self.kind in ("classifier", "values"):
             if "decisions" not in memo:
-                memo["decisions"] = _decisions(r64, self.thr)
-            dr, dc = memo["decisions"], _decisions(c64, self.thr)
+                memo["decisions"] = _decisions(ref.astype(f64), self.thr)
+            dr, dc = memo["decisions"], _decisions(cand.astype(f64), self.thr)
             self.dec_agree += int((dr == dc).sum())
             self.pos += int(dr.sum())
             self.pos_agree += int((dc[dr]).sum())
@@ -253,9 +255,9 @@ class _SequenceCounts:
             right_r, right_c = (pred_r == safe) & scored, (pred_c == safe) & scored
             add.update(labeled=scored.sum(1), right_ref=right_r.sum(1), right_cand=right_c.sum(1),
                        newly_wrong=(right_r & ~right_c).sum(1), newly_right=(~right_r & right_c).sum(1),
-                       nll_cand=(_nll(cand, safe) * scored).sum(1))
+                       nll_cand=(_nll(cand.astype(np.float64), safe) * scored).sum(1))
             if "nll" not in memo:
-                memo["nll"] = (_nll(ref, safe) * scored).sum(1)
+                memo["nll"] = (_nll(ref.astype(np.float64), safe) * scored).sum(1)
             add["nll_ref"] = memo["nll"]
         for k, v in add.items():
             self.parts[k].append(np.asarray(v, dtype=np.float64))
@@ -284,7 +286,8 @@ class _SequenceCounts:
 def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of ``labels`` under softmax(``logits``), per position."""
     top = logits.max(-1, keepdims=True)
-    log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    shifted = logits - top
+    log_z = np.log(np.exp(shifted, out=shifted).sum(-1)) + top[..., 0]
     return log_z - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
 
 

@@ -377,6 +377,32 @@ def test_update_never_modifies_the_callers_rows():
         np.testing.assert_allclose(g.sxy, Xc.T @ Yc, rtol=1e-12)
 
 
+def test_update_overwrite_gives_the_same_statistics_bit_for_bit():
+    """``overwrite=True`` centres the caller's scratch copy in place: the same
+    statistics to the last bit as a fresh copy, over several batches and with
+    weights; a read-only array is never written, whatever the flag says."""
+    rng = np.random.default_rng(7)
+    batches = [(rng.standard_normal((40, 5)), rng.standard_normal((40, 3)), rng.uniform(0.5, 2.0, 40))
+               for _ in range(3)]
+    for weighted in (False, True):
+        plain, scratch = GramAccumulator(), GramAccumulator()
+        for X, Y, w in batches:
+            plain.update(X, Y, w if weighted else None)
+            Xs, Ys = X.copy(), Y.copy()
+            scratch.update(Xs, Ys, w if weighted else None, overwrite=True)
+            assert not np.array_equal(Xs, X)  # centred in place: it was the scratch copy
+        for k in ("sxx", "sxy", "syy", "mean_x", "mean_y"):
+            np.testing.assert_array_equal(getattr(scratch, k), getattr(plain, k))
+        assert (scratch.count, scratch.weight) == (plain.count, plain.weight)
+    X, Y = batches[0][0].copy(), batches[0][1].copy()
+    X.flags.writeable = False
+    g = GramAccumulator()
+    g.update(X, Y[:, :1].copy(), overwrite=True)
+    np.testing.assert_array_equal(X, batches[0][0])
+    Xc = X - X.mean(0)
+    np.testing.assert_allclose(g.sxx, Xc.T @ Xc, rtol=1e-12)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_weighted_rows_solve_weighted_least_squares(with_bias):
     """Streamed weighted rows (in batches, some merged) give numpy's weighted

@@ -79,6 +79,32 @@ def test_same_tensors_are_those_computed_by_equal_nodes_from_equal_inputs():
     assert h0 not in first and h1 not in first and w1 in first
 
 
+def test_what_a_plan_shares_is_same_tensors_less_the_initializers():
+    """The suffix plans compare an initializer only where a node reads it: the
+    computed tensors they share are exactly same_tensors' (a weight changed
+    first, in the middle or last; an initializer that is also a graph input;
+    an extra node), less the initializer names."""
+    from onnxfold.measure.suffix import _computed_alike
+
+    model = build_mlp([5, 8, 8, 8, 3], seed=1)
+    weights = _weights(model)
+    overridable = onnx.ModelProto()
+    overridable.CopyFrom(model)
+    overridable.graph.input.append(onnx.helper.make_tensor_value_info(weights[1], onnx.TensorProto.FLOAT, None))
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    renamed.graph.node[1].output[0] = renamed.graph.node[2].input[0] = "renamed"
+    variants = [model, overridable, renamed, *(_with_weight(model, w, 1.5) for w in weights)]
+    for changed in variants:
+        for reference in (model, overridable):
+            inits = {t.name for t in changed.graph.initializer}
+            full = same_tensors(changed, reference)
+            shared, equal_initializer = _computed_alike(changed, reference)
+            assert shared == full - inits
+            assert {n for n in inits if equal_initializer(n)} == full & inits
+    assert _computed_alike(_with_weight(model, weights[0], 1.5), model)[0] == {"x"}  # the first layer changed
+
+
 def test_a_suffix_part_computes_from_the_given_tensors_only():
     model = build_mlp([5, 8, 8, 3], seed=1)
     h0, h1 = _relus(model)

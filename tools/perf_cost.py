@@ -21,6 +21,7 @@ process; the stage seconds come from its report's ``timings_s``.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import statistics
@@ -118,7 +119,10 @@ def bench_cost(models_dir: Path, work: Path, before: Path | None = None, repeats
                 "same_chosen": ref["search"]["chosen"] == rep["search"]["chosen"],
                 "chosen_before": ref["search"]["chosen"], "chosen_after": rep["search"]["chosen"],
                 "evaluated_same": [e["setting"] for e in ref["search"]["evaluated"]]
-                == [e["setting"] for e in rep["search"]["evaluated"]]})
+                == [e["setting"] for e in rep["search"]["evaluated"]],
+                # the last pair's written models, byte for byte
+                "same_model": filecmp.cmp(work / f"{name}.before.fold.onnx", work / f"{name}.fold.onnx",
+                                          shallow=False)})
         if not fix:
             out["onnxsim"].append(bench_onnxsim(name, models_dir, rep))
             continue
@@ -210,6 +214,20 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
         pstats.Stats(str(prof), stream=sys.stdout).sort_stats("cumulative").print_stats(top)
 
 
+#: what the change timed in section 2's before / after table does (rewritten with each such change)
+CHANGE_NOTE = (
+    "What this change does (723978d..): the same arithmetic with fewer copies and less protobuf work, meant to leave "
+    "every value the same to the last bit (*same model* above says whether the written models are). A Gram update centres the rows a refit drew for it "
+    "in place instead of in a second m × p array, and takes a batch's rows without copying them when none is held "
+    "out (`GramAccumulator.update(overwrite=)`); a convolution's patches are gathered from a float64 input, not "
+    "cast row by row. The judge subtracts a candidate's outputs from the reference's in float64 without float64 "
+    "copies of both, and takes the log-softmax in one buffer. A recording counts its weights' bytes from their "
+    "shapes instead of serializing each one, and a suffix plan compares a weight with the recording's only where "
+    "a node that is otherwise equal reads it (the weights after the first change, often most of them, are not "
+    "compared). Single runs, interleaved per model, on 2 shared cores: differences of 10 % in wall time are "
+    "within the noise here; the decide seconds are the cleaner comparison.")
+
+
 def _f(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -244,29 +262,20 @@ def cost_markdown(cost: dict) -> list[str]:
               "The same runs with the onnxfold before this change (a clean checkout of `main` at the commit this "
               "branch started from), interleaved model by model in this one run. Same seed; *same settings* "
               "compares `report[\"search\"][\"chosen\"]`, *same candidates* the list of settings the search "
-              "evaluated, in order.", "",
-              "| model | wall s before | wall s after | speed-up | decide / calibration before | after | "
-              "same settings | same candidates |", "|---|---|---|---|---|---|---|---|"]
+              "evaluated, in order, *same model* the written .onnx files byte for byte.", "",
+              "| model | wall s before | wall s after | speed-up | decide s before | after | "
+              "decide / calibration before | after | same settings | same candidates | same model |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in cost["before_after"]:
+            same_model = r.get("same_model")
             L.append(f"| {r['model']} | {r['wall_before_s']:.1f} | {r['wall_after_s']:.1f} | "
-                     f"{r['wall_before_s'] / r['wall_after_s']:.2f} x | {r['decide_over_calibration_before']:.2f} | "
+                     f"{r['wall_before_s'] / r['wall_after_s']:.2f} x | "
+                     f"{r['timings_before'].get('decide', 0.0):.2f} | {r['timings_after'].get('decide', 0.0):.2f} | "
+                     f"{r['decide_over_calibration_before']:.2f} | "
                      f"{r['decide_over_calibration_after']:.2f} | {'yes' if r['same_chosen'] else 'NO'} | "
-                     f"{'yes' if r['evaluated_same'] else 'no'} |")
-        L += ["", "What this change does (e8315d4..): suffix runs. A pass refits its layers one after another and "
-              "measured layer i by running layers 0..i again; now each run records its frontier (the tensors it "
-              "computed that nodes it did not run read: the layer's input, the residual stream, a mask every "
-              "block reads), and the next run of the same data starts from the recorded tensors that its model "
-              "computes exactly as the recording's did (equal nodes from equal weights and inputs), running only "
-              "the nodes after them (`measure/suffix.py`; at most 1 GiB of recordings). A candidate is judged "
-              "the same way from the lossless start's tensors where it starts to differ, and what the reference "
-              "gives per batch of the select split (predictions, the perplexity of the labels) is computed for "
-              "the first candidate only (`verify.compare_models`' `reference_memo`). Values are a full run's up "
-              "to rounding (onnxruntime fuses some nodes across a tensor that is an output in one run and "
-              "internal in the other), so a choice could differ only on a near tie: *same settings* and *same "
-              "candidates* above say whether one did. Fewer onnxruntime runs lower the calibration stage, not "
-              "decide, so the decide / calibration ratio rises where decide did not change; the recordings are "
-              "what the peak RSS column gains. Single runs, interleaved per model, on 2 shared cores: differences "
-              "of 10 % in wall time are within the noise here.", ""]
+                     f"{'yes' if r['evaluated_same'] else 'no'} | "
+                     f"{'-' if same_model is None else 'yes' if same_model else 'no'} |")
+        L += ["", CHANGE_NOTE, ""]
     if cost["fixed_batch"]:
         L += ["### Batch axis fixed at 1", "",
               f"A copy of each model with its batch axis fixed at 1 (inputs and outputs), next to the model itself "

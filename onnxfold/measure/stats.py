@@ -42,6 +42,14 @@ def _rows(x: np.ndarray, width: int | None, what: str) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+def _scratch(x64: np.ndarray, rows: np.ndarray, overwrite: bool) -> bool:
+    """Whether float64 rows ``x64`` (``rows`` cast, or ``rows`` itself) may be
+    centred in place: a copy the cast made, or the caller's own scratch copy."""
+    if x64 is not rows:
+        return x64.base is None
+    return overwrite and x64.flags.writeable and x64.flags.c_contiguous
+
+
 def _batch_moments(x64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column sums and centred sums of squares of one batch (m, n) float64."""
     s = x64.sum(axis=0)
@@ -301,9 +309,13 @@ class GramAccumulator:
             self.sxy = np.zeros((p, q))
             self.syy = np.zeros(q)
 
-    def update(self, X: np.ndarray, Y: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+    def update(self, X: np.ndarray, Y: np.ndarray | None = None, weights: np.ndarray | None = None, *,
+               overwrite: bool = False) -> None:
         """Add rows X (..., p) with targets Y (..., q) (same leading shape) or
-        None; ``weights``: one non-negative weight per row (default 1)."""
+        None; ``weights``: one non-negative weight per row (default 1).
+        ``overwrite=True``: X and Y are the caller's scratch copies (rows it
+        took for this call), centred in place instead of in a new array - one
+        m×p allocation and pass less, the same values."""
         X = np.asarray(X)
         Xr = _rows(X, self.p, "X")
         if Y is not None:
@@ -334,7 +346,7 @@ class GramAccumulator:
         bx = x64.mean(axis=0) if v is None else (v @ x64) / mass
         # centred in place when astype made a copy (float32 rows): one m×p
         # float64 array less to allocate and fill per batch, same values
-        xc = np.subtract(x64, bx, out=x64) if x64 is not Xr and x64.base is None else x64 - bx
+        xc = np.subtract(x64, bx, out=x64) if _scratch(x64, Xr, overwrite) else x64 - bx
         xv = xc if v is None else xc * v[:, None]
         n1, n = self.weight, self.weight + mass
         w = n1 * mass / n
@@ -345,7 +357,7 @@ class GramAccumulator:
         if has_y:
             y64 = Yr.astype(np.float64, copy=False)
             by = y64.mean(axis=0) if v is None else (v @ y64) / mass
-            yc = np.subtract(y64, by, out=y64) if y64 is not Yr and y64.base is None else y64 - by
+            yc = np.subtract(y64, by, out=y64) if _scratch(y64, Yr, overwrite) else y64 - by
             dy = by - self.mean_y
             self.sxy += xv.T @ yc
             self.syy += np.einsum("ij,ij->j", yc, yc) if v is None else v @ (yc * yc)

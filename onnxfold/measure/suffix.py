@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..io.sizes import data_nbytes
 from .stream import empty_part, needed_nodes, needed_part
 
 __all__ = ["same_tensors", "cut_tensors", "suffix_part", "SuffixPlan", "TensorMemo", "TENSOR_MEMO_BYTES"]
@@ -60,24 +61,43 @@ def same_tensors(model: onnx.ModelProto, reference: onnx.ModelProto) -> set[str]
     unless the op is random (Dropout included: training mode is an input).
     Their values are the same on the same data. Graphs with subgraphs (If,
     Loop, Scan read outer names implicitly) share nothing."""
+    same, equal_initializer = _computed_alike(model, reference)
+    same.update(t.name for t in model.graph.initializer if equal_initializer(t.name))
+    return same
+
+
+def _computed_alike(model: onnx.ModelProto, reference: onnx.ModelProto):
+    """(:func:`same_tensors` less the initializers, the initializer test it
+    used). An initializer is compared only when a node equal to the
+    reference's reads it: the tensors downstream of the first change, often
+    most of a model's weights, are never compared (what a suffix plan asks)."""
     if _has_subgraphs(model) or _has_subgraphs(reference):
-        return set()
+        return set(), lambda _name: False
     rg, g = reference.graph, model.graph
     ref_inits = {t.name: t for t in rg.initializer}
     ref_inputs = {i.name for i in rg.input if i.name not in ref_inits}
-    inits = {t.name for t in g.initializer}
+    inits = {t.name: t for t in g.initializer}
     same = {i.name for i in g.input if i.name not in inits and i.name in ref_inputs}
-    same.update(t.name for t in g.initializer if t.name in ref_inits and t == ref_inits[t.name])
+    overridable: set[str] = set()
     if any(i.name in inits for i in g.input):  # an initializer a caller may override: not a constant
-        same.difference_update(i.name for i in g.input)
+        overridable = {i.name for i in g.input}
+        same.difference_update(overridable)
+    compared: dict[str, bool] = {}
+
+    def equal_initializer(name: str) -> bool:
+        if name not in compared:
+            compared[name] = (name in inits and name not in overridable and name in ref_inits
+                              and inits[name] == ref_inits[name])
+        return compared[name]
+
     ref_nodes = {tuple(n.output): n for n in rg.node}
     for node in g.node:
         ref = ref_nodes.get(tuple(node.output))
-        if ref is not None and node.op_type not in _RANDOM_OPS and all(not i or i in same for i in node.input) \
-                and node == ref:
+        if ref is not None and node.op_type not in _RANDOM_OPS and node == ref \
+                and all(not i or i in same or equal_initializer(i) for i in node.input):
             same.update(o for o in node.output if o)
     same.discard("")
-    return same
+    return same, equal_initializer
 
 
 def cut_tensors(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[str]:
@@ -180,7 +200,7 @@ class TensorMemo:
         for k, rec in reversed(self._recordings):
             if k != key:
                 continue
-            shared = same_tensors(model, rec.part)
+            shared, _ = _computed_alike(model, rec.part)  # recordings hold node outputs only
             leaves = {n: dt for n, dt in rec.dtypes.items() if n in shared}
             if not leaves:
                 continue
@@ -217,7 +237,8 @@ class TensorMemo:
             return
         nbytes = sum(np.asarray(v).nbytes for b in batches for v in b.values())
         read = {i for n in needed_nodes(model, list(batches[0])) for i in n.input}
-        nbytes += sum(t.ByteSize() for t in model.graph.initializer if t.name in read)  # the weights copied
+        # the weights copied, counted from their shapes: ByteSize would serialize each tensor again
+        nbytes += sum(data_nbytes(t) for t in model.graph.initializer if t.name in read)
         if nbytes > self.max_bytes // 2:
             return
         dtypes = {n: np.asarray(v).dtype for n, v in batches[0].items()}

@@ -409,7 +409,9 @@ class OutputRows:
         """(length of the source's first axis, [(X, Y, target)])."""
         x = np.asarray(cur[self.x])
         if self.geometry is not None:
-            X = PatchRows(x, *self.geometry)  # the refit takes a few thousand rows of it per batch
+            # the refit takes a few thousand rows of it per batch; patches of a float64 input are
+            # gathered as the Gram takes them (one cast of the input, none per drawn row)
+            X = PatchRows(x.astype(np.float64, copy=False), *self.geometry)
         else:
             X = last_axis_rows(x if self.activation is None else self.activation.apply(x))
         current, target = output_rows(cur[self.out], self.channels_first), output_rows(orig[self.out],

@@ -193,8 +193,10 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, accs: dict, start:
             idx = np.flatnonzero(selected)
             if sampler is not None and idx.size > rows.max_rows:
                 idx = np.sort(sampler.choice(idx, rows.max_rows, replace=False))
-            if idx.size:
-                acc.update(X[idx], Y[idx], None if weights is None else weights[idx])
+            if idx.size == n and isinstance(X, np.ndarray):  # every row: no copy to take
+                acc.update(X, Y, weights)
+            elif idx.size:  # copies of the chosen rows, this call's own: centred in place
+                acc.update(X[idx], Y[idx], None if weights is None else weights[idx], overwrite=True)
                 if acc is accs[f"held{i}"]:
                     # the held-out target's spread, in the weighted rows' units (relative errors in notes)
                     accs[f"spread{i}"].update(target[idx] if weights is None

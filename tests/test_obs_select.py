@@ -168,6 +168,14 @@ def test_obs_covariance_is_shared_through_the_search_cache():
     x_test = np.random.default_rng(2).standard_normal((20, 4)).astype(np.float32)
     np.testing.assert_array_equal(ort_run(again.model, {"x": x_test})[0], ort_run(fresh.model, {"x": x_test})[0])
     assert [r.width_after for r in first.layers] == [6, 4]
+    # layer0 folded another way: layer1's input is another model's, measured again (not the cached one)
+    misses = cache.misses
+    other = FoldingPass({"layer0": 0.25, "layer1": 0.75}, select="obs", repair="none")(model, ctx)
+    assert cache.misses > misses
+    other_fresh = FoldingPass({"layer0": 0.25, "layer1": 0.75}, select="obs", repair="none")(
+        model, PassContext(calibration=CalibrationSet({"x": x}), batch_size=100))
+    np.testing.assert_array_equal(ort_run(other.model, {"x": x_test})[0],
+                                  ort_run(other_fresh.model, {"x": x_test})[0])
 
 
 def test_obs_with_a_linear_path_reading_the_layer_selects_from_the_refit_reader():

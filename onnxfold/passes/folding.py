@@ -166,6 +166,8 @@ class _FoldRun:
         self.state = FoldState(model, lambda release: materialize(model, view, release=release))
         self.core = FoldCore(self.state, ctx, select=select, repair=repair, seed=seed)
         self.folded: list[tuple[str, float]] = []  # (chain, ratio) in the order folded: what the model now is
+        # a chain's selection reads the model before its own fold: the chains folded before it
+        self.core.model_scope = lambda: self._scope(self.folded[:-1])
 
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
         self.folded.append((chain.name, ratio))
@@ -208,15 +210,17 @@ class _FoldRun:
 
     def _refit_key(self):
         """In a budget search the refit is shared by every candidate that
-        folds the same model the same way up to this layer. The model the
-        refit runs is a function of the pass's input model (keyed by its
-        content), the pass's settings and the layers folded so far with their
-        ratios - a cheaper key than the model's bytes after every fold."""
+        folds the same model the same way up to this layer."""
+        return None if self.ctx.cache is None else ("ls refit", *self._scope(self.folded))
+
+    def _scope(self, folded: list[tuple[str, float]]) -> tuple:
+        """What the model is after folding ``folded`` (in a budget search): a
+        function of the pass's input model (keyed by its content), the pass's
+        settings and the chains folded with their ratios - a cheaper key than
+        the model's bytes after every fold."""
         cache, ctx, original = self.ctx.cache, self.ctx, self.state.original
-        if cache is None:
-            return None
-        return ("ls refit", cache.input_digest(original, "whole model", lambda: original), self.select, self.repair,
-                self.seed, self.drop_constant, tuple(self.folded), cache.identity(ctx.calibration),
+        return (cache.input_digest(original, "whole model", lambda: original), self.select, self.repair,
+                self.seed, self.drop_constant, tuple(folded), cache.identity(ctx.calibration),
                 cache.identity(ctx.heldout), ctx.batch_size)
 
 

@@ -441,6 +441,34 @@ def test_shipped_cnn_folded_half_keeps_accuracy():
     assert acc > 0.8  # chance is 0.1; plain folding without repair falls to ~chance here
 
 
+def test_channel_refits_are_shared_through_the_search_cache():
+    """Candidates that fold the same chains the same way up to a refit share
+    it (the dense folding pass's key); another fold upstream is refit again;
+    either way the model is the one a run without the cache gives, up to the
+    rounding of the cache's suffix runs (docs/methods.md section 3)."""
+    from onnxfold.passes.cache import SearchCache
+
+    m = onnx.load(str(MODELS / "mnist_resnet.onnx"))
+    with np.load(MODELS / "mnist_resnet.calib.npz") as f:
+        x = f["input"][:200]
+    with np.load(MODELS / "mnist_resnet.test.npz") as f:
+        xt = f["input"][:50]
+    cache = SearchCache()
+    ctx = PassContext(calibration=CalibrationSet({"input": x}), batch_size=100, cache=cache)
+
+    def fresh(ratios):
+        return ChannelFoldingPass(ratios, repair="ls")(m, PassContext(calibration=CalibrationSet({"input": x}),
+                                                                      batch_size=100)).model
+
+    ChannelFoldingPass({"conv0": 0.25}, repair="ls")(m, ctx)
+    for ratios, shared in (({"conv0": 0.25, "conv1": 0.25}, 1), ({"conv0": 0.5, "conv1": 0.25}, 0)):
+        hits, misses = cache.hits, cache.misses
+        got = ChannelFoldingPass(ratios, repair="ls")(m, ctx).model
+        assert (cache.hits - hits, cache.misses - misses) == (shared, 2 - shared)
+        want = ort_run(fresh(ratios), {"input": xt})[0]
+        np.testing.assert_allclose(ort_run(got, {"input": xt})[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def _copy_shipped_cnn(tmp_path: Path) -> Path:
     import shutil
 

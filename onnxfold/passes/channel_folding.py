@@ -127,11 +127,28 @@ class _ChannelRun:
     def __init__(self, model: onnx.ModelProto, view: ConvGraph, ctx: PassContext, *, select: str, repair: str,
                  seed: int):
         self.view = view
+        self.ctx = ctx
         self.state = FoldState(model, lambda release: materialize_convs(model, view))
         self.core = FoldCore(self.state, ctx, select=select, repair=repair, seed=seed)
         self.index = GraphIndex(model)
+        self.folded: list[tuple[str, float]] = []  # (chain or stream, ratio) in the order folded
+
+    def _refit_key(self, member):
+        """In a budget search a refit is shared by every candidate that folds
+        the same model the same way up to it: the model it runs is a function
+        of the pass's input model (keyed by its content), the pass's settings,
+        the chains and streams folded so far with their ratios, and which
+        consumer of the last one this is (a stream's consumers are refit one
+        after another) - as the dense folding pass keys its refits."""
+        cache, ctx, original = self.ctx.cache, self.ctx, self.state.original
+        if cache is None:
+            return None
+        return ("channel ls refit", cache.input_digest(original, "whole model", lambda: original),
+                self.core.select, self.core.repair, self.core.seed, tuple(self.folded), member.op.name,
+                cache.identity(ctx.calibration), cache.identity(ctx.heldout), ctx.batch_size)
 
     def fold(self, chain: ConvChain, ratio: float) -> LayerReport:
+        self.folded.append((chain.name, ratio))
         n = chain.width
         k = decide.target_width(n, ratio)
         if k == n:
@@ -146,10 +163,11 @@ class _ChannelRun:
         return _report(chain, n, merged=plan.merged, pruned=plan.pruned, note=note)
 
     def _refit(self, member, what: str) -> str:
-        outcome, why = self.core.refit(member, f"channel folding {what}: refit")
+        outcome, why = self.core.refit(member, f"channel folding {what}: refit", self._refit_key(member))
         return why or refit_note(outcome)
 
     def fold_residual(self, grp: ResidualGroup, ratio: float) -> LayerReport:
+        self.folded.append((grp.name, ratio))
         group = residual_group(grp, self.view, self.index)
         n = group.width
         k = decide.target_width(n, ratio)

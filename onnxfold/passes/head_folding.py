@@ -64,7 +64,8 @@ def _check_heads(what: str, where: str | None, v, name: str = "heads") -> None:
 
 
 def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: str, task: str,
-                      groups: list[tuple] | None = None, w_orig: np.ndarray | None = None):
+                      groups: list[tuple] | None = None, w_orig: np.ndarray | None = None,
+                      scope: "_Scope | None" = None):
     """Least-squares refit of ``proj`` (read from the current model, reading
     ``x_name``) against the original model: (weight, bias, note); weight
     None: keep the fold.
@@ -83,6 +84,9 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
       ``bias`` is the part of the current bias that already stands for them
       (their value biases, moved into the o bias by the fold); the refit
       replaces it.
+
+    ``scope``: the pass run's :class:`_Scope`; in a budget search the refit is
+    then shared by every candidate that folded the same blocks the same way.
     """
     groups = groups or [("output", None)]
     w_prior, b_prior = proj.weight.copy(), proj.bias_or_zero().copy()
@@ -90,8 +94,10 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
     # a part's prior bias is the constant its member heads' value biases
     # moved into the o bias (the plain fold's intercept for this target)
     b_parts = [np.asarray(g[3], dtype=np.float64) if g[0] == "part" else b_prior for g in groups]
+    where = None if scope is None else scope()
     outcomes = core.refits.solve(ProjectionRows(x_name, proj.dtype, orig_name, w_prior, groups, w_orig),
-                                 [(w_prior[:, c], b) for c, b in zip(cols_of, b_parts)], task)
+                                 [(w_prior[:, c], b) for c, b in zip(cols_of, b_parts)], task,
+                                 None if where is None else ("projection ls refit", where, task))
     w_new, b_new = w_prior.copy(), b_prior.copy()
     notes, changed = [], False
     for g, cols, b_part, (r, held_rows) in zip(groups, cols_of, b_parts, outcomes):
@@ -107,6 +113,29 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
     if not changed:
         return None, None, f"{what}: plain fold kept; " + "; ".join(notes)
     return w_new, b_new, f"{what}: " + "; ".join(notes)
+
+
+class _Scope:
+    """What a pass run's current model is, in a budget search: a function of
+    the pass's input model (keyed by its content), its settings and the
+    blocks folded so far with their unit counts (``steps``, filled by
+    :func:`_fold_in_order`) - the key the dense and channel folding passes
+    give their refits, cheaper than the model's bytes. None outside a search."""
+
+    def __init__(self, ctx: PassContext, state: FoldState, settings: tuple):
+        self.ctx, self.state, self.settings = ctx, state, settings
+        self.steps: list[tuple[str, int]] = []
+
+    def __call__(self):
+        cache, ctx, original = self.ctx.cache, self.ctx, self.state.original
+        if cache is None:
+            return None
+        return (cache.input_digest(original, "whole model", lambda: original), self.settings, tuple(self.steps),
+                cache.identity(ctx.calibration), cache.identity(ctx.heldout), ctx.batch_size)
+
+
+def _hashable(v):
+    return tuple(sorted(v.items())) if isinstance(v, Mapping) else v
 
 
 class HeadFoldingPass:
@@ -181,11 +210,14 @@ class HeadFoldingPass:
                              f" blocks are: {', '.join(names)}")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
-        reports = _fold_in_order(core, view.attention, _same_block, wanted, "head folding", self._fold_block,
+        scope = _Scope(ctx, state, ("head folding", self.select, self.merge, repair, self.seed, self.refit,
+                                    self.features, _hashable(self.kv_heads)))
+        reports = _fold_in_order(core, view.attention, _same_block, wanted, "head folding",
+                                 lambda *a: self._fold_block(*a, scope=scope),
                                  lambda b: LayerReport(layer=b.name, producer=b.q.node, activation="attention (heads)",
                                                        width_before=b.num_heads, width_after=b.num_heads),
                                  lambda b, h: int(np.prod(self._shape(b, dh.heads_after(b.num_heads, h)))),
-                                 "not selected for head folding", ahead=self._groups_ahead)
+                                 "not selected for head folding", ahead=self._groups_ahead, steps=scope.steps)
         return PassResult(state.current_model(), state.edited, reports, notes)
 
     def _shape(self, b: AttentionBlock, heads: int) -> tuple[int, int]:
@@ -211,7 +243,8 @@ class HeadFoldingPass:
             return [(query_head_group(b, self._features(w, groups=False)), kv * per)]
         return []
 
-    def _fold_block(self, core: FoldCore, b0: AttentionBlock, b: AttentionBlock, k: int, rep: LayerReport) -> None:
+    def _fold_block(self, core: FoldCore, b0: AttentionBlock, b: AttentionBlock, k: int, rep: LayerReport, *,
+                    scope: _Scope | None = None) -> None:
         """Select (the core's), merge (the heads' own rule), write, refit (the core's engine):
         whole key/value groups first, then query heads within their groups."""
         state = core.state
@@ -238,11 +271,11 @@ class HeadFoldingPass:
         rep.merged = int(b0.num_heads - rep.pruned - rep.width_after)
         notes = [f"key/value heads {b0.num_kv_heads} -> {kv}, {per} query heads each"] if b0.grouped else []
         if core.repair == "ls":
-            notes.append(self._refit(core, b0, w0, labels, moved))
+            notes.append(self._refit(core, b0, w0, labels, moved, scope))
         rep.note = "; ".join(notes)
 
     def _refit(self, core: FoldCore, b0: AttentionBlock, w0: dh.HeadWeights, labels: np.ndarray,
-               moved: np.ndarray) -> str:
+               moved: np.ndarray, scope: _Scope | None = None) -> str:
         """The ``ls`` refit of the folded block's o projection (``labels``:
         original query head -> folded head); what it did."""
         state = core.state
@@ -251,12 +284,13 @@ class HeadFoldingPass:
         dv = b0.v_head_dim
         groups = _cluster_parts(w0, labels, moved, dv) if self.refit == "cluster" else []
         if groups:  # each merged cluster's o columns reproduce what its member heads added
-            wr, br, note = _refit_projection(core, b2.o, b2.o.input, b0.o.input, task, groups, b0.o.weight)
+            wr, br, note = _refit_projection(core, b2.o, b2.o.input, b0.o.input, task, groups, b0.o.weight, scope)
         else:
             sizes = np.bincount(labels[labels >= 0], minlength=b2.num_heads)
             merged = sizes > 1
             cols = np.flatnonzero(np.repeat(merged, dv)) if self.refit == "merged" and merged.any() else None
-            wr, br, note = _refit_projection(core, b2.o, b2.o.input, b0.o.output, task, [("output", cols)])
+            wr, br, note = _refit_projection(core, b2.o, b2.o.input, b0.o.output, task, [("output", cols)],
+                                             scope=scope)
         if wr is not None:
             state.replace(rewrite_projections(state.current_model(), [ProjectionEdit(b2.o, wr, br)], [],
                                               set(b2.o.nodes)))
@@ -334,15 +368,18 @@ class GatedFoldingPass:
         wanted = self.settings.ratios([g.name for g in view.gated], "unknown gated MLP {!r}", "gated MLPs")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
-        reports = _fold_in_order(core, view.gated, _same_glu, wanted, "gated folding", self._fold_glu,
+        scope = _Scope(ctx, state, ("gated folding", self.select, repair, self.seed))
+        reports = _fold_in_order(core, view.gated, _same_glu, wanted, "gated folding",
+                                 lambda *a: self._fold_glu(*a, scope=scope),
                                  lambda g: LayerReport(layer=g.name, producer=g.gate.node,
                                                        activation=f"gated {g.activation.describe()}",
                                                        width_before=g.width, width_after=g.width),
                                  lambda g, r: fold.target_width(g.width, r), "not selected for folding",
-                                 ahead=lambda g, k: [(gated_group(g), k)])
+                                 ahead=lambda g, k: [(gated_group(g), k)], steps=scope.steps)
         return PassResult(state.current_model(), state.edited, reports, [])
 
-    def _fold_glu(self, core: FoldCore, g0: GatedMLP, g: GatedMLP, k: int, rep: LayerReport) -> None:
+    def _fold_glu(self, core: FoldCore, g0: GatedMLP, g: GatedMLP, k: int, rep: LayerReport, *,
+                  scope: _Scope | None = None) -> None:
         """Fold (the core's: gate and up rows merged, down columns summed), write, refit."""
         state = core.state
         group = gated_group(g)
@@ -357,14 +394,15 @@ class GatedFoldingPass:
         if core.repair != "ls":
             return
         g2 = _same_glu(state.current_model(), g0)
-        wr, br, rep.note = _refit_projection(core, g2.down, g2.hidden, g0.down.output, f"gated folding {g.name}: refit")
+        wr, br, rep.note = _refit_projection(core, g2.down, g2.hidden, g0.down.output, f"gated folding {g.name}: refit",
+                                             scope=scope)
         if wr is not None:
             state.replace(rewrite_projections(state.current_model(), [ProjectionEdit(g2.down, wr, br)], [],
                                               set(g2.down.nodes)))
 
 
 def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str, fold_one, report, target,
-                   unselected: str, ahead=None) -> list[LayerReport]:
+                   unselected: str, ahead=None, steps: list | None = None) -> list[LayerReport]:
     """One report per block (as ``found`` in the input model), in order: each
     is found again in the current model (``refind``: earlier rewrites moved
     it), folded to ``target(current, wanted[name])`` units by ``fold_one(core,
@@ -372,7 +410,8 @@ def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str,
     parameters counted before and after. ``ahead(block, k)``: the unit groups
     and k its fold will cluster first; a block's fold rewrites only its own
     projections, so these are clustered for every block at once, side by side
-    on Ray (``FoldCore.prefetch_clusters``)."""
+    on Ray (``FoldCore.prefetch_clusters``). ``steps``: gets ``(name, k)`` of
+    each block before it is folded (a :class:`_Scope`'s)."""
     state, ctx = core.state, core.ctx
     if ahead is not None:
         core.prefetch_clusters([p for x0 in found if x0.name in wanted for p in ahead(x0, target(x0, wanted[x0.name]))],
@@ -391,6 +430,8 @@ def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str,
         if k >= rep.width_before:
             rep.note = "nothing to fold"
             continue
+        if steps is not None:
+            steps.append((x0.name, k))
         fold_one(core, x0, x, k, rep)
         rep.params_after = refind(state.current_model(), x0).num_params
     ctx.report_progress(task, len(found), len(found))

@@ -97,6 +97,28 @@ class SearchCache:
         return value
 
 
+class PassScope:
+    """What a fold pass's current model is, in a budget search: a function of
+    the pass's input model (keyed by its content), its settings and the steps
+    it took so far (``steps``: the layers, chains or blocks folded, with their
+    ratio or unit count) - the key of the values a pass shares across
+    candidates (its refits, an ``obs`` selection's input covariance), far
+    cheaper than the bytes of the model after every fold."""
+
+    def __init__(self, ctx, original: onnx.ModelProto, settings: tuple):
+        self.ctx, self.original, self.settings = ctx, original, settings
+        self.steps: list[tuple[str, Any]] = []
+
+    def key(self, steps: list | None = None) -> tuple | None:
+        """The key after ``steps`` (default: every step so far); None outside a search."""
+        cache, ctx, original = self.ctx.cache, self.ctx, self.original
+        if cache is None:
+            return None
+        return (cache.input_digest(original, "whole model", lambda: original), self.settings,
+                tuple(self.steps if steps is None else steps), cache.identity(ctx.calibration),
+                cache.identity(ctx.heldout), ctx.batch_size)
+
+
 def _nbytes(value: Any, depth: int = 0) -> int:
     """The arrays a cached value holds, roughly (accumulators, tuples, dicts)."""
     if isinstance(value, np.ndarray):

@@ -41,6 +41,7 @@ from ..find.conv import ConvChain, ConvGraph, ResidualGroup, find_conv_graph
 from ..find.graph_index import GraphIndex
 from ..rewrite.conv import materialize_convs
 from .base import FoldSettings, LayerReport, PassContext, PassResult, fold_in_order
+from .cache import PassScope
 from .foldcore import FoldCore
 from .refit import FoldState, refit_note
 from .units import conv_chain_group, residual_group
@@ -127,25 +128,18 @@ class _ChannelRun:
     def __init__(self, model: onnx.ModelProto, view: ConvGraph, ctx: PassContext, *, select: str, repair: str,
                  seed: int):
         self.view = view
-        self.ctx = ctx
         self.state = FoldState(model, lambda release: materialize_convs(model, view))
         self.core = FoldCore(self.state, ctx, select=select, repair=repair, seed=seed)
         self.index = GraphIndex(model)
-        self.folded: list[tuple[str, float]] = []  # (chain or stream, ratio) in the order folded
+        self.scope = PassScope(ctx, model, ("channel folding", select, repair, seed))
+        self.folded: list[tuple[str, float]] = self.scope.steps  # (chain or stream, ratio) in the order folded
 
     def _refit_key(self, member):
         """In a budget search a refit is shared by every candidate that folds
-        the same model the same way up to it: the model it runs is a function
-        of the pass's input model (keyed by its content), the pass's settings,
-        the chains and streams folded so far with their ratios, and which
-        consumer of the last one this is (a stream's consumers are refit one
-        after another) - as the dense folding pass keys its refits."""
-        cache, ctx, original = self.ctx.cache, self.ctx, self.state.original
-        if cache is None:
-            return None
-        return ("channel ls refit", cache.input_digest(original, "whole model", lambda: original),
-                self.core.select, self.core.repair, self.core.seed, tuple(self.folded), member.op.name,
-                cache.identity(ctx.calibration), cache.identity(ctx.heldout), ctx.batch_size)
+        the same model the same way up to it, and which consumer of the last
+        step this is (a stream's consumers are refit one after another)."""
+        key = self.scope.key()
+        return None if key is None else ("ls refit", key, member.op.name)
 
     def fold(self, chain: ConvChain, ratio: float) -> LayerReport:
         self.folded.append((chain.name, ratio))

@@ -34,6 +34,7 @@ from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..measure.stats import NeuronStats
 from ..rewrite import materialize
 from .base import FoldSettings, LayerReport, PassContext, PassResult, fold_in_order
+from .cache import PassScope
 from .foldcore import FoldCore
 from .refit import FoldState, refit_note
 from .units import dense_group
@@ -165,9 +166,11 @@ class _FoldRun:
         self.drop_constant = drop_constant
         self.state = FoldState(model, lambda release: materialize(model, view, release=release))
         self.core = FoldCore(self.state, ctx, select=select, repair=repair, seed=seed)
-        self.folded: list[tuple[str, float]] = []  # (chain, ratio) in the order folded: what the model now is
+        self.scope = PassScope(ctx, model, ("dense folding", select, repair, seed, drop_constant))
+        # (chain, ratio) in the order folded: what the model now is
+        self.folded: list[tuple[str, float]] = self.scope.steps
         # a chain's selection reads the model before its own fold: the chains folded before it
-        self.core.model_scope = lambda: self._scope(self.folded[:-1])
+        self.core.model_scope = lambda: self.scope.key(self.folded[:-1])
 
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
         self.folded.append((chain.name, ratio))
@@ -211,17 +214,8 @@ class _FoldRun:
     def _refit_key(self):
         """In a budget search the refit is shared by every candidate that
         folds the same model the same way up to this layer."""
-        return None if self.ctx.cache is None else ("ls refit", *self._scope(self.folded))
-
-    def _scope(self, folded: list[tuple[str, float]]) -> tuple:
-        """What the model is after folding ``folded`` (in a budget search): a
-        function of the pass's input model (keyed by its content), the pass's
-        settings and the chains folded with their ratios - a cheaper key than
-        the model's bytes after every fold."""
-        cache, ctx, original = self.ctx.cache, self.ctx, self.state.original
-        return (cache.input_digest(original, "whole model", lambda: original), self.select, self.repair,
-                self.seed, self.drop_constant, tuple(folded), cache.identity(ctx.calibration),
-                cache.identity(ctx.heldout), ctx.batch_size)
+        key = self.scope.key()
+        return None if key is None else ("ls refit", key)
 
 
 def _move_constants(chain: Chain, constant: np.ndarray, mean_a: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ from ..errors import UsageError
 from ..find.attention import AttentionBlock, GatedMLP, Projection, find_transformer
 from ..rewrite.attention import ProjectionEdit, ShapeEdit, rewrite_projections
 from .base import FoldSettings, LayerReport, PassContext, PassResult
+from .cache import PassScope
 from .foldcore import FoldCore
 from .handlers import ProjectionRows
 from .refit import FoldState
@@ -65,7 +66,7 @@ def _check_heads(what: str, where: str | None, v, name: str = "heads") -> None:
 
 def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: str, task: str,
                       groups: list[tuple] | None = None, w_orig: np.ndarray | None = None,
-                      scope: "_Scope | None" = None):
+                      scope: PassScope | None = None):
     """Least-squares refit of ``proj`` (read from the current model, reading
     ``x_name``) against the original model: (weight, bias, note); weight
     None: keep the fold.
@@ -85,7 +86,7 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
       (their value biases, moved into the o bias by the fold); the refit
       replaces it.
 
-    ``scope``: the pass run's :class:`_Scope`; in a budget search the refit is
+    ``scope``: the pass run's :class:`~onnxfold.passes.cache.PassScope`; in a budget search the refit is
     then shared by every candidate that folded the same blocks the same way.
     """
     groups = groups or [("output", None)]
@@ -94,7 +95,7 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
     # a part's prior bias is the constant its member heads' value biases
     # moved into the o bias (the plain fold's intercept for this target)
     b_parts = [np.asarray(g[3], dtype=np.float64) if g[0] == "part" else b_prior for g in groups]
-    where = None if scope is None else scope()
+    where = None if scope is None else scope.key()
     outcomes = core.refits.solve(ProjectionRows(x_name, proj.dtype, orig_name, w_prior, groups, w_orig),
                                  [(w_prior[:, c], b) for c, b in zip(cols_of, b_parts)], task,
                                  None if where is None else ("projection ls refit", where, task))
@@ -113,25 +114,6 @@ def _refit_projection(core: FoldCore, proj: Projection, x_name: str, orig_name: 
     if not changed:
         return None, None, f"{what}: plain fold kept; " + "; ".join(notes)
     return w_new, b_new, f"{what}: " + "; ".join(notes)
-
-
-class _Scope:
-    """What a pass run's current model is, in a budget search: a function of
-    the pass's input model (keyed by its content), its settings and the
-    blocks folded so far with their unit counts (``steps``, filled by
-    :func:`_fold_in_order`) - the key the dense and channel folding passes
-    give their refits, cheaper than the model's bytes. None outside a search."""
-
-    def __init__(self, ctx: PassContext, state: FoldState, settings: tuple):
-        self.ctx, self.state, self.settings = ctx, state, settings
-        self.steps: list[tuple[str, int]] = []
-
-    def __call__(self):
-        cache, ctx, original = self.ctx.cache, self.ctx, self.state.original
-        if cache is None:
-            return None
-        return (cache.input_digest(original, "whole model", lambda: original), self.settings, tuple(self.steps),
-                cache.identity(ctx.calibration), cache.identity(ctx.heldout), ctx.batch_size)
 
 
 def _hashable(v):
@@ -210,7 +192,7 @@ class HeadFoldingPass:
                              f" blocks are: {', '.join(names)}")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
-        scope = _Scope(ctx, state, ("head folding", self.select, self.merge, repair, self.seed, self.refit,
+        scope = PassScope(ctx, model, ("head folding", self.select, self.merge, repair, self.seed, self.refit,
                                     self.features, _hashable(self.kv_heads)))
         reports = _fold_in_order(core, view.attention, _same_block, wanted, "head folding",
                                  lambda *a: self._fold_block(*a, scope=scope),
@@ -244,7 +226,7 @@ class HeadFoldingPass:
         return []
 
     def _fold_block(self, core: FoldCore, b0: AttentionBlock, b: AttentionBlock, k: int, rep: LayerReport, *,
-                    scope: _Scope | None = None) -> None:
+                    scope: PassScope | None = None) -> None:
         """Select (the core's), merge (the heads' own rule), write, refit (the core's engine):
         whole key/value groups first, then query heads within their groups."""
         state = core.state
@@ -275,7 +257,7 @@ class HeadFoldingPass:
         rep.note = "; ".join(notes)
 
     def _refit(self, core: FoldCore, b0: AttentionBlock, w0: dh.HeadWeights, labels: np.ndarray,
-               moved: np.ndarray, scope: _Scope | None = None) -> str:
+               moved: np.ndarray, scope: PassScope | None = None) -> str:
         """The ``ls`` refit of the folded block's o projection (``labels``:
         original query head -> folded head); what it did."""
         state = core.state
@@ -368,7 +350,7 @@ class GatedFoldingPass:
         wanted = self.settings.ratios([g.name for g in view.gated], "unknown gated MLP {!r}", "gated MLPs")
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
-        scope = _Scope(ctx, state, ("gated folding", self.select, repair, self.seed))
+        scope = PassScope(ctx, model, ("gated folding", self.select, repair, self.seed))
         reports = _fold_in_order(core, view.gated, _same_glu, wanted, "gated folding",
                                  lambda *a: self._fold_glu(*a, scope=scope),
                                  lambda g: LayerReport(layer=g.name, producer=g.gate.node,
@@ -379,7 +361,7 @@ class GatedFoldingPass:
         return PassResult(state.current_model(), state.edited, reports, [])
 
     def _fold_glu(self, core: FoldCore, g0: GatedMLP, g: GatedMLP, k: int, rep: LayerReport, *,
-                  scope: _Scope | None = None) -> None:
+                  scope: PassScope | None = None) -> None:
         """Fold (the core's: gate and up rows merged, down columns summed), write, refit."""
         state = core.state
         group = gated_group(g)
@@ -411,7 +393,7 @@ def _fold_in_order(core: FoldCore, found: list, refind, wanted: dict, task: str,
     and k its fold will cluster first; a block's fold rewrites only its own
     projections, so these are clustered for every block at once, side by side
     on Ray (``FoldCore.prefetch_clusters``). ``steps``: gets ``(name, k)`` of
-    each block before it is folded (a :class:`_Scope`'s)."""
+    each block before it is folded (a :class:`~onnxfold.passes.cache.PassScope`'s)."""
     state, ctx = core.state, core.ctx
     if ahead is not None:
         core.prefetch_clusters([p for x0 in found if x0.name in wanted for p in ahead(x0, target(x0, wanted[x0.name]))],

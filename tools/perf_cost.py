@@ -150,6 +150,7 @@ def _before_after(name: str, ref: dict, rep: dict, ref_model: Path, rep_model: P
         "timings_before": ref["timings_s"], "timings_after": rep["timings_s"],
         "same_chosen": ref["search"]["chosen"] == rep["search"]["chosen"],
         "chosen_before": ref["search"]["chosen"], "chosen_after": rep["search"]["chosen"],
+        "evaluated_before": len(ref["search"]["evaluated"]), "evaluated_after": len(rep["search"]["evaluated"]),
         "evaluated_same": [e["setting"] for e in ref["search"]["evaluated"]]
         == [e["setting"] for e in rep["search"]["evaluated"]],
         # the written models (of the last pair of runs), byte for byte
@@ -226,23 +227,25 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (723978d..): the same arithmetic with fewer copies and less protobuf work, meant to leave "
-    "every value the same to the last bit (*same model* above says whether the written models are). A Gram update centres the rows a refit drew for it "
-    "in place instead of in a second m × p array, and takes a batch's rows without copying them when none is held "
-    "out (`GramAccumulator.update(overwrite=)`); a convolution's patches are gathered from a float64 input, not "
-    "cast row by row. The judge subtracts a candidate's outputs from the reference's in float64 without float64 "
-    "copies of both, and takes the log-softmax in one buffer. A recording counts its weights' bytes from their "
-    "shapes instead of serializing each one, and a suffix plan compares a weight with the recording's only where "
-    "a node that is otherwise equal reads it (the weights after the first change, often most of them, are not "
-    "compared). An `obs` selection's input covariance is keyed, in the folding pass, by what the model is a "
-    "function of (the pass's input, its settings and the layers folded so far, as the refits already were) "
-    "instead of by the bytes of the model's part (`FoldCore.model_scope`). And the refits of the channel, head "
-    "and gated folding passes are shared by the candidates that fold alike up to them, keyed that way, as the "
-    "dense pass's refits already were (a budget search on mnist_resnet refit conv0 at 0.1 three times, for three "
-    "candidates): a shared refit's values are those of the earlier candidate's run of it, equal up to the "
-    "rounding of suffix runs, so a written model may differ in its last bits (*same model*) and a choice only on "
-    "an exact tie (*same settings*). Single runs, interleaved per model, on 2 shared cores: differences of 10 % in wall time are "
-    "within the noise here; the decide seconds are the cleaner comparison.")
+    "What this change does (78ca0ee..): a uniform sweep of the budget search (one knob, one selection method, "
+    "every group at once) probes its least aggressive step first and bisects from there, where it bisected the "
+    "whole range before (`search.sweep_probe`). A failing candidate costs as much to build and judge as a meeting "
+    "one, and under the default budget most fold-ratio and head-count sweeps of these models fail at their first "
+    "step: such a sweep now costs one candidate instead of three or four (*candidates*), a sweep whose first step "
+    "meets one more than bisection. Under the search's premise that quality falls with the step both find the "
+    "same step, so the uniform phase ends where it did. Where the search used to stop at `--max-evaluations` (30 "
+    "by default), the candidates saved in the uniform phase go to the greedy per-group phase, which may then take "
+    "steps it had no evaluations left for before: a setting chosen differently above is such a further step "
+    "(smaller model, still judged against the budget on the select split) or a tie broken by the order. Decide "
+    "and calibration both shrink with the candidates, so their ratio moves much less than the wall time. Single "
+    "runs, interleaved per model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
+
+
+def _brief(chosen: dict | None) -> str:
+    """A chosen setting without its empty knobs, for one line of text."""
+    if chosen is None:
+        return "none (no candidate met the budget)"
+    return ", ".join(f"{k} {v}" for k, v in chosen.items() if v not in ({}, None))
 
 
 def _f(x, nd=2):
@@ -281,17 +284,26 @@ def cost_markdown(cost: dict) -> list[str]:
               "compares `report[\"search\"][\"chosen\"]`, *same candidates* the list of settings the search "
               "evaluated, in order, *same model* the written .onnx files byte for byte.", "",
               "| model | wall s before | wall s after | speed-up | decide s before | after | "
-              "decide / calibration before | after | same settings | same candidates | same model |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "decide / calibration before | after | candidates before | after | same settings | same candidates | "
+              "same model |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in cost["before_after"]:
             same_model = r.get("same_model")
             L.append(f"| {r['model']} | {r['wall_before_s']:.1f} | {r['wall_after_s']:.1f} | "
                      f"{r['wall_before_s'] / r['wall_after_s']:.2f} x | "
                      f"{r['timings_before'].get('decide', 0.0):.2f} | {r['timings_after'].get('decide', 0.0):.2f} | "
                      f"{r['decide_over_calibration_before']:.2f} | "
-                     f"{r['decide_over_calibration_after']:.2f} | {'yes' if r['same_chosen'] else 'NO'} | "
+                     f"{r['decide_over_calibration_after']:.2f} | "
+                     f"{r.get('evaluated_before', '-')} | {r.get('evaluated_after', '-')} | "
+                     f"{'yes' if r['same_chosen'] else 'NO'} | "
                      f"{'yes' if r['evaluated_same'] else 'no'} | "
                      f"{'-' if same_model is None else 'yes' if same_model else 'no'} |")
+        changed = [r for r in cost["before_after"] if not r["same_chosen"]]
+        if changed:
+            L += ["", "Settings chosen differently (before → after, `report[\"search\"][\"chosen\"]` less its "
+                  "empty entries):", ""]
+            for r in changed:
+                L.append(f"- {r['model']}: {_brief(r['chosen_before'])} → {_brief(r['chosen_after'])}")
         L += ["", CHANGE_NOTE, ""]
     if cost["fixed_batch"]:
         L += ["### Batch axis fixed at 1", "",

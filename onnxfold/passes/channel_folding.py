@@ -131,8 +131,8 @@ class _ChannelRun:
         self.state = FoldState(model, lambda release: materialize_convs(model, view))
         self.core = FoldCore(self.state, ctx, select=select, repair=repair, seed=seed)
         self.index = GraphIndex(model)
+        # its steps: (chain or stream, ratio) in the order folded
         self.scope = PassScope(ctx, model, ("channel folding", select, repair, seed))
-        self.folded: list[tuple[str, float]] = self.scope.steps  # (chain or stream, ratio) in the order folded
 
     def _refit_key(self, member):
         """In a budget search a refit is shared by every candidate that folds
@@ -142,7 +142,7 @@ class _ChannelRun:
         return None if key is None else ("ls refit", key, member.op.name)
 
     def fold(self, chain: ConvChain, ratio: float) -> LayerReport:
-        self.folded.append((chain.name, ratio))
+        self.scope.steps.append((chain.name, ratio))
         n = chain.width
         k = decide.target_width(n, ratio)
         if k == n:
@@ -161,7 +161,7 @@ class _ChannelRun:
         return why or refit_note(outcome)
 
     def fold_residual(self, grp: ResidualGroup, ratio: float) -> LayerReport:
-        self.folded.append((grp.name, ratio))
+        self.scope.steps.append((grp.name, ratio))
         group = residual_group(grp, self.view, self.index)
         n = group.width
         k = decide.target_width(n, ratio)

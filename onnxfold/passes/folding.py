@@ -166,14 +166,13 @@ class _FoldRun:
         self.drop_constant = drop_constant
         self.state = FoldState(model, lambda release: materialize(model, view, release=release))
         self.core = FoldCore(self.state, ctx, select=select, repair=repair, seed=seed)
+        # its steps: (chain, ratio) in the order folded - what the model now is
         self.scope = PassScope(ctx, model, ("dense folding", select, repair, seed, drop_constant))
-        # (chain, ratio) in the order folded: what the model now is
-        self.folded: list[tuple[str, float]] = self.scope.steps
         # a chain's selection reads the model before its own fold: the chains folded before it
-        self.core.model_scope = lambda: self.scope.key(self.folded[:-1])
+        self.core.model_scope = lambda: self.scope.key(self.scope.steps[:-1])
 
     def fold(self, chain: Chain, ratio: float) -> LayerReport:
-        self.folded.append((chain.name, ratio))
+        self.scope.steps.append((chain.name, ratio))
         n = chain.width
         group = dense_group(chain)
         moments = None

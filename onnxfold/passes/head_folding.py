@@ -193,7 +193,7 @@ class HeadFoldingPass:
         state = FoldState(model)
         core = FoldCore(state, ctx, select=self.select, repair=repair, seed=self.seed)
         scope = PassScope(ctx, model, ("head folding", self.select, self.merge, repair, self.seed, self.refit,
-                                    self.features, _hashable(self.kv_heads)))
+                                       self.features, _hashable(self.kv_heads)))
         reports = _fold_in_order(core, view.attention, _same_block, wanted, "head folding",
                                  lambda *a: self._fold_block(*a, scope=scope),
                                  lambda b: LayerReport(layer=b.name, producer=b.q.node, activation="attention (heads)",

@@ -227,18 +227,16 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (78ca0ee..): a uniform sweep of the budget search (one knob, one selection method, "
-    "every group at once) probes its least aggressive step first and bisects from there, where it bisected the "
-    "whole range before (`search.sweep_probe`). A failing candidate costs as much to build and judge as a meeting "
-    "one, and under the default budget most fold-ratio and head-count sweeps of these models fail at their first "
-    "step: such a sweep now costs one candidate instead of three or four (*candidates*), a sweep whose first step "
-    "meets one more than bisection. Under the search's premise that quality falls with the step both find the "
-    "same step, so the uniform phase ends where it did. Where the search used to stop at `--max-evaluations` (30 "
-    "by default), the candidates saved in the uniform phase go to the greedy per-group phase, which may then take "
-    "steps it had no evaluations left for before: a setting chosen differently above is such a further step "
-    "(smaller model, still judged against the budget on the select split) or a tie broken by the order. Decide "
-    "and calibration both shrink with the candidates, so their ratio moves much less than the wall time. Single "
-    "runs, interleaved per model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
+    "What this change does (2c69151..): every least-squares refit (consumer, downstream, head and gated-MLP "
+    "refits) accumulates at most max(128 p, 8192) rows for its p features, drawn uniformly over the data with a "
+    "generator seeded per batch; data within that budget is used whole (`refit.row_budget`, docs/methods.md 2.2). "
+    "A fit on n rows predicts new rows with an excess error of about p/n times its residual, so past 128 rows per "
+    "feature more rows change the fit by under 1 % of its residual, while each costs p^2 in the Gram. Of these "
+    "models only the decoders' refits see more rows than that (4,096 windows of 64 tokens, 128-344 features): "
+    "their decide stage shrinks, their refits fit on a sample, so their weights differ a little and their "
+    "settings are chosen again against the same budget on the select split (*same settings*). Every other "
+    "model's refits use all their rows as before (*same model*: byte for byte). Single runs, interleaved per "
+    "model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
 
 
 def _brief(chosen: dict | None) -> str:

@@ -16,6 +16,12 @@ share of the calibration samples (``base.heldout_mask``); the weights are
 then solved on all rows with the chosen strength. Because passes fold one
 group at a time and measure on the already folded and refit model, each
 refit also corrects the error of the groups folded before it.
+
+Row budget: a refit of p features takes at most :func:`row_budget` (p)
+rows of the data, drawn uniformly (see :data:`ROWS_PER_FEATURE`); token and
+pixel positions make far more rows than that (a decoder's 4,096 windows of
+64 tokens are 262,144 rows for a few hundred features), and each row costs
+p² in the Gram.
 """
 
 from __future__ import annotations
@@ -34,6 +40,30 @@ from ..find.activations import ActivationSpec
 from ..measure.data import CalibrationSet
 from ..measure.stats import GramAccumulator, NeuronStats
 from .base import HELDOUT_SHARE, PassContext, heldout_mask
+
+#: Rows per feature a refit needs at most. A least-squares fit of p features on
+#: n rows predicts new rows with an excess error of about p/n times its residual
+#: (p/(n-p-1) for Gaussian noise): at 128 rows per feature under 1 % of a
+#: residual that is itself small after a good fold, while every further row
+#: costs p² in the Gram. Rows beyond the budget are left out, drawn uniformly
+#: over the data (a seeded draw per batch, so a shard on another worker draws
+#: the same rows); fit and held-out rows keep their shares.
+ROWS_PER_FEATURE = 128
+#: The budget never goes below this many rows (narrow refits are cheap, and
+#: neighbouring tokens or pixels are correlated rows).
+MIN_BUDGET_ROWS = 8192
+
+
+def row_budget(features: int) -> int:
+    """The most rows a refit of ``features`` features accumulates over the data."""
+    return max(ROWS_PER_FEATURE * int(features), MIN_BUDGET_ROWS)
+
+
+def budget_share(features: int, batch_rows: int, batch_samples: int, data_samples: int) -> float:
+    """The share of a batch's rows a refit keeps: 1 while the data's rows
+    (estimated from this batch's rows per sample) fit :func:`row_budget`."""
+    total = batch_rows / max(batch_samples, 1) * data_samples
+    return min(1.0, row_budget(features) / total) if total > 0 else 1.0
 
 
 class FoldState:
@@ -150,12 +180,14 @@ class RefitEngine:
 
     def _grams(self, rows, data: CalibrationSet, held_samples: np.ndarray | None, task: str):
         """Per column group: (fit rows, held-out rows, spread of the held-out target)."""
-        # a row subsample draws from one RNG stream across the batches in order, which
-        # shards run on other workers could not reproduce: such rows stream in this process
+        # a builder's own per-batch cap (conv patches) draws from one RNG stream across the batches
+        # in order, which shards on other workers could not reproduce: such rows stream in this
+        # process. The row budget's draws are seeded per batch and run anywhere.
         sampler = None if rows.max_rows is None else np.random.default_rng(self.seed + 1)
         job = StatsJob([(part_of(self.state.current_model(), rows.current), list(rows.current)),
                         (original_part(self.state, rows.original, self.ctx.cache), list(rows.original))],
-                       partial(_new_grams, rows.widths), partial(_add_rows, rows, held_samples, sampler),
+                       partial(_new_grams, rows.widths),
+                       partial(_add_rows, rows, held_samples, sampler, data.num_samples, self.seed),
                        replayable=(1,))
         if sampler is None:
             accs = self.ctx.measure(job, data, task)
@@ -176,10 +208,10 @@ def _new_grams(widths: list[int]) -> dict:
     return out
 
 
-def _add_rows(rows, held_samples: np.ndarray | None, sampler, accs: dict, start: int, feed: dict, _labels,
-              tensors: list) -> None:
+def _add_rows(rows, held_samples: np.ndarray | None, sampler, data_samples: int, seed: int, accs: dict,
+              start: int, feed: dict, _labels, tensors: list) -> None:
     """One batch of every group's least-squares rows; ``start``: index of the
-    batch's first sample in the data."""
+    batch's first sample in the data (of ``data_samples``)."""
     count = next(iter(feed.values())).shape[0]
     first_axis, groups = rows.rows(tensors[0], tensors[-1])
     for i, (X, Y, target, *weights) in enumerate(groups):
@@ -189,10 +221,18 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, accs: dict, start:
             held = np.zeros(n, dtype=bool)
         else:
             held = np.repeat(_held_rows(held_samples[start:start + count], first_axis), n // first_axis)
-        for acc, selected in ((accs[f"fit{i}"], ~held), (accs[f"held{i}"], held)):
+        chosen = []
+        for selected in (~held, held):
             idx = np.flatnonzero(selected)
-            if sampler is not None and idx.size > rows.max_rows:
+            if sampler is not None and idx.size > rows.max_rows:  # a builder's own cap per batch (conv patches)
                 idx = np.sort(sampler.choice(idx, rows.max_rows, replace=False))
+            chosen.append(idx)
+        share = budget_share(X.shape[1], sum(idx.size for idx in chosen), count, data_samples)
+        if share < 1.0:
+            draw = np.random.default_rng([seed, start, i])
+            chosen = [np.sort(draw.choice(idx, max(1, round(share * idx.size)), replace=False)) if idx.size else idx
+                      for idx in chosen]
+        for acc, idx in zip((accs[f"fit{i}"], accs[f"held{i}"]), chosen):
             if idx.size == n and isinstance(X, np.ndarray):  # every row: no copy to take
                 acc.update(X, Y, weights)
             elif idx.size:  # copies of the chosen rows, this call's own: centred in place

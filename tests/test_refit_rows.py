@@ -1,0 +1,98 @@
+"""A refit's row budget (onnxfold.passes.refit.row_budget): a least-squares
+refit of p features accumulates at most ROWS_PER_FEATURE * p rows (never
+below MIN_BUDGET_ROWS), drawn uniformly over the data with fit and held-out
+rows keeping their shares; data within the budget is used whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import build_residual_mlp, ort_run
+from onnxfold.measure.data import CalibrationSet
+from onnxfold.measure.stats import GramAccumulator
+from onnxfold.passes import refit
+from onnxfold.passes.base import HELDOUT_SHARE, PassContext
+from onnxfold.passes.folding import FoldingPass
+
+SEQ, WIDTH, KEPT = 16, 32, 16  # a token model: every sample is SEQ rows; the consumer's refit has KEPT features
+
+
+def _data(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, SEQ, 6)).astype(np.float32)
+
+
+class _CountingGram(GramAccumulator):
+    """Records how many rows each refit accumulator took (fit and held-out alike)."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _CountingGram.made.append(self)
+
+
+def _refit_rows(monkeypatch, model, x, *, per_feature=None, seed=0):
+    """(fit rows, held-out rows) the pass's one refit accumulated, and the result."""
+    _CountingGram.made = []
+    monkeypatch.setattr(refit, "GramAccumulator", _CountingGram)
+    if per_feature is not None:
+        monkeypatch.setattr(refit, "ROWS_PER_FEATURE", per_feature)
+        monkeypatch.setattr(refit, "MIN_BUDGET_ROWS", 1)
+    res = FoldingPass(1 - KEPT / WIDTH, repair="ls", seed=seed)(
+        model, PassContext(calibration=CalibrationSet({"x": x}), batch_size=64))
+    monkeypatch.undo()
+    fit, held = _CountingGram.made[0], _CountingGram.made[1]  # _new_grams: fit0, held0
+    return fit.count, held.count, res
+
+
+def test_the_budget_and_the_share_kept_by_hand():
+    assert refit.row_budget(1) == refit.MIN_BUDGET_ROWS == 8192
+    assert refit.row_budget(344) == 128 * 344 == 44032
+    # 64 samples of 64 rows in this batch, 4096 samples in all: 262,144 rows for a budget of 44,032
+    assert refit.budget_share(344, 64 * 64, 64, 4096) == pytest.approx(44032 / 262144)
+    assert refit.budget_share(344, 64 * 64, 64, 600) == 1.0  # 38,400 rows: within the budget, all kept
+    assert refit.budget_share(344, 0, 0, 4096) == 1.0
+
+
+def test_data_within_the_budget_is_used_whole(monkeypatch):
+    model, _ = build_residual_mlp(d=6, n=WIDTH, seq=SEQ)
+    x = _data(200, 1)  # 3,200 rows: under the default budget
+    fit, held, _ = _refit_rows(monkeypatch, model, x)
+    assert fit + held == 200 * SEQ
+    assert held == round(200 * HELDOUT_SHARE) * SEQ
+
+
+def test_a_refit_draws_its_budget_of_rows_with_the_held_out_share(monkeypatch):
+    model, _ = build_residual_mlp(d=6, n=WIDTH, seq=SEQ)
+    x = _data(400, 1)  # 6,400 rows
+    fit, held, _ = _refit_rows(monkeypatch, model, x, per_feature=32)
+    budget = 32 * KEPT  # 512 rows
+    assert abs(fit + held - budget) <= 7  # rounding: at most one row per batch and set
+    assert held / (fit + held) == pytest.approx(HELDOUT_SHARE, abs=0.05)
+
+
+def test_the_drawn_rows_are_seeded_and_the_same_model_comes_back(monkeypatch):
+    model, _ = build_residual_mlp(d=6, n=WIDTH, seq=SEQ)
+    x = _data(400, 1)
+    runs = [_refit_rows(monkeypatch, model, x, per_feature=32, seed=s)[2].model for s in (0, 0, 1)]
+    a, b, c = (r.SerializeToString() for r in runs)
+    assert a == b and a != c
+
+
+def test_a_budgeted_refit_predicts_unseen_data_about_as_well_as_all_rows(monkeypatch):
+    model, _ = build_residual_mlp(d=6, n=WIDTH, seq=SEQ)
+    x, x_test = _data(400, 1), _data(200, 2)
+    (ref,) = ort_run(model, {"x": x_test})
+
+    def err(m):
+        out = ort_run(m, {"x": x_test})[0]
+        return float(((out - ref) ** 2).sum() / ((ref - ref.mean((0, 1))) ** 2).sum())
+
+    plain = FoldingPass(1 - KEPT / WIDTH, repair="none")(model, PassContext(calibration=None, batch_size=64))
+    *_, whole = _refit_rows(monkeypatch, model, x)
+    *_, budgeted = _refit_rows(monkeypatch, model, x, per_feature=64)  # 1,024 of 6,400 rows
+    errs = {"plain": err(plain.model), "all rows": err(whole.model), "budget": err(budgeted.model)}
+    # the fit still repairs most of the fold, and 64 rows per feature cost a few per cent of its error
+    assert errs["budget"] < 0.5 * errs["plain"], errs
+    assert errs["budget"] < 1.1 * errs["all rows"], errs

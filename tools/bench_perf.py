@@ -424,9 +424,13 @@ def write_markdown(res: dict) -> str:
     if res["calibration"]:
         L += ["## 4. Calibration memory against samples", "",
               "mnist_mlp, `fold_ratio=0.5, fold_repair='ls'` (neuron statistics and Gram matrices streamed over all "
-              "samples, batch 256). The user's samples are held in memory (they are the input); what must not grow "
-              "is onnxfold's own working memory: peak RSS during calibration/decide/rewrite above the RSS once the "
-              "data is loaded.", "",
+              "samples, batch 256). The user's samples are held in memory (they are the input); *above loaded data* is "
+              "onnxfold's own working memory: peak RSS during calibration/decide/rewrite above the RSS once the "
+              "data is loaded. Its statistics are flat in the samples; what grows is the two memos that keep "
+              "streamed activations so that later runs over the same data replay them or start where the model "
+              "starts to differ (`StreamMemo` for the original's streams, `TensorMemo` for each run's frontier, "
+              "docs/methods.md 3.6): each holds at most 1 GiB, so this column grows with the samples until they "
+              "are full and then stays under about 2 GiB plus the flat part, whatever the number of samples.", "",
               "| samples | data MiB | RSS with data loaded MiB | work peak MiB | above loaded data MiB | calibration s |",
               "|---|---|---|---|---|---|"]
         for r in res["calibration"]:

@@ -178,6 +178,20 @@ def write_block(path: Path, begin: str, end: str, block: str) -> None:
     path.write_text(text)
 
 
+def save_block(result: dict, out_json: Path, markdown: Path, markers: tuple[str, str], render, cells: dict,
+               lower_is_better=frozenset(), reason: str | None = None, level: int = 3) -> str:
+    """A block script's result: compared with the previous run (``cells``:
+    its numbers, :func:`compare_lines`), saved as ``out_json``, and
+    ``render(result)`` put between ``markers`` (begin, end) in ``markdown``.
+    Returns the block."""
+    result["against_previous"] = compare_lines(result.get("previous"), cells, lower_is_better, reason, level=level)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    block = render(result)
+    write_block(markdown, *markers, block)
+    return block
+
+
 def previous_run(out: Path, stem: str, flatten) -> dict | None:
     """What the ``OUT/STEM.json`` a run is about to replace holds, as
     ``{"when", "where", "cells": flatten(payload)}`` (None when there is none):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, compare_lines, machine, now, previous_run, reason_argument, write_block  # noqa: E402
+from _bench import ROOT, machine, now, previous_run, reason_argument, save_block  # noqa: E402
 
 from onnxfold.decide.linearity import SVD_RIDGE, data_aware_truncation  # noqa: E402
 from onnxfold.measure.stats import GramRoot  # noqa: E402
@@ -112,12 +112,8 @@ def section(r: dict) -> str:
 
 
 def write(result: dict, out_json: Path, markdown: Path, reason: str | None) -> None:
-    result["against_previous"] = compare_lines(result.get("previous"), flatten(result), {"max rel. diff"}, reason,
-                                               level=3)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2) + "\n")
-    write_block(markdown, BEGIN, END, section(result))
-    print(section(result))
+    print(save_block(result, out_json, markdown, (BEGIN, END), section, flatten(result),
+                     {"max rel. diff"}, reason, level=3))
 
 
 def main(argv=None) -> int:

@@ -332,7 +332,9 @@ def _optimize_with(model, calibration, eval_data, opts: OptimizeOptions, *, prog
             if notify:
                 notify(warning)
     ctx = PassContext(calibration=fit, heldout=select, providers=providers, batch_size=batch_size, seed=seed,
-                      progress=progress, streams=StreamMemo(tensors=TensorMemo()))
+                      progress=progress,
+                      streams=StreamMemo(max_bytes=opts.runtime.memo_bytes,
+                                         tensors=TensorMemo(max_bytes=opts.runtime.memo_bytes)))
     if backend is not None:
         ctx.stats_backend = backend
         notes.append(f"calibration statistics computed by {backend.num_workers} Ray workers" if fit is not None else

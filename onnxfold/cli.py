@@ -25,6 +25,7 @@ from .errors import OnnxFoldError, UsageError
 from .options import (
     FOLD_REPAIRS,
     FOLD_SELECTS,
+    MEMO_MIB,
     DataOptions,
     FoldOptions,
     LinearityOptions,
@@ -102,12 +103,14 @@ def _add_data_options(p: argparse.ArgumentParser, *, eval_too: bool) -> None:
     g.add_argument("--batch-size", type=int, default=256, metavar="N", help="inference batch size (default 256)")
 
 
-def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+def _add_runtime_options(p: argparse.ArgumentParser):
+    """The "runtime" group (returned: a command adds its own options to it)."""
     g = p.add_argument_group("runtime")
     g.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime execution provider (auto: CUDA when it really works, else CPU)")
     g.add_argument("--verbose", action="store_true", help="tracebacks on errors")
     g.add_argument("--quiet", action="store_true", help="print only errors")
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--external-data", action="store_true",
                    help="store the output's weights in a .data file beside it (automatic above 2 GB)")
     _add_data_options(opt, eval_too=True)
-    _add_runtime_options(opt)
+    _add_runtime_options(opt).add_argument(
+        "--memo-mib", type=int, default=None, metavar="N",
+        help=f"streamed activations each of onnxfold's memos may keep, so that later runs over the same data "
+        f"replay them or start where the model starts to differ (default {MEMO_MIB}); 0 keeps none: "
+        "working memory flat in the number of samples, every run run again")
     g = opt.add_argument_group("linearity folding")
     g.add_argument("--no-linear", action="store_true", help="skip linearity folding")
     g.add_argument("--linear-threshold", type=_threshold_arg, default=None, metavar="T",
@@ -240,7 +247,7 @@ def options_from_args(args, budget: Budget | None) -> OptimizeOptions:
                              max_evaluations=args.max_evaluations),
         runtime=RuntimeOptions(provider=args.provider, batch_size=args.batch_size, seed=args.seed,
                                ray_address=args.ray, ray_workers=args.ray_workers,
-                               ray_gpus_per_worker=args.ray_gpus_per_worker),
+                               ray_gpus_per_worker=args.ray_gpus_per_worker, memo_mib=args.memo_mib),
         report=ReportOptions(latency=not args.no_latency, profile_memory=args.profile_memory))
 
 

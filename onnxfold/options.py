@@ -142,6 +142,10 @@ class SearchOptions:
             raise UsageError(f"positive threshold must be a number, got {self.positive_threshold!r}; give e.g. 0.5")
 
 
+#: what each memo of streamed activations may hold by default (RuntimeOptions.memo_mib)
+MEMO_MIB = 1024
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """Where and how models run: onnxruntime, batches, seeds, Ray."""
@@ -152,9 +156,20 @@ class RuntimeOptions:
     ray_address: str | None = None  # compute calibration statistics on Ray ("local", "HOST:6379", "auto")
     ray_workers: int | None = None
     ray_gpus_per_worker: float = 0.0
+    # streamed activations each memo may keep for replay (MiB; None: MEMO_MIB). The memos make later runs
+    # over the same data replay or start where the model starts to differ; 0 keeps none, so the working
+    # memory stays flat in the number of samples and every run is run again (docs/methods.md 3.6)
+    memo_mib: int | None = None
+
+    @property
+    def memo_bytes(self) -> int:
+        return (MEMO_MIB if self.memo_mib is None else self.memo_mib) * 2**20
 
     def validate(self) -> None:
         _choice("provider", self.provider, PROVIDERS)
+        if self.memo_mib is not None and (isinstance(self.memo_mib, bool) or not isinstance(self.memo_mib, int)
+                                          or self.memo_mib < 0):
+            raise UsageError(f"memo size must be a whole number of MiB >= 0, got {self.memo_mib!r}; give e.g. 0")
         for what, v in (("batch size", self.batch_size), ("ray workers", self.ray_workers)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise UsageError(f"{what} must be a positive integer, got {v!r}; give 1 or more")
@@ -235,6 +250,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "ray_address": ("runtime", "ray_address"),
     "ray_workers": ("runtime", "ray_workers"),
     "ray_gpus_per_worker": ("runtime", "ray_gpus_per_worker"),
+    "memo_mib": ("runtime", "memo_mib"),
     "latency": ("report", "latency"),
     "profile_memory": ("report", "profile_memory"),
 }

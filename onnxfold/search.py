@@ -301,7 +301,9 @@ class BudgetSearch:
         # (see passes.cache).
         self.select_split = ctx.heldout
         self.original, self.budget = original, budget
-        self.ctx = ctx = replace(ctx, cache=SearchCache(), heldout=None)
+        # the memos of streamed activations are as large as the caller's (RuntimeOptions.memo_mib)
+        self.memo_bytes = ctx.streams.max_bytes if ctx.streams is not None else None
+        self.ctx = ctx = replace(ctx, cache=SearchCache(memo_bytes=self.memo_bytes), heldout=None)
         if groups is None:
             groups = find_groups(original)
         found = groups.groups if isinstance(groups, FoldableGroups) else list(groups)
@@ -317,7 +319,7 @@ class BudgetSearch:
         # onnxruntime sessions reused for identical model parts: the original's
         # part behind a refit's targets, parts upstream of what a candidate changes
         self.sessions = SessionCache()
-        self.judge_memo = TensorMemo(max_recordings=JUDGE_RECORDINGS)
+        self.judge_memo = TensorMemo(max_bytes=self.memo_bytes, max_recordings=JUDGE_RECORDINGS)
         self.reference_memo: dict = {}
         self.reference = None if judge is not None else reference_outputs(
             original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
@@ -387,7 +389,8 @@ class BudgetSearch:
             return  # a Ray Dataset fit part: each candidate's statistics are Ray Data jobs run from here
         from .distributed import LocalStats
 
-        task_ctx = replace(self.ctx, progress=None, stats_backend=LocalStats(), cache=SearchCache())
+        task_ctx = replace(self.ctx, progress=None, stats_backend=LocalStats(),
+                           cache=SearchCache(memo_bytes=self.memo_bytes))
         shown = lambda done, total: self.ctx.report_progress("budget search: candidates on Ray", done, total)  # noqa: E731
         for setting, cand in zip(todo, run_tasks(self._evaluator(task_ctx), todo, progress=shown)):
             self._remember(setting, cand)

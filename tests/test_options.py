@@ -109,14 +109,17 @@ def test_cli_option_groups_map_to_option_groups():
         "optimize", "m.onnx", "--fold-ratio", "layer0=0.3", "--fold-select", "magnitude", "--fold-repair", "ar",
         "--fold-heads", "4", "--fold-kv-heads", "0.5", "--fold-residual", "--no-linear", "--linear-mode", "paper", "--linear-path", "svd",
         "--provider", "cpu", "--batch-size", "32", "--seed", "5", "--max-evaluations", "9",
-        "--positive-threshold", "0.4", "--no-latency", "--profile-memory", "--ray", "--ray-workers", "2"])
+        "--positive-threshold", "0.4", "--no-latency", "--profile-memory", "--ray", "--ray-workers", "2",
+        "--memo-mib", "0"])
     budget = Budget(min_agreement=99.0)
     opts = options_from_args(args, budget)
     assert opts.linearity == LinearityOptions(enabled=False, threshold=None, mode="paper", path="svd")
     assert opts.fold == FoldOptions(ratio={"layer0": 0.3}, select="magnitude", repair="ar", heads=4, residual=True,
                                     kv_heads=0.5)
     assert opts.search == SearchOptions(budget=budget, positive_threshold=0.4, max_evaluations=9)
-    assert opts.runtime == RuntimeOptions(provider="cpu", batch_size=32, seed=5, ray_address="local", ray_workers=2)
+    assert opts.runtime == RuntimeOptions(provider="cpu", batch_size=32, seed=5, ray_address="local", ray_workers=2,
+                                          memo_mib=0)
+    assert opts.runtime.memo_bytes == 0 and RuntimeOptions().memo_bytes == 1 << 30
     assert (opts.report.latency, opts.report.profile_memory) == (False, True)
     assert opts.explicit
     assert not options_from_args(build_parser().parse_args(["optimize", "m.onnx"]), None).explicit

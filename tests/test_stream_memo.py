@@ -15,6 +15,7 @@ import pytest
 import onnxfold
 from helpers import build_mlp, ort_run, random_input
 from onnxfold.decide.budget import Budget
+from onnxfold.errors import UsageError
 from onnxfold.measure import jobs
 from onnxfold.measure.data import CalibrationSet
 from onnxfold.measure.jobs import StatsJob, StreamMemo, run_stats_job
@@ -142,12 +143,56 @@ def test_budget_search_replays_the_original_and_chooses_as_without_the_memo(monk
     monkeypatch.setattr(StreamMemo, "get", counting_get)
     with_memo = onnxfold.optimize(model, CalibrationSet({"x": x}), **kwargs)
     assert any(replays), "the search never replayed the original's stream"
-    monkeypatch.setattr(jobs, "STREAM_MEMO_BYTES", 0)  # nothing fits: every stream runs
     replays.clear()
-    without = onnxfold.optimize(model, CalibrationSet({"x": x}), **kwargs)
+    without = onnxfold.optimize(model, CalibrationSet({"x": x}), **kwargs, memo_mib=0)  # nothing fits: every stream runs
     assert not any(replays)
     assert with_memo.report["search"]["chosen"] == without.report["search"]["chosen"]
     assert [e["setting"] for e in with_memo.report["search"]["evaluated"]] == \
         [e["setting"] for e in without.report["search"]["evaluated"]]
     feed = {"x": random_input(model, batch=9, seed=8)}
     np.testing.assert_array_equal(ort_run(with_memo.model, feed)[0], ort_run(without.model, feed)[0])
+
+
+def _memos(monkeypatch) -> list:
+    """Every StreamMemo and TensorMemo made from now on."""
+    from onnxfold.measure import suffix
+
+    made = []
+    for cls in (StreamMemo, suffix.TensorMemo):
+        init = cls.__init__
+
+        def spy(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", spy)
+    return made
+
+
+@pytest.mark.parametrize("memo_mib", [None, 0])
+def test_memo_mib_bounds_what_the_memos_keep_and_changes_no_result(monkeypatch, memo_mib):
+    model = build_mlp([6, 32, 24, 3], seed=3)
+    x = random_input(model, batch=600, seed=4)
+    baseline = onnxfold.optimize(model, {"x": x}, fold_ratio=0.5, fold_repair="ls", provider="cpu", latency=False)
+    made = _memos(monkeypatch)
+    res = onnxfold.optimize(model, {"x": x}, fold_ratio=0.5, fold_repair="ls", provider="cpu", latency=False,
+                            memo_mib=memo_mib)
+    assert made, "the run made no memo"
+    limit = (1 << 30) if memo_mib is None else 0
+    assert all(m.max_bytes == limit for m in made)
+    kept = sum(m.bytes for m in made)
+    if memo_mib == 0:
+        assert kept == 0  # nothing recorded: working memory flat in the samples
+    else:
+        assert kept > 0  # the default memos do record (else this test could not tell the two apart)
+    probe = random_input(model, batch=64, seed=5)
+    np.testing.assert_allclose(ort_run(res.model, {"x": probe})[0], ort_run(baseline.model, {"x": probe})[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_memo_mib_must_be_a_whole_number_of_mib():
+    model = build_mlp([4, 8, 2], seed=1)
+    x = random_input(model, batch=32, seed=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UsageError, match="memo size"):
+            onnxfold.optimize(model, {"x": x}, fold_ratio=0.5, provider="cpu", memo_mib=bad)

@@ -325,13 +325,14 @@ sys.path.insert(0, {root!r})
 from onnxfold.api import optimize
 from onnxfold.profile import current_rss
 n = int(sys.argv[1])
+memo = None if sys.argv[2] == "default" else int(sys.argv[2])
 src = np.load({calib!r})["input"].astype(np.float32)
 rng = np.random.default_rng(0)
 x = src[rng.integers(0, len(src), n)] + rng.normal(0, 0.05, (n, src.shape[1])).astype(np.float32)
 test = dict(np.load({test!r}))
 loaded = current_rss()
 r = optimize({model!r}, {{"input": x}}, eval_data=test, linear=False, fold_ratio=0.5, fold_repair="ls",
-             profile_memory=True)
+             profile_memory=True, memo_mib=memo)
 print(json.dumps({{"rss_data_loaded": loaded, "data_bytes": int(x.nbytes), "memory": r.report["memory"],
                    "timings": r.report["timings_s"]}}))
 """
@@ -342,15 +343,17 @@ def bench_calibration_memory(models_dir: Path) -> list[dict]:
     code = _CALIB_RUN.format(root=str(ROOT), calib=str(models_dir / "mnist_mlp.calib.npz"),
                              test=str(models_dir / "mnist_mlp.test.npz"), model=str(model))
     rows = []
-    for n in CALIB_SIZES:
-        print(f"[calibration memory] {n} samples", flush=True)
-        proc = subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True)
+    # the default memos of streamed activations, then none (--memo-mib 0): what they add to the working memory
+    for n, memo in [(n, memo) for memo in (None, 0) for n in CALIB_SIZES]:
+        print(f"[calibration memory] {n} samples, memo_mib={memo}", flush=True)
+        proc = subprocess.run([sys.executable, "-c", code, str(n), "default" if memo is None else str(memo)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         peaks = res["memory"]["stage_peak_rss_bytes"]
         work_peak = max(peaks.get(s, 0) for s in ("calibration", "decide", "rewrite"))
-        rows.append({"samples": n, "data_mb": res["data_bytes"] / MB, "rss_data_loaded_mb": res["rss_data_loaded"] / MB,
+        rows.append({"samples": n, "memo_mib": memo, "data_mb": res["data_bytes"] / MB, "rss_data_loaded_mb": res["rss_data_loaded"] / MB,
                      "work_peak_mb": work_peak / MB, "above_data_mb": (work_peak - res["rss_data_loaded"]) / MB,
                      "calibration_s": res["timings"].get("calibration", 0.0)})
         print(f"  data {rows[-1]['data_mb']:.0f} MiB, peak above loaded data {rows[-1]['above_data_mb']:.0f} MiB",
@@ -430,11 +433,15 @@ def write_markdown(res: dict) -> str:
               "streamed activations so that later runs over the same data replay them or start where the model "
               "starts to differ (`StreamMemo` for the original's streams, `TensorMemo` for each run's frontier, "
               "docs/methods.md 3.6): each holds at most 1 GiB, so this column grows with the samples until they "
-              "are full and then stays under about 2 GiB plus the flat part, whatever the number of samples.", "",
-              "| samples | data MiB | RSS with data loaded MiB | work peak MiB | above loaded data MiB | calibration s |",
-              "|---|---|---|---|---|---|"]
+              "are full and then stays under about 2 GiB plus the flat part, whatever the number of samples. "
+              "`--memo-mib 0` keeps none: the column stays flat, and the runs the memos saved are run again "
+              "(*calibration s*).", "",
+              "| samples | memos | data MiB | RSS with data loaded MiB | work peak MiB | above loaded data MiB | "
+              "calibration s |",
+              "|---|---|---|---|---|---|---|"]
         for r in res["calibration"]:
-            L.append(f"| {r['samples']} | {r['data_mb']:.0f} | {r['rss_data_loaded_mb']:.0f} | {r['work_peak_mb']:.0f}"
+            memos = "1 GiB each (default)" if r.get("memo_mib") is None else f"`--memo-mib {r['memo_mib']}`"
+            L.append(f"| {r['samples']} | {memos} | {r['data_mb']:.0f} | {r['rss_data_loaded_mb']:.0f} | {r['work_peak_mb']:.0f}"
                      f" | {r['above_data_mb']:.0f} | {r['calibration_s']:.1f} |")
         L.append("")
     L += ["## 5. CUDA", "", res["cuda_note"], ""]
@@ -507,8 +514,8 @@ def flatten(payload: dict) -> dict:
                   for r in payload.get("cost", {}).get("stages", [])})
     cells.update({f"3. width {r['width']} depth {r['depth']}": {k: r[k] for k in ("wall_s", "peak_over_size")}
                   for r in payload.get("scaling", [])})
-    cells.update({f"4. {r['samples']} samples": {k: r[k] for k in ("above_data_mb", "calibration_s")}
-                  for r in payload.get("calibration", [])})
+    cells.update({f"4. {r['samples']} samples" + ("" if r.get("memo_mib") is None else f", --memo-mib {r['memo_mib']}"):
+                  {k: r[k] for k in ("above_data_mb", "calibration_s")} for r in payload.get("calibration", [])})
     return cells
 
 

@@ -44,7 +44,8 @@ MAX_BYTES = 1 << 30
 DIGESTED_MODELS = 4
 
 class SearchCache:
-    def __init__(self, max_bytes: int = MAX_BYTES):
+    def __init__(self, max_bytes: int = MAX_BYTES, memo_bytes: int | None = None):
+        """``memo_bytes``: what each memo of streamed activations may hold (None: their default)."""
         self._values: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._kept: dict[int, Any] = {}
         self._digests: OrderedDict[int, tuple[onnx.ModelProto, dict]] = OrderedDict()
@@ -54,7 +55,7 @@ class SearchCache:
         self.misses = 0
         # the original model's streamed tensors, replayed to every candidate (apart: they are large)
         # and the frontiers of the candidates' own runs, which the next run of a pass starts from
-        self.streams = StreamMemo(tensors=TensorMemo())
+        self.streams = StreamMemo(max_bytes=memo_bytes, tensors=TensorMemo(max_bytes=memo_bytes))
 
     def identity(self, obj: Any) -> int | None:
         """Identity of an object (a data split) for a key; None for None. The

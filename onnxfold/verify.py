@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .measure.data import batch_samples
+
 
 @dataclass
 class OutputComparison:
@@ -335,8 +337,9 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     accs = {n: _Acc(n, positive_threshold) for n in tensor_outs}
     kept: dict[str, list] = {n: [] for n in tensor_outs}
     start = 0
-    for feed, labels in data.labeled_batches(batch_size):
-        b = next(iter(feed.values())).shape[0]
+    for batch, labels in data.labeled_batches(batch_size):
+        feed = dict(batch)  # onnxruntime takes dicts only; a subset's batch gathers its rows here
+        b = batch_samples(feed)
         if ref_sess is not None:  # the original first: data that does not fit fails there, as a data error
             ref = dict(zip(tensor_outs, _run_on_data(ref_sess, tensor_outs, feed, data)))
         if cand_sess is None:
@@ -375,7 +378,7 @@ def reference_outputs(model: onnx.ModelProto, data, *, providers=None, batch_siz
     names = [o.name for o in sess.get_outputs() if o.type.startswith("tensor")]
     parts: dict[str, list] = {n: [] for n in names}
     for feed in data.batches(batch_size):
-        for n, v in zip(names, _run_on_data(sess, names, feed, data)):
+        for n, v in zip(names, _run_on_data(sess, names, dict(feed), data)):
             parts[n].append(v)
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
 

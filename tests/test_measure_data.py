@@ -374,3 +374,24 @@ def test_split_parts_share_the_arrays_and_gather_their_rows_per_batch():
     assert sorted(seen) == list(range(40))
     nested = parts[0].subset([1, 0])  # a subset of a subset picks rows of the parent's rows
     np.testing.assert_array_equal(nested.labels, parts[0].labels[[1, 0]])
+
+
+def test_a_subset_batch_gathers_an_input_only_when_it_is_read():
+    """A budget search streams the same split many times, mostly replaying
+    recorded tensors: a batch that nobody reads must not copy its rows."""
+    from onnxfold.measure.data import Batch, batch_samples
+
+    x = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    cs = CalibrationSet({"x": x, "y": -x})
+    part = cs.subset([7, 1, 3, 8])
+    batch = next(part.batches(3))
+    assert isinstance(batch, Batch)
+    assert batch_samples(batch) == 3 and list(batch) == ["x", "y"] and "y" in batch and len(batch) == 2
+    assert batch._got == {}  # counted and named without a copy
+    np.testing.assert_array_equal(batch["y"], -x[[7, 1, 3]])
+    assert list(batch._got) == ["y"]  # only what was read
+    assert batch["y"] is batch["y"]  # gathered once
+    assert set(dict(batch)) == {"x", "y"}  # a plain dict for onnxruntime
+    # the whole set's batches stay views, counted the same way
+    whole = next(cs.batches(4))
+    assert isinstance(whole, dict) and batch_samples(whole) == 4 and np.shares_memory(whole["x"], x)

@@ -196,3 +196,26 @@ def test_memo_mib_must_be_a_whole_number_of_mib():
     for bad in (-1, 1.5, True):
         with pytest.raises(UsageError, match="memo size"):
             onnxfold.optimize(model, {"x": x}, fold_ratio=0.5, provider="cpu", memo_mib=bad)
+
+
+def test_a_replayed_stream_reads_none_of_its_inputs():
+    """Replaying needs the recorded tensors, not the data: the subset's rows
+    stay ungathered (a gathered batch keeps what it read in ``_got``)."""
+    model, data, hidden = _setup()
+    part = data.subset(np.arange(3, 70, 2))
+    feeds = []
+
+    def update(accs, start, feed, labels, tensors):
+        feeds.append(feed)
+        _add(hidden, accs, start, feed, labels, tensors)
+
+    def job():
+        return StatsJob([(needed_part(model, {hidden: np.float32}), [hidden])], _new, update, replayable=(0,))
+
+    memo = StreamMemo()
+    first = run_stats_job(job(), part, batch_size=8, providers=None, memo=memo)["s"]
+    assert memo.replays == 0 and feeds and all(f._got for f in feeds)  # the run fed its input
+    feeds.clear()
+    again = run_stats_job(job(), part, batch_size=8, providers=None, memo=memo)["s"]
+    assert memo.replays == 1 and len(feeds) == 5 and not any(f._got for f in feeds)
+    assert (first.rows, first.total) == (again.rows, again.total)

@@ -98,7 +98,7 @@ def batchable_copy(model: onnx.ModelProto, data, providers: list[str]) -> tuple[
 
     n = min(PROBE_SAMPLES, data.num_samples)
     probe = data.subset(np.arange(n))
-    feeds = list(probe.batches(1))
+    feeds = [dict(f) for f in probe.batches(1)]
     copy = symbolic_batch(model)
     why = None
     with stage("calibration"):

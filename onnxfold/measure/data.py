@@ -54,7 +54,7 @@ from .sources import (
 #: (``onnxfold.api.split_data``; a Ray source that small is gathered into memory)
 MIN_SAMPLES_TO_SPLIT = 10
 
-__all__ = ["CalibrationSet", "load_calibration", "load_for_specs", "model_inputs", "LABELS_KEY", "MIN_SAMPLES_TO_SPLIT",
+__all__ = ["Batch", "CalibrationSet", "batch_samples", "load_calibration", "load_for_specs", "model_inputs", "LABELS_KEY", "MIN_SAMPLES_TO_SPLIT",
            "SampleCount", "split_indices"]
 
 
@@ -71,6 +71,48 @@ class SampleCount:
         return self._n
 
 
+class Batch(Mapping):
+    """One batch of a subset: ``{input name: its rows}``, each input's rows
+    gathered from the shared arrays when first read (then kept). A budget
+    search streams the same split many times, mostly replaying recorded
+    tensors or running only the end of the graph, which read no input; on
+    wide inputs gathering them anyway was a large share of its time. Hand
+    ``dict(batch)`` to onnxruntime, which takes dicts only."""
+
+    __slots__ = ("_arrays", "_rows", "_got")
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], rows: np.ndarray):
+        self._arrays, self._rows = arrays, rows
+        self._got: dict[str, np.ndarray] = {}
+
+    @property
+    def samples(self) -> int:
+        return int(self._rows.size)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        got = self._got.get(name)
+        if got is None:
+            got = self._got[name] = np.take(self._arrays[name], self._rows, axis=0)
+        return got
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._arrays
+
+
+def batch_samples(feed: Mapping[str, np.ndarray]) -> int:
+    """How many samples a batch (a feed dict or a :class:`Batch`) holds,
+    without gathering a subset's rows."""
+    if isinstance(feed, Batch):
+        return feed.samples
+    return next(iter(feed.values())).shape[0]
+
+
 class CalibrationSet(SampleCount):
     """In-memory samples ``{input_name: array}`` (+ optional labels).
 
@@ -85,7 +127,10 @@ class CalibrationSet(SampleCount):
     A subset (:meth:`subset`, :meth:`split`) shares its parent's arrays and
     holds only the row indices: batches gather their rows when they are made,
     so splitting 100k samples into fit/select/final parts does not copy them
-    (reading ``arrays`` or ``labels`` of a subset materialises it).
+    (reading ``arrays`` or ``labels`` of a subset materialises it). A
+    subset's batch is a :class:`Batch` that gathers an input's rows when that
+    input is first read: a run replayed from a memo, or started inside the
+    graph, reads none of them.
     """
 
     def __init__(
@@ -184,8 +229,9 @@ class CalibrationSet(SampleCount):
         for start in range(0, self._n, bs):
             yield start, min(start + bs, self._n)
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Feed dicts of consecutive samples (views, not copies); labels excluded.
+    def batches(self, batch_size: int) -> Iterator[Mapping[str, np.ndarray]]:
+        """Feed dicts of consecutive samples (views, not copies; a subset's
+        are :class:`Batch` mappings); labels excluded.
 
         With a fixed batch axis in the model (``fixed_batch``), batches hold
         exactly that many samples regardless of ``batch_size``.
@@ -193,13 +239,12 @@ class CalibrationSet(SampleCount):
         for a, b in self._ranges(batch_size):
             yield self._rows_of(self._arrays, a, b)
 
-    def _rows_of(self, arrays: Mapping[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+    def _rows_of(self, arrays: Mapping[str, np.ndarray], a: int, b: int) -> Mapping[str, np.ndarray]:
         if self._rows is None:
             return {k: v[a:b] for k, v in arrays.items()}
-        rows = self._rows[a:b]
-        return {k: np.take(v, rows, axis=0) for k, v in arrays.items()}
+        return Batch(arrays, self._rows[a:b])
 
-    def labeled_batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    def labeled_batches(self, batch_size: int) -> Iterator[tuple[Mapping[str, np.ndarray], np.ndarray | None]]:
         """Like :meth:`batches` but yields ``(feed, labels_batch)``; labels ``None`` without labels."""
         for a, b in self._ranges(batch_size):
             feed = self._rows_of(self._arrays, a, b)

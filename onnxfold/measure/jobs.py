@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import CalibrationSet
+from .data import CalibrationSet, batch_samples
 from .stream import model_digest, needed_part, stream_tensors
 from .suffix import TensorMemo, suffix_part
 
@@ -160,7 +160,7 @@ def _replayed(batches: list, data: CalibrationSet, batch_size: int,
               progress: Callable[[int, int], None] | None) -> Iterator:
     total, done = data.num_samples, 0
     for (feed, labels), tensors in zip(data.labeled_batches(batch_size), batches):
-        done += next(iter(feed.values())).shape[0]
+        done += batch_samples(feed)
         if progress is not None:
             progress(done, total)
         yield feed, labels, tensors
@@ -212,7 +212,7 @@ def run_stats_job(job: StatsJob, data: CalibrationSet, *, batch_size: int, provi
     for batches in zip(*streams):
         feed, labels, _ = batches[0]
         job.update(accs, start, feed, labels, [tensors for _f, _l, tensors in batches])
-        start += next(iter(feed.values())).shape[0]
+        start += batch_samples(feed)
     for keep in finish:
         keep()
     return accs
@@ -254,7 +254,7 @@ def _leaves_only(model: onnx.ModelProto, names: list[str], leaves: list[dict], d
         for n in names:
             if n not in tensors:
                 tensors[n] = feed[n] if n in feed else tensor_array(inits[n])
-        done += next(iter(feed.values())).shape[0]
+        done += batch_samples(feed)
         if progress is not None:
             progress(done, total)
         yield feed, labels, tensors

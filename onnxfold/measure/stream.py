@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from onnxfold.errors import CalibrationDataError
-from onnxfold.measure.data import CalibrationSet
+from onnxfold.measure.data import CalibrationSet, batch_samples
 from onnxfold.profile import stage
 from onnxfold.runtime import quiet_run_options, run_error_message, run_error_types
 from onnxfold.tensors import tensor_array
@@ -238,8 +238,9 @@ def stream_tensors(
 
     total, done = data.num_samples, 0
     for i, (feed, labels) in enumerate(data.labeled_batches(batch_size)):
-        given = feed if extra_feeds is None else {**feed, **extra_feeds[i]}
-        run_feed = {k: v for k, v in given.items() if k in sess_inputs}
+        extra = {} if extra_feeds is None else extra_feeds[i]
+        # only the inputs this run reads: a subset's batch gathers its rows on reading
+        run_feed = {k: extra[k] if k in extra else feed[k] for k in (*feed, *extra) if k in sess_inputs}
         try:
             with stage("calibration", unless_in=MEASURING_STAGES):
                 values = session.run(output_names, run_feed, run_options)
@@ -249,9 +250,9 @@ def stream_tensors(
             ) from None
         tensors = dict(zip(output_names, values))
         for n in from_feed:
-            tensors[n] = given[n]
+            tensors[n] = extra[n] if n in extra else feed[n]
         tensors.update(constants)
-        done += next(iter(feed.values())).shape[0]
+        done += batch_samples(feed)
         if progress is not None:
             progress(done, total)
         yield feed, labels, tensors

@@ -42,6 +42,7 @@ from ..find.activations import ActivationSpec
 from ..find.chains import find_dense_graph
 from ..find.graph_index import GraphIndex
 from ..find.projections import Projection
+from ..measure.data import batch_samples
 from ..measure.jobs import StatsJob, part_of
 from ..rewrite.attention import ProjectionEdit, rewrite_projections
 from .base import PassContext, PassResult, heldout_mask
@@ -167,7 +168,7 @@ def _new_sample() -> dict:
 def _add_sample(target: RefineTarget, max_rows: int, seed: int, held_samples: np.ndarray, accs: dict, start: int,
                 feed: dict, _labels, tensors: list) -> None:
     cur, orig = tensors[0], tensors[-1]
-    count = next(iter(feed.values())).shape[0]
+    count = batch_samples(feed)
     x = np.asarray(cur[target.producer.input])
     per_sample = x.size // (count * x.shape[-1])  # rows per sample (tokens, positions)
     keep = min(1.0, max_rows / (held_samples.size * per_sample))

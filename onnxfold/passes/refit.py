@@ -37,7 +37,7 @@ from ..decide import folding as decide
 from ..distributed import StatsJob, run_stats_job
 from ..measure.jobs import KeyedModel, part_of
 from ..find.activations import ActivationSpec
-from ..measure.data import CalibrationSet
+from ..measure.data import CalibrationSet, batch_samples
 from ..measure.stats import GramAccumulator, NeuronStats
 from .base import HELDOUT_SHARE, PassContext, heldout_mask
 
@@ -212,7 +212,7 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, data_samples: int,
               start: int, feed: dict, _labels, tensors: list) -> None:
     """One batch of every group's least-squares rows; ``start``: index of the
     batch's first sample in the data (of ``data_samples``)."""
-    count = next(iter(feed.values())).shape[0]
+    count = batch_samples(feed)
     first_axis, groups = rows.rows(tensors[0], tensors[-1])
     for i, (X, Y, target, *weights) in enumerate(groups):
         weights = weights[0] if weights else None  # a builder may weigh its rows (weighted least squares)

@@ -170,15 +170,60 @@ def needed_part(model: onnx.ModelProto, outputs: Mapping[str, np.dtype]) -> onnx
 _UNIQUE = itertools.count()
 
 
+#: above this many bytes of weights a model is not digested (hashing them would
+#: cost seconds per key, and protobuf cannot serialize it anyway): it gets a key
+#: of its own, equal to no other
+DIGEST_LIMIT_BYTES = 2**31
+
+
 def model_digest(model: onnx.ModelProto) -> str:
-    """Content key of a model (or model part): its serialized bytes. A model
-    protobuf cannot serialize (over 2 GB in memory) gets a key of its own,
-    equal to no other: nothing is shared, nothing is wrong."""
+    """Content key of a model (or model part): a hash of everything in it,
+    equal for two models only when their protobufs are equal. The weights'
+    raw bytes are hashed where they lie, the rest as serialized protobuf,
+    each piece with its length; serializing the whole model first copied
+    every weight into one string for nothing. A model with more than
+    :data:`DIGEST_LIMIT_BYTES` of weights, or one protobuf cannot serialize,
+    gets a key of its own, equal to no other: nothing is shared, nothing is
+    wrong."""
+    inits = model.graph.initializer
+    if sum(len(t.raw_data) for t in inits) > DIGEST_LIMIT_BYTES:
+        return f"unserializable {next(_UNIQUE)}"
+    h = hashlib.sha1()
     try:
-        data = model.SerializeToString(deterministic=True)
+        _hash_piece(h, _without(model, "graph", _without(model.graph, "initializer")).SerializeToString(
+            deterministic=True))
+        for t in inits:
+            _hash_piece(h, _without(t, "raw_data").SerializeToString(deterministic=True))
+            # absent and empty raw_data are different tensors: say which
+            _hash_piece(h, b"\x01" + t.raw_data if t.HasField("raw_data") else b"\x00")
     except Exception:  # noqa: BLE001 - protobuf's size limit (ValueError / EncodeError)
         return f"unserializable {next(_UNIQUE)}"
-    return hashlib.sha1(data).hexdigest()
+    return h.hexdigest()
+
+
+def _hash_piece(h, data: bytes) -> None:
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def _without(message, field: str, replacement=None):
+    """A new message of ``message``'s type with every set field of it but
+    ``field`` copied (``replacement``, if given, in its place): the weights are
+    not copied along."""
+    out = type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.name == field:
+            continue
+        target = getattr(out, descriptor.name)
+        if hasattr(value, "extend"):  # a repeated field (protobuf has no one spelling of that across versions)
+            target.extend(value)
+        elif descriptor.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(out, descriptor.name, value)
+    if replacement is not None:
+        getattr(out, field).CopyFrom(replacement)
+    return out
 
 
 def stream_tensors(

@@ -227,16 +227,16 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (2c69151..): every least-squares refit (consumer, downstream, head and gated-MLP "
-    "refits) accumulates at most max(128 p, 8192) rows for its p features, drawn uniformly over the data with a "
-    "generator seeded per batch; data within that budget is used whole (`refit.row_budget`, docs/methods.md 2.2). "
-    "A fit on n rows predicts new rows with an excess error of about p/n times its residual, so past 128 rows per "
-    "feature more rows change the fit by under 1 % of its residual, while each costs p^2 in the Gram. Of these "
-    "models only the decoders' refits see more rows than that (4,096 windows of 64 tokens, 128-344 features): "
-    "their decide stage shrinks, their refits fit on a sample, so their weights differ a little and their "
-    "settings are chosen again against the same budget on the select split (*same settings*). Every other "
-    "model's refits use all their rows as before (*same model*: byte for byte). Single runs, interleaved per "
-    "model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
+    "What this change does (dda9f49..): a subset's batch (the fit, select and final parts are subsets of the "
+    "calibration data) gathers an input's rows only when that input is read (`measure.data.Batch`), so a stream "
+    "replayed from a memo, or run from recorded tensors inside the graph, copies none of them; and `model_digest` "
+    "hashes the weights' bytes where they lie instead of serializing the whole model first. Neither changes a "
+    "number the search computes: the settings, the candidates and the written models must come out the same "
+    "(*same settings*, *same candidates*, *same model*: byte for byte). These models read narrow inputs (at most "
+    "784 floats per sample, token ids for the transformers), so the copies were a small share of their decide "
+    "stage; on issue 16's wake-word-shaped detectors, 1536 and 3264 floats wide, they were about half of it "
+    "(the bench_wakeword block below). Single runs, interleaved per model, on 2 shared cores: differences of 10 % "
+    "in wall time are within the noise here.")
 
 
 def _brief(chosen: dict | None) -> str:

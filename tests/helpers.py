@@ -418,3 +418,14 @@ def random_input(model: onnx.ModelProto, batch: int = 5, seed: int = 1, name: st
     shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
     dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def written_block(write, markers: tuple[str, str], result: dict, tmp_path, json_name: str) -> tuple[str, str]:
+    """A benchmark block script's ``write(result, json, markdown, reason)`` into
+    a fresh ``BENCHMARKS.md`` under ``tmp_path``: (the whole file, its block
+    between ``markers``)."""
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    write(result, tmp_path / json_name, md, reason=None)
+    text = md.read_text()
+    return text, text[text.index(markers[0]):text.index(markers[1])]

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
+from helpers import written_block  # noqa: E402
 from bench_decide_scaling import BEGIN, END, main, write  # noqa: E402
 
 
@@ -20,11 +21,7 @@ def test_block_reports_the_ratio_per_size_and_its_range(tmp_path):
     result = {"generated": "2026-01-02 03:04 UTC", "machine": "a test machine", "model": "mnist1d_mlp",
               "load_average_1min_after": 0.5,
               "rows": [_row(1000, 0.2, 0.6, 11), _row(8000, 1.6, 4.0, 12)], "previous": None}
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text("# Benchmarks\n")
-    write(result, tmp_path / "decide_scaling.json", md, reason=None)
-    text = md.read_text()
-    block = text[text.index(BEGIN):text.index(END)]
+    text, block = written_block(write, (BEGIN, END), result, tmp_path, "decide_scaling.json")
     assert "| 1000 | 0.20 | 0.60 | 3.00 | 11 | 0.500 | lossless_linearity True, linear_thresholds" in block
     assert "| 8000 | 1.60 | 4.00 | 2.50 | 12 |" in block
     assert "Over 8x the calibration samples, decide / calibration goes from 3.00 to 2.50" in block

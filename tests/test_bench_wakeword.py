@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
+from helpers import written_block  # noqa: E402
 from bench_wakeword import BEGIN, END, FEATURES, HIDDEN, detector, main, windows, write  # noqa: E402
 
 
@@ -52,11 +53,7 @@ def test_block_reports_before_and_after_per_detector(tmp_path):
                         "before": _after(200.0, 20.0, 160.0, same),
                         "after": {**_after(8.0, 2.0, 3.0, {**same, "fold_ratios": {"layer0": 0.3}}),
                                   "status": "final_check_failed", "failures": ["prob: bound 1.06% > 1% allowed"]}}]}
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text("# Benchmarks\n")
-    write(result, tmp_path / "wakeword.json", md, reason=None)
-    text = md.read_text()
-    block = text[text.index(BEGIN):text.index(END)]
+    _text, block = written_block(write, (BEGIN, END), result, tmp_path, "wakeword.json")
     assert "| 1536 | 213,377 | 0.900 | 50.0 | 5.0 | 10.0 x | 4.00 | 1.00 | 2.00 | 2.00 | 20 | 0.250 |" in block
     assert "| 3264 | 434,561 | 0.910 | 200.0 | 8.0 | 25.0 x | 8.00 | 2.00 | 3.00 | 1.50 | 20 |" in block
     assert block.count("| optimized | yes | optimized |") == 1  # the first chose the same setting

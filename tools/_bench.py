@@ -130,6 +130,19 @@ def dense_params(model: onnx.ModelProto) -> tuple[int, int]:
 # where and when; writing results
 
 
+def setting_knobs(chosen: dict | None) -> dict | None:
+    """A chosen setting (``report["search"]["chosen"]``) without its empty
+    knobs (a newer onnxfold names more of them)."""
+    return None if chosen is None else {k: v for k, v in chosen.items() if v not in ({}, None)}
+
+
+def brief_setting(chosen: dict | None) -> str:
+    """A chosen setting without its empty knobs, for one line of text."""
+    if chosen is None:
+        return "none (no candidate met the budget)"
+    return ", ".join(f"{k} {v}" for k, v in setting_knobs(chosen).items())
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -36,7 +36,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, machine, now, previous_run, reason_argument, save_block  # noqa: E402
+from _bench import (ROOT, brief_setting, machine, now, previous_run, reason_argument, save_block,  # noqa: E402
+                    setting_knobs)
 from perf_cost import run_cli  # noqa: E402
 
 BEGIN, END = "<!-- begin:bench_wakeword -->", "<!-- end:bench_wakeword -->"
@@ -89,9 +90,9 @@ def detector(frames: int, coefs: list[np.ndarray], intercepts: list[np.ndarray])
     return model
 
 
-def build(frames: int, work: Path) -> tuple[Path, Path, Path, float]:
+def build(frames: int, work: Path) -> tuple[Path, Path, Path, float, int]:
     """The detector for ``frames`` frames, its calibration and evaluation
-    data (.npz with labels) in ``work``, and its test accuracy."""
+    data (.npz with labels) in ``work``, its test accuracy and its parameters."""
     from sklearn.neural_network import MLPClassifier
 
     rng = np.random.default_rng(SEED + frames)
@@ -101,10 +102,12 @@ def build(frames: int, work: Path) -> tuple[Path, Path, Path, float]:
     clf.fit(flat[:TRAIN], y[:TRAIN])
     accuracy = float(clf.score(flat[-EVAL:], y[-EVAL:]))
     stem = work / f"wakeword_{frames * FEATURES}"
-    onnx.save(detector(frames, clf.coefs_, clf.intercepts_), f"{stem}.onnx")
+    model = detector(frames, clf.coefs_, clf.intercepts_)
+    onnx.save(model, f"{stem}.onnx")
     np.savez(f"{stem}.calib.npz", x=x[TRAIN:TRAIN + CALIB], labels=y[TRAIN:TRAIN + CALIB])
     np.savez(f"{stem}.eval.npz", x=x[-EVAL:], labels=y[-EVAL:])
-    return Path(f"{stem}.onnx"), Path(f"{stem}.calib.npz"), Path(f"{stem}.eval.npz"), accuracy
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    return Path(f"{stem}.onnx"), Path(f"{stem}.calib.npz"), Path(f"{stem}.eval.npz"), accuracy, params
 
 
 def _row(rep: dict) -> dict:
@@ -121,8 +124,7 @@ def run(frame_counts: list[int], work: Path, before: Path | None) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for frames in frame_counts:
-        model, calib, evaluation, accuracy = build(frames, work)
-        params = sum(int(np.prod(t.dims)) for t in onnx.load(str(model)).graph.initializer)
+        model, calib, evaluation, accuracy, params = build(frames, work)
         row = {"input_width": frames * FEATURES, "parameters": params, "test_accuracy": accuracy}
         for label, code in (("before", before), ("after", ROOT)):
             if code is None:
@@ -139,17 +141,6 @@ def run(frame_counts: list[int], work: Path, before: Path | None) -> list[dict]:
 def flatten(payload: dict) -> dict:
     return {f"input {r['input_width']}": {"wall s": r["after"]["wall_s"],
                                            "decide / calibration": r["after"]["ratio"]} for r in payload["rows"]}
-
-
-def _brief(chosen: dict | None) -> str:
-    if chosen is None:
-        return "none (no candidate met the budget)"
-    return ", ".join(f"{k} {v}" for k, v in chosen.items() if v not in ({}, None))
-
-
-def _knobs(chosen: dict | None) -> dict | None:
-    """A chosen setting without its empty knobs (a newer onnxfold reports more of them)."""
-    return None if chosen is None else {k: v for k, v in chosen.items() if v not in ({}, None)}
 
 
 def section(r: dict) -> str:
@@ -179,9 +170,9 @@ def section(r: dict) -> str:
         if has_before:
             cells += [f"{row['before']['wall_s'] / a['wall_s']:.1f} x", f"{row['before']['ratio']:.2f}"]
         cells += [f"{a['calibration_s']:.2f}", f"{a['decide_s']:.2f}", f"{a['ratio']:.2f}", f"{a['candidates']}",
-                  f"{a['parameters_ratio']:.3f}", _brief(a["chosen"]), a["status"]]
+                  f"{a['parameters_ratio']:.3f}", brief_setting(a["chosen"]), a["status"]]
         if has_before:
-            cells += ["yes" if _knobs(row["before"]["chosen"]) == _knobs(a["chosen"]) else "no",
+            cells += ["yes" if setting_knobs(row["before"]["chosen"]) == setting_knobs(a["chosen"]) else "no",
                       row["before"]["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [f"input {row['input_width']}: {'; '.join(row['after'].get('failures') or ['see its report'])}"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from _bench import load_shipped
+from _bench import brief_setting, load_shipped
 
 ROOT = Path(__file__).resolve().parents[1]
 #: every model in models/ (issue 16: decide <= calibration on each)
@@ -240,13 +240,6 @@ CHANGE_NOTE = (
     "in wall time are within the noise here.")
 
 
-def _brief(chosen: dict | None) -> str:
-    """A chosen setting without its empty knobs, for one line of text."""
-    if chosen is None:
-        return "none (no candidate met the budget)"
-    return ", ".join(f"{k} {v}" for k, v in chosen.items() if v not in ({}, None))
-
-
 def _f(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -302,7 +295,7 @@ def cost_markdown(cost: dict) -> list[str]:
             L += ["", "Settings chosen differently (before → after, `report[\"search\"][\"chosen\"]` less its "
                   "empty entries):", ""]
             for r in changed:
-                L.append(f"- {r['model']}: {_brief(r['chosen_before'])} → {_brief(r['chosen_after'])}")
+                L.append(f"- {r['model']}: {brief_setting(r['chosen_before'])} → {brief_setting(r['chosen_after'])}")
         L += ["", CHANGE_NOTE, ""]
     if cost["fixed_batch"]:
         L += ["### Batch axis fixed at 1", "",

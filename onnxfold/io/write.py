@@ -43,6 +43,15 @@ def _copy_fields_except(src, dst, skip: set[str]) -> None:
     _copy_fields(src, dst, lambda fd: fd.name not in skip)
 
 
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with everything but its graph's initializers,
+    made without reading (copying) any of them."""
+    skeleton = onnx.ModelProto()
+    _copy_fields_except(model, skeleton, {"graph"})
+    _copy_fields_except(model.graph, skeleton.graph, {"initializer"})
+    return skeleton
+
+
 _DATA_FIELDS = {
     "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
     "uint64_data", "external_data", "data_location",
@@ -104,12 +113,10 @@ def write_external(
     ``durable=False`` skips the fsync (scratch files).
     """
     g = model.graph
-    skeleton = onnx.ModelProto()
-    _copy_fields_except(model, skeleton, {"graph"})
+    skeleton = without_initializers(model)
     if ir_version is not None:
         skeleton.ir_version = ir_version
     sg = skeleton.graph
-    _copy_fields_except(g, sg, {"initializer"})
     min_bytes = sizes.ALIGN_MIN_BYTES if sparse else sizes.EXTERNAL_MIN_BYTES
     with open(model_path.parent / data_name, "wb") as f:
         offset = 0

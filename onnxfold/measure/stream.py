@@ -21,6 +21,7 @@ import onnx
 
 from onnxfold.errors import CalibrationDataError
 from onnxfold.io.sizes import data_nbytes, uses_external
+from onnxfold.io.write import without_initializers
 from onnxfold.measure.data import CalibrationSet, batch_samples
 from onnxfold.profile import stage
 from onnxfold.runtime import quiet_run_options, run_error_message, run_error_types
@@ -192,8 +193,7 @@ def model_digest(model: onnx.ModelProto) -> str:
         return f"unserializable {next(_UNIQUE)}"
     h = hashlib.sha1()
     try:
-        _hash_piece(h, _without(model, "graph", _without(model.graph, "initializer")).SerializeToString(
-            deterministic=True))
+        _hash_piece(h, without_initializers(model).SerializeToString(deterministic=True))
         for t in inits:
             _hash_piece(h, t.SerializeToString(deterministic=True))
     except Exception:  # noqa: BLE001 - protobuf's size limit (ValueError / EncodeError)
@@ -204,26 +204,6 @@ def model_digest(model: onnx.ModelProto) -> str:
 def _hash_piece(h, data: bytes) -> None:
     h.update(len(data).to_bytes(8, "little"))
     h.update(data)
-
-
-def _without(message, field: str, replacement=None):
-    """A new message of ``message``'s type with every set field of it but
-    ``field`` copied (``replacement``, if given, in its place): the weights are
-    not copied along."""
-    out = type(message)()
-    for descriptor, value in message.ListFields():
-        if descriptor.name == field:
-            continue
-        target = getattr(out, descriptor.name)
-        if hasattr(value, "extend"):  # a repeated field (protobuf has no one spelling of that across versions)
-            target.extend(value)
-        elif descriptor.message_type is not None:
-            target.CopyFrom(value)
-        else:
-            setattr(out, descriptor.name, value)
-    if replacement is not None:
-        getattr(out, field).CopyFrom(replacement)
-    return out
 
 
 def stream_tensors(

@@ -67,6 +67,33 @@ def test_kmeans_groups_duplicates_and_is_deterministic():
     assert len(set(zip(src, labels))) == 8
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gram_seeding_draws_scikit_learns_plain_kmeans_plusplus_centres(weighted):
+    """Big problems seed with one trial per centre; from the Gram of the points
+    the centres are scikit-learn's ``kmeans_plusplus(n_local_trials=1)``."""
+    from sklearn.cluster import kmeans_plusplus
+    from sklearn.utils import check_random_state
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((400, 30)) * rng.uniform(0.1, 3.0, size=30) + 5.0
+    w = rng.integers(1, 4, size=400) if weighted else np.ones(400, dtype=np.intp)
+    expected, _ = kmeans_plusplus(X, 300, sample_weight=w, random_state=11, n_local_trials=1)
+    got = decide._greedy_kmeans_plusplus(w, trials=1)(X, 300, check_random_state(11))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_big_kmeans_labels_do_not_depend_on_where_the_seeding_takes_its_products(monkeypatch):
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((300, 12))
+    monkeypatch.setattr(decide, "BIG_KMEANS", 1)  # every problem takes the big path
+    decide._KMEANS_CACHE.clear()
+    from_gram = decide.kmeans_labels(feats, 200, seed=2)
+    monkeypatch.setattr(decide, "GRAM_SEEDING_MAX_POINTS", 0)  # scikit-learn's product per step
+    decide._KMEANS_CACHE.clear()
+    np.testing.assert_array_equal(decide.kmeans_labels(feats, 200, seed=2), from_gram)
+    decide._KMEANS_CACHE.clear()
+
+
 def test_cluster_maps_means_sums_and_removed_neurons():
     row_map, col_map = decide.cluster_maps(np.array([0, 1, 0, -1, 1, 1]))
     np.testing.assert_allclose(row_map, [[.5, 0, .5, 0, 0, 0], [0, 1 / 3, 0, 0, 1 / 3, 1 / 3]])

@@ -227,17 +227,17 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (dda9f49..): a subset's batch (the fit, select and final parts are subsets of the "
-    "calibration data) gathers an input's rows only when that input is read (`measure.data.Batch`), so a stream "
-    "replayed from a memo, or run from recorded tensors inside the graph, copies none of them; and `model_digest` "
-    "hashes a part's serialization piece by piece (the part without its weights, then each weight) instead of "
-    "serializing the whole part into one string first (all-MiniLM-L6-v2: 0.23 -> 0.12 s per key). Neither changes a "
-    "number the search computes: the settings, the candidates and the written models must come out the same "
-    "(*same settings*, *same candidates*, *same model*: byte for byte). These models read narrow inputs (at most "
-    "784 floats per sample, token ids for the transformers), so the copies were a small share of their decide "
-    "stage; on issue 16's wake-word-shaped detectors, 1536 and 3264 floats wide, they were about half of it "
-    "(the bench_wakeword block below). Single runs, interleaved per model, on 2 shared cores: differences of 10 % "
-    "in wall time are within the noise here.")
+    "What this change does (33282f5..): numpy's GELU, which the refits and neuron statistics take of "
+    "streamed pre-activations, is computed in the tensor's float32 as onnxruntime computes it (numpy 2 "
+    "promoted the float32 tensor to float64 through its np.float64 constant: the float64 erf was about 4x "
+    "the time, for values rounded back to float32), and k-means' plain k-means++ seeding of wide layers "
+    "(n · k · dim >= 2^30: the MiniLM FFN's 1536 neurons into 1382 clusters) takes every distance from one "
+    "Gram of the points, as the greedy seeding of smaller layers already did, instead of one product per "
+    "centre: the same centres as scikit-learn's `kmeans_plusplus` (tests/test_folding.py). Only the "
+    "MiniLM encoder (GELU, 1536-wide FFN) takes either path; the GELU values differ from the float64 ones "
+    "in the last float32 bit, so its refits' numbers may differ in the last digits (*same settings* and "
+    "*same candidates* say whether any choice changed). Single runs, interleaved per model, on 2 shared "
+    "cores: differences of 10 % in wall time are within the noise here.")
 
 
 def _f(x, nd=2):

@@ -61,6 +61,8 @@ def neuron_features(w_in: np.ndarray, b_in: np.ndarray | None, w_out: np.ndarray
 
 #: k-means problems with n · k · dim at least this big use cheap seeding and threads
 BIG_KMEANS = 2**30
+#: Big problems seed from an n × n Gram of the points up to this many points (128 MiB)
+GRAM_SEEDING_MAX_POINTS = 4096
 
 #: Feature matrices bigger than this many elements (n neurons × (in + 1 + out))
 #: are clustered on a random projection instead: for a 8192-wide layer the
@@ -200,9 +202,14 @@ def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.n
             # scikit-learn's greedy 2 + ln k): ~10x faster for thousands of
             # clusters (35 s -> 3 s for k=4096 on a 8192-wide layer), and the
             # seeding, not Lloyd's iterations, dominated there.
-            from sklearn.cluster import kmeans_plusplus
+            if X.shape[0] <= GRAM_SEEDING_MAX_POINTS:
+                from sklearn.utils import check_random_state
 
-            init, _ = kmeans_plusplus(X, k, sample_weight=w, random_state=seed, n_local_trials=1)
+                init = _greedy_kmeans_plusplus(w, trials=1)(X, k, check_random_state(seed))
+            else:  # the n × n Gram would not fit comfortably: scikit-learn's product per step
+                from sklearn.cluster import kmeans_plusplus
+
+                init, _ = kmeans_plusplus(X, k, sample_weight=w, random_state=seed, n_local_trials=1)
             km = KMeans(n_clusters=k, n_init=1, init=init, random_state=seed)
         else:
             km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, init=_greedy_kmeans_plusplus(w))
@@ -222,13 +229,17 @@ def _rows_all_distinct(features: np.ndarray) -> bool:
     return np.unique(h).size == h.size
 
 
-def _greedy_kmeans_plusplus(sample_weight: np.ndarray):
+def _greedy_kmeans_plusplus(sample_weight: np.ndarray, trials: int | None = None):
     """scikit-learn's k-means++ seeding (``init="k-means++"``: greedy, 2 + ln k
     trials per centre, the same random draws in the same order) as an
     ``init`` callable, with every point-to-point product taken from one Gram
     matrix ``X Xᵀ`` computed up front instead of a product per step (and
     without scikit-learn's per-step input checks): 5-10x faster for the
     few-hundred-neuron layers a budget search folds again and again.
+    ``trials=1``: ``sklearn.cluster.kmeans_plusplus(..., n_local_trials=1)``,
+    the plain seeding big problems use (one product per centre there: 4.5 s
+    of a MiniLM search's 60 s decide stage went to the six 1536-neuron FFN
+    layers' 1382 steps each; with the Gram, 0.1 s).
 
     The candidates are data points, so their distances are rows of that
     Gram; they equal scikit-learn's per-step products up to the last bits of
@@ -251,13 +262,13 @@ def _greedy_kmeans_plusplus(sample_weight: np.ndarray):
             return np.maximum(d, 0, out=d)
 
         n = X.shape[0]
-        trials = 2 + int(np.log(n_clusters))
+        tries = 2 + int(np.log(n_clusters)) if trials is None else int(trials)
         indices = np.full(n_clusters, -1, dtype=int)
         indices[0] = random_state.choice(n, p=weight / weight.sum())
         closest = sq_distances(indices[:1])
         pot = closest @ weight
         for c in range(1, n_clusters):
-            picks = np.searchsorted(np.cumsum(weight * closest), random_state.uniform(size=trials) * pot)
+            picks = np.searchsorted(np.cumsum(weight * closest), random_state.uniform(size=tries) * pot)
             np.clip(picks, None, closest.size - 1, out=picks)
             dist = sq_distances(picks)
             np.minimum(closest, dist, out=dist)

@@ -116,13 +116,8 @@ class ActivationSpec:
             return np.tanh(z)
         if k == "silu":
             return (z / (1.0 + np.exp(-z))).astype(z.dtype, copy=False)
-        if k == "gelu":
-            from scipy.special import erf  # scipy comes with scikit-learn
-
-            return (0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))).astype(z.dtype, copy=False)
-        if k == "gelu_tanh":
-            c = np.sqrt(2.0 / np.pi)
-            return (0.5 * z * (1.0 + np.tanh(c * (z + 0.044715 * z**3)))).astype(z.dtype, copy=False)
+        if k in ("gelu", "gelu_tanh"):
+            return _gelu(np.asarray(z), tanh=k == "gelu_tanh")
         raise ValueError(f"unknown activation kind {k!r}")
 
     def select(self, index: np.ndarray) -> "ActivationSpec":
@@ -139,3 +134,35 @@ class ActivationSpec:
             return f"Clip({self.lo:g}, {self.hi:g})"
         return {"relu": "Relu", "prelu": "PRelu", "gelu": "Gelu", "gelu_tanh": "Gelu(tanh)",
                 "sigmoid": "Sigmoid", "tanh": "Tanh", "silu": "SiLU", "identity": "Identity"}[self.kind]
+
+
+def _gelu(z: np.ndarray, *, tanh: bool) -> np.ndarray:
+    """GELU (erf form, or ``tanh``'s approximation) of z, in z's dtype.
+
+    Computed in float32 for float32 input, as onnxruntime computes Gelu and
+    Erf: the constants are cast to that dtype first, because under numpy 2 a
+    float32 array times a numpy float64 scalar is float64, and the float64
+    erf of an encoder's hidden tensors was most of this function's time
+    (about 4x that of float32, for values rounded back to float32). Narrower
+    floats are computed in float32, float64 in float64; one buffer, updated
+    in place."""
+    work = z.dtype if z.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+    x = z.astype(work, copy=False)
+    if tanh:
+        # 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
+        out = np.multiply(x, x)
+        out *= work.type(0.044715)
+        out += 1
+        out *= x
+        out *= work.type(np.sqrt(2.0 / np.pi))
+        np.tanh(out, out=out)
+    else:
+        from scipy.special import erf  # scipy comes with scikit-learn
+
+        # 0.5 x (1 + erf(x / √2))
+        out = np.multiply(x, work.type(1.0 / np.sqrt(2.0)))
+        erf(out, out=out)
+    out += 1
+    out *= x
+    out *= work.type(0.5)
+    return out.astype(z.dtype, copy=False)

@@ -239,7 +239,7 @@ def _greedy_kmeans_plusplus(sample_weight: np.ndarray, trials: int | None = None
     ``trials=1``: ``sklearn.cluster.kmeans_plusplus(..., n_local_trials=1)``,
     the plain seeding big problems use (one product per centre there: 4.5 s
     of a MiniLM search's 60 s decide stage went to the six 1536-neuron FFN
-    layers' 1382 steps each; with the Gram, 0.1 s).
+    layers' 1382 steps each; from the Gram, under 0.1 s a layer).
 
     The candidates are data points, so their distances are rows of that
     Gram; they equal scikit-learn's per-step products up to the last bits of

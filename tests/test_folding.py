@@ -78,7 +78,7 @@ def test_gram_seeding_draws_scikit_learns_plain_kmeans_plusplus_centres(weighted
     X = rng.standard_normal((400, 30)) * rng.uniform(0.1, 3.0, size=30) + 5.0
     w = rng.integers(1, 4, size=400) if weighted else np.ones(400, dtype=np.intp)
     expected, _ = kmeans_plusplus(X, 300, sample_weight=w, random_state=11, n_local_trials=1)
-    got = decide._greedy_kmeans_plusplus(w, trials=1)(X, 300, check_random_state(11))
+    got = decide._gram_kmeans_plusplus(w, trials=1)(X, 300, check_random_state(11))
     np.testing.assert_array_equal(got, expected)
 
 

@@ -205,14 +205,14 @@ def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int) -> np.n
             if X.shape[0] <= GRAM_SEEDING_MAX_POINTS:
                 from sklearn.utils import check_random_state
 
-                init = _greedy_kmeans_plusplus(w, trials=1)(X, k, check_random_state(seed))
+                init = _gram_kmeans_plusplus(w, trials=1)(X, k, check_random_state(seed))
             else:  # the n × n Gram would not fit comfortably: scikit-learn's product per step
                 from sklearn.cluster import kmeans_plusplus
 
                 init, _ = kmeans_plusplus(X, k, sample_weight=w, random_state=seed, n_local_trials=1)
             km = KMeans(n_clusters=k, n_init=1, init=init, random_state=seed)
         else:
-            km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, init=_greedy_kmeans_plusplus(w))
+            km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, init=_gram_kmeans_plusplus(w))
         distinct_labels = km.fit(X, sample_weight=w).labels_
     return _canonical(distinct_labels if to_rows is None else distinct_labels[to_rows])
 
@@ -229,7 +229,7 @@ def _rows_all_distinct(features: np.ndarray) -> bool:
     return np.unique(h).size == h.size
 
 
-def _greedy_kmeans_plusplus(sample_weight: np.ndarray, trials: int | None = None):
+def _gram_kmeans_plusplus(sample_weight: np.ndarray, trials: int | None = None):
     """scikit-learn's k-means++ seeding (``init="k-means++"``: greedy, 2 + ln k
     trials per centre, the same random draws in the same order) as an
     ``init`` callable, with every point-to-point product taken from one Gram

@@ -287,8 +287,13 @@ class ConvHandler(OpHandler):
 
 #: Patch rows (output positions) a conv refit uses per batch: neighbouring
 #: positions are highly redundant, a random subset is enough and keeps the
-#: im2col memory bounded.
-MAX_ROWS_PER_BATCH = 8192
+#: im2col memory bounded. Each row costs p² in the refit's Gram (p = input
+#: channels x kernel area, about 1,000 in mnist_resnet's blocks), most of a
+#: conv model's search. tools/results/conv_rows.md: on two conv models, 10
+#: seeds each, 2048 rows instead of 8192 made the decide stage 1.7-1.8x as
+#: fast, with the same fold accuracy within a few test samples and as many
+#: searches returning a model (fallbacks 11 of 20 against 10 of 20).
+MAX_ROWS_PER_BATCH = 2048
 
 
 class GemmReaderHandler(OpHandler):

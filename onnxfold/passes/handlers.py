@@ -291,8 +291,11 @@ class ConvHandler(OpHandler):
 #: channels x kernel area, about 1,000 in mnist_resnet's blocks), most of a
 #: conv model's search. tools/results/conv_rows.md: on two conv models, 10
 #: seeds each, 2048 rows instead of 8192 made the decide stage 1.7-1.8x as
-#: fast, with the same fold accuracy within a few test samples and as many
-#: searches returning a model (fallbacks 11 of 20 against 10 of 20).
+#: fast, with the same fold accuracy within a few test samples and about as
+#: many searches returning a model (11 of 20 fell back at 2048, 10 at 8192).
+#: Fewer rows than features in a batch are fine: the Gram sums over batches,
+#: the ridge is chosen on held-out rows, and a refit that does not beat the
+#: plain fold there is not kept.
 MAX_ROWS_PER_BATCH = 2048
 
 

@@ -198,13 +198,14 @@ def _fraction(x) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def _model_section(name: str, runs: list[dict]) -> list[str]:
-    """One model's tables: its search per cap, its folds per cap, each cap against the first."""
-    caps = [r["cap"] for r in runs]
-    where = f"`tools/_work/conv_rows/{name}.onnx`, built by this script," if name in BUILT \
-        else f"`models/{name}.onnx`"
-    lines = [f"## {name}", "", f"{where} with its calibration and test splits.", "",
-             "### The default budget search", "",
+def _median(run: dict, value) -> float:
+    """The median over a run's seeds of ``value(search)``."""
+    return statistics.median(value(x) for x in _searches(run))
+
+
+def _search_tables(runs: list[dict]) -> list[str]:
+    """One model's default budget searches: per cap (medians over seeds), then per seed."""
+    lines = ["### The default budget search", "",
              f"`onnxfold optimize` with no settings but `--seed` (seeds {', '.join(map(str, _seeds(runs)))}: each "
              "draws its own fit / select split, k-means starts and refit rows): stage seconds from the report; "
              "final check on the test split. *Returned*: the parameter ratio of the model written, per seed; "
@@ -215,12 +216,12 @@ def _model_section(name: str, runs: list[dict]) -> list[str]:
              "|---:|---:|---:|---:|---:|---|---:|---:|"]
     for run in runs:
         ss = _searches(run)
-        ratio = statistics.median(x["decide_s"] / max(x["calibration_s"], 1e-9) for x in ss)
         returned = " · ".join(f"{x['parameters_ratio']:.3f}" + (" (fell back)" if _fell_back(x) else "") for x in ss)
         agreements = [x["final_agreement"] for x in ss if x["final_agreement"] is not None]
-        lines.append(f"| {run['cap']} | {statistics.median(x['decide_s'] for x in ss):.2f} | "
-                     f"{statistics.median(x['calibration_s'] for x in ss):.2f} | {ratio:.2f} | "
-                     f"{statistics.median(x['candidates'] for x in ss):g} | {returned} | "
+        lines.append(f"| {run['cap']} | {_median(run, lambda x: x['decide_s']):.2f} | "
+                     f"{_median(run, lambda x: x['calibration_s']):.2f} | "
+                     f"{_median(run, lambda x: x['decide_s'] / max(x['calibration_s'], 1e-9)):.2f} | "
+                     f"{_median(run, lambda x: x['candidates']):g} | {returned} | "
                      f"{sum(map(_fell_back, ss))} of {len(ss)} | {_fraction(min(agreements, default=None))} |")
     lines += ["", "Per seed:", "", "| cap | seed | decide s | candidates | chosen | returned | final agreement | "
               "final accuracy | status |", "|---:|---:|---:|---:|---|---:|---:|---:|---|"]
@@ -234,24 +235,33 @@ def _model_section(name: str, runs: list[dict]) -> list[str]:
             lines.append(f"| {run['cap']} | {x['seed']} | {x['decide_s']:.2f} | {x['candidates']} | "
                          f"{brief_setting(x['chosen'])} | {x['parameters_ratio']:.3f} | "
                          f"{_fraction(x['final_agreement'])} | {_fraction(x['final_accuracy'])} | {status} |")
-    lines += ["", "### Channel folding with the least-squares refit", "",
-              "`ChannelFoldingPass(r, select, repair=\"ls\")` at bench_channels' target sparsities (batches of "
-              f"{FOLD_BATCH}, seed {SEED}). Cells: test accuracy / agreement with the original's predictions "
-              "(pass seconds).", "",
-              "| target | r | select | " + " | ".join(f"cap {c}" for c in caps) + " |",
-              "|---:|---:|---|" + "---|" * len(caps)]
+    return lines
+
+
+def _fold_table(runs: list[dict]) -> list[str]:
+    """One model's least-squares folds, a column per cap."""
+    lines = ["### Channel folding with the least-squares refit", "",
+             "`ChannelFoldingPass(r, select, repair=\"ls\")` at bench_channels' target sparsities (batches of "
+             f"{FOLD_BATCH}, seed {SEED}). Cells: test accuracy / agreement with the original's predictions "
+             "(pass seconds).", "",
+             "| target | r | select | " + " | ".join(f"cap {r['cap']}" for r in runs) + " |",
+             "|---:|---:|---|" + "---|" * len(runs)]
     for i, f0 in enumerate(runs[0]["folds"]):
         cells = [f"{run['folds'][i]['test_acc']:.2%} / {run['folds'][i]['agreement']:.2%} "
                  f"({run['folds'][i]['seconds']:.1f})" for run in runs]
         lines.append(f"| {f0['target_sparsity']:.0%} | {f0['ratio']:.3f} | {f0['select']} | " + " | ".join(cells)
                      + " |")
+    return lines
+
+
+def _against_first_cap(runs: list[dict]) -> list[str]:
+    """Each later cap's decide speed, search outcomes and fold accuracy against the first cap's."""
     base = runs[0]
-    lines += ["", f"Against cap {base['cap']}:"]
+    lines = [f"Against cap {base['cap']}:"]
     for run in runs[1:]:
         drops = [b["test_acc"] - f["test_acc"] for b, f in zip(base["folds"], run["folds"])]
         same = sum(x["chosen"] == y["chosen"] for x, y in zip(_searches(base), _searches(run)))
-        speed = statistics.median(x["decide_s"] for x in _searches(base)) / max(
-            statistics.median(x["decide_s"] for x in _searches(run)), 1e-9)
+        speed = _median(base, lambda x: x["decide_s"]) / max(_median(run, lambda x: x["decide_s"]), 1e-9)
         lines.append(f"- cap {run['cap']}: decide {speed:.2f}x as fast (medians); the search chose the same setting "
                      f"with {same} of {len(_searches(run))} seeds and fell back with "
                      f"{sum(map(_fell_back, _searches(run)))} (against {sum(map(_fell_back, _searches(base)))}); "
@@ -262,7 +272,15 @@ def _model_section(name: str, runs: list[dict]) -> list[str]:
         lines += ["", f"The test split has {n_test} samples: 0.1 pp is one sample. Single runs with one seed; "
                       "how far another seed's row draw moves these cells was not measured, so differences of a "
                       "few samples are no evidence either way."]
-    return lines + [""]
+    return lines
+
+
+def _model_section(name: str, runs: list[dict]) -> list[str]:
+    """One model's tables: its searches per cap, its folds per cap, each cap against the first."""
+    where = f"`tools/_work/conv_rows/{name}.onnx`, built by this script," if name in BUILT \
+        else f"`models/{name}.onnx`"
+    return [f"## {name}", "", f"{where} with its calibration and test splits.", "", *_search_tables(runs), "",
+            *_fold_table(runs), "", *_against_first_cap(runs), ""]
 
 
 def render(result: dict) -> str:

@@ -290,7 +290,8 @@ def render(result: dict) -> str:
     lines += ["*cap*: the most output positions (patch rows) a conv refit takes per calibration batch, drawn at "
               "random (`onnxfold.passes.handlers.MAX_ROWS_PER_BATCH`; onnxfold's default when this ran: "
               f"{result['default_cap']}, which this script sets per run and does not change). Each model and cap "
-              "ran in a fresh process. Times are wall-clock seconds on a shared 2-core machine, single runs.", ""]
+              "ran in a fresh process. Times are wall-clock seconds on a shared 2-core machine: medians over the "
+              "seeds for the searches, single runs for the folds.", ""]
     for name in dict.fromkeys(r["model"] for r in runs):
         lines += _model_section(name, [r for r in runs if r["model"] == name])
     lines += footer(result["total_seconds"], result["checks"])

@@ -236,7 +236,8 @@ class _Evaluator:
         # settings that change nothing more give the same model: judged once
         comp = ctx.cache.get_or_compute(("judged", model_digest(model)), lambda: self._compare(model)) \
             if ctx.cache is not None else self._compare(model)
-        check = self.budget.check(comp)
+        # judged on part of the split only when the rest could not have saved it
+        check = self.budget.settled_failure(comp, self.select_split.num_samples) or self.budget.check(comp)
         params = count_parameters(model)
         if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
             # a pure target-ratio budget is judged on size at the end; the error
@@ -246,10 +247,15 @@ class _Evaluator:
         return Candidate(setting, model, params, check, layers, notes, comp.to_dict())
 
     def _compare(self, model: onnx.ModelProto):
+        total = self.select_split.num_samples
+        # a candidate whose failure the first batches settle is not run on the rest (its
+        # onnxruntime time, mostly): the decision is the same, only its reported spent is a lower bound
+        stop = (lambda partial: self.budget.settled_failure(partial, total) is not None) \
+            if self.budget.has_quality_limit else None
         return compare_models(self.original, model, self.select_split, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
                               original_outputs=self.reference, candidate_outputs=self._suffix_outputs(model),
-                              reference_memo=self.reference_memo)
+                              reference_memo=self.reference_memo, stop=stop)
 
     def _suffix_outputs(self, model: onnx.ModelProto):
         """The candidate's outputs on the select split, batch by batch, run from

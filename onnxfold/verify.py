@@ -22,7 +22,7 @@ Non-tensor outputs (e.g. ZipMap's sequence of maps) are skipped with a note.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -308,7 +308,8 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
                    original_outputs: dict[str, np.ndarray] | None = None,
                    keep_outputs: bool = False,
                    candidate_outputs: Iterator[dict[str, np.ndarray]] | None = None,
-                   reference_memo: dict | None = None) -> Comparison:
+                   reference_memo: dict | None = None,
+                   stop: Callable[[Comparison], bool] | None = None) -> Comparison:
     """Run both models on ``data`` (a CalibrationSet) and compare every output.
 
     ``original_outputs`` may hold the original model's outputs on ``data``
@@ -321,7 +322,11 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     a dict kept by a caller that compares many candidates on the same
     ``data``, batching and ``original_outputs``; what the reference gives
     per batch (its predictions, the perplexity of the labels under it) is
-    computed for the first candidate and read for the others.
+    computed for the first candidate and read for the others. ``stop``: called
+    with the comparison so far after every batch but the last; when it says
+    True, the rest of ``data`` is not run and the comparison of the samples
+    seen is returned (its ``samples`` fewer than ``data``'s): the search stops
+    judging a candidate whose failure is settled (``Budget.settled_failure``).
     """
     providers = providers or ["CPUExecutionProvider"]
     ref_sess = None if original_outputs is not None else _session(original, providers)
@@ -357,10 +362,18 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
             if keep_outputs:
                 kept[n].append(got[n])
         start += b
-    comp = Comparison(samples=start, outputs={n: a.result() for n, a in accs.items()}, notes=notes)
+        if stop is not None and start < data.num_samples and stop(_comparison(start, accs, notes)):
+            if hasattr(candidate_outputs, "close"):  # a generator's session goes now, not at collection
+                candidate_outputs.close()
+            break
+    comp = _comparison(start, accs, notes)
     if keep_outputs:
         comp.outputs_of_candidate = {n: np.concatenate(v, axis=0) for n, v in kept.items()}
     return comp
+
+
+def _comparison(samples: int, accs: dict[str, "_Acc"], notes: list[str]) -> Comparison:
+    return Comparison(samples=samples, outputs={n: a.result() for n, a in accs.items()}, notes=list(notes))
 
 
 def _attention_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:

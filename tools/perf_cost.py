@@ -227,14 +227,15 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (9e973b1..): a conv refit takes at most 2048 patch rows (output positions) per "
-    "calibration batch instead of 8192 (`onnxfold.passes.handlers.MAX_ROWS_PER_BATCH`), drawn at random as "
-    "before; each row costs p² in the refit's Gram (p about 1,000 in mnist_resnet's blocks). "
-    "tools/results/conv_rows.md is the study: on mnist_resnet and a plain CNN, 10 seeds each, the same fold "
-    "accuracy within a few test samples and as many searches returning a model. Only mnist_resnet has conv "
-    "refits here: its settings may differ where a refit drawn from other rows lands on the other side of "
-    "the budget (*same settings* says), the other models run the same code as before. Single runs, "
-    "interleaved per model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
+    "What this change does (34021e8..): the budget search stops judging a candidate on the select split "
+    "once the batches seen settle its failure whatever the rest would give (`Budget.settled_failure`: "
+    "flips seen so far, bounded over the whole split; docs/statistics.md), so a candidate far over the "
+    "budget no longer runs on the rest of the split. The decisions are the same by construction "
+    "(`tests/test_settled_failure.py`): *same settings*, *same candidates* and *same model* say so here. "
+    "It saves where the select split spans several batches of 256 and candidates fail by a wide margin: "
+    "the decoders; the other models' select splits are one or two batches. The onnxruntime runs it skips "
+    "are calibration time, so decide / calibration can rise where wall time falls. Single runs, interleaved "
+    "per model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
 
 
 def _f(x, nd=2):

@@ -230,6 +230,54 @@ class Budget:
         return BudgetCheck(met=not failures, spent=spent, failures=failures, limits=limits,
                            confidence=self.confidence)
 
+    def settled_failure(self, partial: Comparison, total: int) -> BudgetCheck | None:
+        """A failed check when ``partial`` (the first samples of ``total``) already
+        decides that the whole comparison fails, whatever the other samples give;
+        else None. The budget search then stops judging the candidate there.
+
+        Only counts that can grow but never shrink decide it:
+
+        - a limit that ``total`` samples cannot resolve (``needed`` above
+          ``total``, or a zero budget) passes only an unchanged candidate: a
+          flipped decision, or a newly wrong or newly right label, fails it;
+        - a rate over every sample (agreement, decision agreement): the
+          Clopper-Pearson bound of the events seen so far over ``total``
+          samples is the least the final bound can be;
+        - the per-token disagreement of a sequence output: the final bound is at
+          least the mean of the per-sequence rates, and that is at least the
+          rates seen so far summed over ``total``.
+
+        Limits whose value can still fall (accuracy drop, perplexity, errors
+        relative to a scale the other samples may raise) never stop a
+        candidate early. ``spent`` is then a lower bound of what the whole
+        comparison would give."""
+        if not self.has_quality_limit or partial.samples >= total:
+            return None
+        seen, spent, failures = partial.samples, 0.0, []
+        for lc in self.check(partial).limits:
+            o = partial.outputs.get(lc.output)
+            if o is None:
+                continue
+            changed = any(x for x in (o.flips, o.decision_flips, o.newly_wrong, o.newly_right))
+            if lc.needed is None or lc.needed > total:
+                least = UNRESOLVED_SPENT if changed else 0.0
+            elif lc.kind in ("agreement", "decision_agreement"):
+                events = o.flips if lc.kind == "agreement" else o.decision_flips
+                least = rate_upper(int(events), total, self.confidence) / lc.limit
+            elif lc.kind == "token_agreement" and o.sample_tokens is not None:
+                has = o.sample_tokens > 0
+                least = float((o.sample_token_flips[has] / o.sample_tokens[has]).sum()) / total / lc.limit
+            else:
+                continue
+            if least > 1.0 + 1e-12 / lc.limit:
+                spent = max(spent, least)
+                failures.append(f"{lc.output}: {_WHAT[lc.kind][0]} fails the {_pct(lc.limit)} budget whatever the "
+                                f"other samples give (judging stopped after {seen} of {total} samples)")
+        if not failures:
+            return None
+        return BudgetCheck(met=False, spent=min(spent, UNRESOLVED_SPENT), failures=failures,
+                           confidence=self.confidence)
+
     def _sequence_limits(self, name: str, o: OutputComparison, unchanged: bool, primary: bool) -> list[LimitCheck]:
         """Per-token limits of a sequence output, the sequence as the independent unit."""
         out = []

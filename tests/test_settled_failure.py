@@ -1,0 +1,129 @@
+"""A candidate whose failure the first batches of the select split settle is not
+judged on the rest: ``Budget.settled_failure`` against the full check of the
+best completion, ``compare_models``' stop, and the search's decisions with and
+without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from helpers import build_mlp, random_input
+from onnxfold.decide.budget import UNRESOLVED_SPENT, Budget
+from onnxfold.measure.data import CalibrationSet
+from onnxfold.passes.base import PassContext
+from onnxfold.search import BudgetSearch
+from onnxfold.verify import Comparison, OutputComparison, compare_models
+
+
+def _classifier(count: int, flips: int, **counts) -> Comparison:
+    o = OutputComparison(name="y", kind="classifier", count=count, max_abs_error=0.5, max_abs_reference=1.0,
+                         flips=flips, agreement=1 - flips / count)
+    for k, v in counts.items():
+        setattr(o, k, v)
+    o.sample_max_abs_error = o.sample_mean_abs_error = np.full(count, 0.5)
+    return Comparison(samples=count, outputs={"y": o})
+
+
+def _sequences(rates: np.ndarray, tokens: int = 10) -> Comparison:
+    """A sequence output whose i-th sequence has ``rates[i] * tokens`` of its tokens flipped."""
+    n = len(rates)
+    flips = np.round(np.asarray(rates) * tokens)
+    o = OutputComparison(name="y", kind="sequence", count=n, max_abs_error=0.5, max_abs_reference=1.0,
+                         tokens=n * tokens, flips=int(flips.sum()))
+    o.sample_tokens, o.sample_token_flips = np.full(n, float(tokens)), flips
+    o.sample_max_abs_error = o.sample_mean_abs_error = np.full(n, 0.5)
+    return Comparison(samples=n, outputs={"y": o})
+
+
+def test_a_rate_is_settled_when_its_bound_over_every_sample_exceeds_the_limit():
+    b = Budget(min_agreement=99.5)  # 0.5 % allowed; 1000 samples resolve it (598 needed)
+    # 5 flips in the first 200 of 1000: even with no flip in the other 800, the Clopper-Pearson
+    # bound of 5 in 1000 is 1.05 % (scipy's beta quantile, worked out here, not by onnxfold)
+    settled = b.settled_failure(_classifier(200, 5), 1000)
+    assert settled is not None and not settled.met
+    assert abs(settled.spent - beta.ppf(0.95, 6, 995) / 0.005) < 1e-9
+    assert "after 200 of 1000 samples" in settled.failures[0]
+    # the whole comparison's check with the best completion fails as well: the early verdict is its verdict
+    assert not b.check(_classifier(1000, 5)).met
+    # 1 flip: the best completion (1 in 1000, bound 0.47 %) still meets the budget, so nothing is settled
+    assert b.check(_classifier(1000, 1)).met
+    assert b.settled_failure(_classifier(200, 1), 1000) is None
+
+
+def test_an_unresolvable_limit_is_settled_by_the_first_change_only():
+    b = Budget(min_agreement=99.5)  # 300 samples cannot resolve 0.5 %: only unchanged candidates pass
+    settled = b.settled_failure(_classifier(100, 1), 300)
+    assert settled is not None and settled.spent == UNRESOLVED_SPENT
+    assert not b.check(_classifier(300, 1)).met
+    # no decision changed yet: an output error alone may still be inside the range the rest sets
+    assert b.settled_failure(_classifier(100, 0), 300) is None
+
+
+def test_per_token_disagreement_is_settled_from_the_rates_summed_over_every_sequence():
+    b = Budget(min_agreement=99.5)
+    # 200 of 1000 sequences with 1 token in 10 flipped: whatever the other 800 give, the mean of the
+    # per-sequence rates is at least 200 * 0.1 / 1000 = 2 %, four times the 0.5 % allowed
+    settled = b.settled_failure(_sequences(np.full(200, 0.1)), 1000)
+    assert settled is not None and abs(settled.spent - 4.0) < 1e-9
+    best = np.concatenate([np.full(200, 0.1), np.zeros(800)])
+    assert not b.check(_sequences(best)).met
+    # 2 flipped sequences of 200 (0.02 % summed over 1000): the rest could still bring it under
+    few = np.zeros(200)
+    few[:2] = 0.1
+    assert b.settled_failure(_sequences(few), 1000) is None
+
+
+@pytest.mark.parametrize("budget", [Budget(max_accuracy_drop=1.0), Budget(target_ratio=0.5)],
+                         ids=["accuracy drop", "target ratio only"])
+def test_limits_whose_value_can_still_fall_never_settle(budget):
+    # 50 newly wrong in 200 could be offset by newly right ones later; a pure target ratio judges size
+    comp = _classifier(200, 50, labeled=200, newly_wrong=50, newly_right=0)
+    assert budget.settled_failure(comp, 1000) is None
+
+
+def test_a_complete_comparison_is_never_settled_early():
+    assert Budget(min_agreement=99.5).settled_failure(_classifier(1000, 50), 1000) is None
+
+
+def test_compare_models_stops_where_told_and_never_after_the_last_batch():
+    ref = build_mlp([4, 8, 3], seed=0)
+    cand = build_mlp([4, 8, 3], seed=1)
+    x = random_input(ref, batch=50, seed=2)
+    data = CalibrationSet({"x": x})
+    seen = []
+    comp = compare_models(ref, cand, data, batch_size=20, stop=lambda partial: seen.append(partial.samples) or
+                          partial.samples >= 40)
+    assert seen == [20, 40] and comp.samples == 40 and comp.outputs["y"].count == 40
+    seen.clear()
+    full = compare_models(ref, cand, data, batch_size=20, stop=lambda partial: seen.append(partial.samples) or False)
+    assert seen == [20, 40] and full.samples == 50  # not asked after the third (last) batch
+    # the samples judged are the ones a run without a stop judges first
+    first = compare_models(ref, cand, CalibrationSet({"x": x[:40]}), batch_size=20)
+    assert comp.outputs["y"].flips == first.outputs["y"].flips
+
+
+def test_the_search_decides_the_same_with_and_without_early_stops(monkeypatch):
+    model = build_mlp([6, 24, 24, 3], seed=2)
+    x = random_input(model, batch=1000, seed=5)
+    ctx = PassContext(calibration=CalibrationSet({"x": x[:400]}), heldout=CalibrationSet({"x": x[400:]}),
+                      batch_size=50)
+
+    def run():
+        search = BudgetSearch(model, Budget(min_agreement=99.0), ctx, max_evaluations=20)
+        res = search.run()
+        return res, {s: c for s, c in search.cache.items()}
+
+    stopped_res, stopped = run()
+    monkeypatch.setattr(Budget, "settled_failure", lambda self, partial, total: None)
+    full_res, full = run()
+    assert list(stopped) == list(full)  # the same candidates, in the same order
+    assert stopped_res.chosen == full_res.chosen
+    for s, c in full.items():
+        assert stopped[s].met == c.met, s
+        # a stopped candidate's spent is a lower bound of what the whole split gives
+        assert stopped[s].spent <= c.spent + 1e-9, s
+    early = [s for s, c in stopped.items() if c.comparison["samples"] < 600]
+    assert early, "no candidate was stopped early: the test does not exercise the stop"
+    assert all(not stopped[s].met for s in early)

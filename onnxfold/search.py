@@ -189,7 +189,7 @@ class SearchResult:
     best: Candidate | None  # None: nothing met the budget; else with its model
     baseline_uniform: Candidate | None  # best single fixed setting found (metrics only)
     lossless: Candidate | None  # linearity folding at T = 1.0 alone (exact on the calibration data), with its model
-    evaluated: list[dict] = field(default_factory=list)  # (setting, params, spent, met) for the report/plot
+    evaluated: list[dict] = field(default_factory=list)  # (setting, params, spent, met, judged_samples): report/plot
     notes: list[str] = field(default_factory=list)
     chosen: dict | None = None  # the best setting, described
     best_uniform: dict | None = None
@@ -546,8 +546,11 @@ class BudgetSearch:
             notes.append(f"target ratio {self.budget.target_ratio} not reached within the budget "
                          f"(best {best.parameters / self.original_params:.3f})")
             best = None
+        # judged_samples: fewer than the select split's where the failure was settled early, and
+        # spent is then a lower bound (Budget.settled_failure)
         evaluated = [dict(setting=self.describe(c.setting), parameters=c.parameters,
-                          parameter_ratio=c.parameters / self.original_params, spent=c.spent, met=c.met)
+                          parameter_ratio=c.parameters / self.original_params, spent=c.spent, met=c.met,
+                          judged_samples=c.comparison.get("samples"))
                      for c in self.cache.values()]
         return SearchResult(
             best=None if best is None else replace(best, model=self.model_for(best)),

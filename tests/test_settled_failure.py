@@ -75,12 +75,32 @@ def test_per_token_disagreement_is_settled_from_the_rates_summed_over_every_sequ
     assert b.settled_failure(_sequences(few), 1000) is None
 
 
+def test_the_betting_bound_never_falls_below_the_mean():
+    """What the per-token rule rests on: the final bound is at least the final mean."""
+    from onnxfold.decide.confidence import unit_mean_upper
+
+    rng = np.random.default_rng(0)
+    for n in (2, 10, 100, 1000):
+        for share in (0.01, 0.3, 1.0):  # mostly unchanged sequences, a few changed, all changed
+            x = np.where(rng.random(n) < share, rng.random(n), 0.0)
+            assert unit_mean_upper(x, 0.95) >= x.mean(), (n, share)
+
+
 @pytest.mark.parametrize("budget", [Budget(max_accuracy_drop=1.0), Budget(target_ratio=0.5)],
                          ids=["accuracy drop", "target ratio only"])
 def test_limits_whose_value_can_still_fall_never_settle(budget):
     # 50 newly wrong in 200 could be offset by newly right ones later; a pure target ratio judges size
     comp = _classifier(200, 50, labeled=200, newly_wrong=50, newly_right=0)
     assert budget.settled_failure(comp, 1000) is None
+
+
+def test_an_accuracy_drop_over_more_labels_than_samples_is_not_taken_for_unresolvable():
+    # a per-pixel classifier: 100 samples but 10,000 labelled predictions resolve a 1 pp drop,
+    # so a changed prediction alone settles nothing
+    b = Budget(max_accuracy_drop=1.0)
+    comp = _classifier(40, 1, labeled=4000, newly_wrong=1, newly_right=1)
+    assert b.settled_failure(comp, 100) is None
+    assert b.check(_classifier(100, 1, labeled=10_000, newly_wrong=1, newly_right=1)).met
 
 
 def test_a_complete_comparison_is_never_settled_early():
@@ -127,3 +147,7 @@ def test_the_search_decides_the_same_with_and_without_early_stops(monkeypatch):
     early = [s for s, c in stopped.items() if c.comparison["samples"] < 600]
     assert early, "no candidate was stopped early: the test does not exercise the stop"
     assert all(not stopped[s].met for s in early)
+    # the report says which candidates were judged on part of the split only
+    judged = [e["judged_samples"] for e in stopped_res.evaluated]
+    assert sorted(judged) == sorted(c.comparison["samples"] for c in stopped.values())
+    assert min(judged) < 600 and all(e["judged_samples"] == 600 for e in full_res.evaluated)

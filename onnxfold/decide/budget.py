@@ -259,7 +259,9 @@ class Budget:
             if o is None:
                 continue
             changed = any(x for x in (o.flips, o.decision_flips, o.newly_wrong, o.newly_right))
-            if lc.needed is None or lc.needed > total:
+            # every kind but a plain accuracy drop counts samples or sequences, at most ``total`` of them;
+            # the accuracy drop counts labelled predictions, several per sample for a per-pixel classifier
+            if (lc.needed is None or lc.needed > total) and lc.kind != "accuracy_drop":
                 least = UNRESOLVED_SPENT if changed else 0.0
             elif lc.kind in ("agreement", "decision_agreement"):
                 events = o.flips if lc.kind == "agreement" else o.decision_flips

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from .decide.budget import Budget, BudgetCheck
@@ -92,6 +93,12 @@ class Setting:
         d = {(g, k): s for g, k, s in self.steps}
         d[(group, knob)] = step
         return Setting.of(d, select=self.select, lossless=self.lossless)
+
+
+def _largest_magnitude(values) -> float:
+    """max |values| as the comparison's ``max_abs_reference`` computes it (float64, exact for float32)."""
+    v = np.asarray(values)
+    return float(np.abs(v.astype(np.float64, copy=False) if v.dtype.kind in "iub" else v).max()) if v.size else 0.0
 
 
 def _selects_in(select: str, group: Group) -> bool:
@@ -214,6 +221,8 @@ class _Evaluator:
     judge_memo: TensorMemo | None = None
     #: what the reference gives per batch of the select split (verify.compare_models' reference_memo)
     reference_memo: dict | None = None
+    #: each output's largest absolute reference value on the whole select split (Budget.settled_failure)
+    reference_scales: dict | None = None
 
     def build(self, setting: Setting) -> tuple[onnx.ModelProto, list[LayerReport], list[str]]:
         """The model a setting stands for, with its layer reports and notes."""
@@ -237,7 +246,8 @@ class _Evaluator:
         comp = ctx.cache.get_or_compute(("judged", model_digest(model)), lambda: self._compare(model)) \
             if ctx.cache is not None else self._compare(model)
         # judged on part of the split only when the rest could not have saved it
-        check = self.budget.settled_failure(comp, self.select_split.num_samples) or self.budget.check(comp)
+        check = self.budget.settled_failure(comp, self.select_split.num_samples, self.reference_scales) \
+            or self.budget.check(comp)
         params = count_parameters(model)
         if self.budget.target_ratio is not None and not self.budget.has_quality_limit:
             # a pure target-ratio budget is judged on size at the end; the error
@@ -250,7 +260,8 @@ class _Evaluator:
         total = self.select_split.num_samples
         # a candidate whose failure the first batches settle is not run on the rest (its
         # onnxruntime time, mostly): the decision is the same, only its reported spent is a lower bound
-        stop = (lambda partial: self.budget.settled_failure(partial, total) is not None) \
+        scales = self.reference_scales
+        stop = (lambda partial: self.budget.settled_failure(partial, total, scales) is not None) \
             if self.budget.has_quality_limit else None
         return compare_models(self.original, model, self.select_split, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
@@ -329,13 +340,16 @@ class BudgetSearch:
         self.reference_memo: dict = {}
         self.reference = None if judge is not None else reference_outputs(
             original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
+        self.reference_scales = None if self.reference is None else {
+            name: _largest_magnitude(values) for name, values in self.reference.items()}
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":
         local = ctx is None  # a Ray task gets no memos: they would be shipped with it
         return _Evaluator(self.original, self.budget, ctx or self.ctx, self.reference, self._lossless, self.groups,
                           self.select_split, judge_memo=self.judge_memo if local else None,
-                          reference_memo=self.reference_memo if local else None)
+                          reference_memo=self.reference_memo if local else None,
+                          reference_scales=self.reference_scales)
 
     def describe(self, setting: Setting) -> dict:
         return describe(setting, self.groups)

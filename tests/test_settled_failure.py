@@ -94,6 +94,50 @@ def test_limits_whose_value_can_still_fall_never_settle(budget):
     assert budget.settled_failure(comp, 1000) is None
 
 
+def _values(errors: np.ndarray) -> Comparison:
+    n = len(errors)
+    o = OutputComparison(name="y", kind="values", count=n, max_abs_error=float(errors.max()), max_abs_reference=10.0)
+    o.sample_max_abs_error = o.sample_mean_abs_error = np.asarray(errors, dtype=np.float64)
+    return Comparison(samples=n, outputs={"y": o})
+
+
+def test_an_absolute_error_limit_is_settled_from_the_samples_over_it():
+    # --max-error 0.1 on the 99th percentile: 1 % of samples may exceed 0.1
+    b = Budget(max_error=0.1)
+    errors = np.zeros(200)
+    errors[:30] = 0.5
+    settled = b.settled_failure(_values(errors), 1000)  # 30 over in 1000 at best: bound about 4 %
+    assert settled is not None and abs(settled.spent - beta.ppf(0.95, 31, 970) / 0.01) < 1e-9
+    assert not b.check(_values(np.concatenate([errors, np.zeros(800)]))).met
+    errors[1:] = 0.0  # 1 over: the best completion (1 in 1000) meets it
+    assert b.check(_values(np.concatenate([errors, np.zeros(800)]))).met
+    assert b.settled_failure(_values(errors), 1000) is None
+    # the mean metric: errors of 1.0 on 200 samples are at least 0.2 on average over 1000, twice 0.1
+    mean = Budget(max_error=0.1, error_metric="mean")
+    settled = mean.settled_failure(_values(np.ones(200)), 1000)
+    assert settled is not None and abs(settled.spent - 2.0) < 1e-9
+    assert not mean.check(_values(np.concatenate([np.ones(200), np.zeros(800)]))).met
+    # a relative limit waits: the other samples may raise the reference scale it is judged against
+    assert Budget(max_relative_error=1e-3).settled_failure(_values(np.ones(200)), 1000) is None
+
+
+def test_a_relative_error_limit_is_settled_once_the_whole_splits_scale_is_known():
+    b = Budget(max_relative_error=1e-3)  # 1 % of samples may move by more than 1e-3 of the scale
+    errors = np.zeros(200)
+    errors[:30] = 0.5  # 0.05 of the scale 10: over the limit
+    settled = b.settled_failure(_values(errors), 1000, scales={"y": 10.0})
+    assert settled is not None and abs(settled.spent - beta.ppf(0.95, 31, 970) / 0.01) < 1e-9
+    assert not b.check(_values(np.concatenate([errors, np.zeros(800)]))).met  # its scale is 10 too
+    # a larger scale (1000): 0.5 is 5e-4 of it, under the limit, and nothing is settled
+    assert b.settled_failure(_values(errors), 1000, scales={"y": 1000.0}) is None
+    # 100 samples cannot resolve it: one output moved by more than 0.1 % of the scale settles it
+    one = np.zeros(40)
+    one[0] = 0.5
+    assert b.settled_failure(_values(one), 100, scales={"y": 10.0}).spent == UNRESOLVED_SPENT
+    assert b.settled_failure(_values(one), 100) is None  # no scale, no flip: not yet
+    assert not b.check(_values(np.concatenate([one, np.zeros(60)]))).met
+
+
 def test_an_accuracy_drop_over_more_labels_than_samples_is_not_taken_for_unresolvable():
     # a per-pixel classifier: 100 samples but 10,000 labelled predictions resolve a 1 pp drop,
     # so a changed prediction alone settles nothing
@@ -124,19 +168,21 @@ def test_compare_models_stops_where_told_and_never_after_the_last_batch():
     assert comp.outputs["y"].flips == first.outputs["y"].flips
 
 
-def test_the_search_decides_the_same_with_and_without_early_stops(monkeypatch):
-    model = build_mlp([6, 24, 24, 3], seed=2)
+@pytest.mark.parametrize("outputs, budget", [(3, Budget(min_agreement=99.0)), (1, Budget.default())],
+                         ids=["classifier, agreement", "regressor, default relative error"])
+def test_the_search_decides_the_same_with_and_without_early_stops(monkeypatch, outputs, budget):
+    model = build_mlp([6, 24, 24, outputs], seed=2)
     x = random_input(model, batch=1000, seed=5)
     ctx = PassContext(calibration=CalibrationSet({"x": x[:400]}), heldout=CalibrationSet({"x": x[400:]}),
                       batch_size=50)
 
     def run():
-        search = BudgetSearch(model, Budget(min_agreement=99.0), ctx, max_evaluations=20)
+        search = BudgetSearch(model, budget, ctx, max_evaluations=20)
         res = search.run()
         return res, {s: c for s, c in search.cache.items()}
 
     stopped_res, stopped = run()
-    monkeypatch.setattr(Budget, "settled_failure", lambda self, partial, total: None)
+    monkeypatch.setattr(Budget, "settled_failure", lambda self, partial, total, scales=None: None)
     full_res, full = run()
     assert list(stopped) == list(full)  # the same candidates, in the same order
     assert stopped_res.chosen == full_res.chosen

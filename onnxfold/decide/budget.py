@@ -29,6 +29,7 @@ search can compare candidates by "parameters saved per unit of budget spent".
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
@@ -230,27 +231,36 @@ class Budget:
         return BudgetCheck(met=not failures, spent=spent, failures=failures, limits=limits,
                            confidence=self.confidence)
 
-    def settled_failure(self, partial: Comparison, total: int) -> BudgetCheck | None:
+    def settled_failure(self, partial: Comparison, total: int,
+                        scales: Mapping[str, float] | None = None) -> BudgetCheck | None:
         """A failed check when ``partial`` (the first samples of ``total``) already
         decides that the whole comparison fails, whatever the other samples give;
         else None. The budget search then stops judging the candidate there.
+        ``scales``: each output's largest absolute reference value over all
+        ``total`` samples, when known (the search has the reference outputs):
+        errors relative to it are then final once seen too.
 
         Only counts that can grow but never shrink decide it:
 
         - a limit that ``total`` samples cannot resolve (``needed`` above
           ``total``, or a zero budget) passes only an unchanged candidate: a
-          flipped decision, or a newly wrong or newly right label, fails it;
+          flipped decision, a newly wrong or newly right label, or (with
+          ``scales``) an output moved by more than UNCHANGED_RELATIVE_ERROR
+          fails it;
         - a rate over every sample (agreement, decision agreement): the
           Clopper-Pearson bound of the events seen so far over ``total``
           samples is the least the final bound can be;
         - the per-token disagreement of a sequence output: the final bound is at
           least the mean of the per-sequence rates, and that is at least the
-          rates seen so far summed over ``total``.
+          rates seen so far summed over ``total``;
+        - an error limit, absolute or (with ``scales``) relative: the samples
+          over it so far as a rate over ``total``, or with the mean metric the
+          errors seen so far summed over ``total`` (the t bound is at least the
+          mean).
 
-        Limits whose value can still fall (accuracy drop, perplexity, errors
-        relative to a scale the other samples may raise) never stop a
-        candidate early. ``spent`` is then a lower bound of what the whole
-        comparison would give."""
+        The accuracy drop (newly right labels can offset newly wrong ones) and
+        the perplexity change never stop a candidate unless unresolvable.
+        ``spent`` is then a lower bound of what the whole comparison gives."""
         if not self.has_quality_limit or partial.samples >= total:
             return None
         seen, spent, failures = partial.samples, 0.0, []
@@ -258,7 +268,10 @@ class Budget:
             o = partial.outputs.get(lc.output)
             if o is None:
                 continue
-            changed = any(x for x in (o.flips, o.decision_flips, o.newly_wrong, o.newly_right))
+            scale = 1.0 if self._error_limit(lc.output) is not None else (scales or {}).get(lc.output)
+            changed = any(x for x in (o.flips, o.decision_flips, o.newly_wrong, o.newly_right)) or (
+                lc.output in (scales or {})
+                and o.max_abs_error > UNCHANGED_RELATIVE_ERROR * max(scales[lc.output], 1e-12))
             # every kind but a plain accuracy drop counts samples or sequences, at most ``total`` of them;
             # the accuracy drop counts labelled predictions, several per sample for a per-pixel classifier
             if (lc.needed is None or lc.needed > total) and lc.kind != "accuracy_drop":
@@ -269,11 +282,19 @@ class Budget:
             elif lc.kind == "token_agreement" and o.sample_tokens is not None:
                 has = o.sample_tokens > 0
                 least = float((o.sample_token_flips[has] / o.sample_tokens[has]).sum()) / total / lc.limit
+            elif lc.kind == "error_quantile" and scale is not None and o.sample_max_abs_error is not None:
+                absolute = self._error_limit(lc.output)
+                error_limit = self.max_relative_error if absolute is None else absolute
+                over = int((o.sample_max_abs_error / max(scale, 1e-12) > error_limit).sum())
+                least = rate_upper(over, total, self.confidence) / lc.limit
+            elif lc.kind == "mean_error" and scale is not None and o.sample_mean_abs_error is not None:
+                least = float(o.sample_mean_abs_error.sum()) / max(scale, 1e-12) / total / lc.limit
             else:
                 continue
             if least > 1.0 + 1e-12 / lc.limit:
                 spent = max(spent, least)
-                failures.append(f"{lc.output}: {_WHAT[lc.kind][0]} fails the {_pct(lc.limit)} budget whatever the "
+                shown = f"{lc.limit:.3g}" if lc.kind == "mean_error" else _pct(lc.limit)
+                failures.append(f"{lc.output}: {_WHAT[lc.kind][0]} fails the {shown} budget whatever the "
                                 f"other samples give (judging stopped after {seen} of {total} samples)")
         if not failures:
             return None

@@ -266,7 +266,8 @@ class _Evaluator:
         return compare_models(self.original, model, self.select_split, providers=self.ctx.providers,
                               batch_size=self.ctx.batch_size, positive_threshold=self.budget.positive_threshold,
                               original_outputs=self.reference, candidate_outputs=self._suffix_outputs(model),
-                              reference_memo=self.reference_memo, stop=stop)
+                              reference_memo=self.reference_memo, stop=stop,
+                              perplexity=self.budget.max_perplexity_increase is not None)
 
     def _suffix_outputs(self, model: onnx.ModelProto):
         """The candidate's outputs on the select split, batch by batch, run from

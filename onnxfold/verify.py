@@ -118,7 +118,7 @@ class Comparison:
 class _Acc:
     """Streaming accumulator for one output."""
 
-    def __init__(self, name: str, positive_threshold: float | None):
+    def __init__(self, name: str, positive_threshold: float | None, perplexity: bool = True):
         self.name, self.thr = name, positive_threshold
         self.kind = None
         self.n = 0
@@ -137,7 +137,7 @@ class _Acc:
         self.pos_agree = 0
         self.sample_max: list[np.ndarray] = []
         self.sample_mean: list[np.ndarray] = []
-        self.sequences = _SequenceCounts()
+        self.sequences = _SequenceCounts(perplexity)
 
     def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None,
                mask: np.ndarray | None = None, memo: dict | None = None) -> None:
@@ -234,7 +234,10 @@ class _Acc:
 class _SequenceCounts:
     """Per-sequence counts of a sequence output [batch, positions, classes]."""
 
-    def __init__(self):
+    def __init__(self, perplexity: bool = True):
+        # the perplexity takes a log-softmax over the vocabulary per position: most of
+        # a language model's comparison, left out where nothing reads it
+        self.perplexity = perplexity
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in (
             "tokens", "flips", "labeled", "right_ref", "right_cand", "newly_wrong", "newly_right", "nll_ref",
             "nll_cand")}
@@ -256,11 +259,12 @@ class _SequenceCounts:
             safe = np.where(scored, lab, 0)
             right_r, right_c = (pred_r == safe) & scored, (pred_c == safe) & scored
             add.update(labeled=scored.sum(1), right_ref=right_r.sum(1), right_cand=right_c.sum(1),
-                       newly_wrong=(right_r & ~right_c).sum(1), newly_right=(~right_r & right_c).sum(1),
-                       nll_cand=(_nll(cand.astype(np.float64), safe) * scored).sum(1))
-            if "nll" not in memo:
-                memo["nll"] = (_nll(ref.astype(np.float64), safe) * scored).sum(1)
-            add["nll_ref"] = memo["nll"]
+                       newly_wrong=(right_r & ~right_c).sum(1), newly_right=(~right_r & right_c).sum(1))
+            if self.perplexity:
+                add["nll_cand"] = (_nll(cand.astype(np.float64), safe) * scored).sum(1)
+                if "nll" not in memo:
+                    memo["nll"] = (_nll(ref.astype(np.float64), safe) * scored).sum(1)
+                add["nll_ref"] = memo["nll"]
         for k, v in add.items():
             self.parts[k].append(np.asarray(v, dtype=np.float64))
 
@@ -277,12 +281,13 @@ class _SequenceCounts:
             o.accuracy_original = float(got["right_ref"].sum()) / o.labeled
             o.accuracy_candidate = float(got["right_cand"].sum()) / o.labeled
             o.newly_wrong, o.newly_right = int(got["newly_wrong"].sum()), int(got["newly_right"].sum())
-            o.perplexity_original = float(np.exp(got["nll_ref"].sum() / o.labeled))
-            o.perplexity_candidate = float(np.exp(got["nll_cand"].sum() / o.labeled))
             o.sample_labeled, o.sample_newly_wrong, o.sample_newly_right = \
                 labeled, got["newly_wrong"], got["newly_right"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                o.sample_nll_increase = (got["nll_cand"] - got["nll_ref"]) / labeled  # nan: nothing labelled
+            if "nll_cand" in got:
+                o.perplexity_original = float(np.exp(got["nll_ref"].sum() / o.labeled))
+                o.perplexity_candidate = float(np.exp(got["nll_cand"].sum() / o.labeled))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    o.sample_nll_increase = (got["nll_cand"] - got["nll_ref"]) / labeled  # nan: nothing labelled
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -309,7 +314,8 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
                    keep_outputs: bool = False,
                    candidate_outputs: Iterator[dict[str, np.ndarray]] | None = None,
                    reference_memo: dict | None = None,
-                   stop: Callable[[Comparison], bool] | None = None) -> Comparison:
+                   stop: Callable[[Comparison], bool] | None = None,
+                   perplexity: bool = True) -> Comparison:
     """Run both models on ``data`` (a CalibrationSet) and compare every output.
 
     ``original_outputs`` may hold the original model's outputs on ``data``
@@ -327,6 +333,9 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     True, the rest of ``data`` is not run and the comparison of the samples
     seen is returned (its ``samples`` fewer than ``data``'s): the search stops
     judging a candidate whose failure is settled (``Budget.settled_failure``).
+    ``perplexity=False``: sequence outputs get no perplexity (nor per-sequence
+    log-perplexity change); the search leaves it out unless its budget
+    limits the perplexity.
     """
     providers = providers or ["CPUExecutionProvider"]
     ref_sess = None if original_outputs is not None else _session(original, providers)
@@ -339,7 +348,7 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, data, 
     tensor_outs = [name for name, kind in outs if kind.startswith("tensor")]
     notes = [f"output '{name}' is not a tensor ({kind}); not compared"
              for name, kind in outs if not kind.startswith("tensor")]
-    accs = {n: _Acc(n, positive_threshold) for n in tensor_outs}
+    accs = {n: _Acc(n, positive_threshold, perplexity) for n in tensor_outs}
     kept: dict[str, list] = {n: [] for n in tensor_outs}
     start = 0
     for batch, labels in data.labeled_batches(batch_size):

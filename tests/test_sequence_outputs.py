@@ -190,3 +190,42 @@ def test_docs_sequence_table_matches_the_code():
     assert f"**{sequences_for_unit_mean(0.01, 0.95)}** for 99 %" in row["`--min-agreement A`"]
     assert f"**{sequences_for_unit_mean(0.005, 0.95)}** for 99.5 %" in row["`--min-agreement A`"]
     assert f"**{sequences_for_paired_drop(0.01, 0.95)}** for 1 pp" in row["`--max-accuracy-drop D`"]
+
+
+def test_a_comparison_without_perplexity_counts_the_same_and_says_no_perplexity():
+    emb, w1, w2 = _weights(8)
+    w2_changed = w2 + np.random.default_rng(9).normal(scale=0.4, size=w2.shape).astype(np.float32)
+    ids = np.random.default_rng(10).integers(0, VOCAB, size=(30, 12))
+    data = next_token_labels(CalibrationSet({"input_ids": ids}))
+    with_ppl = compare_models(_lm(emb, w1, w2), _lm(emb, w1, w2_changed), data, batch_size=8)
+    without = compare_models(_lm(emb, w1, w2), _lm(emb, w1, w2_changed), data, batch_size=8, perplexity=False)
+    a, b = with_ppl.outputs["logits"], without.outputs["logits"]
+    assert a.perplexity_original > 1 and a.sample_nll_increase is not None
+    assert b.perplexity_original is None and b.perplexity_candidate is None and b.sample_nll_increase is None
+    for field in ("tokens", "flips", "labeled", "newly_wrong", "newly_right", "accuracy_original",
+                  "accuracy_candidate"):
+        assert getattr(b, field) == getattr(a, field), field
+    np.testing.assert_array_equal(b.sample_token_flips, a.sample_token_flips)
+    assert without.to_dict()["outputs"]["logits"]["perplexity_increase_pct"] is None
+
+
+@pytest.mark.parametrize("budget, judged", [(Budget(max_perplexity_increase=50.0), True),
+                                            (Budget(min_agreement=90.0), False)],
+                         ids=["perplexity budget", "agreement budget"])
+def test_the_search_judges_perplexity_only_when_its_budget_limits_it(budget, judged):
+    from onnxfold.passes.base import PassContext
+    from onnxfold.search import BudgetSearch
+
+    emb, w1, w2 = _weights(11)
+    ids = np.random.default_rng(12).integers(0, VOCAB, size=(300, 16))
+    data = next_token_labels(CalibrationSet({"input_ids": ids}))
+    ctx = PassContext(calibration=data.subset(np.arange(200)), heldout=data.subset(np.arange(200, 300)),
+                      batch_size=64)
+    search = BudgetSearch(_lm(emb, w1, w2), budget, ctx, max_evaluations=8)
+    search.run()
+    candidates = list(search.cache.values())
+    assert candidates
+    ppl = [c.comparison["outputs"]["logits"]["perplexity_original"] for c in candidates]
+    assert all((p is not None) is judged for p in ppl), ppl
+    if judged:  # judged on the perplexity: some candidate passes a 50 % increase
+        assert any(c.met for c in candidates)

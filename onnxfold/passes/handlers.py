@@ -481,9 +481,10 @@ class ProjectionRows(OneInputRows):
                 cols = slice(None) if g[1] is None else g[1]
                 t = o2
                 y = t - x2 @ self.w_prior.T
+                out.append((x2[:, cols], y, t))
             else:
                 cols, ocols = g[1], g[2]
+                x = x2[:, cols]  # a copy (an index array): taken once for the residual and the rows
                 t = o2[:, ocols] @ self.w_orig[:, ocols].T
-                y = t - x2[:, cols] @ self.w_prior[:, cols].T
-            out.append((x2[:, cols], y, t))
+                out.append((x, t - x @ self.w_prior[:, cols].T, t))
         return np.shape(cur[self.x])[0], out

@@ -227,15 +227,14 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (34021e8..): the budget search stops judging a candidate on the select split "
-    "once the batches seen settle its failure whatever the rest would give (`Budget.settled_failure`: "
-    "flips seen so far, bounded over the whole split; docs/statistics.md), so a candidate far over the "
-    "budget no longer runs on the rest of the split. The decisions are the same by construction "
-    "(`tests/test_settled_failure.py`): *same settings*, *same candidates* and *same model* say so here. "
-    "It saves where the select split spans several batches of 256 and candidates fail by a wide margin: "
-    "the decoders; the other models' select splits are one or two batches. The onnxruntime runs it skips "
-    "are calibration time, so decide / calibration can rise where wall time falls. Single runs, interleaved "
-    "per model, on 2 shared cores: differences of 10 % in wall time are within the noise here.")
+    "What this change does (90f7b42..): the budget search leaves the perplexity out of its candidates' "
+    "comparisons unless the budget limits it (`compare_models(perplexity=False)`: a log-softmax over the "
+    "vocabulary per token, the costliest of a decoder's comparison; the final check still reports it), and a "
+    "head-folding refit copies a cluster's input columns once instead of twice. Neither changes a number the "
+    "search decides on (`tests/test_sequence_outputs.py`): *same settings*, *same candidates* and *same model* "
+    "say so here. Only the decoders (sequence outputs with next-token labels, attention heads) take either "
+    "path; the other models run the same code as before. Single runs, interleaved per model, on 2 shared "
+    "cores: differences of 10 % in wall time are within the noise here.")
 
 
 def _f(x, nd=2):

@@ -55,11 +55,16 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def _perturbed(seed: int, sequences: int, positions: int = 12):
+    """Weights, the same with the output layer perturbed, token ids and their next-token labelled set."""
+    emb, w1, w2 = _weights(seed)
+    w2_changed = w2 + np.random.default_rng(seed + 1).normal(scale=0.4, size=w2.shape).astype(np.float32)
+    ids = np.random.default_rng(seed + 2).integers(0, VOCAB, size=(sequences, positions))
+    return emb, w1, w2, w2_changed, ids, next_token_labels(CalibrationSet({"input_ids": ids}))
+
+
 def test_per_token_agreement_accuracy_and_perplexity_match_numpy():
-    emb, w1, w2 = _weights(0)
-    w2_changed = w2 + np.random.default_rng(1).normal(scale=0.4, size=w2.shape).astype(np.float32)
-    ids = np.random.default_rng(2).integers(0, VOCAB, size=(40, 12))
-    data = next_token_labels(CalibrationSet({"input_ids": ids}))
+    emb, w1, w2, w2_changed, ids, data = _perturbed(0, 40)
     comp = compare_models(_lm(emb, w1, w2), _lm(emb, w1, w2_changed), data, batch_size=16)
     o = comp.outputs["logits"]
     assert o.kind == "sequence" and o.count == 40 and o.tokens == 40 * 12
@@ -193,10 +198,7 @@ def test_docs_sequence_table_matches_the_code():
 
 
 def test_a_comparison_without_perplexity_counts_the_same_and_says_no_perplexity():
-    emb, w1, w2 = _weights(8)
-    w2_changed = w2 + np.random.default_rng(9).normal(scale=0.4, size=w2.shape).astype(np.float32)
-    ids = np.random.default_rng(10).integers(0, VOCAB, size=(30, 12))
-    data = next_token_labels(CalibrationSet({"input_ids": ids}))
+    emb, w1, w2, w2_changed, _, data = _perturbed(8, 30)
     with_ppl = compare_models(_lm(emb, w1, w2), _lm(emb, w1, w2_changed), data, batch_size=8)
     without = compare_models(_lm(emb, w1, w2), _lm(emb, w1, w2_changed), data, batch_size=8, perplexity=False)
     a, b = with_ppl.outputs["logits"], without.outputs["logits"]

@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from .decide.budget import Budget, BudgetCheck
@@ -45,7 +44,7 @@ from .pipeline import merge_layer_reports, run_passes
 from .runtime import SessionCache, reusing_sessions
 from .measure.stream import needed_nodes, stream_tensors
 from .measure.suffix import TensorMemo, cut_tensors, suffix_part
-from .verify import compare_models, reference_outputs
+from .verify import compare_models, largest_magnitude, reference_outputs
 
 __all__ = ["RATIO_STEPS", "THRESHOLD_STEPS", "SELECTS", "BudgetSearch", "Candidate", "SearchResult", "Setting",
            "describe", "passes_for"]
@@ -93,12 +92,6 @@ class Setting:
         d = {(g, k): s for g, k, s in self.steps}
         d[(group, knob)] = step
         return Setting.of(d, select=self.select, lossless=self.lossless)
-
-
-def _largest_magnitude(values) -> float:
-    """max |values| as the comparison's ``max_abs_reference`` computes it (float64, exact for float32)."""
-    v = np.asarray(values)
-    return float(np.abs(v.astype(np.float64, copy=False) if v.dtype.kind in "iub" else v).max()) if v.size else 0.0
 
 
 def _selects_in(select: str, group: Group) -> bool:
@@ -342,7 +335,7 @@ class BudgetSearch:
         self.reference = None if judge is not None else reference_outputs(
             original, self.select_split, providers=ctx.providers, batch_size=ctx.batch_size)
         self.reference_scales = None if self.reference is None else {
-            name: _largest_magnitude(values) for name, values in self.reference.items()}
+            name: largest_magnitude(values) for name, values in self.reference.items()}
 
     # ------------------------------------------------------------------
     def _evaluator(self, ctx: PassContext | None = None) -> "_Evaluator":

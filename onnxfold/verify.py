@@ -171,7 +171,7 @@ class _Acc:
             self.sum_err += float(np.nansum(err) if nan else err.sum())
             self.n_elems += err.size
             if "max_ref" not in memo:
-                memo["max_ref"] = float(np.abs(ref.astype(f64)).max())
+                memo["max_ref"] = largest_magnitude(ref)
             self.max_ref = max(self.max_ref, memo["max_ref"])
             per_sample = (np.where(np.isnan(err), np.inf, err) if nan else err).reshape(b, -1)
             self.sample_max.append(per_sample.max(axis=1))
@@ -296,6 +296,16 @@ def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     shifted = logits - top
     log_z = np.log(np.exp(shifted, out=shifted).sum(-1)) + top[..., 0]
     return log_z - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+
+
+def largest_magnitude(values: np.ndarray) -> float:
+    """max |values| (0 for none), as a float: the scale an output's relative errors are
+    judged against. Integers are widened first (abs of the most negative one overflows);
+    floats need no copy (abs and max are exact in their own dtype)."""
+    v = np.asarray(values)
+    if not v.size:
+        return 0.0
+    return float(np.abs(v.astype(np.float64) if v.dtype.kind in "iub" else v).max())
 
 
 def _decisions(out: np.ndarray, thr: float) -> np.ndarray:

@@ -263,15 +263,14 @@ class Budget:
         ``spent`` is then a lower bound of what the whole comparison gives."""
         if not self.has_quality_limit or partial.samples >= total:
             return None
-        seen, spent, failures = partial.samples, 0.0, []
+        seen, spent, failures, scales = partial.samples, 0.0, [], scales or {}
         for lc in self.check(partial).limits:
             o = partial.outputs.get(lc.output)
             if o is None:
                 continue
-            scale = 1.0 if self._error_limit(lc.output) is not None else (scales or {}).get(lc.output)
+            scale = 1.0 if self._error_limit(lc.output) is not None else scales.get(lc.output)
             changed = any(x for x in (o.flips, o.decision_flips, o.newly_wrong, o.newly_right)) or (
-                lc.output in (scales or {})
-                and o.max_abs_error > UNCHANGED_RELATIVE_ERROR * max(scales[lc.output], 1e-12))
+                lc.output in scales and o.max_abs_error > UNCHANGED_RELATIVE_ERROR * max(scales[lc.output], 1e-12))
             # every kind but a plain accuracy drop counts samples or sequences, at most ``total`` of them;
             # the accuracy drop counts labelled predictions, several per sample for a per-pixel classifier
             if (lc.needed is None or lc.needed > total) and lc.kind != "accuracy_drop":

@@ -17,15 +17,16 @@ from onnxfold.passes.channel_folding import ChannelFoldingPass  # noqa: E402
 
 
 def _refit_rows(monkeypatch, cap: int) -> list[int]:
-    """Rows of every Gram update a conv fold's least-squares refit makes, with ``cap``."""
+    """Rows of every batch a conv fold's least-squares refit hands its Grams, with ``cap``
+    (they reach the Gram itself in chunks of several batches: RowChunks)."""
     rows = []
-    update = stats.GramAccumulator.update
+    update = stats.RowChunks.update
 
-    def counting(self, X, Y=None, weights=None, **kw):
+    def counting(self, X, *args):
         rows.append(np.asarray(X).shape[0])
-        return update(self, X, Y, weights, **kw)
+        return update(self, X, *args)
 
-    monkeypatch.setattr(stats.GramAccumulator, "update", counting)
+    monkeypatch.setattr(stats.RowChunks, "update", counting)
     monkeypatch.setattr(handlers, "MAX_ROWS_PER_BATCH", cap)
     res = ChannelFoldingPass(0.5, repair="ls")(chain_model(n=12, bn=True, seed=8), _ctx(_x(48, seed=2)))
     assert res.layers[0].note.startswith("ls:")

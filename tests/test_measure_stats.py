@@ -11,6 +11,7 @@ from onnxfold.find.activations import ActivationSpec
 from onnxfold.measure.data import load_calibration
 from onnxfold.measure.stats import (
     DEFAULT_RIDGE_LAMS,
+    ColumnMoments,
     GramAccumulator,
     NeuronStats,
     collect_neuron_stats,
@@ -114,6 +115,34 @@ def test_neuron_stats_merge_equals_one_shot():
     np.testing.assert_allclose(empty.var_z, one.var_z, rtol=1e-12)
     with pytest.raises(ValueError):
         a.merge(NeuronStats(spec, 6))
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_column_moments_match_numpy_and_the_neuron_stats_bit_for_bit(shape):
+    """A refit's target spread: the moments NeuronStats keeps of a pre-activation, nothing else."""
+    rng = np.random.default_rng(11)
+    batches = [(rng.standard_normal((m, *shape, 7)) * 4 + 2).astype(np.float32) for m in (5, 1, 40, 13)]
+    moments, neurons = ColumnMoments(7), NeuronStats(ActivationSpec("identity"), 7)
+    for b in batches[:2]:
+        moments.update(b)
+        neurons.update(b)
+    rest = ColumnMoments(7)
+    for b in batches[2:]:
+        rest.update(b)
+        neurons.update(b)
+    moments.merge(rest)
+    X = np.concatenate([b.reshape(-1, 7) for b in batches]).astype(np.float64)
+    assert moments.count == neurons.count == len(X)
+    np.testing.assert_allclose(moments.sum, X.sum(axis=0), rtol=RTOL)
+    np.testing.assert_allclose(moments.m2, ((X - X.mean(axis=0)) ** 2).sum(axis=0), rtol=RTOL)
+    # updated in the same order, the same arithmetic: the same bits
+    seq = ColumnMoments(7)
+    for b in batches:
+        seq.update(b)
+    np.testing.assert_array_equal(seq.sum, neurons.sum_z)
+    np.testing.assert_array_equal(seq.m2, neurons.m2_z)
+    with pytest.raises(ValueError, match="columns"):
+        seq.update(np.zeros((2, 6)))
 
 
 def test_neuron_stats_wrong_width():

@@ -96,3 +96,25 @@ def test_a_budgeted_refit_predicts_unseen_data_about_as_well_as_all_rows(monkeyp
     # the fit still repairs most of the fold, and 64 rows per feature cost a few per cent of its error
     assert errs["budget"] < 0.5 * errs["plain"], errs
     assert errs["budget"] < 1.1 * errs["all rows"], errs
+
+
+def test_a_held_out_split_of_its_own_reports_the_refits_relative_errors():
+    """The budget search gives its select split as a held-out set of its own: every row of a batch is
+    held out. The note's relative errors are the models' own on that split, computed here with
+    onnxruntime (they read 0 when the target's spread skipped whole batches)."""
+    import re
+
+    from helpers import build_mlp
+
+    model = build_mlp([6, 32, 4], seed=3)
+    rng = np.random.default_rng(0)
+    x, h = (rng.standard_normal((m, 6)).astype(np.float32) for m in (300, 200))
+    ctx = PassContext(calibration=CalibrationSet({"x": x}), heldout=CalibrationSet({"x": h}), batch_size=64)
+    res = FoldingPass(0.5, repair="ls", seed=0)(model, ctx)
+    got = re.fullmatch(r"ls: ridge \S+, held-out relative error (\S+) \(plain fold (\S+)\)", res.layers[0].note)
+    assert got, res.layers[0].note
+    plain = FoldingPass(0.5, repair="none", seed=0)(model, PassContext(calibration=CalibrationSet({"x": x}))).model
+    y, y_plain, y_ls = (ort_run(m, {"x": h})[0].astype(np.float64) for m in (model, plain, res.model))
+    spread = ((y - y.mean(axis=0)) ** 2).sum()
+    assert float(got[1]) == pytest.approx(((y_ls - y) ** 2).sum() / spread, rel=2e-3)
+    assert float(got[2]) == pytest.approx(((y_plain - y) ** 2).sum() / spread, rel=2e-3)

@@ -34,7 +34,7 @@ import numpy as np
 from ..decide import folding as decide
 from ..errors import UsageError
 from ..find.activations import ActivationSpec
-from ..measure.stats import GramAccumulator, NeuronStats
+from ..measure.stats import GramAccumulator, NeuronStats, RowChunks
 from ..measure.stream import needed_part
 from .base import PassContext
 from .cache import cached, model_digest
@@ -230,7 +230,7 @@ class FoldCore:
     def _input_covariance(self, source: RowSource, task: str) -> np.ndarray:
         job = lockstep_job(self.state, {source.tensor: source.dtype}, {}, _new_input_gram,
                            partial(_add_input_rows, source.tensor, source.activation))
-        return self.ctx.measure(job, self.ctx.calibration, task)["x"].sxx
+        return self.ctx.measure(job, self.ctx.calibration, task)["x"].flush().sxx
 
     def _covariance_key(self, source: RowSource):
         """In a budget search, candidates that change nothing upstream of the
@@ -311,7 +311,7 @@ def _kmeans_task(problem: tuple[np.ndarray, int], seed: int) -> np.ndarray:
 
 
 def _new_input_gram() -> dict:
-    return {"x": GramAccumulator(with_bias=True)}
+    return {"x": RowChunks(GramAccumulator(with_bias=True))}
 
 
 def _add_input_rows(tensor: str, activation: ActivationSpec | None, accs: dict, _start, _feed, _labels,

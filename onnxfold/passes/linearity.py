@@ -49,7 +49,7 @@ from ..find.chains import Chain, DenseGraph, find_dense_graph
 from ..find.dense import DenseOp, LinearPath
 from ..find.graph_index import GraphIndex
 from ..measure.data import CalibrationSet, load_calibration
-from ..measure.stats import GramAccumulator, NeuronStats
+from ..measure.stats import GramAccumulator, NeuronStats, RowChunks
 from ..measure.stream import known_types, needed_part
 from ..rewrite import materialize
 from .base import LayerReport, PassContext, PassResult
@@ -416,11 +416,11 @@ def _measure_grams(model: onnx.ModelProto, chain: Chain, inputs: list[str], data
     """XᵀX and the mean of every tensor in ``inputs`` on ``data`` (one streamed run)."""
     names = list(dict.fromkeys(inputs))
     job = StatsJob([(model, names)], partial(_new_grams, names), _add_gram_rows)
-    return ctx.measure(job, data, f"linearity: path inputs of {chain.name}")
+    return {name: acc.flush() for name, acc in ctx.measure(job, data, f"linearity: path inputs of {chain.name}").items()}
 
 
 def _new_grams(names: list[str]) -> dict:
-    return {name: GramAccumulator(with_bias=False) for name in names}
+    return {name: RowChunks(GramAccumulator(with_bias=False)) for name in names}
 
 
 def _add_gram_rows(accs: dict, _start, _feed, _labels, tensors: list) -> None:

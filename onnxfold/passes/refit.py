@@ -36,9 +36,8 @@ import onnx
 from ..decide import folding as decide
 from ..distributed import StatsJob, run_stats_job
 from ..measure.jobs import KeyedModel, part_of
-from ..find.activations import ActivationSpec
 from ..measure.data import CalibrationSet, batch_samples
-from ..measure.stats import GramAccumulator, NeuronStats
+from ..measure.stats import ColumnMoments, GramAccumulator, RowChunks
 from .base import HELDOUT_SHARE, PassContext, heldout_mask
 
 #: Rows per feature a refit needs at most. A least-squares fit of p features on
@@ -196,15 +195,17 @@ class RefitEngine:
             accs = run_stats_job(job, data, batch_size=ctx.batch_size, providers=ctx.providers,
                                  progress=lambda done, total: ctx.report_progress(task, done, total),
                                  memo=None if ctx.cache is None else ctx.cache.streams)
-        return [(accs[f"fit{i}"], accs[f"held{i}"], float(accs[f"spread{i}"].m2_z.sum()))
+        return [(accs[f"fit{i}"].flush(), accs[f"held{i}"].flush(), float(accs[f"spread{i}"].m2.sum()))
                 for i in range(len(rows.widths))]
 
 
 def _new_grams(widths: list[int]) -> dict:
     out = {}
     for i, width in enumerate(widths):
-        out[f"fit{i}"], out[f"held{i}"] = GramAccumulator(with_bias=True), GramAccumulator(with_bias=True)
-        out[f"spread{i}"] = NeuronStats(ActivationSpec("identity"), width)
+        # a refit keeps a share of each batch's rows (row_budget): gathered into chunks for the updates
+        out[f"fit{i}"] = RowChunks(GramAccumulator(with_bias=True))
+        out[f"held{i}"] = RowChunks(GramAccumulator(with_bias=True))
+        out[f"spread{i}"] = ColumnMoments(width)
     return out
 
 
@@ -233,14 +234,17 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, data_samples: int,
             chosen = [np.sort(draw.choice(idx, max(1, round(share * idx.size)), replace=False)) if idx.size else idx
                       for idx in chosen]
         for acc, idx in zip((accs[f"fit{i}"], accs[f"held{i}"]), chosen):
+            if not idx.size:
+                continue
             if idx.size == n and isinstance(X, np.ndarray):  # every row: no copy to take
-                acc.update(X, Y, weights)
-            elif idx.size:  # copies of the chosen rows, this call's own: centred in place
-                acc.update(X[idx], Y[idx], None if weights is None else weights[idx], overwrite=True)
-                if acc is accs[f"held{i}"]:
-                    # the held-out target's spread, in the weighted rows' units (relative errors in notes)
-                    accs[f"spread{i}"].update(target[idx] if weights is None
-                                              else target[idx] * np.sqrt(weights[idx])[:, None])
+                x, y, t, w = X, Y, target, weights
+            else:
+                x, y, t, w = X[idx], Y[idx], target[idx], None if weights is None else weights[idx]
+            acc.update(x, y, w)
+            if acc is accs[f"held{i}"]:
+                # the held-out target's spread, in the weighted rows' units (relative errors in notes);
+                # a held-out split of its own (the search's select split) has every row of a batch held out
+                accs[f"spread{i}"].update(t if w is None else t * np.sqrt(w)[:, None])
 
 
 def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:

@@ -22,9 +22,9 @@ def _refit_rows(monkeypatch, cap: int) -> list[int]:
     rows = []
     update = stats.RowChunks.update
 
-    def counting(self, X, *args):
+    def counting(self, X, *args, **kw):
         rows.append(np.asarray(X).shape[0])
-        return update(self, X, *args)
+        return update(self, X, *args, **kw)
 
     monkeypatch.setattr(stats.RowChunks, "update", counting)
     monkeypatch.setattr(handlers, "MAX_ROWS_PER_BATCH", cap)

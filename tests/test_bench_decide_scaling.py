@@ -36,3 +36,27 @@ def test_one_size_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         main(["--sizes", "4000"])
     assert exc.value.code == 2
+
+
+def test_a_run_with_before_gains_the_side_by_side_table(tmp_path):
+    after = [_row(1000, 0.2, 0.6, 11), _row(8000, 1.6, 4.0, 12)]
+    old = [_row(1000, 0.2, 0.7, 11), _row(8000, 1.6, 5.6, 12)]
+    old[1]["chosen"] = {"lossless_linearity": False}
+    result = {"generated": "2026-01-02 03:04 UTC", "machine": "a test machine", "model": "mnist1d_mlp",
+              "load_average_1min_after": 0.5, "rows": after, "before": {"commit": "abc1234", "rows": old},
+              "previous": None}
+    _text, block = written_block(write, (BEGIN, END), result, tmp_path, "decide_scaling.json")
+    assert "`PYTHONPATH=. python tools/bench_decide_scaling.py --before DIR`" in block
+    assert "Side by side with the onnxfold at abc1234" in block
+    assert "| 1000 | 0.70 | 0.60 | 1.17 x | 3.50 | 3.00 | yes |" in block
+    assert "| 8000 | 5.60 | 4.00 | 1.40 x | 3.50 | 2.50 | no |" in block
+    # (5.6 - 0.7) / (1.6 - 0.2) before, (4.0 - 0.6) / (1.6 - 0.2) now
+    assert "brought 3.50 s of decide before, 2.43 s now" in block
+
+
+def test_a_run_without_before_has_no_side_by_side_table(tmp_path):
+    result = {"generated": "2026-01-02 03:04 UTC", "machine": "a test machine", "model": "mnist1d_mlp",
+              "load_average_1min_after": 0.5, "rows": [_row(1000, 0.2, 0.6, 11), _row(8000, 1.6, 4.0, 12)],
+              "previous": None}
+    _text, block = written_block(write, (BEGIN, END), result, tmp_path, "decide_scaling.json")
+    assert "Side by side" not in block and "--before" not in block

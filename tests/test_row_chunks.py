@@ -127,3 +127,37 @@ def test_batches_merged_from_workers_join_the_drivers_chunks():
         driver.merge(batch)
     _check(driver.flush(), _expected(xs, ys, ws))
     assert gram.calls == 3  # 600 rows in chunks of 210
+
+
+def test_unweighted_rows_among_weighted_ones_weigh_one():
+    xs, ys, ws = _batches(8, [20] * 6)
+    mixed = [w if i % 2 else None for i, w in enumerate(ws)]
+    chunks = RowChunks(GramAccumulator(with_bias=True), elements=10**6)
+    for x, y, w in zip(xs, ys, mixed):
+        chunks.update(x, y, w)
+    _check(chunks.flush(), _expected(xs, ys, [np.ones(20) if w is None else w for w in mixed]))
+
+
+def test_targets_in_some_batches_only_are_refused_as_the_gram_refuses_them():
+    xs, ys, _ = _batches(9, [10, 10])
+    chunks = RowChunks(GramAccumulator(with_bias=True), elements=10**6)
+    chunks.update(xs[0], ys[0])
+    chunks.update(xs[1])
+    with pytest.raises(ValueError, match="every update gives Y"):
+        chunks.flush()
+
+
+def test_a_scratch_batch_passed_on_alone_is_centred_in_place_as_the_gram_would():
+    """overwrite=True: the caller's own copy (a refit's chosen rows); a batch big enough to go on alone
+    is then centred in place instead of in a new array, as GramAccumulator.update(overwrite=True) does."""
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((400, P)) + 3.0, rng.standard_normal((400, Q)) + 1.0
+    kept = RowChunks(GramAccumulator(with_bias=True), elements=100 * P)
+    kept.update(x.copy(), y.copy())  # not scratch: left alone
+    scratch_x, scratch_y = x.copy(), y.copy()
+    chunks = RowChunks(GramAccumulator(with_bias=True), elements=100 * P)
+    chunks.update(scratch_x, scratch_y, overwrite=True)
+    assert not np.allclose(scratch_x, x)  # centred in place: its column means are now 0
+    np.testing.assert_allclose(scratch_x.mean(axis=0), 0.0, atol=1e-12)
+    for k in ("sxx", "sxy", "syy", "mean_x", "mean_y"):
+        np.testing.assert_array_equal(getattr(chunks.flush(), k), getattr(kept.flush(), k))

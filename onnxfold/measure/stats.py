@@ -646,14 +646,17 @@ class RowChunks:
         self._pending: list[tuple] = []
         self._size = 0
 
-    def update(self, X: np.ndarray, Y: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+    def update(self, X: np.ndarray, Y: np.ndarray | None = None, weights: np.ndarray | None = None, *,
+               overwrite: bool = False) -> None:
+        """``overwrite=True``: X and Y are the caller's scratch copies, as for
+        the Gram's update (a batch passed on alone is centred in place)."""
         size = int(np.prod(np.shape(X)))
         if not size:
             return
         if not self._pending and size >= self.elements:  # big enough on its own: no copy
-            self.gram.update(X, Y, weights)
+            self.gram.update(X, Y, weights, overwrite=overwrite)
             return
-        self._pending.append((X, Y, weights))
+        self._pending.append((X, Y, weights, overwrite))
         self._size += size
         if self._size >= self.elements:
             self.flush()
@@ -661,11 +664,17 @@ class RowChunks:
     def flush(self) -> GramAccumulator:
         """The Gram, with every row added so far."""
         if len(self._pending) == 1:
-            self.gram.update(*self._pending[0])
+            X, Y, weights, overwrite = self._pending[0]
+            self.gram.update(X, Y, weights, overwrite=overwrite)
         elif self._pending:
+            xs, ys, ws, _ = zip(*self._pending)
+            if len({y is None for y in ys}) > 1:
+                raise ValueError("either every update gives Y or none does")
+            if any(w is not None for w in ws):  # unweighted rows among weighted ones weigh 1, as in update
+                ws = [np.ones(_rows(x, None, "X").shape[0]) if w is None else w for x, w in zip(xs, ws)]
             # one concatenated copy per argument: this call's own, so the Gram centres it in place
             joined = [None if parts[0] is None else np.concatenate(
-                [a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a for a in parts]) for parts in zip(*self._pending)]
+                [a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a for a in parts]) for parts in (xs, ys, ws)]
             self.gram.update(*joined, overwrite=True)
         self._pending, self._size = [], 0
         return self.gram
@@ -674,8 +683,8 @@ class RowChunks:
         # a worker's batch arrives with its rows still pending: they join this side's chunks
         if other.gram.count:
             self.gram.merge(other.gram)
-        for arrays in other._pending:
-            self.update(*arrays)
+        for X, Y, weights, overwrite in other._pending:
+            self.update(X, Y, weights, overwrite=overwrite)
         return self
 
 

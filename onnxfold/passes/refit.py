@@ -237,13 +237,15 @@ def _add_rows(rows, held_samples: np.ndarray | None, sampler, data_samples: int,
             if not idx.size:
                 continue
             if idx.size == n and isinstance(X, np.ndarray):  # every row: no copy to take
-                x, y, t, w = X, Y, target, weights
-            else:
-                x, y, t, w = X[idx], Y[idx], target[idx], None if weights is None else weights[idx]
-            acc.update(x, y, w)
+                w = weights
+                acc.update(X, Y, w)
+            else:  # copies of the chosen rows, this call's own: centred in place (and not kept alive here)
+                w = None if weights is None else weights[idx]
+                acc.update(X[idx], Y[idx], w, overwrite=True)
             if acc is accs[f"held{i}"]:
                 # the held-out target's spread, in the weighted rows' units (relative errors in notes);
                 # a held-out split of its own (the search's select split) has every row of a batch held out
+                t = target if idx.size == n else target[idx]
                 accs[f"spread{i}"].update(t if w is None else t * np.sqrt(w)[:, None])
 
 

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -156,6 +157,12 @@ def machine() -> str:
 
     return (f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, onnx {onnx.__version__},"
             f" onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)")
+
+
+def checkout_commit(path: Path) -> str:
+    """The short commit of the git checkout at ``path`` (a ``--before`` checkout), or "unknown"."""
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"
 
 
 def now() -> str:

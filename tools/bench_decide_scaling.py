@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, machine, now, previous_run, reason_argument, save_block  # noqa: E402
+from _bench import ROOT, checkout_commit, machine, now, previous_run, reason_argument, save_block  # noqa: E402
 from perf_cost import run_cli  # noqa: E402
 
 BEGIN, END = "<!-- begin:bench_decide_scaling -->", "<!-- end:bench_decide_scaling -->"
@@ -186,9 +185,7 @@ def main(argv=None) -> int:
     result = {"generated": now(), "machine": machine(), "model": MODEL, "rows": rows,
               "load_average_1min_after": round(os.getloadavg()[0], 2)}
     if before is not None:
-        commit = subprocess.run(["git", "-C", str(before), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        result["before"] = {"commit": commit, "rows": rows_before}
+        result["before"] = {"commit": checkout_commit(before), "rows": rows_before}
     result["previous"] = previous_run(out_json.parent, "decide_scaling", flatten)
     write(result, out_json, Path(args.out), args.reason)
     return 0

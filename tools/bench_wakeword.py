@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import (ROOT, brief_setting, machine, now, previous_run, reason_argument, save_block,  # noqa: E402
+from _bench import (ROOT, brief_setting, checkout_commit, machine, now, previous_run, reason_argument, save_block,  # noqa: E402
                     setting_knobs)
 from perf_cost import run_cli  # noqa: E402
 
@@ -224,8 +223,7 @@ def main(argv=None) -> int:
     result = {"generated": now(), "machine": machine(),
               "rows": run(args.frames, ROOT / "tools" / "_work" / "wakeword", args.before and args.before.resolve())}
     if args.before is not None:
-        result["before_commit"] = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"],
-                                                 capture_output=True, text=True).stdout.strip() or "unknown"
+        result["before_commit"] = checkout_commit(args.before)
     result["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     result["previous"] = previous_run(out_json.parent, "wakeword", flatten)
     write(result, out_json, Path(args.out), args.reason)

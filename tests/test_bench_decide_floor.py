@@ -131,12 +131,17 @@ def _run(calibration, decide, gram, solves=0.0, chosen="a"):
             "kernel_calls": {}, "chosen": {"fold_ratios": {"layer0": chosen}}}
 
 
+def _block(tmp_path, rows, repeats):
+    """(the whole BENCHMARKS.md, the block) of a result with ``rows``."""
+    result = {"generated": "2026-01-02 03:04 UTC", "machine": "a test machine", "repeats": repeats, "rows": rows,
+              "load_average_1min_after": 0.5, "previous": None}
+    return written_block(write, (BEGIN, END), result, tmp_path, "decide_floor.json")
+
+
 def test_the_block_reports_kernels_and_solves_against_calibration_and_the_room_left(tmp_path):
     rows = [summarize("over", [_run(1.0, 5.0, 1.0, 1.0), _run(1.0, 4.0, 0.5, 1.0), _run(2.0, 6.0, 1.0, 2.0)]),
             summarize("under", [_run(1.0, 3.0, 0.6, 0.2), _run(1.0, 3.0, 0.8, 0.4, chosen="b")])]
-    result = {"generated": "2026-01-02 03:04 UTC", "machine": "a test machine", "repeats": 3, "rows": rows,
-              "load_average_1min_after": 0.5, "previous": None}
-    text, block = written_block(write, (BEGIN, END), result, tmp_path, "decide_floor.json")
+    text, block = _block(tmp_path, rows, repeats=3)
     # over: medians calibration 1.0, decide 5.0, gram 1.0, solves 1.0 (kernels 2.0); per run kernels /
     # calibration 2.0, 1.5, 1.5 and solves / calibration 1.0, 1.0, 1.0 (not over 1 in every repeat);
     # rest (5.0 - 2.0) / 10 candidates = 300 ms; room max(1.0 - 2.0, 0) = 0
@@ -153,10 +158,8 @@ def test_the_block_reports_kernels_and_solves_against_calibration_and_the_room_l
 
 
 def test_solves_over_calibration_in_every_repeat_are_named(tmp_path):
-    rows = [summarize("heavy", [_run(1.0, 5.0, 0.5, 1.2), _run(1.0, 5.0, 0.5, 1.1)])]
-    result = {"generated": "2026-01-02 03:04 UTC", "machine": "a test machine", "repeats": 2, "rows": rows,
-              "load_average_1min_after": 0.5, "previous": None}
-    _text, block = written_block(write, (BEGIN, END), result, tmp_path, "decide_floor.json")
+    _text, block = _block(tmp_path, [summarize("heavy", [_run(1.0, 5.0, 0.5, 1.2), _run(1.0, 5.0, 0.5, 1.1)])],
+                          repeats=2)
     assert "| 1.65 (1.60-1.70) | 1.15 (1.10-1.20) |" in block
     assert "residuals alone exceed it in every repeat on 1 of 1 (heavy)." in block
 

@@ -118,3 +118,90 @@ def test_a_held_out_split_of_its_own_reports_the_refits_relative_errors():
     spread = ((y - y.mean(axis=0)) ** 2).sum()
     assert float(got[1]) == pytest.approx(((y_ls - y) ** 2).sum() / spread, rel=2e-3)
     assert float(got[2]) == pytest.approx(((y_plain - y) ** 2).sum() / spread, rel=2e-3)
+
+
+class _EveryRow:
+    """A rows builder as a refit saw one before ``layout``: every row built, then drawn."""
+
+    def __init__(self, rows):
+        self._rows = rows
+        self.max_rows, self.widths = rows.max_rows, rows.widths
+
+    def rows(self, cur, orig):
+        return self._rows.rows(cur, orig)
+
+
+class _Spy:
+    """A ProjectionRows that records how many rows each call built."""
+
+    def __init__(self, rows):
+        self._rows, self.built = rows, []
+        self.max_rows, self.widths, self.layout = rows.max_rows, rows.widths, rows.layout
+
+    def rows(self, cur, orig, keep=None):
+        first, groups = self._rows.rows(cur, orig, keep=keep)
+        self.built.append(groups[0][0].shape[0])
+        return first, groups
+
+
+def _accumulated(builder, batches, held_samples, data_samples):
+    accs = refit._new_grams(builder.widths)
+    start = 0
+    for cur, orig in batches:
+        refit._add_rows(builder, held_samples, None, data_samples, 7, accs, start, {"x": cur["x"]}, None,
+                        [cur, orig])
+        start += cur["x"].shape[0]
+    return {k: v.flush() if isinstance(v, refit.RowChunks) else v for k, v in accs.items()}
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_builder_with_a_layout_builds_only_the_rows_kept_and_accumulates_the_same(monkeypatch, held):
+    from onnxfold.passes.handlers import ProjectionRows
+
+    rng = np.random.default_rng(3)
+    d, q, batch, seq = 12, 5, 8, 32
+    w_prior, w_orig = rng.standard_normal((q, d)), rng.standard_normal((q, d))
+    # two head groups: each fits what the original's columns added with the current columns ("o" is
+    # then the original projection's input)
+    rows = ProjectionRows("x", np.float32, "o", w_prior, w_orig=w_orig,
+                          groups=[("part", np.array([0, 2, 3, 7, 11]), np.array([1, 4, 5]), None),
+                                  ("part", np.array([1, 4, 5, 6]), np.array([0, 2, 3, 6, 7]), None)])
+    batches = [({"x": rng.standard_normal((batch, seq, d)).astype(np.float32)},
+                {"o": rng.standard_normal((batch, seq, d)).astype(np.float32)}) for _ in range(3)]
+    held_samples = (np.arange(3 * batch) % 5 == 0) if held else None
+    # a budget of 64 rows per group against 256 rows per batch over 6,400 samples: a small share is kept
+    monkeypatch.setattr(refit, "ROWS_PER_FEATURE", 2)
+    monkeypatch.setattr(refit, "MIN_BUDGET_ROWS", 64)
+    spy = _Spy(rows)
+    built = _accumulated(spy, batches, held_samples, 6400)
+    every = _accumulated(_EveryRow(rows), batches, held_samples, 6400)
+    assert spy.built and max(spy.built) < batch * seq  # only the rows kept were built
+    for key in every:
+        a, b = built[key], every[key]
+        if isinstance(a, GramAccumulator):
+            assert a.count == b.count
+            if key.startswith("held") and not held:
+                assert a.count == 0
+                continue
+            assert a.count > 0
+            assert np.allclose(a.XtX, b.XtX, rtol=1e-12, atol=1e-12)
+            assert np.allclose(a.XtY, b.XtY, rtol=1e-12, atol=1e-12)
+            assert np.allclose(a.total_ss(per_output=True), b.total_ss(per_output=True), rtol=1e-12)
+        else:  # the held-out target's spread
+            assert a.count == b.count and np.allclose(a.m2, b.m2, rtol=1e-12)
+    assert (built["held0"].count > 0) == held
+
+
+def test_a_builder_keeping_every_row_builds_them_once_as_before(monkeypatch):
+    from onnxfold.passes.handlers import ProjectionRows
+
+    rng = np.random.default_rng(4)
+    rows = ProjectionRows("x", np.float32, "o", rng.standard_normal((3, 6)))
+    batches = [({"x": rng.standard_normal((4, 10, 6)).astype(np.float32)},
+                {"o": rng.standard_normal((4, 10, 3)).astype(np.float32)})]
+    spy = _Spy(rows)
+    built = _accumulated(spy, batches, None, 4)  # 40 rows: within any budget
+    assert spy.built == [40]
+    x = batches[0][0]["x"].reshape(-1, 6).astype(np.float64)
+    assert built["fit0"].count == 40
+    assert np.allclose(built["fit0"].XtX, x.T @ x, rtol=1e-12)

@@ -227,18 +227,16 @@ def cprofile(models_dir: Path, work: Path, top: int = 25) -> None:
 
 #: what the change timed in section 2's before / after table does (rewritten with each such change)
 CHANGE_NOTE = (
-    "What this change does (13aa1af..): every streamed Gram of onnxfold's own (a least-squares refit's fit "
-    "and held-out rows, the linearity path's inputs, the units' inputs for data-aware selection) takes its "
-    "rows in chunks of about 2^18 elements (`RowChunks`) instead of a batch at a time: under the row budget "
-    "a refit keeps a share of each batch, a few dozen rows on large calibration sets, and an update of so "
-    "few rows costs more in fixed numpy work than in its product. The held-out target's spread is kept as "
-    "plain column moments, and is now also taken where a whole batch is held out (the search's select "
-    "split: the refit notes' relative errors read 0 there before). The Grams merge exactly, so the "
-    "statistics are the same up to float64 rounding: the written models can differ in their last bits "
-    "(*same model*), the decisions should not (*same settings*, *same candidates*). The gain grows with the "
-    "calibration data (the shipped models' sets have 114-4,096 samples, one batch or a few); "
-    "`bench_decide_scaling` shows it up to 64,000 samples. Single runs, interleaved per model, on 2 shared "
-    "cores: differences of 10 % in wall time are within the noise here.")
+    "What this change does (b45cd13..): a least-squares refit whose rows builder can tell a batch's row count "
+    "and features from the tensors' shapes (a MatMul projection's: the consumer and head refits of transformer "
+    "blocks) draws the rows it keeps under the row budget first and builds only those, where it built every "
+    "row of the batch (float64 copies, the prior's products) and then drew. On the decoders' 4,096 windows of "
+    "64 tokens a refit keeps a share of each batch's 262,144-row stream, so most of that work was thrown "
+    "away. The rows drawn are the same, so the statistics are the same up to float64 rounding: the written "
+    "models can differ in their last bits (*same model*), the decisions should not (*same settings*, *same "
+    "candidates*). The other models' refits keep every row (their data is within the budget) or build conv "
+    "patches, and run as before. Single runs, interleaved per model, on 2 shared cores: differences of 10 % "
+    "in wall time are within the noise here.")
 
 
 def _f(x, nd=2):

@@ -472,9 +472,24 @@ class ProjectionRows(OneInputRows):
     def widths(self) -> list[int]:
         return [self.w_prior.shape[0]] * len(self.groups)
 
-    def rows(self, cur: dict, orig: dict):
-        x2 = self.input_rows(cur)
-        o2 = np.asarray(orig[self.orig]).reshape(x2.shape[0], -1).astype(np.float64)
+    def layout(self, cur: dict) -> tuple[int, int, list[int]]:
+        """(the input's first axis, rows per batch, features per group), known
+        before the rows are built: a refit then builds only the rows it keeps
+        (``rows(..., keep=)``)."""
+        shape = np.shape(cur[self.x])
+        every = np.arange(shape[-1])
+        features = [every[slice(None) if g[1] is None else g[1]].size for g in self.groups]
+        return shape[0], int(np.prod(shape[:-1])), features
+
+    def rows(self, cur: dict, orig: dict, keep: np.ndarray | None = None):
+        """(the input's first axis, [(X, Y, target)] per group); ``keep``: only
+        these rows (sorted indices), in that order."""
+        x = np.asarray(cur[self.x])
+        x2 = x.reshape(-1, x.shape[-1])
+        o2 = np.asarray(orig[self.orig]).reshape(x2.shape[0], -1)
+        if keep is not None:
+            x2, o2 = x2[keep], o2[keep]
+        x2, o2 = x2.astype(np.float64), o2.astype(np.float64)
         out = []
         for g in self.groups:
             if g[0] == "output":

@@ -21,7 +21,8 @@ Row budget: a refit of p features takes at most :func:`row_budget` (p)
 rows of the data, drawn uniformly (see :data:`ROWS_PER_FEATURE`); token and
 pixel positions make far more rows than that (a decoder's 4,096 windows of
 64 tokens are 262,144 rows for a few hundred features), and each row costs
-p² in the Gram.
+p² in the Gram. A builder with a ``layout`` (rows per batch and features,
+known from the tensors' shapes) builds only the rows drawn.
 """
 
 from __future__ import annotations
@@ -212,41 +213,83 @@ def _new_grams(widths: list[int]) -> dict:
 def _add_rows(rows, held_samples: np.ndarray | None, sampler, data_samples: int, seed: int, accs: dict,
               start: int, feed: dict, _labels, tensors: list) -> None:
     """One batch of every group's least-squares rows; ``start``: index of the
-    batch's first sample in the data (of ``data_samples``)."""
+    batch's first sample in the data (of ``data_samples``).
+
+    A builder that can say how many rows a batch makes before building them
+    (``layout``) builds only the rows the groups keep under the row budget:
+    on a decoder's token rows that is a share of each batch, and building
+    every row (float64 copies, the prior's products) cost more than the
+    Gram updates of the rows kept. The rows kept are the same either way."""
     count = batch_samples(feed)
+    choose = partial(_chosen_rows, held_samples=held_samples, sampler=sampler, max_rows=rows.max_rows,
+                     start=start, count=count, data_samples=data_samples, seed=seed)
+    chosen = None  # per group, [fit rows, held-out rows]: drawn once (a builder's cap draws from one stream)
+    if hasattr(rows, "layout"):
+        first_axis, n, features = rows.layout(tensors[0])
+        chosen = [choose(n, first_axis, p, i) for i, p in enumerate(features)]
+        keep = np.unique(np.concatenate([idx for pair in chosen for idx in pair]))
+        if keep.size < n:
+            _first, groups = rows.rows(tensors[0], tensors[-1], keep=keep)
+            for i, (group, pair) in enumerate(zip(groups, chosen)):
+                _update_group(accs, i, group, [np.searchsorted(keep, idx) for idx in pair])
+            return
     first_axis, groups = rows.rows(tensors[0], tensors[-1])
-    for i, (X, Y, target, *weights) in enumerate(groups):
-        weights = weights[0] if weights else None  # a builder may weigh its rows (weighted least squares)
-        n = X.shape[0]
-        if held_samples is None or n % first_axis:
-            held = np.zeros(n, dtype=bool)
+    for i, group in enumerate(groups):
+        X = group[0]
+        if chosen is None:
+            _update_group(accs, i, group, choose(X.shape[0], first_axis, X.shape[1], i))
+        elif X.shape[0] != n:
+            raise RuntimeError(f"a rows builder's layout said {n} rows per batch, its rows have {X.shape[0]}")
         else:
-            held = np.repeat(_held_rows(held_samples[start:start + count], first_axis), n // first_axis)
-        chosen = []
-        for selected in (~held, held):
-            idx = np.flatnonzero(selected)
-            if sampler is not None and idx.size > rows.max_rows:  # a builder's own cap per batch (conv patches)
-                idx = np.sort(sampler.choice(idx, rows.max_rows, replace=False))
-            chosen.append(idx)
-        share = budget_share(X.shape[1], sum(idx.size for idx in chosen), count, data_samples)
-        if share < 1.0:
-            draw = np.random.default_rng([seed, start, i])
-            chosen = [np.sort(draw.choice(idx, max(1, round(share * idx.size)), replace=False)) if idx.size else idx
-                      for idx in chosen]
-        for acc, idx in zip((accs[f"fit{i}"], accs[f"held{i}"]), chosen):
-            if not idx.size:
-                continue
-            if idx.size == n and isinstance(X, np.ndarray):  # every row: no copy to take
-                w = weights
-                acc.update(X, Y, w)
-            else:  # copies of the chosen rows, this call's own: centred in place (and not kept alive here)
-                w = None if weights is None else weights[idx]
-                acc.update(X[idx], Y[idx], w, overwrite=True)
-            if acc is accs[f"held{i}"]:
-                # the held-out target's spread, in the weighted rows' units (relative errors in notes);
-                # a held-out split of its own (the search's select split) has every row of a batch held out
-                t = target if idx.size == n else target[idx]
-                accs[f"spread{i}"].update(t if w is None else t * np.sqrt(w)[:, None])
+            _update_group(accs, i, group, chosen[i])
+
+
+def _chosen_rows(n: int, first_axis: int, features: int, group: int, *, held_samples: np.ndarray | None, sampler,
+                 max_rows: int | None, start: int, count: int, data_samples: int,
+                 seed: int) -> list[np.ndarray]:
+    """[fit rows, held-out rows] (sorted indices) that group ``group`` of a
+    batch of ``n`` rows (``first_axis``: its tensors' first axis; ``count``
+    samples from sample ``start``) of ``features`` features keeps: a
+    builder's own cap (``max_rows``, drawn by ``sampler``), then the row
+    budget's seeded draw."""
+    if held_samples is None or n % first_axis:
+        held = np.zeros(n, dtype=bool)
+    else:
+        held = np.repeat(_held_rows(held_samples[start:start + count], first_axis), n // first_axis)
+    chosen = []
+    for selected in (~held, held):
+        idx = np.flatnonzero(selected)
+        if sampler is not None and idx.size > max_rows:  # a builder's own cap per batch (conv patches)
+            idx = np.sort(sampler.choice(idx, max_rows, replace=False))
+        chosen.append(idx)
+    share = budget_share(features, sum(idx.size for idx in chosen), count, data_samples)
+    if share < 1.0:
+        draw = np.random.default_rng([seed, start, group])
+        chosen = [np.sort(draw.choice(idx, max(1, round(share * idx.size)), replace=False)) if idx.size else idx
+                  for idx in chosen]
+    return chosen
+
+
+def _update_group(accs: dict, i: int, group: tuple, chosen: list[np.ndarray]) -> None:
+    """Group ``i``'s rows (X, Y, target[, weights]) at ``chosen`` ([fit rows,
+    held-out rows], indices into X) into its accumulators."""
+    X, Y, target, *weights = group
+    weights = weights[0] if weights else None  # a builder may weigh its rows (weighted least squares)
+    n = X.shape[0]
+    for acc, idx in zip((accs[f"fit{i}"], accs[f"held{i}"]), chosen):
+        if not idx.size:
+            continue
+        if idx.size == n and isinstance(X, np.ndarray):  # every row: no copy to take
+            w = weights
+            acc.update(X, Y, w)
+        else:  # copies of the chosen rows, this call's own: centred in place (and not kept alive here)
+            w = None if weights is None else weights[idx]
+            acc.update(X[idx], Y[idx], w, overwrite=True)
+        if acc is accs[f"held{i}"]:
+            # the held-out target's spread, in the weighted rows' units (relative errors in notes);
+            # a held-out split of its own (the search's select split) has every row of a batch held out
+            t = target if idx.size == n else target[idx]
+            accs[f"spread{i}"].update(t if w is None else t * np.sqrt(w)[:, None])
 
 
 def _held_rows(held_samples: np.ndarray, first_axis: int) -> np.ndarray:

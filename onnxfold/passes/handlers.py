@@ -130,7 +130,11 @@ class OpHandler:
 
     def refit_rows(self, op, source: "RowSource", b_prior: np.ndarray, out_map=None):
         """(a picklable rows builder for :class:`~onnxfold.passes.refit.RefitEngine`,
-        or None and why the op is not refit)."""
+        or None and why the op is not refit). A builder has ``current`` and
+        ``original`` (the tensors it streams), ``widths`` (per column group,
+        the target's width), ``max_rows`` and ``rows(cur, orig)``; one that
+        can tell a batch's rows before building them adds ``layout(cur)`` and
+        ``rows(cur, orig, keep=)`` (:class:`ProjectionRows`)."""
         raise NotImplementedError(f"{type(self).__name__} is not refit")
 
 
